@@ -1,0 +1,358 @@
+//! `pipeline bench ...`: throughput and memory of prefcap stages side by side with the Python
+//! tools they replace, measured in the same run on the same inputs. Peers are installed into
+//! a local venv (`.bench/venv`) on first use. Never run by CI.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use crate::ingest::imageproc::encode_jpeg;
+use crate::loopback::{LoopbackServer, Reply};
+use crate::rng::SplitMix64;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Download -> decode -> resize -> shard from a loopback image server, vs img2dataset.
+    Ingest(BenchIngestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchIngestArgs {
+    /// Images per run.
+    #[arg(long, default_value_t = 2000)]
+    pub images: usize,
+    /// Also run prefcap on this many times the images, to show peak RSS stays flat (1 = skip).
+    #[arg(long, default_value_t = 10)]
+    pub scale: usize,
+    /// Distinct source JPEGs served (URLs are all distinct).
+    #[arg(long, default_value_t = 32)]
+    pub distinct: usize,
+    /// Source image size, WIDTHxHEIGHT.
+    #[arg(long, default_value = "640x480")]
+    pub source_size: String,
+    /// Processes (img2dataset) and worker threads (prefcap).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Downloads in flight (prefcap) / threads per process (img2dataset).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Skip img2dataset (measure prefcap alone).
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Scratch directory for inputs and outputs.
+    #[arg(long, default_value = ".bench/ingest")]
+    pub dir: PathBuf,
+    /// Virtual environment for the Python peer.
+    #[arg(long, default_value = ".bench/venv")]
+    pub venv: PathBuf,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Ingest(args) => bench_ingest(&args),
+    }
+}
+
+/// Resource use of one measured child process tree.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    wall: f64,
+    /// User + system CPU seconds of the process and its reaped children.
+    cpu: f64,
+    /// Peak of the summed resident memory of the process tree, in MiB (sampled every 20 ms).
+    peak_rss_mib: f64,
+}
+
+fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
+    let (w, h) = args
+        .source_size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+        .context("--source-size must be WIDTHxHEIGHT")?;
+    std::fs::create_dir_all(&args.dir)?;
+    let dir = args.dir.canonicalize()?;
+    let images: Vec<Arc<Vec<u8>>> = (0..args.distinct.max(1))
+        .map(|i| source_jpeg(i as u64, w, h).map(Arc::new))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let avg_kib =
+        images.iter().map(|i| i.len()).sum::<usize>() as f64 / images.len() as f64 / 1024.0;
+    let served = images.clone();
+    let server = LoopbackServer::start(Arc::new(move |req| {
+        let idx = req
+            .path
+            .strip_prefix("/img/")
+            .and_then(|p| p.strip_suffix(".jpg"))
+            .and_then(|n| n.parse::<usize>().ok());
+        match idx {
+            Some(i) => Reply::shared(served[i % served.len()].clone(), "image/jpeg"),
+            None => Reply::status(404),
+        }
+    }))?;
+    eprintln!(
+        "serving {} distinct {w}x{h} JPEGs (avg {avg_kib:.0} KiB) at {}",
+        images.len(),
+        server.base_url()
+    );
+
+    let mut rows = Vec::new();
+    let ours = run_prefcap(args, &dir, &server, args.images, "x1")?;
+    rows.push(("prefcap".to_string(), args.images, ours));
+    if args.scale > 1 {
+        let n = args.images * args.scale;
+        let big = run_prefcap(args, &dir, &server, n, &format!("x{}", args.scale))?;
+        rows.push((format!("prefcap (x{})", args.scale), n, big));
+    }
+    if !args.no_peer {
+        let peer = run_img2dataset(args, &dir, &server)?;
+        rows.push(("img2dataset".to_string(), args.images, peer));
+    }
+
+    println!(
+        "\n{:<18} {:>8} {:>9} {:>10} {:>9} {:>15} {:>13}",
+        "tool", "images", "wall s", "images/s", "cpu s", "img/s per core", "peak RSS MiB"
+    );
+    for (tool, n, m) in &rows {
+        println!(
+            "{tool:<18} {n:>8} {:>9.2} {:>10.1} {:>9.2} {:>15.1} {:>13.1}",
+            m.wall,
+            *n as f64 / m.wall,
+            m.cpu,
+            *n as f64 / m.cpu.max(1e-9),
+            m.peak_rss_mib
+        );
+    }
+    if let Some((_, n, peer)) = rows.iter().find(|(t, _, _)| t == "img2dataset") {
+        let per_core = |n: usize, m: &Measured| n as f64 / m.cpu.max(1e-9);
+        println!(
+            "\nper-core throughput ratio prefcap / img2dataset: {:.2}x (wall-clock ratio {:.2}x)",
+            per_core(args.images, &ours) / per_core(*n, peer),
+            (args.images as f64 / ours.wall) / (*n as f64 / peer.wall)
+        );
+    }
+    if let Some((_, _, big)) = rows.get(1).filter(|_| args.scale > 1) {
+        println!(
+            "peak RSS x1 -> x{}: {:.1} -> {:.1} MiB",
+            args.scale, ours.peak_rss_mib, big.peak_rss_mib
+        );
+    }
+    Ok(())
+}
+
+/// A deterministic photo-like JPEG (smooth gradients plus noise, so it compresses like a photo).
+fn source_jpeg(seed: u64, w: u32, h: u32) -> Result<Vec<u8>, String> {
+    let mut rng = SplitMix64::derived(seed, "bench-image");
+    let (a, b, c) = (
+        rng.below(256) as u32,
+        rng.below(256) as u32,
+        rng.below(256) as u32,
+    );
+    let mut px = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            let n = (rng.next_u64() & 31) as u32;
+            px.push(((x * 255 / w + a + n) % 256) as u8);
+            px.push(((y * 255 / h + b + n) % 256) as u8);
+            px.push((((x + y) * 128 / (w + h) + c + n) % 256) as u8);
+        }
+    }
+    encode_jpeg(&px, w, h, 90)
+}
+
+fn write_tsv(path: &Path, server: &LoopbackServer, n: usize, header: bool) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    if header {
+        writeln!(f, "caption\turl")?;
+    }
+    for i in 0..n {
+        writeln!(
+            f,
+            "a synthetic benchmark photo number {i}\t{}",
+            server.url(&format!("/img/{i}.jpg"))
+        )?;
+    }
+    Ok(f.flush()?)
+}
+
+fn run_prefcap(
+    args: &BenchIngestArgs,
+    dir: &Path,
+    server: &LoopbackServer,
+    n: usize,
+    tag: &str,
+) -> anyhow::Result<Measured> {
+    let tsv = dir.join(format!("input-{tag}.tsv"));
+    write_tsv(&tsv, server, n, false)?;
+    let work = dir.join(format!("prefcap-{tag}"));
+    let _ = std::fs::remove_dir_all(&work);
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["run", "ingest", "--workdir"])
+        .arg(&work)
+        .env("PREFCAP_QUIET", "1");
+    for set in [
+        "ingest.sources=[\"cc\"]".to_string(),
+        format!("ingest.cc.input={}", tsv.display()),
+        "ingest.cc.shard_size=1000".into(),
+        format!("ingest.cc.concurrency={}", args.concurrency),
+        format!("run.workers={}", args.workers),
+        "ingest.cc.retries=0".into(),
+    ] {
+        cmd.arg("--set").arg(set);
+    }
+    eprintln!("prefcap ingest of {n} images ...");
+    measure(cmd, "prefcap")
+}
+
+fn run_img2dataset(
+    args: &BenchIngestArgs,
+    dir: &Path,
+    server: &LoopbackServer,
+) -> anyhow::Result<Measured> {
+    let bin = ensure_img2dataset(&args.venv)?;
+    let tsv = dir.join("input-img2dataset.tsv");
+    write_tsv(&tsv, server, args.images, true)?;
+    let out = dir.join("img2dataset-out");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut cmd = Command::new(bin);
+    cmd.arg("--url_list")
+        .arg(&tsv)
+        .arg("--output_folder")
+        .arg(&out);
+    for (k, v) in [
+        ("--input_format", "tsv".to_string()),
+        ("--url_col", "url".into()),
+        ("--caption_col", "caption".into()),
+        ("--output_format", "parquet".into()),
+        ("--processes_count", args.workers.to_string()),
+        ("--thread_count", args.concurrency.to_string()),
+        ("--image_size", "224".into()),
+        ("--resize_mode", "center_crop".into()),
+        ("--encode_quality", "95".into()),
+        ("--number_sample_per_shard", "1000".into()),
+        ("--timeout", "10".into()),
+        ("--retries", "0".into()),
+        ("--enable_wandb", "False".into()),
+    ] {
+        cmd.arg(k).arg(v);
+    }
+    eprintln!("img2dataset of {} images ...", args.images);
+    measure(cmd, "img2dataset")
+}
+
+/// Installs img2dataset into `venv` (from PyPI) unless it is already there.
+fn ensure_img2dataset(venv: &Path) -> anyhow::Result<PathBuf> {
+    let bin = venv.join("bin/img2dataset");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    eprintln!("installing img2dataset into {} ...", venv.display());
+    let ok = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(venv)
+        .status()?
+        .success()
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "img2dataset"])
+            .status()?
+            .success();
+    if !ok || !bin.is_file() {
+        bail!("could not install img2dataset into {}", venv.display());
+    }
+    Ok(bin)
+}
+
+/// Runs `cmd` to completion, sampling the resident memory of its whole process tree.
+fn measure(mut cmd: Command, what: &str) -> anyhow::Result<Measured> {
+    cmd.stdout(std::process::Stdio::null());
+    let start = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))?;
+    let pid = child.id() as i32;
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(tree_rss_bytes(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let mut status = 0;
+    // SAFETY: plain FFI call; `usage` is a valid out-parameter and `pid` is our child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = start.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{what} failed (wait status {status})");
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    let peak_rss_mib = (peak as f64).max(usage.ru_maxrss as f64 * 1024.0) / (1024.0 * 1024.0);
+    Ok(Measured {
+        wall,
+        cpu,
+        peak_rss_mib,
+    })
+}
+
+/// Summed RSS of `root` and all its descendants, from /proc.
+fn tree_rss_bytes(root: i32) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut parent = std::collections::HashMap::new();
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Field 4 (ppid) follows the parenthesised command name, which may contain spaces.
+        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
+            continue;
+        };
+        if let Some(ppid) = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            parent.insert(pid, ppid);
+        }
+    }
+    let page = 4096u64;
+    let in_tree = |mut p: i32| {
+        while p > 1 {
+            if p == root {
+                return true;
+            }
+            p = *parent.get(&p).unwrap_or(&0);
+        }
+        false
+    };
+    parent
+        .keys()
+        .filter(|p| in_tree(**p))
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/statm")).ok())
+        .filter_map(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|r| r.parse::<u64>().ok())
+        })
+        .map(|pages| pages * page)
+        .sum()
+}

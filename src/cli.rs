@@ -1,0 +1,176 @@
+//! The `pipeline` command line (clap). Parses arguments and calls into the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench;
+use crate::plan::{self, ConfigSource, STAGES};
+use crate::runner::{self, RunOptions, StepOutcome};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "prefcap: preference-aligned image captioning, one dataflow pipeline"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a stage or a pipeline (default: the embedded offline demo, pipelines/default.toml).
+    Run(RunArgs),
+    /// List stages and pipelines.
+    List,
+    /// Validate a pipeline and its configuration without running anything.
+    Validate {
+        /// Pipeline name (pipelines/<name>.toml), path to a .toml, or a stage name.
+        pipeline: String,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Benchmarks against the Python tools prefcap replaces.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Stage (ingest, embed, ...) or pipeline (name in pipelines/, or a path to a .toml).
+    #[arg(default_value = "default")]
+    pub target: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Re-download only the failed samples of finished shards.
+    #[arg(long)]
+    pub retry_failed: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Configuration file [default: configs/default.toml, else the built-in copy].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one configuration key, e.g. --set ingest.cc.shard_size=500 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Directory that holds data/, cache/ and runs/.
+    #[arg(long, default_value = ".")]
+    pub workdir: PathBuf,
+    /// Run model stages on this CUDA device (needs a build with `--features cuda`).
+    #[arg(long, value_name = "N")]
+    pub gpu: Option<usize>,
+}
+
+impl CommonArgs {
+    fn source(&self) -> ConfigSource {
+        ConfigSource {
+            path: self.config.clone(),
+            sets: self.sets.clone(),
+            gpu: self.gpu,
+        }
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let plan = plan::resolve(&args.target, &args.common.source())?;
+            let opts = RunOptions {
+                workdir: args.common.workdir.clone(),
+                retry_failed: args.retry_failed,
+            };
+            let (run_dir, record) = runner::execute(&plan, &opts)?;
+            let not_built: Vec<_> = record
+                .steps
+                .iter()
+                .filter(|(_, o)| matches!(o, StepOutcome::NotBuilt))
+                .map(|(n, _)| n.as_str())
+                .collect();
+            println!(
+                "run {} finished; record in {}",
+                record.run_id,
+                run_dir.join("run.json").display()
+            );
+            if !not_built.is_empty() {
+                println!(
+                    "not built yet in this version (not run): {}",
+                    not_built.join(", ")
+                );
+            }
+        }
+        Command::List => {
+            println!("stages:");
+            for s in STAGES {
+                let state = if s.built { "" } else { "  [not built yet]" };
+                println!("  {:<11} {}{state}", s.name, s.description);
+            }
+            println!("pipelines:");
+            for (name, description, origin) in list_pipelines() {
+                println!("  {name:<11} {description}  ({origin})");
+            }
+        }
+        Command::Validate { pipeline, common } => {
+            let plan = plan::resolve(&pipeline, &common.source())?;
+            println!("{} ({}): valid", plan.name, plan.origin);
+            for step in &plan.steps {
+                let built = plan::stage(&step.stage).is_some_and(|s| s.built);
+                let inputs = if step.inputs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" <- {}", step.inputs.join(", "))
+                };
+                println!(
+                    "  {}{inputs}{}",
+                    step.name(),
+                    if built { "" } else { "  [not built yet]" }
+                );
+            }
+        }
+        Command::Bench { which } => bench::run(which).context("benchmark failed")?,
+    }
+    Ok(())
+}
+
+/// Pipelines in `pipelines/` plus the built-in ones not shadowed by a file.
+fn list_pipelines() -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("pipelines") {
+        let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        {
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let description = std::fs::read_to_string(&p)
+                .ok()
+                .and_then(|t| toml::from_str::<plan::PipelineFile>(&t).ok())
+                .map_or_else(
+                    || "(does not parse; run `pipeline validate`)".into(),
+                    |f| f.description,
+                );
+            out.push((name, description, p.display().to_string()));
+        }
+    }
+    for (name, text) in plan::BUILTIN_PIPELINES {
+        if !out.iter().any(|(n, _, _)| n == name) {
+            let description = toml::from_str::<plan::PipelineFile>(text)
+                .map(|f| f.description)
+                .unwrap_or_default();
+            out.push((name.to_string(), description, "built-in".into()));
+        }
+    }
+    out
+}

@@ -1,0 +1,163 @@
+//! The one Hugging Face hub resolver: lists a dataset or model repo at a revision through
+//! hf-hub and downloads the files that match the configured patterns into the hf-hub cache.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::repository::RepoTreeEntry;
+use hf_hub::{HFClient, HFClientSync};
+
+use crate::config::HubConfig;
+use crate::error::{Error, Result};
+
+/// A file fetched from the hub.
+#[derive(Debug, Clone)]
+pub struct HubFile {
+    /// Path inside the repository (`data/train_prefs-00000-of-00001.parquet`).
+    pub path_in_repo: String,
+    /// Where it lies in the local hf-hub cache.
+    pub local: PathBuf,
+    /// The commit the revision resolved to (40 hex), for provenance.
+    pub commit: String,
+}
+
+/// Blocking hub client built from `[hub]` (endpoint, cache) and the `HF_*` environment.
+#[derive(Clone)]
+pub struct HubClient {
+    client: HFClientSync,
+}
+
+impl HubClient {
+    pub fn new(cfg: &HubConfig) -> Result<Self> {
+        let mut builder = HFClient::builder();
+        if !cfg.endpoint.is_empty() {
+            builder = builder.endpoint(cfg.endpoint.clone());
+        }
+        if !cfg.cache_dir.is_empty() {
+            builder = builder.cache_dir(PathBuf::from(&cfg.cache_dir));
+        }
+        let client = builder
+            .build_sync()
+            .map_err(|e| Error::Http(format!("cannot build the Hugging Face hub client: {e}")))?;
+        Ok(Self { client })
+    }
+
+    /// Downloads every file of dataset `repo` at `revision` whose path matches one of
+    /// `patterns` (`*` matches any run of characters, including `/`), sorted by path.
+    /// No match is an error naming the repo, revision and patterns.
+    pub fn dataset_files(
+        &self,
+        repo: &str,
+        revision: &str,
+        patterns: &[String],
+    ) -> Result<Vec<HubFile>> {
+        let hub_err = |message: String| Error::Hub {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            message,
+        };
+        let (owner, name) = repo
+            .split_once('/')
+            .ok_or_else(|| hub_err("repository id must be `owner/name`".into()))?;
+        let handle = self.client.dataset(owner, name);
+        let tree = handle
+            .list_tree()
+            .revision(revision.to_string())
+            .recursive(true)
+            .send()
+            .map_err(|e| hub_err(format!("listing files failed: {e}")))?;
+        let mut paths: Vec<String> = tree
+            .into_iter()
+            .filter_map(|entry| match entry {
+                RepoTreeEntry::File { path, .. } => Some(path),
+                _ => None,
+            })
+            .filter(|p| patterns.iter().any(|pat| glob_match(pat, p)))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(hub_err(format!("no file matches {patterns:?}")));
+        }
+        paths
+            .into_iter()
+            .map(|path| {
+                let local = handle
+                    .download_file()
+                    .filename(path.clone())
+                    .revision(revision.to_string())
+                    .send()
+                    .map_err(|e| hub_err(format!("downloading `{path}` failed: {e}")))?;
+                let commit = commit_of(&local).unwrap_or_else(|| revision.to_string());
+                Ok(HubFile {
+                    path_in_repo: path,
+                    local,
+                    commit,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The commit hash from an hf-hub cache path `.../snapshots/<commit>/<path>`.
+fn commit_of(local: &Path) -> Option<String> {
+    let mut comps = local
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned());
+    comps.by_ref().find(|c| c == "snapshots")?;
+    comps.next()
+}
+
+/// Shell-style match where `*` matches any run of characters (also across `/`).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first)
+        || !text[first.len()..].ends_with(last)
+        || text.len() < first.len() + last.len()
+    {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches_hub_file_names() {
+        assert!(glob_match(
+            "data/train_prefs-*.parquet",
+            "data/train_prefs-00000-of-00001.parquet"
+        ));
+        assert!(glob_match(
+            "data/train_prefs-*.parquet",
+            "data/train_prefs-00000-of-00001-abc123.parquet"
+        ));
+        assert!(!glob_match(
+            "data/train_prefs-*.parquet",
+            "data/test_prefs-00000-of-00001.parquet"
+        ));
+        assert!(glob_match("*.jsonl", "evol_instruct.jsonl"));
+        assert!(glob_match("a*b*c", "aXbYc"));
+        assert!(!glob_match("a*b*c", "aXc"));
+        assert!(!glob_match("ab*ba", "aba"));
+        assert!(glob_match("exact.json", "exact.json"));
+    }
+
+    #[test]
+    fn commit_is_read_from_the_snapshot_path() {
+        let p = Path::new("/c/datasets--o--n/snapshots/0123abcd/data/x.parquet");
+        assert_eq!(commit_of(p).as_deref(), Some("0123abcd"));
+        assert_eq!(commit_of(Path::new("/tmp/x")), None);
+    }
+}

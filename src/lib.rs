@@ -1,0 +1,20 @@
+//! prefcap: a dataflow pipeline for preference-aligned image captioning.
+//!
+//! Stages are library functions (`ingest::run`, ...) that the thin `pipeline` binary calls;
+//! pipelines (`pipelines/*.toml`) are validated as a whole before any stage runs.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod ingest;
+pub mod loopback;
+pub mod plan;
+pub mod progress;
+pub mod records;
+pub mod rng;
+pub mod runner;
+pub mod shard;
+
+pub use error::{Error, Result};
