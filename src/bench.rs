@@ -239,6 +239,8 @@ fn run_img2dataset(
         ("--timeout", "10".into()),
         ("--retries", "0".into()),
         ("--enable_wandb", "False".into()),
+        // prefcap does not extract EXIF; both compute sha256 of the stored image.
+        ("--extract_exif", "False".into()),
     ] {
         cmd.arg(k).arg(v);
     }

@@ -96,7 +96,11 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
         };
         match &outcome {
             StepOutcome::Done { summary, seconds } => {
-                eprintln!("step {}: done in {seconds:.1}s: {summary}", step.name())
+                eprintln!(
+                    "step {}: done in {seconds:.1}s\n    {}",
+                    step.name(),
+                    summary.replace("; ", "\n    ")
+                )
             }
             StepOutcome::NotBuilt => eprintln!(
                 "step {}: NOT BUILT YET in this version of prefcap",

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use arrow::array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -75,9 +76,9 @@ pub fn write_parquet<R: Record>(path: &Path, rows: &[R]) -> Result<()> {
     fs::rename(&tmp, path).at(path)
 }
 
-/// Reads every row of a Parquet file written with `R`'s schema.
-/// A truncated or foreign file gives an error naming the file.
-pub fn read_parquet<R: Record>(path: &Path) -> Result<Vec<R>> {
+/// Streams the record batches of any Parquet file (a shard, or a file from the hub); errors
+/// name the file. Memory stays bounded by one row group at a time.
+pub fn read_batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
     let file = fs::File::open(path).at(path)?;
     let perr = |source| Error::Parquet {
         path: path.to_path_buf(),
@@ -87,13 +88,21 @@ pub fn read_parquet<R: Record>(path: &Path) -> Result<Vec<R>> {
         .map_err(perr)?
         .build()
         .map_err(perr)?;
-    let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|source| Error::Arrow {
+    let path = path.to_path_buf();
+    Ok(reader.map(move |batch| {
+        batch.map_err(|source| Error::Arrow {
             context: format!("reading {}", path.display()),
             source,
-        })?;
-        rows.extend(R::from_batch(&batch, path)?);
+        })
+    }))
+}
+
+/// Reads every row of a Parquet file written with `R`'s schema.
+/// A truncated or foreign file gives an error naming the file.
+pub fn read_parquet<R: Record>(path: &Path) -> Result<Vec<R>> {
+    let mut rows = Vec::new();
+    for batch in read_batches(path)? {
+        rows.extend(R::from_batch(&batch?, path)?);
     }
     Ok(rows)
 }

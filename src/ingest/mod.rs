@@ -3,6 +3,7 @@
 
 pub mod cc;
 pub mod download;
+pub mod hub_table;
 pub mod imageproc;
 pub mod story;
 pub mod synthetic;

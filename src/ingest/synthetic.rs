@@ -12,7 +12,8 @@
 //! never overlap. Its caption follows one grammar, all lowercase:
 //!
 //! ```text
-//! caption  := "a " shape " " relation " a " shape
+//! caption  := article shape " " relation " " article shape
+//! article  := "an " before orange, "a " otherwise
 //! shape    := colour " " kind
 //! colour   := red | green | blue | yellow | purple | orange
 //! kind     := circle | square | triangle
@@ -89,9 +90,11 @@ impl Default for SyntheticConfig {
     }
 }
 
-/// Dataset names under `data/`.
+/// Dataset (directory under `data/`) of the captioned images.
 pub const IMAGES_DATASET: &str = "synthetic";
+/// Dataset of the preference pairs about those images.
 pub const PAIRS_DATASET: &str = "synthetic_prefs";
+/// Dataset of the story frames.
 pub const STORIES_DATASET: &str = "synthetic_stories";
 
 /// Quality of the stored JPEGs: high enough that flat colours survive unchanged inside
@@ -347,8 +350,9 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Places `scene`'s shapes with the subject at `along.0` and the object at `along.1`
-    /// on the relation's axis, after swapping them for `below` / `right of`.
+    /// Places `scene`'s shapes: on the relation's axis the shape that comes first (top or
+    /// left) at `near_far.0` and the other at `near_far.1`; across it the subject at
+    /// `across.0` and the object at `across.1`.
     fn place(scene: Scene, near_far: (u32, u32), across: (u32, u32)) -> Layout {
         let (near, far) = near_far;
         let (subject_along, object_along) = match scene.relation {
@@ -398,13 +402,19 @@ impl Layout {
     }
 }
 
-/// The caption of a scene, e.g. `a red circle above a blue square`.
+/// `phrase` with its indefinite article: `a red circle`, `an orange square`.
+fn indefinite(phrase: &str) -> String {
+    let vowel = phrase.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {phrase}", if vowel { "an" } else { "a" })
+}
+
+/// The caption of a scene, e.g. `a red circle above an orange square`.
 pub fn caption(scene: &Scene) -> String {
     format!(
-        "a {} {} a {}",
-        scene.subject.words(),
+        "{} {} {}",
+        indefinite(&scene.subject.words()),
         scene.relation.words(),
-        scene.object.words()
+        indefinite(&scene.object.words())
     )
 }
 
@@ -740,17 +750,18 @@ fn random_layout(rng: &mut SplitMix64) -> Layout {
     Layout::place(scene, near_far, across)
 }
 
-/// Draws with `draw` until the result is not in `avoid`. Rejection keeps val disjoint from
-/// train; the world has millions of layouts, so the cap only guards against a pathological
-/// config and the last draw is used when it is reached.
-fn draw_avoiding<T: Eq + std::hash::Hash>(
+/// Draws with `draw` until the result's `key` is not in `avoid`. Rejection keeps val
+/// disjoint from train; the world has millions of layouts, so the cap only guards against a
+/// pathological config, and the last draw is used when it is reached.
+fn draw_avoiding<T, K: Eq + std::hash::Hash>(
     rng: &mut SplitMix64,
-    avoid: &HashSet<T>,
+    avoid: &HashSet<K>,
+    key: impl Fn(&T) -> K,
     mut draw: impl FnMut(&mut SplitMix64) -> T,
 ) -> T {
     let mut item = draw(rng);
     for _ in 0..100 {
-        if !avoid.contains(&item) {
+        if !avoid.contains(&key(&item)) {
             break;
         }
         item = draw(rng);
@@ -844,19 +855,22 @@ pub fn corrupt(scene: &Scene, kind: Corruption, rng: &mut SplitMix64) -> String 
         }
         Corruption::Vague => match rng.below(5) {
             0 => "two shapes".to_string(),
-            1 => format!("a {} shape and another shape", s.colour.word()),
-            2 => format!("a {} and a {}", s.words(), o.words()),
+            1 => format!(
+                "{} and another shape",
+                indefinite(&format!("{} shape", s.colour.word()))
+            ),
+            2 => format!("{} and {}", indefinite(&s.words()), indefinite(&o.words())),
             3 => format!(
-                "a {} {} a {}",
-                s.kind.word(),
+                "{} {} {}",
+                indefinite(s.kind.word()),
                 scene.relation.words(),
-                o.kind.word()
+                indefinite(o.kind.word())
             ),
             _ => format!(
-                "a {} shape {} a {} shape",
-                s.colour.word(),
+                "{} {} {}",
+                indefinite(&format!("{} shape", s.colour.word())),
                 scene.relation.words(),
-                o.colour.word()
+                indefinite(&format!("{} shape", o.colour.word()))
             ),
         },
     }
@@ -908,13 +922,21 @@ fn pairs_for_image(
 // Stories
 // ---------------------------------------------------------------------------------------
 
-/// The frames of one story: each frame's layout and what changed since the previous one.
-fn random_story(rng: &mut SplitMix64, frames: usize) -> Vec<(Layout, Option<Change>)> {
+/// One drawn story: its first layout (what val compares with train) and every frame's
+/// layout with what changed since the previous frame.
+struct DrawnStory {
+    start: Layout,
+    frames: Vec<(Layout, Option<Change>)>,
+}
+
+/// A story of `frames` frames (at least one).
+fn random_story(rng: &mut SplitMix64, frames: usize) -> DrawnStory {
     let scene = random_scene(rng);
     let near_far = (uniform(rng, NEAR), uniform(rng, FAR));
     let positions = (STORY_ACROSS.1 - STORY_ACROSS.0) / STORY_STEP + 1;
     let start = STORY_ACROSS.0 + STORY_STEP * uniform(rng, (0, positions - 1));
     let mut layout = Layout::place(scene, near_far, (start, uniform(rng, ACROSS)));
+    let first = layout;
     // Two in three stories move, the rest change colour: motion is the harder thing to
     // ground, so it gets the larger share.
     let moves = rng.below(3) < 2;
@@ -953,7 +975,10 @@ fn random_story(rng: &mut SplitMix64, frames: usize) -> Vec<(Layout, Option<Chan
         };
         out.push((layout, Some(change)));
     }
-    out
+    DrawnStory {
+        start: first,
+        frames: out,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1004,7 +1029,7 @@ fn plan_images(seed: u64, split: &str, count: usize, avoid: &HashSet<Layout>) ->
     (0..count)
         .map(|i| PlannedImage {
             key: format!("syn-{split}-{i:06}"),
-            layout: draw_avoiding(&mut rng, avoid, random_layout),
+            layout: draw_avoiding(&mut rng, avoid, |l: &Layout| *l, random_layout),
         })
         .collect()
 }
@@ -1022,8 +1047,8 @@ fn plan_pairs(
         .collect()
 }
 
-/// Stories of `split`, flattened to frames; also returns their first layouts so val can
-/// avoid train's.
+/// Stories of `split`, flattened to frames, with their first layouts (so val can avoid
+/// train's: two stories that start alike are too alike to sit on both sides of the split).
 fn plan_stories(
     seed: u64,
     split: &str,
@@ -1032,17 +1057,20 @@ fn plan_stories(
     avoid: &HashSet<Layout>,
 ) -> (Vec<PlannedFrame>, HashSet<Layout>) {
     let mut rng = SplitMix64::derived(seed, &format!("stories/{split}"));
-    // Validated to fit in i32 before planning.
+    // `validate` has checked that frame indices fit in i32.
     let frame_count = i32::try_from(frames).unwrap_or(i32::MAX);
-    let mut firsts = HashSet::new();
+    let mut starts = HashSet::new();
     let mut out = Vec::with_capacity(count * frames);
     for s in 0..count {
-        let story = draw_avoiding(&mut rng, avoid, |r| StoryDraw(random_story(r, frames)));
+        let story = draw_avoiding(
+            &mut rng,
+            avoid,
+            |d: &DrawnStory| d.start,
+            |r| random_story(r, frames),
+        );
+        starts.insert(story.start);
         let story_id = format!("syn-story-{split}-{s:04}");
-        if let Some((first, _)) = story.0.first() {
-            firsts.insert(*first);
-        }
-        for (i, (layout, change)) in story.0.into_iter().enumerate() {
+        for (i, (layout, change)) in story.frames.into_iter().enumerate() {
             out.push(PlannedFrame {
                 story_id: story_id.clone(),
                 frame_index: i32::try_from(i).unwrap_or(i32::MAX),
@@ -1052,25 +1080,7 @@ fn plan_stories(
             });
         }
     }
-    (out, firsts)
-}
-
-/// A drawn story, compared with earlier stories by its first frame only: two stories that
-/// start alike are too alike to sit on both sides of the train/val split.
-struct StoryDraw(Vec<(Layout, Option<Change>)>);
-
-impl PartialEq for StoryDraw {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.first().map(|f| f.0) == other.0.first().map(|f| f.0)
-    }
-}
-
-impl Eq for StoryDraw {}
-
-impl std::hash::Hash for StoryDraw {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.first().map(|f| f.0).hash(state);
-    }
+    (out, starts)
 }
 
 /// Writes the shards of one split, reusing finished ones. A finished shard is reused
@@ -1179,12 +1189,13 @@ pub fn run(cfg: &SyntheticConfig, seed: u64, workdir: &Path) -> Result<SourceSum
         cfg.frames_per_story,
         &HashSet::new(),
     );
-    let train_starts: HashSet<StoryDraw> = train_starts
-        .into_iter()
-        .map(|l| StoryDraw(vec![(l, None)]))
-        .collect();
-    let mut val_story_rng = SplitMix64::derived(seed, "stories/val");
-    let val_frames = plan_val_stories(&mut val_story_rng, cfg, &train_starts);
+    let (val_frames, _) = plan_stories(
+        seed,
+        "val",
+        cfg.val_stories,
+        cfg.frames_per_story,
+        &train_starts,
+    );
 
     let total = (cfg.train_images + cfg.val_images + train_frames.len() + val_frames.len()) as u64;
     let progress = Progress::new("synthetic", "images", Some(total));
@@ -1232,32 +1243,6 @@ pub fn run(cfg: &SyntheticConfig, seed: u64, workdir: &Path) -> Result<SourceSum
     })
 }
 
-/// Val stories: like [`plan_stories`], but each draw is rejected while its first frame
-/// matches a train story's.
-fn plan_val_stories(
-    rng: &mut SplitMix64,
-    cfg: &SyntheticConfig,
-    avoid: &HashSet<StoryDraw>,
-) -> Vec<PlannedFrame> {
-    let frames = cfg.frames_per_story;
-    let frame_count = i32::try_from(frames).unwrap_or(i32::MAX);
-    let mut out = Vec::new();
-    for s in 0..cfg.val_stories {
-        let story = draw_avoiding(rng, avoid, |r| StoryDraw(random_story(r, frames)));
-        let story_id = format!("syn-story-val-{s:04}");
-        for (i, (layout, change)) in story.0.into_iter().enumerate() {
-            out.push(PlannedFrame {
-                story_id: story_id.clone(),
-                frame_index: i32::try_from(i).unwrap_or(i32::MAX),
-                frame_count,
-                caption: story_caption(&layout.scene, change),
-                layout,
-            });
-        }
-    }
-    out
-}
-
 fn image_row(img: &PlannedImage, split: &str, size: u32) -> Result<ImageTextSample> {
     let jpeg = render_jpeg(&img.layout, size, &img.key)?;
     Ok(ImageTextSample {
@@ -1273,4 +1258,727 @@ fn image_row(img: &PlannedImage, split: &str, size: u32) -> Result<ImageTextSamp
         sha256: Some(hex::encode(Sha256::digest(&jpeg))),
         image: Some(jpeg),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn small_cfg() -> SyntheticConfig {
+        SyntheticConfig {
+            train_images: 10,
+            val_images: 6,
+            image_size: 64,
+            shard_size: 4,
+            pairs_per_image: 2,
+            train_stories: 3,
+            val_stories: 2,
+            frames_per_story: 5,
+        }
+    }
+
+    fn scene(sc: Colour, sk: ShapeKind, relation: Relation, oc: Colour, ok: ShapeKind) -> Scene {
+        Scene {
+            subject: Shape {
+                colour: sc,
+                kind: sk,
+            },
+            relation,
+            object: Shape {
+                colour: oc,
+                kind: ok,
+            },
+        }
+    }
+
+    fn red_circle_above_blue_square() -> Scene {
+        scene(
+            Colour::Red,
+            ShapeKind::Circle,
+            Relation::Above,
+            Colour::Blue,
+            ShapeKind::Square,
+        )
+    }
+
+    fn all_scenes() -> Vec<Scene> {
+        let mut out = Vec::new();
+        for sc in Colour::ALL {
+            for oc in Colour::ALL {
+                for sk in ShapeKind::ALL {
+                    for ok in ShapeKind::ALL {
+                        for r in Relation::ALL {
+                            out.push(scene(sc, sk, r, oc, ok));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every Parquet file under `root`, by path relative to it.
+    fn parquet_files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, root, out);
+                } else if path.extension().is_some_and(|e| e == "parquet") {
+                    let rel = path.strip_prefix(root).unwrap().to_path_buf();
+                    out.insert(rel, fs::read(&path).unwrap());
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(root, root, &mut out);
+        out
+    }
+
+    /// Pixels of one palette colour in an image.
+    #[derive(Debug, Default, Clone, Copy)]
+    struct Blob {
+        count: u64,
+        sum_x: u64,
+        sum_y: u64,
+        min: (u32, u32),
+        max: (u32, u32),
+    }
+
+    impl Blob {
+        fn centroid(&self) -> (f64, f64) {
+            let n = self.count as f64;
+            (self.sum_x as f64 / n, self.sum_y as f64 / n)
+        }
+
+        /// Share of the bounding box the blob fills: ~1 square, ~0.79 circle, ~0.5 triangle.
+        fn fill(&self) -> f64 {
+            let w = f64::from(self.max.0 - self.min.0 + 1);
+            let h = f64::from(self.max.1 - self.min.1 + 1);
+            self.count as f64 / (w * h)
+        }
+    }
+
+    /// Pixels within 35 (RGB distance) of each palette colour: half the smallest distance
+    /// between two palette entries, so no pixel counts for two colours.
+    fn colour_blobs(img: &RgbImage) -> BTreeMap<Colour, Blob> {
+        let mut out: BTreeMap<Colour, Blob> = BTreeMap::new();
+        for (x, y, p) in img.enumerate_pixels() {
+            for c in Colour::ALL {
+                let d: i64 = c
+                    .rgb()
+                    .iter()
+                    .zip(p.0)
+                    .map(|(a, b)| (i64::from(*a) - i64::from(b)).pow(2))
+                    .sum();
+                if d <= 35 * 35 {
+                    let b = out.entry(c).or_insert(Blob {
+                        min: (u32::MAX, u32::MAX),
+                        ..Blob::default()
+                    });
+                    b.count += 1;
+                    b.sum_x += u64::from(x);
+                    b.sum_y += u64::from(y);
+                    b.min = (b.min.0.min(x), b.min.1.min(y));
+                    b.max = (b.max.0.max(x), b.max.1.max(y));
+                }
+            }
+        }
+        out
+    }
+
+    fn decode(jpeg: &[u8]) -> RgbImage {
+        image::load_from_memory(jpeg).unwrap().into_rgb8()
+    }
+
+    /// Checks that `img` shows exactly `scene`: both named colours in sizeable blobs, no
+    /// other palette colour, each blob's fill ratio matching its kind, and the centroids in
+    /// the stated relation. Returns the blobs for further checks.
+    fn assert_grounded(img: &RgbImage, scene: &Scene, what: &str) -> BTreeMap<Colour, Blob> {
+        let blobs = colour_blobs(img);
+        let min_pixels = u64::from(img.width() * img.height()) / 40;
+        for shape in [scene.subject, scene.object] {
+            let blob = blobs.get(&shape.colour);
+            let blob = blob.unwrap_or_else(|| panic!("{what}: no {} pixels", shape.words()));
+            assert!(
+                blob.count >= min_pixels,
+                "{what}: {} is only {blob:?}",
+                shape.words()
+            );
+            let fill = blob.fill();
+            let fits = match shape.kind {
+                ShapeKind::Square => fill > 0.9,
+                ShapeKind::Circle => (0.68..0.9).contains(&fill),
+                ShapeKind::Triangle => fill < 0.62,
+            };
+            assert!(fits, "{what}: {} fills {fill:.2} of its box", shape.words());
+        }
+        for (c, blob) in &blobs {
+            if *c != scene.subject.colour && *c != scene.object.colour {
+                assert!(
+                    blob.count <= 4,
+                    "{what}: stray {} pixels {blob:?}",
+                    c.word()
+                );
+            }
+        }
+        let (sx, sy) = blobs[&scene.subject.colour].centroid();
+        let (ox, oy) = blobs[&scene.object.colour].centroid();
+        let (dx, dy) = (sx - ox, sy - oy);
+        let seen = if dy.abs() > dx.abs() {
+            if dy < 0.0 {
+                Relation::Above
+            } else {
+                Relation::Below
+            }
+        } else if dx < 0.0 {
+            Relation::LeftOf
+        } else {
+            Relation::RightOf
+        };
+        assert_eq!(
+            seen, scene.relation,
+            "{what}: centroids differ by ({dx:.1}, {dy:.1})"
+        );
+        blobs
+    }
+
+    #[test]
+    fn every_caption_parses_back_to_its_scene() {
+        for s in all_scenes() {
+            let text = caption(&s);
+            assert_eq!(parse_caption(&text), Some(s), "{text}");
+            assert_eq!(text, text.to_lowercase());
+        }
+        assert_eq!(
+            caption(&red_circle_above_blue_square()),
+            "a red circle above a blue square"
+        );
+        let orange = scene(
+            Colour::Orange,
+            ShapeKind::Triangle,
+            Relation::RightOf,
+            Colour::Orange,
+            ShapeKind::Circle,
+        );
+        assert_eq!(
+            caption(&orange),
+            "an orange triangle right of an orange circle"
+        );
+    }
+
+    #[test]
+    fn parse_caption_forgives_form_but_not_content() {
+        let want = Some(scene(
+            Colour::Red,
+            ShapeKind::Circle,
+            Relation::LeftOf,
+            Colour::Blue,
+            ShapeKind::Square,
+        ));
+        assert_eq!(
+            parse_caption("A red circle is to the left of a blue square."),
+            want
+        );
+        assert_eq!(parse_caption("  red circle left of  blue square "), want);
+        assert_eq!(parse_caption("an red circle left of an blue square"), want);
+        for bad in [
+            "",
+            "two shapes",
+            "a red circle near a blue square",
+            "a red circle left a blue square",
+            "a red circle above a blue square and a green triangle",
+            "a pink circle above a blue square",
+            "a red shape above a blue shape",
+        ] {
+            assert_eq!(parse_caption(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn story_captions_parse_back_to_change_and_scene() {
+        let mut rng = SplitMix64::new(11);
+        let mut changes = HashSet::new();
+        for _ in 0..300 {
+            let story = random_story(&mut rng, 8);
+            for (layout, change) in story.frames {
+                let text = story_caption(&layout.scene, change);
+                assert_eq!(
+                    parse_story_caption(&text),
+                    Some((change, layout.scene)),
+                    "{text}"
+                );
+                changes.insert(match change {
+                    None => "first",
+                    Some(Change::Moves(_)) => "moves",
+                    Some(Change::Turns { .. }) => "turns",
+                });
+            }
+        }
+        assert_eq!(
+            changes.len(),
+            3,
+            "first frames, moves and colour turns all occur"
+        );
+        let s = red_circle_above_blue_square();
+        assert_eq!(
+            story_caption(&s, Some(Change::Moves(Direction::Left))),
+            "the red circle moves left; it is above the blue square"
+        );
+        let turned = scene(
+            Colour::Orange,
+            ShapeKind::Circle,
+            Relation::Above,
+            Colour::Blue,
+            ShapeKind::Square,
+        );
+        let change = Change::Turns {
+            from: Colour::Red,
+            to: Colour::Orange,
+        };
+        let text = story_caption(&turned, Some(change));
+        assert_eq!(
+            text,
+            "the red circle turns orange; it is above the blue square"
+        );
+        assert_eq!(parse_story_caption(&text), Some((Some(change), turned)));
+    }
+
+    #[test]
+    fn layouts_show_their_relation_and_shapes_never_touch_or_leave_the_image() {
+        let mut rng = SplitMix64::new(5);
+        let mut layouts: Vec<Layout> = (0..300).map(|_| random_layout(&mut rng)).collect();
+        for _ in 0..60 {
+            layouts.extend(random_story(&mut rng, 9).frames.into_iter().map(|f| f.0));
+        }
+        for size in [MIN_IMAGE_SIZE, 64] {
+            for l in &layouts {
+                assert_eq!(l.relation_from_positions(), Some(l.scene.relation), "{l:?}");
+                assert_ne!(l.scene.subject.colour, l.scene.object.colour);
+                for y in 0..size {
+                    for x in 0..size {
+                        let s = covers(l.scene.subject.kind, l.subject_at, x, y, size);
+                        let o = covers(l.scene.object.kind, l.object_at, x, y, size);
+                        assert!(!(s && o), "overlap at ({x}, {y}) in {l:?}");
+                        let edge = x == 0 || y == 0 || x == size - 1 || y == size - 1;
+                        assert!(!(edge && (s || o)), "shape touches the border: {l:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rendered_scenes_show_named_colours_kinds_and_relation() {
+        // Every scene of the world, through the same JPEG encoding as the stored images.
+        let mut rng = SplitMix64::new(3);
+        for s in all_scenes() {
+            if s.subject.colour == s.object.colour {
+                continue;
+            }
+            let layout = Layout::place(
+                s,
+                (uniform(&mut rng, NEAR), uniform(&mut rng, FAR)),
+                (uniform(&mut rng, ACROSS), uniform(&mut rng, ACROSS)),
+            );
+            let jpeg = render_jpeg(&layout, 64, "test").unwrap();
+            assert_grounded(&decode(&jpeg), &s, &caption(&s));
+        }
+    }
+
+    #[test]
+    fn run_writes_the_documented_files_with_the_configured_counts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = small_cfg();
+        let summary = run(&cfg, 42, tmp.path()).unwrap();
+        assert_eq!(summary.source, "synthetic");
+        let rows: Vec<(&str, &str, u64)> = summary
+            .splits
+            .iter()
+            .map(|s| (s.dataset.as_str(), s.split.as_str(), s.rows))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("synthetic", "train", 10),
+                ("synthetic", "val", 6),
+                ("synthetic_prefs", "train", 20),
+                ("synthetic_prefs", "val", 12),
+                ("synthetic_stories", "train", 15),
+                ("synthetic_stories", "val", 10),
+            ]
+        );
+        for s in &summary.splits {
+            assert_eq!(
+                s.shards_written,
+                (s.rows as usize).div_ceil(cfg.shard_size),
+                "{s:?}"
+            );
+            assert_eq!((s.shards_skipped, s.failed), (0, 0), "{s:?}");
+            let set = ShardSet::new(tmp.path(), &s.dataset, &s.split);
+            for shard in 0..s.shards_written as u32 {
+                assert!(set.parquet_path(shard).is_file() && set.stats_path(shard).is_file());
+                let stats = set.read_stats(shard).unwrap();
+                assert_eq!(stats.source, "synthetic seed=42");
+                assert_eq!(stats.successes, stats.count);
+                assert!(stats.failures.is_empty());
+            }
+        }
+
+        let mut all_keys = HashSet::new();
+        for (split, n) in [("train", 10), ("val", 6)] {
+            let images: Vec<ImageTextSample> = ShardSet::new(tmp.path(), IMAGES_DATASET, split)
+                .read_all()
+                .unwrap();
+            assert_eq!(images.len(), n);
+            let mut captions = BTreeMap::new();
+            for (i, img) in images.iter().enumerate() {
+                assert_eq!(img.key, format!("syn-{split}-{i:06}"));
+                assert!(
+                    all_keys.insert(img.key.clone()),
+                    "duplicate key {}",
+                    img.key
+                );
+                assert_eq!(img.url, format!("synthetic://{split}/{}", img.key));
+                assert_eq!(img.status, SampleStatus::Success);
+                assert_eq!(img.error, None);
+                assert_eq!((img.width, img.height), (Some(64), Some(64)));
+                assert_eq!(
+                    (img.original_width, img.original_height),
+                    (Some(64), Some(64))
+                );
+                let jpeg = img.image.as_ref().unwrap();
+                assert_eq!(
+                    img.sha256.as_deref(),
+                    Some(hex::encode(Sha256::digest(jpeg)).as_str())
+                );
+                let s = parse_caption(&img.caption).unwrap_or_else(|| panic!("{}", img.caption));
+                assert_grounded(&decode(jpeg), &s, &img.key);
+                captions.insert(img.key.clone(), img.caption.clone());
+            }
+
+            let pairs: Vec<PreferencePair> = ShardSet::new(tmp.path(), PAIRS_DATASET, split)
+                .read_all()
+                .unwrap();
+            assert_eq!(pairs.len(), n * cfg.pairs_per_image);
+            let ids: HashSet<_> = pairs.iter().map(|p| p.pair_id.clone()).collect();
+            assert_eq!(ids.len(), pairs.len(), "pair ids are unique");
+            for p in &pairs {
+                let key = p.image_key.as_ref().unwrap();
+                let chosen = captions
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{key} not in {split}"));
+                assert_eq!(&p.chosen, chosen);
+                assert_ne!(p.chosen, p.rejected);
+                assert_eq!(p.prompt, "");
+                assert_eq!((p.score_chosen, p.score_rejected), (1.0, 0.0));
+                let kind = p.source.strip_prefix("synthetic:").unwrap();
+                assert!(
+                    Corruption::ALL.iter().any(|c| c.as_str() == kind),
+                    "{}",
+                    p.source
+                );
+            }
+
+            let frames: Vec<StoryFrame> = ShardSet::new(tmp.path(), STORIES_DATASET, split)
+                .read_all()
+                .unwrap();
+            let stories = if split == "train" { 3 } else { 2 };
+            assert_eq!(frames.len(), stories * cfg.frames_per_story);
+            for (i, f) in frames.iter().enumerate() {
+                let story = i / cfg.frames_per_story;
+                assert_eq!(f.story_id, format!("syn-story-{split}-{story:04}"));
+                assert_eq!(f.frame_index as usize, i % cfg.frames_per_story);
+                assert_eq!(f.frame_count as usize, cfg.frames_per_story);
+                let (_, s) = parse_story_caption(&f.caption).unwrap();
+                assert_grounded(&decode(&f.image), &s, &f.caption);
+            }
+        }
+    }
+
+    #[test]
+    fn story_frames_change_the_way_their_captions_say() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = SyntheticConfig {
+            train_images: 0,
+            val_images: 0,
+            train_stories: 12,
+            val_stories: 0,
+            frames_per_story: 8,
+            ..small_cfg()
+        };
+        run(&cfg, 9, tmp.path()).unwrap();
+        let frames: Vec<StoryFrame> = ShardSet::new(tmp.path(), STORIES_DATASET, "train")
+            .read_all()
+            .unwrap();
+        assert_eq!(frames.len(), 12 * 8);
+        let (mut moves, mut turns) = (0, 0);
+        for pair in frames.windows(2) {
+            let (prev, next) = (&pair[0], &pair[1]);
+            if prev.story_id != next.story_id {
+                continue;
+            }
+            let (_, before) = parse_story_caption(&prev.caption).unwrap();
+            let (change, after) = parse_story_caption(&next.caption).unwrap();
+            let what = &next.caption;
+            let b0 = assert_grounded(&decode(&prev.image), &before, &prev.caption);
+            let b1 = assert_grounded(&decode(&next.image), &after, what);
+            assert_eq!(
+                after.object, before.object,
+                "{what}: the object keeps its identity"
+            );
+            assert_eq!(after.relation, before.relation, "{what}");
+            let (ox0, oy0) = b0[&before.object.colour].centroid();
+            let (ox1, oy1) = b1[&after.object.colour].centroid();
+            assert!(
+                (ox0 - ox1).abs() < 0.5 && (oy0 - oy1).abs() < 0.5,
+                "{what}: object moved"
+            );
+            match change {
+                Some(Change::Moves(d)) => {
+                    moves += 1;
+                    assert_eq!(after.subject, before.subject, "{what}");
+                    let (x0, y0) = b0[&before.subject.colour].centroid();
+                    let (x1, y1) = b1[&after.subject.colour].centroid();
+                    let (dx, dy) = (x1 - x0, y1 - y0);
+                    let step = f64::from(STORY_STEP);
+                    let (along, across) = match d {
+                        Direction::Up => (-dy, dx),
+                        Direction::Down => (dy, dx),
+                        Direction::Left => (-dx, dy),
+                        Direction::Right => (dx, dy),
+                    };
+                    assert!(
+                        (along - step).abs() < 1.0 && across.abs() < 0.5,
+                        "{what}: {dx} {dy}"
+                    );
+                }
+                Some(Change::Turns { from, to }) => {
+                    turns += 1;
+                    assert_eq!(from, before.subject.colour, "{what}");
+                    assert_eq!(to, before.subject.colour.next_in_cycle(after.object.colour));
+                    assert_eq!(after.subject.kind, before.subject.kind, "{what}");
+                    assert!(!b1.contains_key(&from) || b1[&from].count <= 4, "{what}");
+                }
+                None => panic!(
+                    "frame {} of {} has a first-frame caption",
+                    next.frame_index, next.story_id
+                ),
+            }
+        }
+        assert!(
+            moves > 0 && turns > 0,
+            "{moves} moves, {turns} colour turns"
+        );
+    }
+
+    #[test]
+    fn same_seed_gives_byte_identical_parquet_and_another_seed_does_not() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let cfg = small_cfg();
+        run(&cfg, 7, a.path()).unwrap();
+        run(&cfg, 7, b.path()).unwrap();
+        run(&cfg, 8, c.path()).unwrap();
+        let (fa, fb, fc) = (
+            parquet_files(a.path()),
+            parquet_files(b.path()),
+            parquet_files(c.path()),
+        );
+        // Shards of 4 rows: images 3 + 2, pairs 5 + 3, story frames 4 + 3.
+        assert_eq!(fa.len(), 20);
+        assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
+        for (path, bytes) in &fa {
+            assert!(
+                bytes == &fb[path],
+                "{} differs between runs",
+                path.display()
+            );
+        }
+        assert!(
+            fa.iter().any(|(path, bytes)| bytes != &fc[path]),
+            "seed is ignored"
+        );
+    }
+
+    #[test]
+    fn rerun_skips_finished_shards() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = small_cfg();
+        let first = run(&cfg, 1, tmp.path()).unwrap();
+        let before = parquet_files(tmp.path());
+        let second = run(&cfg, 1, tmp.path()).unwrap();
+        for (a, b) in first.splits.iter().zip(&second.splits) {
+            assert_eq!(b.shards_written, 0, "{b:?}");
+            assert_eq!(b.shards_skipped, a.shards_written, "{b:?}");
+            assert_eq!(b.rows, a.rows, "{b:?}");
+        }
+        assert_eq!(parquet_files(tmp.path()), before);
+
+        // A shard killed before its stats were written is redone, alone.
+        let set = ShardSet::new(tmp.path(), IMAGES_DATASET, "val");
+        fs::remove_file(set.stats_path(1)).unwrap();
+        let third = run(&cfg, 1, tmp.path()).unwrap();
+        let written: usize = third.splits.iter().map(|s| s.shards_written).sum();
+        assert_eq!(written, 1);
+        assert_eq!(parquet_files(tmp.path()), before);
+    }
+
+    #[test]
+    fn another_seed_or_smaller_config_replaces_stale_shards() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tempfile::tempdir().unwrap();
+        let cfg = small_cfg();
+        run(&cfg, 1, tmp.path()).unwrap();
+        let summary = run(&cfg, 2, tmp.path()).unwrap();
+        assert!(
+            summary.splits.iter().all(|s| s.shards_skipped == 0),
+            "{summary:?}"
+        );
+        run(&cfg, 2, fresh.path()).unwrap();
+        assert_eq!(parquet_files(tmp.path()), parquet_files(fresh.path()));
+
+        let smaller = SyntheticConfig {
+            train_images: 3,
+            ..cfg
+        };
+        let summary = run(&smaller, 2, tmp.path()).unwrap();
+        assert_eq!(summary.splits[0].rows, 3);
+        let set = ShardSet::new(tmp.path(), IMAGES_DATASET, "train");
+        assert_eq!(set.finished().unwrap(), vec![0]);
+        assert_eq!(set.read_all::<ImageTextSample>().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn val_is_drawn_apart_from_train() {
+        let train = plan_images(4, "train", 3000, &HashSet::new());
+        let train_layouts: HashSet<Layout> = train.iter().map(|i| i.layout).collect();
+        let val = plan_images(4, "val", 800, &train_layouts);
+        assert!(val.iter().all(|v| !train_layouts.contains(&v.layout)));
+        // The rejection really redraws: a set holding the first draw forces a second.
+        let first = random_layout(&mut SplitMix64::new(1));
+        let avoid = HashSet::from([first]);
+        let drawn = draw_avoiding(
+            &mut SplitMix64::new(1),
+            &avoid,
+            |l: &Layout| *l,
+            random_layout,
+        );
+        assert_ne!(drawn, first);
+
+        let (_, starts) = plan_stories(4, "train", 200, 3, &HashSet::new());
+        let (val_frames, val_starts) = plan_stories(4, "val", 100, 3, &starts);
+        assert!(val_starts.is_disjoint(&starts));
+        assert_eq!(val_frames.len(), 300);
+    }
+
+    #[test]
+    fn corruptions_are_wrong_or_vaguer_and_every_kind_is_used() {
+        let mut rng = SplitMix64::new(2);
+        for s in all_scenes()
+            .into_iter()
+            .filter(|s| s.subject.colour != s.object.colour)
+        {
+            for kind in Corruption::ALL {
+                for _ in 0..3 {
+                    let bad = corrupt(&s, kind, &mut rng);
+                    assert_ne!(bad, caption(&s));
+                    let parsed = parse_caption(&bad);
+                    match kind {
+                        Corruption::Vague => assert_eq!(parsed, None, "{bad}"),
+                        _ => assert!(!parsed.unwrap().same_meaning(&s), "{bad} for {s:?}"),
+                    }
+                    assert!(AttributeMatch::score(&bad, &s).correct() < AttributeMatch::TOTAL);
+                }
+            }
+        }
+        let mut kinds = BTreeMap::new();
+        let s = red_circle_above_blue_square();
+        for i in 0..100 {
+            let pairs = pairs_for_image(&format!("k{i}"), &s, 2, &mut rng);
+            assert_ne!(
+                pairs[0].source, pairs[1].source,
+                "one image's pairs differ in kind"
+            );
+            for p in pairs {
+                *kinds.entry(p.source).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
+        assert!(
+            kinds.values().all(|n| *n >= 25),
+            "kinds are roughly balanced: {kinds:?}"
+        );
+    }
+
+    #[test]
+    fn attribute_match_binds_attributes_to_shapes() {
+        let truth = red_circle_above_blue_square();
+        let score = |text: &str| AttributeMatch::score(text, &truth);
+        assert_eq!(score("a red circle above a blue square").correct(), 5);
+        assert_eq!(score("A blue square below a red circle.").correct(), 5);
+        assert_eq!(score("a blue circle above a red square").correct(), 3);
+        assert_eq!(score("a red circle below a blue square").correct(), 4);
+        let loose = score("a red circle and a blue square");
+        assert!(!loose.parsed);
+        assert_eq!(loose.correct(), 4);
+        assert_eq!(score("a red shape and another shape").correct(), 1);
+        assert_eq!(score("two shapes").correct(), 0);
+        // Right subject and relation; the object's colour and kind are both wrong.
+        assert_eq!(score("a red circle above a red circle").correct(), 3);
+        assert!((score("a red circle above a blue square").accuracy() - 1.0).abs() < 1e-12);
+        let attrs = extract_attributes("the red circle moves left; it is right of the blue square");
+        assert_eq!(attrs.relations, vec![Relation::RightOf]);
+        assert_eq!(attrs.colours, vec![Colour::Red, Colour::Blue]);
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_naming_the_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (cfg, key) in [
+            (
+                SyntheticConfig {
+                    shard_size: 0,
+                    ..small_cfg()
+                },
+                "shard_size",
+            ),
+            (
+                SyntheticConfig {
+                    image_size: 8,
+                    ..small_cfg()
+                },
+                "image_size",
+            ),
+            (
+                SyntheticConfig {
+                    frames_per_story: 0,
+                    ..small_cfg()
+                },
+                "frames_per_story",
+            ),
+        ] {
+            let err = run(&cfg, 1, tmp.path()).unwrap_err().to_string();
+            assert!(err.contains(&format!("ingest.synthetic.{key}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn defaults_mirror_configs_default_toml() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml");
+        let text = fs::read_to_string(&path).unwrap();
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        let table = doc["ingest"]["synthetic"].clone();
+        let from_file: SyntheticConfig = table.try_into().unwrap();
+        assert_eq!(
+            serde_json::to_value(from_file).unwrap(),
+            serde_json::to_value(SyntheticConfig::default()).unwrap()
+        );
+    }
 }
