@@ -35,6 +35,8 @@ pub struct CcConfig {
     pub resize_mode: ResizeMode,
     pub resize_only_if_bigger: bool,
     pub jpeg_quality: u8,
+    /// 4:2:0 chroma subsampling, as img2dataset (OpenCV) writes; false keeps full 4:4:4 chroma.
+    pub jpeg_chroma_subsampling: bool,
     /// Decoded images larger than this many pixels are rejected.
     pub max_pixels: u64,
     /// Downloads in flight at once.
@@ -64,6 +66,7 @@ impl Default for CcConfig {
             resize_mode: ResizeMode::CenterCrop,
             resize_only_if_bigger: false,
             jpeg_quality: 95,
+            jpeg_chroma_subsampling: true,
             max_pixels: 50_000_000,
             concurrency: 64,
             timeout_secs: 10.0,
@@ -94,6 +97,7 @@ impl CcConfig {
             mode: self.resize_mode,
             only_if_bigger: self.resize_only_if_bigger,
             jpeg_quality: self.jpeg_quality.clamp(1, 100),
+            subsample_chroma: self.jpeg_chroma_subsampling,
             max_pixels: self.max_pixels,
         }
     }

@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hub::HubClient;
 
 pub use cc::CcConfig;
@@ -91,12 +91,19 @@ pub struct IngestOptions {
 
 /// Runs every configured source in order.
 pub fn run(cfg: &Config, workdir: &Path, opts: &IngestOptions) -> Result<Vec<SourceSummary>> {
-    let mut hub: Option<HubClient> = None;
-    let mut hub_client = || -> Result<HubClient> {
-        if hub.is_none() {
-            hub = Some(HubClient::new(&cfg.hub)?);
-        }
-        Ok(hub.clone().expect("set above"))
+    let needs_hub = cfg
+        .ingest
+        .sources
+        .iter()
+        .any(|s| matches!(s, Source::Ultrafeedback | Source::Storyreasoning));
+    let hub = if needs_hub {
+        Some(HubClient::new(&cfg.hub)?)
+    } else {
+        None
+    };
+    let hub = || {
+        hub.as_ref()
+            .ok_or_else(|| Error::Config("no hub client".into()))
     };
     let mut out = Vec::new();
     for source in &cfg.ingest.sources {
@@ -104,14 +111,11 @@ pub fn run(cfg: &Config, workdir: &Path, opts: &IngestOptions) -> Result<Vec<Sou
             Source::Synthetic => synthetic::run(&cfg.ingest.synthetic, cfg.run.seed, workdir)?,
             Source::Cc => cc::run(&cfg.ingest.cc, &cfg.run, workdir, opts)?,
             Source::Ultrafeedback => {
-                ultrafeedback::run(&cfg.ingest.ultrafeedback, &hub_client()?, workdir)?
+                ultrafeedback::run(&cfg.ingest.ultrafeedback, hub()?, workdir)?
             }
-            Source::Storyreasoning => story::run(
-                &cfg.ingest.storyreasoning,
-                cfg.run.seed,
-                &hub_client()?,
-                workdir,
-            )?,
+            Source::Storyreasoning => {
+                story::run(&cfg.ingest.storyreasoning, cfg.run.seed, hub()?, workdir)?
+            }
         };
         out.push(summary);
     }
