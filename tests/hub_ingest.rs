@@ -24,6 +24,8 @@ use prefcap::records::{PreferencePair, StoryFrame};
 use prefcap::shard::ShardSet;
 
 const H4: &str = "HuggingFaceH4/ultrafeedback_binarized";
+/// The revision the default config pins; fixtures are served there, so the pin is exercised.
+const H4_REV: &str = "3949bf5f8c17c394422ccfab0c31ea9c20bdeb85";
 const OPENBMB: &str = "openbmb/UltraFeedback";
 const OPENBMB_REV: &str = "40b436560ca83a8dba36114c22ab3c66e43f6d5e";
 const STORIES: &str = "daniel3303/StoryReasoning";
@@ -343,7 +345,7 @@ fn serve_h4(hub: &MockHub) {
     ];
     hub.add_dataset_file(
         H4,
-        "main",
+        H4_REV,
         "data/train_prefs-00000-of-00001.parquet",
         h4_parquet(&train, false),
     );
@@ -355,24 +357,24 @@ fn serve_h4(hub: &MockHub) {
     let test_b = vec![h4_row("Spell cat.", "c-a-t", "k-a-t", (8.0, 2.0))];
     hub.add_dataset_file(
         H4,
-        "main",
+        H4_REV,
         "data/test_prefs-00000-of-00002.parquet",
         h4_parquet(&test_a, false),
     );
     hub.add_dataset_file(
         H4,
-        "main",
+        H4_REV,
         "data/test_prefs-00001-of-00002.parquet",
         h4_parquet(&test_b, true),
     );
     // Not configured: must be neither downloaded nor read.
     hub.add_dataset_file(
         H4,
-        "main",
+        H4_REV,
         "data/train_sft-00000-of-00001.parquet",
         b"never read".to_vec(),
     );
-    hub.add_dataset_file(H4, "main", "README.md", b"# card".to_vec());
+    hub.add_dataset_file(H4, H4_REV, "README.md", b"# card".to_vec());
 }
 
 #[test]
@@ -428,7 +430,7 @@ fn binarized_splits_are_filtered_sharded_and_resumable() {
             ("dropped_tie", 1)
         ])
     );
-    let commit = hub.commit_of(H4, "main");
+    let commit = hub.commit_of(H4, H4_REV);
     let provenance = sources(work.path(), "ultrafeedback", "train_prefs");
     assert_eq!(provenance.len(), 1);
     assert!(
@@ -499,7 +501,7 @@ fn a_hub_file_that_is_not_parquet_is_an_error_naming_it() {
     let hub = MockHub::start().unwrap();
     hub.add_dataset_file(
         H4,
-        "main",
+        H4_REV,
         "data/train_prefs-00000-of-00001.parquet",
         b"<html>not parquet</html>".to_vec(),
     );
@@ -522,7 +524,7 @@ fn a_split_missing_from_the_hub_names_repo_revision_and_pattern() {
     cfg.ingest.ultrafeedback.splits = vec!["train_gen".into()];
     let err = run(&cfg, work.path()).unwrap_err().to_string();
     assert!(
-        err.contains(H4) && err.contains("main") && err.contains("data/train_gen-*.parquet"),
+        err.contains(H4) && err.contains(H4_REV) && err.contains("data/train_gen-*.parquet"),
         "{err}"
     );
 }

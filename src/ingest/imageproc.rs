@@ -286,7 +286,10 @@ mod tests {
 
     /// The luma sampling byte of the first component in the SOF0 frame header.
     fn luma_sampling(jpeg: &[u8]) -> u8 {
-        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline SOF0 marker");
+        let sof = jpeg
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .expect("baseline SOF0 marker");
         // marker(2) length(2) precision(1) height(2) width(2) ncomp(1) id(1) sampling(1)
         jpeg[sof + 11]
     }
@@ -294,7 +297,13 @@ mod tests {
     #[test]
     fn chroma_subsampling_is_420_when_asked_and_444_otherwise() {
         let px = vec![128u8; 16 * 16 * 3];
-        assert_eq!(luma_sampling(&encode_jpeg(&px, 16, 16, 95, true).unwrap()), 0x22);
-        assert_eq!(luma_sampling(&encode_jpeg(&px, 16, 16, 95, false).unwrap()), 0x11);
+        assert_eq!(
+            luma_sampling(&encode_jpeg(&px, 16, 16, 95, true).unwrap()),
+            0x22
+        );
+        assert_eq!(
+            luma_sampling(&encode_jpeg(&px, 16, 16, 95, false).unwrap()),
+            0x11
+        );
     }
 }

@@ -77,7 +77,7 @@ impl Default for UltraFeedbackConfig {
         Self {
             format: UltraFeedbackFormat::Binarized,
             repo: "HuggingFaceH4/ultrafeedback_binarized".into(),
-            revision: "main".into(),
+            revision: "3949bf5f8c17c394422ccfab0c31ea9c20bdeb85".into(),
             splits: vec!["train_prefs".into(), "test_prefs".into()],
             raw_repo: "openbmb/UltraFeedback".into(),
             raw_revision: "40b436560ca83a8dba36114c22ab3c66e43f6d5e".into(),
