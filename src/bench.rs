@@ -20,6 +20,8 @@ use crate::rng::SplitMix64;
 pub enum BenchCommand {
     /// Download -> decode -> resize -> shard from a loopback image server, vs img2dataset.
     Ingest(BenchIngestArgs),
+    /// CLIP ViT-B/32 (real size, random weights) image embeddings, vs HF transformers (PyTorch).
+    Embed(crate::bench_embed::BenchEmbedArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,17 +58,18 @@ pub struct BenchIngestArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => bench_ingest(&args),
+        BenchCommand::Embed(args) => crate::bench_embed::bench_embed(&args),
     }
 }
 
 /// Resource use of one measured child process tree.
 #[derive(Debug, Clone, Copy)]
-struct Measured {
-    wall: f64,
+pub(crate) struct Measured {
+    pub wall: f64,
     /// User + system CPU seconds of the process and its reaped children.
-    cpu: f64,
+    pub cpu: f64,
     /// Peak of the summed resident memory of the process tree, in MiB (sampled every 20 ms).
-    peak_rss_mib: f64,
+    pub peak_rss_mib: f64,
 }
 
 fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
@@ -148,7 +151,7 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
 /// A deterministic photo-like JPEG: smooth low-frequency colour fields, a few hard-edged
 /// objects and mild sensor noise, so it compresses like a photo (~1.5-2.5 bits per pixel at
 /// quality 90) rather than like noise, which would make the benchmark a Huffman-decoding test.
-fn source_jpeg(seed: u64, w: u32, h: u32) -> Result<Vec<u8>, String> {
+pub(crate) fn source_jpeg(seed: u64, w: u32, h: u32) -> Result<Vec<u8>, String> {
     let mut rng = SplitMix64::derived(seed, "bench-image");
     let mut waves = [[0f32; 4]; 9];
     for wave in &mut waves {
@@ -311,7 +314,7 @@ fn ensure_img2dataset(venv: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Runs `cmd` to completion, sampling the resident memory of its whole process tree.
-fn measure(mut cmd: Command, what: &str) -> anyhow::Result<Measured> {
+pub(crate) fn measure(mut cmd: Command, what: &str) -> anyhow::Result<Measured> {
     cmd.stdout(std::process::Stdio::null());
     let start = Instant::now();
     let child = cmd

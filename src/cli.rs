@@ -33,6 +33,9 @@ pub enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Embed your own images and/or texts with CLIP into the feature cache, optionally
+    /// exporting them to a Parquet or Arrow file.
+    Embed(EmbedArgs),
     /// Benchmarks against the Python tools prefcap replaces.
     Bench {
         #[command(subcommand)]
@@ -50,6 +53,27 @@ pub struct RunArgs {
     /// Re-download only the failed samples of finished shards.
     #[arg(long)]
     pub retry_failed: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// A folder of images (searched recursively) or a file listing image paths, one per line.
+    #[arg(long, value_name = "PATH")]
+    pub images: Option<PathBuf>,
+    /// A text file, one text per line.
+    #[arg(long, value_name = "FILE")]
+    pub texts: Option<PathBuf>,
+    /// CLIP model: a hub repo id, a local Hugging Face directory, or `tiny` [default: embed.model].
+    #[arg(long, value_name = "DIR-or-REPO")]
+    pub model: Option<String>,
+    /// Hub revision of --model [default: embed.revision].
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Also write all embeddings to this file (`.parquet`, or Arrow IPC for any other name).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +111,7 @@ pub fn main() -> anyhow::Result<()> {
             let opts = RunOptions {
                 workdir: args.common.workdir.clone(),
                 retry_failed: args.retry_failed,
+                gpu: args.common.gpu,
             };
             let (run_dir, record) = runner::execute(&plan, &opts)?;
             let not_built: Vec<_> = record
@@ -133,6 +158,44 @@ pub fn main() -> anyhow::Result<()> {
                     step.name(),
                     if built { "" } else { "  [not built yet]" }
                 );
+            }
+        }
+        Command::Embed(args) => {
+            let mut sets = args.common.sets.clone();
+            if let Some(m) = &args.model {
+                sets.push(format!("embed.model={}", toml::Value::String(m.clone())));
+            }
+            if let Some(r) = &args.revision {
+                sets.push(format!("embed.revision={}", toml::Value::String(r.clone())));
+            }
+            let source = ConfigSource {
+                sets,
+                ..args.common.source()
+            };
+            let plan = plan::resolve("embed", &source)?;
+            let inputs = crate::embed::UserInputs {
+                images: args.images.clone(),
+                texts: args.texts.clone(),
+                out: args.out.clone(),
+            };
+            let summary = crate::embed::embed_user_inputs(
+                &plan.config,
+                &args.common.workdir,
+                args.common.gpu,
+                &inputs,
+            )?;
+            println!("{}", summary.embed);
+            for entry in &summary.entries {
+                println!(
+                    "  {} {}: {} rows in {}",
+                    entry.manifest.key.modality,
+                    entry.manifest.key.source,
+                    entry.manifest.rows,
+                    entry.path.display()
+                );
+            }
+            if let Some(out) = &args.out {
+                println!("exported to {}", out.display());
             }
         }
         Command::Bench { which } => bench::run(which).context("benchmark failed")?,

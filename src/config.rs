@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::embed::EmbedConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::ingest::IngestConfig;
 
@@ -23,6 +24,8 @@ pub struct Config {
     pub hub: HubConfig,
     #[serde(default)]
     pub ingest: IngestConfig,
+    #[serde(default)]
+    pub embed: EmbedConfig,
 }
 
 /// Settings shared by all stages.

@@ -97,6 +97,34 @@ impl HubClient {
     }
 }
 
+impl HubClient {
+    /// Downloads one file of model repo `repo` at `revision` (the hf-hub cache makes repeats free).
+    pub fn model_file(&self, repo: &str, revision: &str, filename: &str) -> Result<HubFile> {
+        let hub_err = |message: String| Error::Hub {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            message,
+        };
+        let (owner, name) = repo
+            .split_once('/')
+            .ok_or_else(|| hub_err("repository id must be `owner/name`".into()))?;
+        let local = self
+            .client
+            .model(owner, name)
+            .download_file()
+            .filename(filename.to_string())
+            .revision(revision.to_string())
+            .send()
+            .map_err(|e| hub_err(format!("downloading `{filename}` failed: {e}")))?;
+        let commit = commit_of(&local).unwrap_or_else(|| revision.to_string());
+        Ok(HubFile {
+            path_in_repo: filename.to_string(),
+            local,
+            commit,
+        })
+    }
+}
+
 /// The commit hash from an hf-hub cache path `.../snapshots/<commit>/<path>`.
 fn commit_of(local: &Path) -> Option<String> {
     let mut comps = local

@@ -4,12 +4,17 @@
 //! pipelines (`pipelines/*.toml`) are validated as a whole before any stage runs.
 
 pub mod bench;
+pub mod bench_embed;
 pub mod cli;
+pub mod clip;
 pub mod config;
+pub mod embed;
 pub mod error;
+pub mod features;
 pub mod hub;
 pub mod ingest;
 pub mod loopback;
+pub mod npy;
 pub mod plan;
 pub mod progress;
 pub mod records;

@@ -35,7 +35,7 @@ pub const STAGES: &[StageInfo] = &[
         name: "embed",
         description:
             "frozen CLIP image and text embeddings into the content-addressed feature cache",
-        built: false,
+        built: true,
         uses_gpu: true,
     },
     StageInfo {
@@ -233,13 +233,6 @@ pub fn build(name: &str, origin: &str, text: &str, source: &ConfigSource) -> Res
             file.steps.clone()
         }
     };
-    if source.gpu.is_some() && !cfg!(feature = "cuda") {
-        errors.push(
-            "--gpu needs a binary built with the `cuda` feature (cargo build --release --features cuda); \
-             this one is CPU-only"
-                .into(),
-        );
-    }
     let config = match Config::load(
         source.config_path().as_deref(),
         file.config.as_ref(),
@@ -251,6 +244,14 @@ pub fn build(name: &str, origin: &str, text: &str, source: &ConfigSource) -> Res
             None
         }
     };
+    let fallback = config.as_ref().is_some_and(|c| c.embed.cpu_fallback);
+    if source.gpu.is_some() && !cfg!(feature = "cuda") && !fallback {
+        errors.push(
+            "--gpu needs a binary built with the `cuda` feature (cargo build --release --features cuda); \
+             this one is CPU-only (set embed.cpu_fallback=true to run on the CPU anyway)"
+                .into(),
+        );
+    }
     match config {
         Some(config) if errors.is_empty() => Ok(Plan {
             name: name.to_string(),

@@ -16,6 +16,8 @@ use crate::shard::write_atomic;
 pub struct RunOptions {
     pub workdir: PathBuf,
     pub retry_failed: bool,
+    /// CUDA device for model stages.
+    pub gpu: Option<usize>,
 }
 
 /// What happened to one step.
@@ -139,6 +141,7 @@ fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions) -> Result<String> {
                 .collect::<Vec<_>>()
                 .join("; "))
         }
+        "embed" => Ok(crate::embed::run(&plan.config, &opts.workdir, opts.gpu)?.to_string()),
         other => Err(Error::Stage {
             stage: other.into(),
             message: "not built".into(),

@@ -117,11 +117,18 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
     );
     assert!(out.status.success(), "{log}");
     assert!(log.contains("step ingest: done"), "{log}");
-    assert!(log.contains("step embed: NOT BUILT YET"), "{log}");
+    assert!(log.contains("step embed: done"), "{log}");
+    assert!(log.contains("step train-sft: NOT BUILT YET"), "{log}");
     assert!(
-        log.contains("not built yet in this version (not run): embed"),
+        log.contains("not built yet in this version (not run): train-sft"),
         "{log}"
     );
+    // The embedded tiny CLIP was generated and the features cached.
+    assert!(dir
+        .path()
+        .join("cache/models/tiny-clip-v1/model.safetensors")
+        .is_file());
+    assert!(dir.path().join("cache/features-v1").is_dir());
     assert!(
         ShardSet::new(dir.path(), "synthetic", "train")
             .finished()
@@ -154,7 +161,8 @@ fn validate_reports_all_plan_errors_at_once() {
     }
     let (out, log) = pipeline(&["validate", "default"], dir.path());
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("embed <- ingest  [not built yet]"), "{log}");
+    assert!(log.contains("train-sft <- embed  [not built yet]"), "{log}");
+    assert!(log.contains("embed <- ingest\n"), "{log}");
 }
 
 #[test]

@@ -1,0 +1,358 @@
+//! `pipeline bench embed`: CLIP ViT-B/32 (real size, random weights) image embeddings per
+//! second, prefcap (candle) side by side with Hugging Face transformers (PyTorch) on the same
+//! checkpoint, inputs, machine and thread count, measured in the same run.
+//!
+//! Two measurements each: the model alone on preprocessed pixels, and end to end from JPEG
+//! files to stored embeddings (decode, preprocess, model, write), the latter with peak RSS
+//! of the whole process at 1× and N× the images to show memory stays flat.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::bench::{measure, source_jpeg, Measured};
+use crate::clip::model::{ClipEmbedder, ClipModelFiles};
+use crate::clip::tiny::{ensure_tiny_clip, TinyClipSpec};
+use crate::embed::{device_for, ComputeDtype};
+use crate::rng::SplitMix64;
+
+#[derive(Debug, Args)]
+pub struct BenchEmbedArgs {
+    /// Images per end-to-end run (and per model-only measurement).
+    #[arg(long, default_value_t = 256)]
+    pub images: usize,
+    /// Images per model call.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Also run prefcap end to end on this many times the images (1 = skip).
+    #[arg(long, default_value_t = 10)]
+    pub scale: usize,
+    /// CPU threads for both tools; 0 = all cores.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Run prefcap on this CUDA device (needs `--features cuda`); the peer stays on the CPU.
+    #[arg(long)]
+    pub gpu: Option<usize>,
+    /// Compute precision for prefcap on a GPU: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Skip transformers (measure prefcap alone).
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Scratch directory (checkpoint, JPEGs, outputs).
+    #[arg(long, default_value = ".bench/embed")]
+    pub dir: PathBuf,
+    /// Virtual environment for the Python peer (torch, transformers, pillow).
+    #[arg(long, default_value = ".bench/venv")]
+    pub venv: PathBuf,
+}
+
+/// The peer's script: model-only rate, end-to-end run, and its embeddings of shared pixels.
+const PEER_SCRIPT: &str = r#"
+import json, os, sys, time
+import numpy as np, torch
+from PIL import Image
+from transformers import CLIPVisionModelWithProjection
+try:
+    from transformers import CLIPImageProcessorPil as Processor
+except ImportError:
+    from transformers import CLIPImageProcessor as Processor
+mode, ckpt, threads, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+model = CLIPVisionModelWithProjection.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+with torch.inference_mode():
+    if mode == "model":
+        n, pixels_path, out_path = int(sys.argv[5]), sys.argv[6], sys.argv[7]
+        px = torch.from_numpy(np.fromfile(pixels_path, dtype=np.float32).reshape(-1, 3, 224, 224))
+        emb = model(pixel_values=px).image_embeds.numpy().astype(np.float32)
+        emb.tofile(out_path)
+        x = torch.randn(batch, 3, 224, 224)
+        model(pixel_values=x)
+        done, t0 = 0, time.perf_counter()
+        while done < n:
+            model(pixel_values=x)
+            done += batch
+        print(json.dumps({"images_per_s": done / (time.perf_counter() - t0)}))
+    else:
+        folder, out_path = sys.argv[5], sys.argv[6]
+        proc = Processor.from_pretrained(ckpt)
+        files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+        outs = []
+        for i in range(0, len(files), batch):
+            ims = [Image.open(f).convert("RGB") for f in files[i:i + batch]]
+            px = proc(images=ims, return_tensors="pt")["pixel_values"]
+            outs.append(model(pixel_values=px).image_embeds.numpy())
+        np.save(out_path, np.concatenate(outs))
+"#;
+
+pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    let dir = args.dir.canonicalize()?;
+    let threads = if args.threads > 0 {
+        args.threads
+    } else {
+        std::thread::available_parallelism().map_or(2, usize::from)
+    };
+    eprintln!("writing a random ViT-B/32 checkpoint (HF format) ...");
+    let ckpt = ensure_tiny_clip(
+        &dir.join("vit-b32-random"),
+        &TinyClipSpec::vit_base_patch32(0),
+    )?;
+
+    // Model only, in this process.
+    let dtype = match args.dtype.as_str() {
+        "f32" => ComputeDtype::F32,
+        "f16" => ComputeDtype::F16,
+        "bf16" => ComputeDtype::Bf16,
+        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    };
+    let device = device_for(args.gpu, false)?;
+    let candle_dtype = match dtype {
+        ComputeDtype::F32 => candle_core::DType::F32,
+        ComputeDtype::F16 => candle_core::DType::F16,
+        ComputeDtype::Bf16 => candle_core::DType::BF16,
+    };
+    let model = ClipEmbedder::load(&ClipModelFiles::from_dir(&ckpt)?, &device, candle_dtype)?;
+    let mut rng = SplitMix64::new(7);
+    let probe: Vec<f32> = (0..4 * 3 * 224 * 224)
+        .map(|_| (rng.unit_f64() * 4.0 - 2.0) as f32)
+        .collect();
+    let ours_probe: Vec<f32> = model.embed_pixels(&probe, 4)?.flatten_all()?.to_vec1()?;
+    let pixels: Vec<f32> = probe
+        .iter()
+        .cycle()
+        .take(args.batch * 3 * 224 * 224)
+        .copied()
+        .collect();
+    model
+        .embed_pixels(&pixels, args.batch)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (mut done, start) = (0, Instant::now());
+    while done < args.images {
+        model
+            .embed_pixels(&pixels, args.batch)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        done += args.batch;
+    }
+    let ours_model = done as f64 / start.elapsed().as_secs_f64();
+    drop(model);
+
+    // End to end from JPEG files.
+    let folder = write_jpegs(&dir, args.images)?;
+    let e2e = |n: usize, tag: &str| -> anyhow::Result<Measured> {
+        let images = if n == args.images {
+            folder.clone()
+        } else {
+            write_jpegs(&dir, n)?
+        };
+        let work = dir.join(format!("work-{tag}"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("embed")
+            .arg("--images")
+            .arg(&images)
+            .arg("--model")
+            .arg(&ckpt)
+            .arg("--workdir")
+            .arg(&work)
+            .args(["--set", &format!("run.workers={threads}")])
+            .args(["--set", &format!("embed.batch_size={}", args.batch)])
+            .args(["--set", &format!("embed.dtype=\"{}\"", args.dtype)])
+            .env("PREFCAP_QUIET", "1")
+            .env("RAYON_NUM_THREADS", threads.to_string());
+        if let Some(g) = args.gpu {
+            cmd.args(["--gpu", &g.to_string()]);
+        }
+        eprintln!("prefcap end to end on {n} JPEGs ({tag}) ...");
+        measure(cmd, "pipeline embed")
+    };
+    let ours_e2e = e2e(args.images, "x1")?;
+    let ours_big = if args.scale > 1 {
+        Some(e2e(args.images * args.scale, &format!("x{}", args.scale))?)
+    } else {
+        None
+    };
+
+    let mut peer = None;
+    if !args.no_peer {
+        let python = ensure_peer(&args.venv)?;
+        let script = dir.join("peer_clip.py");
+        std::fs::write(&script, PEER_SCRIPT)?;
+        let probe_path = dir.join("probe.f32");
+        std::fs::write(
+            &probe_path,
+            probe
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )?;
+        let peer_probe = dir.join("peer_probe.f32");
+        eprintln!("transformers, model only ...");
+        let out = Command::new(&python)
+            .arg(&script)
+            .args([
+                "model",
+                ckpt.to_str().context("path")?,
+                &threads.to_string(),
+                &args.batch.to_string(),
+            ])
+            .arg(args.images.to_string())
+            .arg(&probe_path)
+            .arg(&peer_probe)
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "transformers failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let rate: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let peer_model = rate["images_per_s"].as_f64().context("peer output")?;
+        let theirs: Vec<f32> = std::fs::read(&peer_probe)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let diff = ours_probe
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = theirs.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        eprintln!("transformers end to end on {} JPEGs ...", args.images);
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
+            .args([
+                "e2e",
+                ckpt.to_str().context("path")?,
+                &threads.to_string(),
+                &args.batch.to_string(),
+            ])
+            .arg(&folder)
+            .arg(dir.join("peer_e2e.npy"))
+            .env("OMP_NUM_THREADS", threads.to_string());
+        let peer_e2e = measure(cmd, "transformers")?;
+        peer = Some((peer_model, peer_e2e, diff, scale));
+    }
+
+    println!(
+        "\nCLIP ViT-B/32 image embeddings, {threads} thread(s), batch {}",
+        args.batch
+    );
+    println!(
+        "{:<26} {:>12} {:>16} {:>14}",
+        "measurement", "images/s", "img/s per core", "peak RSS MiB"
+    );
+    println!(
+        "{:<26} {:>12.1} {:>16} {:>14}",
+        "prefcap model only", ours_model, "", ""
+    );
+    let row = |name: &str, n: usize, m: &Measured| {
+        println!(
+            "{name:<26} {:>12.1} {:>16.1} {:>14.1}",
+            n as f64 / m.wall,
+            n as f64 / m.cpu.max(1e-9),
+            m.peak_rss_mib
+        )
+    };
+    row("prefcap end to end", args.images, &ours_e2e);
+    if let Some(big) = &ours_big {
+        row(
+            &format!("prefcap end to end x{}", args.scale),
+            args.images * args.scale,
+            big,
+        );
+    }
+    if let Some((peer_model, peer_e2e, diff, scale)) = &peer {
+        println!("{:<26} {:>12.1}", "transformers model only", peer_model);
+        row("transformers end to end", args.images, peer_e2e);
+        println!(
+            "\nratio prefcap / transformers: model only {:.2}x, end to end {:.2}x",
+            ours_model / peer_model,
+            (args.images as f64 / ours_e2e.wall) / (args.images as f64 / peer_e2e.wall)
+        );
+        println!("same checkpoint, same pixels: max abs diff of image embeddings {diff:.2e} (max |value| {scale:.2})");
+    }
+    if let Some(big) = &ours_big {
+        println!(
+            "peak RSS x1 -> x{}: {:.1} -> {:.1} MiB",
+            args.scale, ours_e2e.peak_rss_mib, big.peak_rss_mib
+        );
+    }
+    Ok(())
+}
+
+/// `n` photo-like 640×480 JPEGs in their own folder (32 distinct images, hard-linked).
+fn write_jpegs(dir: &Path, n: usize) -> anyhow::Result<PathBuf> {
+    let folder = dir.join(format!("jpegs-{n}"));
+    if folder.is_dir() && std::fs::read_dir(&folder)?.count() == n {
+        return Ok(folder);
+    }
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder)?;
+    let sources = dir.join("sources");
+    std::fs::create_dir_all(&sources)?;
+    for i in 0..32 {
+        let p = sources.join(format!("{i}.jpg"));
+        if !p.is_file() {
+            std::fs::write(&p, source_jpeg(i, 640, 480).map_err(anyhow::Error::msg)?)?;
+        }
+    }
+    for i in 0..n {
+        let src = sources.join(format!("{}.jpg", i % 32));
+        let dst = folder.join(format!("{i:07}.jpg"));
+        if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(folder)
+}
+
+/// A venv with torch, transformers and pillow (installed from PyPI on first use).
+fn ensure_peer(venv: &Path) -> anyhow::Result<PathBuf> {
+    let python = venv.join("bin/python");
+    let probe = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import torch, transformers, PIL, numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if python.is_file() && probe(&python) {
+        return Ok(python);
+    }
+    eprintln!(
+        "installing torch, transformers and pillow into {} ...",
+        venv.display()
+    );
+    let ok = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(venv)
+        .status()?
+        .success()
+        && Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "-q",
+                "torch",
+                "transformers",
+                "pillow",
+                "numpy",
+                "safetensors",
+            ])
+            .status()?
+            .success();
+    if !ok || !probe(&python) {
+        bail!(
+            "could not install the transformers peer into {}",
+            venv.display()
+        );
+    }
+    Ok(python)
+}

@@ -1,0 +1,6 @@
+//! CLIP in candle, loading Hugging Face checkpoints unchanged: config mirror, tokenizer,
+//! image preprocessing and the image/text embedding model.
+
+pub mod model;
+pub mod preprocess;
+pub mod tiny;

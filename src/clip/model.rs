@@ -1,0 +1,643 @@
+//! The CLIP embedding model: Hugging Face `config.json` mirrored onto candle-transformers'
+//! CLIP towers, weights memory-mapped from `model.safetensors`, the real tokenizer, and
+//! text pooling at the first end-of-text token as transformers does.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use candle_transformers::models::clip::text_model::{
+    Activation, ClipTextConfig, ClipTextTransformer,
+};
+use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
+
+use crate::clip::preprocess::ClipPreprocessConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::hub::HubClient;
+
+/// `config.json` of a Hugging Face `CLIPModel`. Missing keys take transformers' defaults,
+/// which are those of openai/clip-vit-base-patch32.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfClipConfig {
+    #[serde(default = "defaults::projection_dim")]
+    pub projection_dim: usize,
+    #[serde(default = "defaults::logit_scale")]
+    pub logit_scale_init_value: f32,
+    #[serde(default)]
+    pub text_config: HfTextConfig,
+    #[serde(default)]
+    pub vision_config: HfVisionConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HfTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub eos_token_id: u32,
+}
+
+impl Default for HfTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HfVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for HfVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+mod defaults {
+    pub fn projection_dim() -> usize {
+        512
+    }
+    pub fn logit_scale() -> f32 {
+        2.6592
+    }
+}
+
+impl HfClipConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).at(path)?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// openai/clip-vit-base-patch32 (the default model), for shape tests and benchmarks.
+    pub fn vit_base_patch32() -> Self {
+        Self {
+            projection_dim: 512,
+            logit_scale_init_value: 2.6592,
+            text_config: HfTextConfig::default(),
+            vision_config: HfVisionConfig::default(),
+        }
+    }
+
+    /// candle's towers implement quick_gelu and LayerNorm eps 1e-5 only: refuse anything else
+    /// instead of computing different numbers.
+    fn check_supported(&self, origin: &str) -> Result<()> {
+        for (tower, act, eps) in [
+            (
+                "text_config",
+                &self.text_config.hidden_act,
+                self.text_config.layer_norm_eps,
+            ),
+            (
+                "vision_config",
+                &self.vision_config.hidden_act,
+                self.vision_config.layer_norm_eps,
+            ),
+        ] {
+            if act != "quick_gelu" {
+                return Err(Error::Config(format!(
+                    "{origin}: {tower}.hidden_act `{act}` is not supported (quick_gelu only)"
+                )));
+            }
+            if (eps - 1e-5).abs() > 1e-12 {
+                return Err(Error::Config(format!(
+                    "{origin}: {tower}.layer_norm_eps {eps} is not supported (1e-5 only)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn text(&self) -> ClipTextConfig {
+        let t = &self.text_config;
+        ClipTextConfig {
+            vocab_size: t.vocab_size,
+            embed_dim: t.hidden_size,
+            activation: Activation::QuickGelu,
+            intermediate_size: t.intermediate_size,
+            max_position_embeddings: t.max_position_embeddings,
+            pad_with: None,
+            num_hidden_layers: t.num_hidden_layers,
+            num_attention_heads: t.num_attention_heads,
+            projection_dim: self.projection_dim,
+        }
+    }
+
+    fn vision(&self) -> ClipVisionConfig {
+        let v = &self.vision_config;
+        ClipVisionConfig {
+            embed_dim: v.hidden_size,
+            activation: Activation::QuickGelu,
+            intermediate_size: v.intermediate_size,
+            num_hidden_layers: v.num_hidden_layers,
+            num_attention_heads: v.num_attention_heads,
+            projection_dim: self.projection_dim,
+            num_channels: v.num_channels,
+            image_size: v.image_size,
+            patch_size: v.patch_size,
+        }
+    }
+}
+
+/// The files of one CLIP checkpoint, local or fetched from the hub, with their provenance.
+#[derive(Debug, Clone)]
+pub struct ClipModelFiles {
+    /// Repo id or local directory, as the user named it.
+    pub model_id: String,
+    /// Commit hash (hub) or `local` (a directory).
+    pub revision: String,
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer: PathBuf,
+    pub preprocessor: PathBuf,
+}
+
+impl ClipModelFiles {
+    /// A local directory holding `config.json`, `model.safetensors`, `tokenizer.json` and
+    /// `preprocessor_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let files = Self {
+            model_id: dir.display().to_string(),
+            revision: "local".into(),
+            config: dir.join("config.json"),
+            weights: dir.join("model.safetensors"),
+            tokenizer: dir.join("tokenizer.json"),
+            preprocessor: dir.join("preprocessor_config.json"),
+        };
+        for p in [
+            &files.config,
+            &files.weights,
+            &files.tokenizer,
+            &files.preprocessor,
+        ] {
+            if !p.is_file() {
+                return Err(Error::Config(format!(
+                    "CLIP model directory {}: missing {} (need config.json, model.safetensors, tokenizer.json, preprocessor_config.json)",
+                    dir.display(),
+                    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                )));
+            }
+        }
+        Ok(files)
+    }
+
+    /// `model` is a local directory if one exists at that path, else a hub repo id fetched at
+    /// `revision` through hf-hub.
+    pub fn resolve(
+        model: &str,
+        revision: &str,
+        hub: impl FnOnce() -> Result<HubClient>,
+    ) -> Result<Self> {
+        let dir = Path::new(model);
+        if dir.is_dir() {
+            return Self::from_dir(dir);
+        }
+        let hub = hub()?;
+        let fetch = |name: &str| hub.model_file(model, revision, name);
+        let config = fetch("config.json")?;
+        Ok(Self {
+            model_id: model.to_string(),
+            revision: config.commit.clone(),
+            config: config.local,
+            weights: fetch("model.safetensors")?.local,
+            tokenizer: fetch("tokenizer.json")?.local,
+            preprocessor: fetch("preprocessor_config.json")?.local,
+        })
+    }
+
+    /// sha256 of the weights file: part of every feature-cache key, so changed weights
+    /// never reuse old embeddings even under the same name.
+    pub fn weights_sha256(&self) -> Result<String> {
+        let mut file = std::fs::File::open(&self.weights).at(&self.weights)?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher).at(&self.weights)?;
+        Ok(hex::encode(hasher.finalize()))
+    }
+}
+
+/// CLIP image and text towers with their projections, ready to embed.
+pub struct ClipEmbedder {
+    vision: ClipVisionTransformer,
+    text: ClipTextTransformer,
+    visual_projection: candle_nn::Linear,
+    text_projection: candle_nn::Linear,
+    tokenizer: Tokenizer,
+    pub config: HfClipConfig,
+    pub preprocess: ClipPreprocessConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl ClipEmbedder {
+    /// Loads a checkpoint; the weights are memory-mapped, not read into memory.
+    pub fn load(files: &ClipModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let config = HfClipConfig::from_file(&files.config)?;
+        config.check_supported(&files.config.display().to_string())?;
+        let preprocess = ClipPreprocessConfig::from_file(&files.preprocessor)?;
+        if preprocess.output_size() != Some(config.vision_config.image_size as u32) {
+            return Err(Error::Config(format!(
+                "{}: preprocessing yields {}×{} pixels but the model's image_size is {}",
+                files.preprocessor.display(),
+                preprocess.crop_height,
+                preprocess.crop_width,
+                config.vision_config.image_size
+            )));
+        }
+        let candle_err = |e: candle_core::Error| Error::BadFile {
+            path: files.weights.clone(),
+            message: e.to_string(),
+        };
+        // SAFETY: the file is mapped read-only; prefcap never writes a checkpoint it has mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], dtype, device) }
+            .map_err(candle_err)?;
+        Self::from_var_builder(
+            vb,
+            config,
+            preprocess,
+            load_tokenizer(&files.tokenizer, 0)?,
+            device,
+            dtype,
+        )
+        .map_err(candle_err)
+    }
+
+    /// Builds the model from any VarBuilder (a checkpoint, or random weights for shape tests).
+    pub fn from_var_builder(
+        vb: VarBuilder,
+        config: HfClipConfig,
+        preprocess: ClipPreprocessConfig,
+        mut tokenizer: Tokenizer,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Self> {
+        let text_cfg = config.text();
+        let vision_cfg = config.vision();
+        let vision = ClipVisionTransformer::new(vb.pp("vision_model"), &vision_cfg)?;
+        let text = ClipTextTransformer::new(vb.pp("text_model"), &text_cfg)?;
+        let visual_projection = candle_nn::linear_no_bias(
+            vision_cfg.embed_dim,
+            config.projection_dim,
+            vb.pp("visual_projection"),
+        )?;
+        let text_projection = candle_nn::linear_no_bias(
+            text_cfg.embed_dim,
+            config.projection_dim,
+            vb.pp("text_projection"),
+        )?;
+        set_truncation(&mut tokenizer, config.text_config.max_position_embeddings)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Self {
+            vision,
+            text,
+            visual_projection,
+            text_projection,
+            tokenizer,
+            config,
+            preprocess,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.config.projection_dim
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Image embeddings (`get_image_features`, not normalised) of preprocessed CHW pixels.
+    /// `pixels` holds `n` images back to back.
+    pub fn embed_pixels(&self, pixels: &[f32], n: usize) -> candle_core::Result<Tensor> {
+        let s = self.config.vision_config.image_size;
+        let x = Tensor::from_slice(pixels, (n, 3, s, s), &Device::Cpu)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        self.vision
+            .forward(&x)?
+            .apply(&self.visual_projection)?
+            .to_dtype(DType::F32)
+    }
+
+    /// Token ids of `texts` (BOS … EOS, truncated to the model's positions), padded with EOS to
+    /// the longest, and the position of each row's first EOS.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
+        let enc = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::Config(format!("tokenizing failed: {e}")))?;
+        let eos = self.config.text_config.eos_token_id;
+        let len = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(enc.len());
+        let mut pool_at = Vec::with_capacity(enc.len());
+        for e in &enc {
+            let mut row = e.get_ids().to_vec();
+            row.resize(len, if eos == 2 { 0 } else { eos });
+            pool_at.push(pool_position(&row, eos));
+            ids.push(row);
+        }
+        Ok((ids, pool_at))
+    }
+
+    /// Text embeddings (`get_text_features`, not normalised).
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
+        let (ids, pool_at) = self.tokenize(texts)?;
+        self.embed_token_ids(&ids, &pool_at)
+            .map_err(|e| Error::Stage {
+                stage: "embed".into(),
+                message: e.to_string(),
+            })
+    }
+
+    pub fn embed_token_ids(
+        &self,
+        ids: &[Vec<u32>],
+        pool_at: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let (b, len) = (ids.len(), ids.first().map_or(0, Vec::len));
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let input = Tensor::from_vec(flat, (b, len), &self.device)?;
+        let hidden = self.text.forward_with_mask(&input, usize::MAX)?;
+        let pooled: Vec<Tensor> = pool_at
+            .iter()
+            .enumerate()
+            .map(|(row, &at)| hidden.i((row, at)))
+            .collect::<candle_core::Result<_>>()?;
+        Tensor::stack(&pooled, 0)?
+            .apply(&self.text_projection)?
+            .to_dtype(DType::F32)
+    }
+}
+
+/// Where transformers pools a text: the first `eos` token, or — for legacy configs whose
+/// `eos_token_id` is 2 — the highest token id (OpenAI's EOS is the last vocabulary entry).
+pub fn pool_position(ids: &[u32], eos: u32) -> usize {
+    if eos == 2 {
+        let max = ids.iter().copied().max().unwrap_or(0);
+        ids.iter().position(|&t| t == max).unwrap_or(0)
+    } else {
+        ids.iter()
+            .position(|&t| t == eos)
+            .unwrap_or(ids.len().saturating_sub(1))
+    }
+}
+
+/// Reads `tokenizer.json`; `max_len` > 0 sets truncation.
+pub fn load_tokenizer(path: &Path, max_len: usize) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::from_file(path).map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: format!("not a tokenizers file: {e}"),
+    })?;
+    if max_len > 0 {
+        set_truncation(&mut tok, max_len)?;
+    }
+    Ok(tok)
+}
+
+fn set_truncation(tok: &mut Tokenizer, max_len: usize) -> Result<()> {
+    tok.with_padding(None);
+    tok.with_truncation(Some(TruncationParams {
+        max_length: max_len,
+        strategy: TruncationStrategy::LongestFirst,
+        ..Default::default()
+    }))
+    .map_err(|e| Error::Config(format!("tokenizer truncation: {e}")))?;
+    Ok(())
+}
+
+/// Rows of `t` divided by their L2 norm.
+pub fn l2_normalize(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::npy::read_npy;
+
+    fn fixture(p: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf-tiny")
+            .join(p)
+    }
+
+    fn reference() -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(fixture("reference/clip-embed.json")).unwrap())
+            .unwrap()
+    }
+
+    fn rows(v: &serde_json::Value) -> Vec<Vec<f32>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn tiny() -> ClipEmbedder {
+        let files = ClipModelFiles::from_dir(&fixture("clip-tiny")).unwrap();
+        ClipEmbedder::load(&files, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    #[test]
+    fn image_embeddings_match_transformers_from_pixel_values() {
+        let model = tiny();
+        let pv = read_npy(&fixture("reference/clip/pixel_values.npy")).unwrap();
+        assert_eq!(pv.shape, vec![4, 3, 32, 32]);
+        let emb = l2_normalize(&model.embed_pixels(&pv.data, 4).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(&emb, &rows(&reference()["image_embeds"]));
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn image_embeddings_match_transformers_from_png_files() {
+        let model = tiny();
+        let mut pixels = Vec::new();
+        for i in 0..4 {
+            let bytes = std::fs::read(fixture(&format!("images/img{i}.png"))).unwrap();
+            pixels.extend(
+                crate::clip::preprocess::preprocess_bytes(&bytes, &model.preprocess).unwrap(),
+            );
+        }
+        let raw = model.embed_pixels(&pixels, 4).unwrap();
+        let norms: Vec<f32> = raw
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want_norms: Vec<f32> =
+            rows(&serde_json::json!([reference()["image_embeds_raw_norm"]])).remove(0);
+        for (n, w) in norms.iter().zip(&want_norms) {
+            assert!((n - w).abs() < 1e-4 * w.max(1.0), "raw norm {n} vs {w}");
+        }
+        let emb = l2_normalize(&raw).unwrap().to_vec2::<f32>().unwrap();
+        let diff = max_abs_diff(&emb, &rows(&reference()["image_embeds"]));
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn tokenizer_and_text_embeddings_match_transformers() {
+        let model = tiny();
+        let r = reference();
+        let texts: Vec<&str> = r["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let (ids, _) = model.tokenize(&texts).unwrap();
+        let want_ids: Vec<Vec<u32>> = r["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect()
+            })
+            .collect();
+        assert_eq!(ids, want_ids);
+        let emb = l2_normalize(&model.embed_texts(&texts).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(&emb, &rows(&r["text_embeds"]));
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn long_texts_are_truncated_to_the_position_limit_and_end_in_eos() {
+        let model = tiny();
+        let long = "word ".repeat(200);
+        let (ids, pool) = model.tokenize(&[long.as_str(), "short"]).unwrap();
+        assert_eq!(ids[0].len(), 77);
+        assert_eq!(*ids[0].last().unwrap(), 49407);
+        assert_eq!(pool, vec![76, 2]);
+        assert_eq!(
+            model.embed_texts(&[long.as_str()]).unwrap().dims(),
+            &[1, 16]
+        );
+    }
+
+    #[test]
+    fn pooling_follows_transformers_for_modern_and_legacy_configs() {
+        assert_eq!(pool_position(&[49406, 5, 6, 49407, 49407], 49407), 3);
+        assert_eq!(pool_position(&[49406, 5, 49407, 0, 0], 2), 2);
+        assert_eq!(pool_position(&[1, 9, 4, 9], 9), 1);
+    }
+
+    #[test]
+    fn real_size_vit_b32_runs_with_random_weights() {
+        let cfg = HfClipConfig::vit_base_patch32();
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let tok = load_tokenizer(&fixture("clip-tiny/tokenizer.json"), 0).unwrap();
+        let model = ClipEmbedder::from_var_builder(
+            vb,
+            cfg,
+            ClipPreprocessConfig::openai_clip(224),
+            tok,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let pixels = vec![0.1f32; 2 * 3 * 224 * 224];
+        assert_eq!(model.embed_pixels(&pixels, 2).unwrap().dims(), &[2, 512]);
+        assert_eq!(
+            model.embed_texts(&["a photo of a cat"]).unwrap().dims(),
+            &[1, 512]
+        );
+    }
+
+    #[test]
+    fn unsupported_activation_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "model.safetensors",
+            "tokenizer.json",
+            "preprocessor_config.json",
+        ] {
+            std::fs::copy(fixture(&format!("clip-tiny/{f}")), dir.path().join(f)).unwrap();
+        }
+        let cfg = std::fs::read_to_string(fixture("clip-tiny/config.json"))
+            .unwrap()
+            .replace("quick_gelu", "gelu");
+        std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+        let files = ClipModelFiles::from_dir(dir.path()).unwrap();
+        let err = ClipEmbedder::load(&files, &Device::Cpu, DType::F32)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("config.json") && err.contains("gelu"), "{err}");
+        std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+        let err = ClipModelFiles::from_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokenizer.json"), "{err}");
+    }
+}
