@@ -11,9 +11,11 @@ pub mod config;
 pub mod embed;
 pub mod error;
 pub mod features;
+pub mod gpt2;
 pub mod hub;
 pub mod ingest;
 pub mod loopback;
+pub mod metrics;
 pub mod npy;
 pub mod plan;
 pub mod progress;
@@ -21,5 +23,6 @@ pub mod records;
 pub mod rng;
 pub mod runner;
 pub mod shard;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BinaryArray, BinaryBuilder, Float64Array, Int32Array, RecordBatch,
+    Array, ArrayRef, BinaryArray, BinaryBuilder, Float64Array, Int32Array, Int64Array, RecordBatch,
     StringArray, UInt32Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -156,6 +156,22 @@ pub struct StoryFrame {
     /// Encoded image bytes as found in the source (JPEG or PNG).
     pub image: Vec<u8>,
     pub caption: String,
+}
+
+/// One logged value of a training run (`runs/<id>/metrics.parquet`, long format).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricRow {
+    pub run_id: String,
+    /// `train-sft`, `train-dpo`, ...
+    pub stage: String,
+    /// Optimizer steps done when the value was logged.
+    pub step: i64,
+    pub epoch: i64,
+    /// `train` or `val`.
+    pub split: String,
+    /// `loss`, `lr`, `grad_norm`, `rewards/accuracies`, ...
+    pub name: String,
+    pub value: f64,
 }
 
 fn field(name: &str, dt: DataType, nullable: bool) -> Field {
@@ -404,6 +420,59 @@ impl Record for StoryFrame {
                 frame_count: frame_count.value(i),
                 image: image.value(i).to_vec(),
                 caption: caption.value(i).to_string(),
+            })
+            .collect())
+    }
+}
+
+impl Record for MetricRow {
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            field("run_id", DataType::Utf8, false),
+            field("stage", DataType::Utf8, false),
+            field("step", DataType::Int64, false),
+            field("epoch", DataType::Int64, false),
+            field("split", DataType::Utf8, false),
+            field("name", DataType::Utf8, false),
+            field("value", DataType::Float64, false),
+        ]))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let s = |f: &dyn Fn(&Self) -> &str| -> ArrayRef {
+            Arc::new(rows.iter().map(|r| Some(f(r))).collect::<StringArray>())
+        };
+        batch(
+            Self::schema(),
+            vec![
+                s(&|r| &r.run_id),
+                s(&|r| &r.stage),
+                Arc::new(rows.iter().map(|r| r.step).collect::<Int64Array>()),
+                Arc::new(rows.iter().map(|r| r.epoch).collect::<Int64Array>()),
+                s(&|r| &r.split),
+                s(&|r| &r.name),
+                Arc::new(rows.iter().map(|r| Some(r.value)).collect::<Float64Array>()),
+            ],
+        )
+    }
+
+    fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
+        let run_id = column::<StringArray>(b, "run_id", path)?;
+        let stage = column::<StringArray>(b, "stage", path)?;
+        let step = column::<Int64Array>(b, "step", path)?;
+        let epoch = column::<Int64Array>(b, "epoch", path)?;
+        let split = column::<StringArray>(b, "split", path)?;
+        let name = column::<StringArray>(b, "name", path)?;
+        let value = column::<Float64Array>(b, "value", path)?;
+        Ok((0..b.num_rows())
+            .map(|i| MetricRow {
+                run_id: run_id.value(i).to_string(),
+                stage: stage.value(i).to_string(),
+                step: step.value(i),
+                epoch: epoch.value(i),
+                split: split.value(i).to_string(),
+                name: name.value(i).to_string(),
+                value: value.value(i),
             })
             .collect())
     }

@@ -1,0 +1,422 @@
+//! GPT-2 in candle, loading Hugging Face checkpoints unchanged (`gpt2`, `gpt2-medium`, ...).
+//!
+//! Mirrors transformers' `GPT2LMHeadModel`: learned positions, pre-LayerNorm blocks, fused
+//! `c_attn` projection, `gelu_new` MLP, final `ln_f`, and the LM head tied to `wte`. HF stores
+//! attention/MLP weights as Conv1D, `[in, out]`, so they are applied as `x · W + b` without a
+//! transpose. Tensor names may carry the `transformer.` prefix or not. The decoder also takes
+//! input embeddings directly, so a CLIP prefix can stand in front of the caption tokens.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{LayerNorm, VarBuilder};
+use serde::Deserialize;
+
+use crate::error::{Error, IoContext, Result};
+
+/// `config.json` of a Hugging Face GPT-2 (the keys that change the computation).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Gpt2Config {
+    #[serde(default = "defaults::vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "defaults::positions")]
+    pub n_positions: usize,
+    #[serde(default = "defaults::embd")]
+    pub n_embd: usize,
+    #[serde(default = "defaults::layers")]
+    pub n_layer: usize,
+    #[serde(default = "defaults::heads")]
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "defaults::eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "defaults::act")]
+    pub activation_function: String,
+    #[serde(default = "defaults::yes")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+}
+
+mod defaults {
+    pub fn vocab() -> usize {
+        50257
+    }
+    pub fn positions() -> usize {
+        1024
+    }
+    pub fn embd() -> usize {
+        768
+    }
+    pub fn layers() -> usize {
+        12
+    }
+    pub fn heads() -> usize {
+        12
+    }
+    pub fn eps() -> f64 {
+        1e-5
+    }
+    pub fn act() -> String {
+        "gelu_new".into()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+impl Gpt2Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).at(path)?;
+        let cfg: Self = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if !matches!(
+            cfg.activation_function.as_str(),
+            "gelu_new" | "gelu" | "gelu_pytorch_tanh"
+        ) {
+            return Err(Error::BadFile {
+                path: path.to_path_buf(),
+                message: format!(
+                    "activation_function `{}` is not supported (gelu_new, gelu, gelu_pytorch_tanh)",
+                    cfg.activation_function
+                ),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// GPT-2 small (124M).
+    pub fn gpt2_small() -> Self {
+        Self {
+            vocab_size: 50257,
+            n_positions: 1024,
+            n_embd: 768,
+            n_layer: 12,
+            n_head: 12,
+            n_inner: None,
+            layer_norm_epsilon: 1e-5,
+            activation_function: "gelu_new".into(),
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+        }
+    }
+}
+
+/// HF's Conv1D: `y = x · W + b` with `W` stored `[in, out]`.
+#[derive(Debug, Clone)]
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(n_in: usize, n_out: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get((n_in, n_out), "weight")?,
+            bias: vb.get(n_out, "bias")?,
+        })
+    }
+}
+
+impl Module for Conv1D {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+    n_head: usize,
+    scale: f64,
+    exact_gelu: bool,
+}
+
+impl Block {
+    fn new(cfg: &Gpt2Config, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.n_embd;
+        let inner = cfg.n_inner.unwrap_or(4 * d);
+        let head_dim = d / cfg.n_head;
+        let mut scale = if cfg.scale_attn_weights {
+            1.0 / (head_dim as f64).sqrt()
+        } else {
+            1.0
+        };
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (layer + 1) as f64;
+        }
+        Ok(Self {
+            ln_1: candle_nn::layer_norm(d, cfg.layer_norm_epsilon, vb.pp("ln_1"))?,
+            c_attn: Conv1D::new(d, 3 * d, vb.pp("attn").pp("c_attn"))?,
+            attn_proj: Conv1D::new(d, d, vb.pp("attn").pp("c_proj"))?,
+            ln_2: candle_nn::layer_norm(d, cfg.layer_norm_epsilon, vb.pp("ln_2"))?,
+            c_fc: Conv1D::new(d, inner, vb.pp("mlp").pp("c_fc"))?,
+            mlp_proj: Conv1D::new(inner, d, vb.pp("mlp").pp("c_proj"))?,
+            n_head: cfg.n_head,
+            scale,
+            exact_gelu: cfg.activation_function == "gelu",
+        })
+    }
+
+    /// `x`: `(b, t, d)`; `mask`: additive `(b, 1, t, t)` (causal and padding).
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / self.n_head;
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
+        let split = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(D::Minus1, i * d, d)?
+                .reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let att = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let x = (x + self.attn_proj.forward(&y)?)?;
+        let h = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
+        let h = if self.exact_gelu {
+            h.gelu_erf()?
+        } else {
+            h.gelu()?
+        };
+        x + self.mlp_proj.forward(&h)?
+    }
+}
+
+/// GPT-2 with its tied LM head.
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    pub config: Gpt2Config,
+}
+
+impl Gpt2 {
+    /// Builds the model from `vb`, which may or may not carry the `transformer.` prefix.
+    pub fn new(cfg: &Gpt2Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let vb = if vb.contains_tensor("transformer.wte.weight") {
+            vb.pp("transformer")
+        } else {
+            vb
+        };
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::new(cfg, i, vb.pp("h").pp(i.to_string())))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            wte: vb.get((cfg.vocab_size, cfg.n_embd), "wte.weight")?,
+            wpe: vb.get((cfg.n_positions, cfg.n_embd), "wpe.weight")?,
+            blocks,
+            ln_f: candle_nn::layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, vb.pp("ln_f"))?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Loads `config.json` + `model.safetensors` from a Hugging Face directory (memory-mapped).
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg = Gpt2Config::from_file(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        let err = |e: candle_core::Error| Error::BadFile {
+            path: weights.clone(),
+            message: e.to_string(),
+        };
+        // SAFETY: the checkpoint is mapped read-only and never written while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
+            .map_err(err)?;
+        Self::new(&cfg, vb).map_err(err)
+    }
+
+    /// Token embeddings of `ids` (`(b, t)` u32) → `(b, t, d)`.
+    pub fn embed_tokens(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.wte
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.n_embd))
+    }
+
+    /// Logits `(b, t, vocab)` for input embeddings `(b, t, d)`; `keep` (`(b, t)`, 1 = real,
+    /// 0 = padding, optional) masks padded keys. Positions are 0..t.
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        keep: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = embeds.dims3()?;
+        if t > self.config.n_positions {
+            candle_core::bail!(
+                "sequence of {t} exceeds n_positions {}",
+                self.config.n_positions
+            );
+        }
+        let x = embeds.broadcast_add(&self.wpe.narrow(0, 0, t)?)?;
+        let mask = attention_mask(b, t, keep, x.device(), x.dtype())?;
+        let mut x = x;
+        for block in &self.blocks {
+            x = block.forward(&x, &mask)?;
+        }
+        self.ln_f.forward(&x)?.broadcast_matmul(&self.wte.t()?)
+    }
+
+    /// Logits for token ids `(b, t)`.
+    pub fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        self.forward_embeds(&self.embed_tokens(ids)?, keep)
+    }
+}
+
+/// Additive attention mask `(b, 1, t, t)`: causal, plus padded keys when `keep` is given.
+fn attention_mask(
+    b: usize,
+    t: usize,
+    keep: Option<&Tensor>,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let neg = f32::MIN / 2.0;
+    let causal: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { neg } else { 0.0 }))
+        .collect();
+    let causal = Tensor::from_vec(causal, (1, 1, t, t), device)?;
+    let mask = match keep {
+        None => causal.broadcast_as((b, 1, t, t))?.contiguous()?,
+        Some(keep) => {
+            let pad = ((keep.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * f64::from(neg))?)
+                .reshape((b, 1, 1, t))?;
+            causal.broadcast_add(&pad)?
+        }
+    };
+    mask.to_dtype(dtype)
+}
+
+/// Per-position log-probabilities of the next token: `out[b][i] = log p(ids[b][i+1] | ids[b][..=i])`.
+pub fn next_token_logprobs(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, t, _) = logits.dims3()?;
+    let lp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
+    let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?;
+    lp.gather(&targets.contiguous()?, D::Minus1)?
+        .squeeze(D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::npy::read_npy;
+    use std::path::PathBuf;
+
+    fn fixture(p: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf-tiny")
+            .join(p)
+    }
+
+    fn reference(name: &str) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(fixture(&format!("reference/{name}"))).unwrap())
+            .unwrap()
+    }
+
+    fn ids_of(r: &serde_json::Value) -> Vec<u32> {
+        r["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    #[test]
+    fn token_logprobs_and_logits_match_transformers() {
+        let model = Gpt2::load(&fixture("gpt2-tiny"), &Device::Cpu, DType::F32).unwrap();
+        for (json, npy) in [
+            ("gpt2-logprobs.json", "gpt2/logits.npy"),
+            ("gpt2-logprobs-noprompt.json", "gpt2b/logits.npy"),
+        ] {
+            let r = reference(json);
+            let ids = ids_of(&r);
+            let t = ids.len();
+            let input = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
+            let logits = model.forward(&input, None).unwrap();
+            let want = read_npy(&fixture(&format!("reference/{npy}"))).unwrap();
+            let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got.len(), want.data.len());
+            let d = got
+                .iter()
+                .zip(&want.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-4, "{json}: logits max abs diff {d}");
+            let lp: Vec<f32> = next_token_logprobs(&logits, &input)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want: Vec<f64> = r["token_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            for (i, (g, w)) in lp.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(*g) - w).abs() < 1e-4,
+                    "{json} token {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn padding_on_the_right_leaves_real_positions_unchanged() {
+        let model = Gpt2::load(&fixture("gpt2-tiny"), &Device::Cpu, DType::F32).unwrap();
+        let ids = ids_of(&reference("gpt2-logprobs.json"));
+        let t = ids.len();
+        let mut padded = ids.clone();
+        padded.extend([50256, 50256, 50256]);
+        let keep: Vec<u32> = (0..t + 3).map(|i| u32::from(i < t)).collect();
+        let a = model
+            .forward(&Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap(), None)
+            .unwrap();
+        let b = model
+            .forward(
+                &Tensor::from_vec(padded, (1, t + 3), &Device::Cpu).unwrap(),
+                Some(&Tensor::from_vec(keep, (1, t + 3), &Device::Cpu).unwrap()),
+            )
+            .unwrap()
+            .narrow(1, 0, t)
+            .unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn keys_without_the_transformer_prefix_load_too() {
+        let tensors =
+            candle_core::safetensors::load(fixture("gpt2-tiny/model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let stripped: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches("transformer.").to_string(), v))
+            .collect();
+        let cfg = Gpt2Config::from_file(&fixture("gpt2-tiny/config.json")).unwrap();
+        let vb = VarBuilder::from_tensors(stripped, DType::F32, &Device::Cpu);
+        let model = Gpt2::new(&cfg, vb).unwrap();
+        let ids = Tensor::from_vec(vec![464u32, 2068], (1, 2), &Device::Cpu).unwrap();
+        assert_eq!(model.forward(&ids, None).unwrap().dims(), &[1, 2, 50257]);
+    }
+}

@@ -1,0 +1,526 @@
+//! Caption metrics defined exactly as pycocoevalcap (the COCO caption evaluation code) defines
+//! them, with no Java: PTB-style tokenization with punctuation removed, BLEU-1..4 with the
+//! closest reference length, ROUGE-L with β = 1.2, and CIDEr-D (σ = 6, clipped counts, ×10).
+//!
+//! Every scorer takes already tokenized text (tokens joined by single spaces, as
+//! [`ptb_tokenize`] returns) and gives the corpus score and one score per image, like
+//! pycocoevalcap's `compute_score`. The tests compare all of them with values pycocoevalcap
+//! computed on a committed fixture.
+
+use std::collections::HashMap;
+
+/// Tokens pycocoevalcap drops after PTB tokenization. Its list names the bracket tokens in
+/// upper case while the tokenizer runs with `-lowerCase`, so brackets survive as `-lrb-`,
+/// `-rrb-`, ...; kept as is to give the same numbers.
+const PUNCTUATION: [&str; 17] = [
+    "''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+    "...", ";",
+];
+
+/// The PTB token of a punctuation character split off a word.
+fn ptb_symbol(c: char) -> String {
+    match c {
+        '(' => "-lrb-".into(),
+        ')' => "-rrb-".into(),
+        '[' => "-lsb-".into(),
+        ']' => "-rsb-".into(),
+        '{' => "-lcb-".into(),
+        '}' => "-rcb-".into(),
+        '"' => "''".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Characters split off the edges of a word as tokens of their own.
+fn is_edge_punct(c: char) -> bool {
+    matches!(
+        c,
+        '.' | ',' | '!' | '?' | ';' | ':' | '(' | ')' | '[' | ']' | '{' | '}' | '"' | '\'' | '`'
+    )
+}
+
+/// Stanford PTBTokenizer (`-lowerCase`) followed by pycocoevalcap's punctuation filter, for
+/// the constructs captions contain: punctuation split off words, clitics (`'s`, `n't`, `'re`,
+/// `'ve`, `'ll`, `'d`, `'m`) split, hyphenated words and `&` kept, brackets and quotes
+/// dropped. Returns the tokens joined by single spaces.
+pub fn ptb_tokenize(text: &str) -> String {
+    let lower = text.to_lowercase();
+    let mut tokens: Vec<String> = Vec::new();
+    for chunk in lower.split_whitespace() {
+        // Punctuation inside a chunk (`rice,broccoli`, `yes!no`) separates words, except
+        // between digits (`1,000`, `3.5`) and the periods of abbreviations (`u.s.`).
+        let chars: Vec<char> = chunk.chars().collect();
+        let mut pieces: Vec<String> = vec![String::new()];
+        for (i, &c) in chars.iter().enumerate() {
+            let digit_around = i > 0
+                && i + 1 < chars.len()
+                && chars[i - 1].is_ascii_digit()
+                && chars[i + 1].is_ascii_digit();
+            if matches!(c, ',' | ';' | '!' | '?' | '(' | ')' | '"') && !digit_around {
+                pieces.push(c.to_string());
+                pieces.push(String::new());
+            } else if let Some(last) = pieces.last_mut() {
+                last.push(c);
+            }
+        }
+        for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
+            split_word(&piece, &mut tokens);
+        }
+    }
+    tokens
+        .into_iter()
+        .filter(|t| !PUNCTUATION.contains(&t.as_str()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Splits edge punctuation and clitics off one whitespace-free piece.
+fn split_word(piece: &str, out: &mut Vec<String>) {
+    if piece == "--" || piece == "..." || piece.chars().all(|c| c == '-') {
+        out.push(piece.to_string());
+        return;
+    }
+    let mut start = 0;
+    let chars: Vec<(usize, char)> = piece.char_indices().collect();
+    let mut lead = Vec::new();
+    while start < chars.len() && is_edge_punct(chars[start].1) {
+        lead.push(ptb_symbol(chars[start].1));
+        start += 1;
+    }
+    let mut end = chars.len();
+    let mut trail = Vec::new();
+    while end > start && is_edge_punct(chars[end - 1].1) {
+        // An abbreviation keeps its final period (`u.s.`, `st.` stays split like PTB does for
+        // single-period words).
+        let c = chars[end - 1].1;
+        let core = &piece[chars[start].0..chars[end - 1].0];
+        if c == '.' && core.contains('.') && trail.is_empty() {
+            break;
+        }
+        if piece[..chars[end - 1].0].ends_with("...") && c == '.' {
+            trail.push("...".to_string());
+            end -= 3;
+            continue;
+        }
+        trail.push(ptb_symbol(c));
+        end -= 1;
+    }
+    out.extend(lead);
+    if start < end {
+        let byte_start = chars[start].0;
+        let byte_end = if end < chars.len() {
+            chars[end].0
+        } else {
+            piece.len()
+        };
+        split_clitics(&piece[byte_start..byte_end], out);
+    }
+    out.extend(trail.into_iter().rev());
+}
+
+fn split_clitics(word: &str, out: &mut Vec<String>) {
+    let w = word.replace('’', "'");
+    for (stem, clitic) in [("can't", ("ca", "n't")), ("won't", ("wo", "n't"))] {
+        if w == stem {
+            out.push(clitic.0.into());
+            out.push(clitic.1.into());
+            return;
+        }
+    }
+    if let Some(head) = w.strip_suffix("n't").filter(|h| !h.is_empty()) {
+        out.push(head.to_string());
+        out.push("n't".into());
+        return;
+    }
+    for clitic in ["'s", "'re", "'ve", "'ll", "'d", "'m"] {
+        if let Some(head) = w.strip_suffix(clitic).filter(|h| !h.is_empty()) {
+            out.push(head.to_string());
+            out.push(clitic.into());
+            return;
+        }
+    }
+    out.push(w);
+}
+
+/// Counts of all n-grams of orders 1..=n (pycocoevalcap's `precook`).
+fn ngram_counts<'a>(words: &[&'a str], n: usize) -> HashMap<Vec<&'a str>, u32> {
+    let mut counts = HashMap::new();
+    for k in 1..=n {
+        for w in words.windows(k) {
+            *counts.entry(w.to_vec()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Corpus BLEU-1..4 and per-image BLEU-1..4 (`per_image[k][i]`), with the closest
+/// reference length (ties to the shorter) as pycocoevalcap's `Bleu(4)` computes them.
+pub fn bleu(candidates: &[&str], references: &[Vec<&str>]) -> ([f64; 4], Vec<[f64; 4]>) {
+    const N: usize = 4;
+    let (tiny, small) = (1e-15, 1e-9);
+    let mut total_guess = [0f64; N];
+    let mut total_correct = [0f64; N];
+    let (mut total_test, mut total_ref) = (0f64, 0f64);
+    let mut per_image = Vec::with_capacity(candidates.len());
+    for (cand, refs) in candidates.iter().zip(references) {
+        let words: Vec<&str> = cand.split_whitespace().collect();
+        let test_len = words.len();
+        let mut max_ref: HashMap<Vec<&str>, u32> = HashMap::new();
+        let mut ref_lens = Vec::new();
+        for r in refs {
+            let rw: Vec<&str> = r.split_whitespace().collect();
+            ref_lens.push(rw.len());
+            for (g, c) in ngram_counts(&rw, N) {
+                let e = max_ref.entry(g).or_insert(0);
+                *e = (*e).max(c);
+            }
+        }
+        let ref_len = ref_lens
+            .iter()
+            .map(|&l| (l.abs_diff(test_len), l))
+            .min()
+            .map_or(0, |(_, l)| l);
+        let mut correct = [0f64; N];
+        for (g, c) in ngram_counts(&words, N) {
+            correct[g.len() - 1] += f64::from(c.min(max_ref.get(&g).copied().unwrap_or(0)));
+        }
+        let guess: [f64; N] = std::array::from_fn(|k| (test_len.saturating_sub(k)) as f64);
+        let mut scores = [0f64; N];
+        let mut b = 1.0;
+        for k in 0..N {
+            b *= (correct[k] + tiny) / (guess[k] + small);
+            scores[k] = b.powf(1.0 / (k + 1) as f64);
+        }
+        let ratio = (test_len as f64 + tiny) / (ref_len as f64 + small);
+        if ratio < 1.0 {
+            for s in &mut scores {
+                *s *= (1.0 - 1.0 / ratio).exp();
+            }
+        }
+        per_image.push(scores);
+        for k in 0..N {
+            total_guess[k] += guess[k];
+            total_correct[k] += correct[k];
+        }
+        total_test += test_len as f64;
+        total_ref += ref_len as f64;
+    }
+    let mut corpus = [0f64; N];
+    let mut b = 1.0;
+    for k in 0..N {
+        b *= (total_correct[k] + tiny) / (total_guess[k] + small);
+        corpus[k] = b.powf(1.0 / (k + 1) as f64);
+    }
+    let ratio = (total_test + tiny) / (total_ref + small);
+    if ratio < 1.0 {
+        for s in &mut corpus {
+            *s *= (1.0 - 1.0 / ratio).exp();
+        }
+    }
+    (corpus, per_image)
+}
+
+/// Length of the longest common subsequence of two token lists.
+fn lcs(a: &[&str], b: &[&str]) -> usize {
+    let mut prev = vec![0usize; b.len() + 1];
+    let mut cur = vec![0usize; b.len() + 1];
+    for x in a {
+        for (j, y) in b.iter().enumerate() {
+            cur[j + 1] = if x == y {
+                prev[j] + 1
+            } else {
+                cur[j].max(prev[j + 1])
+            };
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// ROUGE-L (β = 1.2) of one candidate against its references: precision and recall are
+/// each maximised over the references before they are combined, as pycocoevalcap does.
+pub fn rouge_l(candidate: &str, references: &[&str]) -> f64 {
+    const BETA: f64 = 1.2;
+    let c: Vec<&str> = candidate.split(' ').collect();
+    let (mut p_max, mut r_max) = (0f64, 0f64);
+    for r in references {
+        let rw: Vec<&str> = r.split(' ').collect();
+        let l = lcs(&rw, &c) as f64;
+        p_max = p_max.max(l / c.len() as f64);
+        r_max = r_max.max(l / rw.len() as f64);
+    }
+    if p_max != 0.0 && r_max != 0.0 {
+        (1.0 + BETA * BETA) * p_max * r_max / (r_max + BETA * BETA * p_max)
+    } else {
+        0.0
+    }
+}
+
+/// Corpus ROUGE-L (the mean) and per-image scores.
+pub fn rouge_l_corpus(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>) {
+    let per: Vec<f64> = candidates
+        .iter()
+        .zip(references)
+        .map(|(c, r)| rouge_l(c, r))
+        .collect();
+    (mean(&per), per)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// TF-IDF n-gram vectors of one sentence (pycocoevalcap's `counts2vec`): per order, the
+/// weighted counts and the norm, and the "length", which pycocoevalcap takes as the number of
+/// bigrams.
+struct CiderVec<'a> {
+    vec: [HashMap<Vec<&'a str>, f64>; 4],
+    norm: [f64; 4],
+    length: f64,
+}
+
+fn cider_vec<'a>(
+    counts: &HashMap<Vec<&'a str>, u32>,
+    df: &HashMap<Vec<&'a str>, f64>,
+    ref_len: f64,
+) -> CiderVec<'a> {
+    let mut vec: [HashMap<Vec<&str>, f64>; 4] = Default::default();
+    let mut norm = [0f64; 4];
+    let mut length = 0f64;
+    for (g, &tf) in counts {
+        let n = g.len() - 1;
+        let d = df.get(g).copied().unwrap_or(0.0).max(1.0).ln();
+        let v = f64::from(tf) * (ref_len - d);
+        norm[n] += v * v;
+        vec[n].insert(g.clone(), v);
+        if n == 1 {
+            length += f64::from(tf);
+        }
+    }
+    CiderVec {
+        vec,
+        norm: norm.map(f64::sqrt),
+        length,
+    }
+}
+
+/// CIDEr-D (σ = 6, clipped, ×10): corpus score (the mean) and per-image scores. Document
+/// frequencies come from the references of all images given, so scores depend on the
+/// whole set, as in pycocoevalcap.
+pub fn cider_d(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>) {
+    const N: usize = 4;
+    const SIGMA: f64 = 6.0;
+    fn tok<'a>(s: &'a str) -> Vec<&'a str> {
+        s.split_whitespace().collect()
+    }
+    let refs: Vec<Vec<HashMap<Vec<&str>, u32>>> = references
+        .iter()
+        .map(|rs| rs.iter().map(|r| ngram_counts(&tok(r), N)).collect())
+        .collect();
+    let mut df: HashMap<Vec<&str>, f64> = HashMap::new();
+    for rs in &refs {
+        let mut seen: std::collections::HashSet<&Vec<&str>> = std::collections::HashSet::new();
+        for r in rs {
+            seen.extend(r.keys());
+        }
+        for g in seen {
+            *df.entry(g.clone()).or_insert(0.0) += 1.0;
+        }
+    }
+    let ref_len = (refs.len() as f64).ln();
+    let per: Vec<f64> = candidates
+        .iter()
+        .zip(&refs)
+        .map(|(c, rs)| {
+            let hyp = cider_vec(&ngram_counts(&tok(c), N), &df, ref_len);
+            let mut score = [0f64; N];
+            for r in rs {
+                let rv = cider_vec(r, &df, ref_len);
+                let delta = hyp.length - rv.length;
+                for n in 0..N {
+                    let mut val = 0.0;
+                    for (g, &h) in &hyp.vec[n] {
+                        let rr = rv.vec[n].get(g).copied().unwrap_or(0.0);
+                        val += h.min(rr) * rr;
+                    }
+                    if hyp.norm[n] != 0.0 && rv.norm[n] != 0.0 {
+                        val /= hyp.norm[n] * rv.norm[n];
+                    }
+                    score[n] += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
+                }
+            }
+            mean(&score) / rs.len().max(1) as f64 * 10.0
+        })
+        .collect();
+    (mean(&per), per)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn fixture() -> serde_json::Value {
+        let p =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/coco-eval/reference.json");
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    struct Set {
+        ids: Vec<String>,
+        cands: Vec<String>,
+        refs: Vec<Vec<String>>,
+    }
+
+    fn tokenized(f: &serde_json::Value) -> Set {
+        let ids: Vec<String> = f["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let cands = ids
+            .iter()
+            .map(|i| f["tokenized_candidates"][i].as_str().unwrap().to_string())
+            .collect();
+        let refs = ids
+            .iter()
+            .map(|i| {
+                f["tokenized_references"][i]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect();
+        Set { ids, cands, refs }
+    }
+
+    fn views(s: &Set) -> (Vec<&str>, Vec<Vec<&str>>) {
+        (
+            s.cands.iter().map(String::as_str).collect(),
+            s.refs
+                .iter()
+                .map(|r| r.iter().map(String::as_str).collect())
+                .collect(),
+        )
+    }
+
+    fn score(f: &serde_json::Value, name: &str) -> (f64, Vec<f64>) {
+        let s = &f["scores"][name];
+        let ids = f["images"].as_array().unwrap();
+        (
+            s["corpus"].as_f64().unwrap(),
+            ids.iter()
+                .map(|i| s["per_image"][i.as_str().unwrap()].as_f64().unwrap())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn ptb_tokenization_matches_stanford_and_pycocoevalcap_on_the_fixture() {
+        let f = fixture();
+        for id in f["images"].as_array().unwrap() {
+            let id = id.as_str().unwrap();
+            let raw = f["references"][id].as_array().unwrap();
+            let want = f["tokenized_references"][id].as_array().unwrap();
+            for (r, w) in raw.iter().zip(want) {
+                assert_eq!(
+                    ptb_tokenize(r.as_str().unwrap()),
+                    w.as_str().unwrap(),
+                    "{id}: {r}"
+                );
+            }
+            assert_eq!(
+                ptb_tokenize(f["candidates"][id].as_str().unwrap()),
+                f["tokenized_candidates"][id].as_str().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn bleu_matches_pycocoevalcap() {
+        let f = fixture();
+        let set = tokenized(&f);
+        let (c, r) = views(&set);
+        let (corpus, per) = bleu(&c, &r);
+        for k in 0..4 {
+            let (want, want_per) = score(&f, &format!("Bleu_{}", k + 1));
+            assert!(
+                (corpus[k] - want).abs() < 1e-9,
+                "Bleu_{}: {} vs {want}",
+                k + 1,
+                corpus[k]
+            );
+            for (i, w) in want_per.iter().enumerate() {
+                assert!(
+                    (per[i][k] - w).abs() < 1e-9,
+                    "Bleu_{} {}: {} vs {w}",
+                    k + 1,
+                    set.ids[i],
+                    per[i][k]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rouge_l_matches_pycocoevalcap() {
+        let f = fixture();
+        let set = tokenized(&f);
+        let (c, r) = views(&set);
+        let (corpus, per) = rouge_l_corpus(&c, &r);
+        let (want, want_per) = score(&f, "ROUGE_L");
+        assert!((corpus - want).abs() < 1e-9, "{corpus} vs {want}");
+        for (i, w) in want_per.iter().enumerate() {
+            assert!(
+                (per[i] - w).abs() < 1e-9,
+                "{}: {} vs {w}",
+                set.ids[i],
+                per[i]
+            );
+        }
+    }
+
+    #[test]
+    fn cider_d_matches_pycocoevalcap() {
+        let f = fixture();
+        let set = tokenized(&f);
+        let (c, r) = views(&set);
+        let (corpus, per) = cider_d(&c, &r);
+        let (want, want_per) = score(&f, "CIDEr");
+        assert!((corpus - want).abs() < 1e-9, "{corpus} vs {want}");
+        for (i, w) in want_per.iter().enumerate() {
+            assert!(
+                (per[i] - w).abs() < 1e-9,
+                "{}: {} vs {w}",
+                set.ids[i],
+                per[i]
+            );
+        }
+    }
+
+    #[test]
+    fn hand_computed_edge_cases() {
+        // Identical candidate and single reference of four words: every precision is 1.
+        let (b, _) = bleu(&["a b c d"], &[vec!["a b c d"]]);
+        for s in b {
+            assert!((s - 1.0).abs() < 1e-9);
+        }
+        // Brevity penalty: 2 of 4 reference words, both unigrams right: exp(1 - 4/2) = e^-1.
+        let (b, _) = bleu(&["a b"], &[vec!["a b c d"]]);
+        assert!((b[0] - (-1f64).exp()).abs() < 1e-9, "{}", b[0]);
+        // ROUGE-L: LCS 2 of 3 candidate words and 2 of 4 reference words.
+        let (p, r) = (2.0 / 3.0, 0.5);
+        let want = (1.0 + 1.44) * p * r / (r + 1.44 * p);
+        assert!((rouge_l("a x b", &["a b c d"]) - want).abs() < 1e-12);
+        assert_eq!(rouge_l("x y", &["a b"]), 0.0);
+        // CIDEr-D with a single image: log(1) = 0 idf weight for everything, score 0.
+        assert_eq!(cider_d(&["a b"], &[vec!["a b"]]).0, 0.0);
+    }
+}

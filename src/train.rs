@@ -1,0 +1,806 @@
+//! The one training loop every training stage uses.
+//!
+//! An [`Objective`] turns a batch into a loss and named scalars; [`fit`] does the rest:
+//! AdamW (decoupled weight decay, as PyTorch), linear warmup then cosine decay, gradient
+//! accumulation, global gradient-norm clipping, a NaN/Inf guard (the batch is skipped and
+//! counted, no update is applied), periodic validation, best-checkpoint keeping, early stopping
+//! with patience, and resume from the last checkpoint with identical results. Batches arrive
+//! over a bounded channel from the objective's loader threads; the time the loop waits on that
+//! channel is measured and reported as `data_wait_fraction`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
+use crossbeam_channel::Receiver;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::progress::Progress;
+use crate::records::MetricRow;
+use crate::shard::{write_atomic, write_parquet};
+
+/// Optimisation settings shared by every training stage (each stage has its own section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Linear warmup steps (optimizer steps), then cosine decay to 0 at the last step.
+    pub warmup_steps: usize,
+    /// Batches whose gradients are summed (and averaged) per optimizer step.
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this; 0 = no clipping.
+    pub max_grad_norm: f64,
+    /// Validate every this many optimizer steps; 0 = at the end of each epoch.
+    pub eval_every: usize,
+    /// Stop after this many validations without improvement; 0 = never.
+    pub patience: usize,
+    /// Seed of the data order (and of any sampling an objective does).
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 32,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_steps: 20,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            eval_every: 0,
+            patience: 0,
+            seed: 42,
+        }
+    }
+}
+
+/// What one batch gave: the loss to minimise and scalars to log (summed over the batch's
+/// `rows` when `mean_over_rows` metrics are aggregated).
+pub struct StepOutput {
+    /// Scalar loss tensor.
+    pub loss: Tensor,
+    /// Named scalars (`nll_loss`, `rewards/accuracies`, ...), already means over the batch.
+    pub scalars: Vec<(String, f64)>,
+    /// Rows that counted (rows with no supervised token are dropped by the objective).
+    pub rows: usize,
+}
+
+/// A training objective: its trainable variables and what one batch costs.
+pub trait Objective {
+    type Batch: Send + 'static;
+    /// The trainable variables (saved in checkpoints).
+    fn vars(&self) -> &VarMap;
+    /// Loss and scalars of one batch; `train` is false during validation.
+    fn step(&mut self, batch: &Self::Batch, train: bool) -> candle_core::Result<StepOutput>;
+    /// The batches of `epoch` of the training split, in a deterministic order.
+    fn train_batches(&self, epoch: usize) -> Result<Receiver<Result<Self::Batch>>>;
+    /// The validation batches.
+    fn val_batches(&self) -> Result<Receiver<Result<Self::Batch>>>;
+    /// Which validation scalar decides the best checkpoint, and whether higher is better.
+    fn selection(&self) -> (&str, bool) {
+        ("loss", false)
+    }
+}
+
+/// AdamW with PyTorch's semantics, with its state exposed so checkpoints can restore it.
+pub struct AdamW {
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    t: u64,
+}
+
+impl AdamW {
+    /// Over all variables of `map`, ordered by name.
+    pub fn new(map: &VarMap) -> candle_core::Result<Self> {
+        let mut vars: Vec<(String, Var)> = map
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let m = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { vars, m, v, t: 0 })
+    }
+
+    /// One update with gradients `grads` (by variable index), learning rate `lr`.
+    pub fn step(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        cfg: &TrainConfig,
+    ) -> candle_core::Result<()> {
+        self.t += 1;
+        let (b1, b2) = (cfg.beta1, cfg.beta2);
+        let bc1 = 1.0 - b1.powi(self.t as i32);
+        let bc2 = 1.0 - b2.powi(self.t as i32);
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = &grads[i] else { continue };
+            let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let m_hat = (&m / bc1)?;
+            let v_hat = (&v / bc2)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * cfg.weight_decay))?;
+            let update = (m_hat / (v_hat.sqrt()? + cfg.eps)?)?;
+            var.set(&(decayed - (update * lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("m.{name}"), self.m[i].clone());
+            out.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        out
+    }
+
+    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> candle_core::Result<()> {
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            let get = |k: String| {
+                tensors
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {k}")))
+                    .and_then(|t| t.to_device(var.device()))
+            };
+            self.m[i] = get(format!("m.{name}"))?;
+            self.v[i] = get(format!("v.{name}"))?;
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup from 0 over
+/// `warmup` steps, then cosine decay to 0 (transformers' `get_cosine_schedule_with_warmup`).
+pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64) -> f64 {
+    if step < warmup {
+        return peak * step as f64 / warmup.max(1) as f64;
+    }
+    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+}
+
+/// Global L2 norm of `grads`.
+pub fn grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
+    let mut sum = 0f64;
+    for g in grads.iter().flatten() {
+        sum += f64::from(
+            g.sqr()?
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?,
+        );
+    }
+    Ok(sum.sqrt())
+}
+
+/// The state saved beside a checkpoint's weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Epoch in progress and how many of its batches were consumed.
+    pub epoch: usize,
+    pub batches_done_in_epoch: usize,
+    pub best_value: Option<f64>,
+    pub best_step: Option<usize>,
+    pub evals_without_improvement: usize,
+    pub skipped_nonfinite: u64,
+    pub stopped_early: bool,
+    pub finished: bool,
+}
+
+/// What `fit` leaves behind.
+#[derive(Debug, Clone)]
+pub struct FitSummary {
+    pub state: TrainState,
+    /// Directory of the best checkpoint (`best/`), or of the last when nothing was validated.
+    pub best_dir: PathBuf,
+    /// Fraction of training wall time spent waiting for the next batch.
+    pub data_wait_fraction: f64,
+    pub resumed_from_step: Option<usize>,
+}
+
+/// Where `fit` writes: `<dir>/last/`, `<dir>/best/` and the metrics table.
+pub struct FitOutput<'a> {
+    pub checkpoint_dir: &'a Path,
+    pub metrics_path: &'a Path,
+    pub run_id: &'a str,
+    pub stage: &'a str,
+}
+
+fn io_err(e: candle_core::Error, what: &Path) -> Error {
+    Error::BadFile {
+        path: what.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Saves weights, optimizer state and `state` into `dir` atomically (a temp dir renamed).
+fn save_checkpoint(dir: &Path, vars: &VarMap, opt: &AdamW, state: &TrainState) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).at(parent)?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).at(&tmp)?;
+    vars.save(tmp.join("model.safetensors"))
+        .map_err(|e| io_err(e, &tmp))?;
+    candle_core::safetensors::save(&opt.state_tensors(), tmp.join("optimizer.safetensors"))
+        .map_err(|e| io_err(e, &tmp))?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Config(e.to_string()))?;
+    write_atomic(&tmp.join("state.json"), &json)?;
+    let old = parent.join(format!(
+        ".{}.old-{}",
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    if dir.exists() {
+        std::fs::rename(dir, &old).at(dir)?;
+    }
+    std::fs::rename(&tmp, dir).at(dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn load_checkpoint(dir: &Path, vars: &mut VarMap, opt: &mut AdamW) -> Result<TrainState> {
+    let state_path = dir.join("state.json");
+    let bytes = std::fs::read(&state_path).at(&state_path)?;
+    let state: TrainState = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+        path: state_path.clone(),
+        message: e.to_string(),
+    })?;
+    let weights = dir.join("model.safetensors");
+    vars.load(&weights).map_err(|e| io_err(e, &weights))?;
+    let opt_path = dir.join("optimizer.safetensors");
+    let device = opt
+        .vars
+        .first()
+        .map(|(_, v)| v.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let tensors =
+        candle_core::safetensors::load(&opt_path, &device).map_err(|e| io_err(e, &opt_path))?;
+    opt.load_state(&tensors, state.step as u64)
+        .map_err(|e| io_err(e, &opt_path))?;
+    Ok(state)
+}
+
+/// Accumulates scalars of several batches into means.
+#[derive(Default)]
+struct Means {
+    sums: Vec<(String, f64, f64)>,
+}
+
+impl Means {
+    fn add(&mut self, name: &str, value: f64, weight: f64) {
+        match self.sums.iter_mut().find(|(n, _, _)| n == name) {
+            Some(e) => {
+                e.1 += value * weight;
+                e.2 += weight;
+            }
+            None => self.sums.push((name.to_string(), value * weight, weight)),
+        }
+    }
+    fn means(&self) -> Vec<(String, f64)> {
+        self.sums
+            .iter()
+            .map(|(n, s, w)| (n.clone(), if *w > 0.0 { s / w } else { f64::NAN }))
+            .collect()
+    }
+}
+
+fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    Ok(f64::from(t.to_dtype(DType::F32)?.to_scalar::<f32>()?))
+}
+
+/// Runs the validation batches; returns mean loss and scalars.
+fn validate<O: Objective>(obj: &mut O) -> Result<Vec<(String, f64)>> {
+    let mut means = Means::default();
+    for batch in obj.val_batches()? {
+        let batch = batch?;
+        let out = obj.step(&batch, false).map_err(stage_err)?;
+        let w = out.rows as f64;
+        if w == 0.0 {
+            continue;
+        }
+        let loss = scalar(&out.loss).map_err(stage_err)?;
+        means.add("loss", loss, w);
+        for (n, v) in &out.scalars {
+            means.add(n, *v, w);
+        }
+    }
+    Ok(means.means())
+}
+
+fn stage_err(e: candle_core::Error) -> Error {
+    Error::Stage {
+        stage: "train".into(),
+        message: e.to_string(),
+    }
+}
+
+/// Trains `obj` for `total_steps` optimizer steps' worth of epochs under `cfg`, resuming from
+/// `<checkpoint_dir>/last` when it exists. `steps_per_epoch` is the number of batches in an
+/// epoch (for the schedule). Metrics go to `out.metrics_path` in long format.
+pub fn fit<O: Objective>(
+    obj: &mut O,
+    cfg: &TrainConfig,
+    steps_per_epoch: usize,
+    out: &FitOutput,
+) -> Result<FitSummary> {
+    let accum = cfg.grad_accum.max(1);
+    let total_steps = (cfg.epochs * steps_per_epoch).div_ceil(accum).max(1);
+    let mut opt = AdamW::new(obj.vars()).map_err(stage_err)?;
+    let last_dir = out.checkpoint_dir.join("last");
+    let best_dir = out.checkpoint_dir.join("best");
+    let mut metrics: Vec<MetricRow> = if out.metrics_path.is_file() {
+        crate::shard::read_parquet(out.metrics_path)?
+    } else {
+        Vec::new()
+    };
+    let mut state = TrainState {
+        step: 0,
+        epoch: 0,
+        batches_done_in_epoch: 0,
+        best_value: None,
+        best_step: None,
+        evals_without_improvement: 0,
+        skipped_nonfinite: 0,
+        stopped_early: false,
+        finished: false,
+    };
+    let mut resumed_from_step = None;
+    if last_dir.join("state.json").is_file() {
+        let mut vars = obj.vars().clone();
+        state = load_checkpoint(&last_dir, &mut vars, &mut opt)?;
+        resumed_from_step = Some(state.step);
+        // Metrics logged after the checkpoint belong to the lost part of the run.
+        metrics.retain(|m| m.step <= state.step as i64);
+        eprintln!(
+            "[{}] resuming from step {} (epoch {})",
+            out.stage, state.step, state.epoch
+        );
+    }
+    let (select_name, higher_better) = {
+        let (n, h) = obj.selection();
+        (n.to_string(), h)
+    };
+    let mut push = |metrics: &mut Vec<MetricRow>,
+                    step: usize,
+                    epoch: usize,
+                    split: &str,
+                    name: &str,
+                    value: f64| {
+        metrics.push(MetricRow {
+            run_id: out.run_id.to_string(),
+            stage: out.stage.to_string(),
+            step: step as i64,
+            epoch: epoch as i64,
+            split: split.to_string(),
+            name: name.to_string(),
+            value,
+        });
+    };
+    let progress = Progress::new(out.stage, "steps", Some(total_steps as u64));
+    progress.inc(state.step as u64);
+    let started = Instant::now();
+    let mut waited = 0f64;
+    let mut pending: Vec<Option<Tensor>> = Vec::new();
+    let mut pending_batches = 0usize;
+    let mut train_means = Means::default();
+    let vars_sorted: Vec<Var> = opt.vars.iter().map(|(_, v)| v.clone()).collect();
+    'epochs: while state.epoch < cfg.epochs && !state.finished {
+        let rx = obj.train_batches(state.epoch)?;
+        let mut index = 0usize;
+        loop {
+            let t0 = Instant::now();
+            let Ok(batch) = rx.recv() else { break };
+            waited += t0.elapsed().as_secs_f64();
+            let batch = batch?;
+            index += 1;
+            if index <= state.batches_done_in_epoch {
+                continue; // consumed before the checkpoint we resumed from
+            }
+            state.batches_done_in_epoch = index;
+            let out_step = obj.step(&batch, true).map_err(stage_err)?;
+            if out_step.rows == 0 {
+                continue;
+            }
+            let loss_value = scalar(&out_step.loss).map_err(stage_err)?;
+            let grads = if loss_value.is_finite() {
+                let store = out_step.loss.backward().map_err(stage_err)?;
+                let grads: Vec<Option<Tensor>> = vars_sorted
+                    .iter()
+                    .map(|v| store.get(v.as_tensor()).cloned())
+                    .collect();
+                let norm = grad_norm(&grads).map_err(stage_err)?;
+                norm.is_finite().then_some(grads)
+            } else {
+                None
+            };
+            let Some(grads) = grads else {
+                state.skipped_nonfinite += 1;
+                eprintln!(
+                    "[{}] non-finite loss or gradient at step {}: batch skipped",
+                    out.stage, state.step
+                );
+                continue;
+            };
+            train_means.add("loss", loss_value, out_step.rows as f64);
+            for (n, v) in &out_step.scalars {
+                train_means.add(n, *v, out_step.rows as f64);
+            }
+            if pending.is_empty() {
+                pending = grads;
+            } else {
+                for (p, g) in pending.iter_mut().zip(grads) {
+                    *p = match (p.take(), g) {
+                        (Some(a), Some(b)) => Some((a + b).map_err(stage_err)?),
+                        (a, b) => a.or(b),
+                    };
+                }
+            }
+            pending_batches += 1;
+            if pending_batches < accum {
+                continue;
+            }
+            let mut grads = std::mem::take(&mut pending);
+            if pending_batches > 1 {
+                for g in grads.iter_mut().flatten() {
+                    *g = (&*g / pending_batches as f64).map_err(stage_err)?;
+                }
+            }
+            pending_batches = 0;
+            let norm = grad_norm(&grads).map_err(stage_err)?;
+            if cfg.max_grad_norm > 0.0 && norm > cfg.max_grad_norm {
+                let scale = cfg.max_grad_norm / (norm + 1e-6);
+                for g in grads.iter_mut().flatten() {
+                    *g = (&*g * scale).map_err(stage_err)?;
+                }
+            }
+            let lr = lr_at(state.step, total_steps, cfg.warmup_steps, cfg.lr);
+            opt.step(&grads, lr, cfg).map_err(stage_err)?;
+            state.step += 1;
+            progress.inc(1);
+            let (step, epoch) = (state.step, state.epoch);
+            for (n, v) in train_means.means() {
+                push(&mut metrics, step, epoch, "train", &n, v);
+            }
+            push(&mut metrics, step, epoch, "train", "lr", lr);
+            push(&mut metrics, step, epoch, "train", "grad_norm", norm);
+            train_means = Means::default();
+            let end_of_epoch = index == steps_per_epoch;
+            let eval_now = if cfg.eval_every > 0 {
+                step % cfg.eval_every == 0
+            } else {
+                end_of_epoch
+            };
+            if eval_now || step == total_steps {
+                if end_of_epoch {
+                    state.epoch += 1;
+                    state.batches_done_in_epoch = 0;
+                }
+                if evaluate(
+                    obj,
+                    &mut state,
+                    &mut metrics,
+                    &mut push,
+                    &select_name,
+                    higher_better,
+                    cfg,
+                    &opt,
+                    &best_dir,
+                )? {
+                    state.stopped_early = true;
+                }
+                state.finished = state.stopped_early || step >= total_steps;
+                push(
+                    &mut metrics,
+                    step,
+                    state.epoch,
+                    "train",
+                    "skipped_nonfinite_batches",
+                    state.skipped_nonfinite as f64,
+                );
+                save_checkpoint(&last_dir, obj.vars(), &opt, &state)?;
+                write_parquet(out.metrics_path, &metrics)?;
+                if state.finished {
+                    break 'epochs;
+                }
+                if end_of_epoch {
+                    continue 'epochs;
+                }
+            }
+        }
+        if state.batches_done_in_epoch != 0 {
+            state.epoch += 1;
+            state.batches_done_in_epoch = 0;
+        }
+    }
+    state.finished = true;
+    save_checkpoint(&last_dir, obj.vars(), &opt, &state)?;
+    write_parquet(out.metrics_path, &metrics)?;
+    let wall = started.elapsed().as_secs_f64().max(1e-9);
+    progress.finish("");
+    Ok(FitSummary {
+        best_dir: if best_dir.is_dir() {
+            best_dir
+        } else {
+            last_dir
+        },
+        state,
+        data_wait_fraction: waited / wall,
+        resumed_from_step,
+    })
+}
+
+/// Validates, logs, keeps the best checkpoint; returns whether patience ran out.
+#[allow(clippy::too_many_arguments)]
+fn evaluate<O: Objective>(
+    obj: &mut O,
+    state: &mut TrainState,
+    metrics: &mut Vec<MetricRow>,
+    push: &mut impl FnMut(&mut Vec<MetricRow>, usize, usize, &str, &str, f64),
+    select_name: &str,
+    higher_better: bool,
+    cfg: &TrainConfig,
+    opt: &AdamW,
+    best_dir: &Path,
+) -> Result<bool> {
+    let val = validate(obj)?;
+    for (n, v) in &val {
+        push(metrics, state.step, state.epoch, "val", n, *v);
+    }
+    let Some(value) = val.iter().find(|(n, _)| n == select_name).map(|(_, v)| *v) else {
+        return Ok(false);
+    };
+    let better = match state.best_value {
+        None => value.is_finite(),
+        Some(b) => value.is_finite() && if higher_better { value > b } else { value < b },
+    };
+    if better {
+        state.best_value = Some(value);
+        state.best_step = Some(state.step);
+        state.evals_without_improvement = 0;
+        save_checkpoint(best_dir, obj.vars(), opt, state)?;
+    } else {
+        state.evals_without_improvement += 1;
+    }
+    Ok(cfg.patience > 0 && state.evals_without_improvement >= cfg.patience)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::{Init, VarBuilder};
+
+    /// Linear regression y = 3x - 1 on fixed data; one batch can carry a NaN.
+    struct Regression {
+        vars: VarMap,
+        w: Tensor,
+        b: Tensor,
+        nan_batch: Option<usize>,
+        /// (epoch, batch) at which the loader fails, as if the process died.
+        fail_at: Option<(usize, usize)>,
+        batches: usize,
+    }
+
+    impl Regression {
+        fn new(nan_batch: Option<usize>) -> Self {
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+            let w = vb.get_with_hints(1, "w", Init::Const(0.0)).unwrap();
+            let b = vb.get_with_hints(1, "b", Init::Const(0.0)).unwrap();
+            Self {
+                vars,
+                w,
+                b,
+                nan_batch,
+                fail_at: None,
+                batches: 8,
+            }
+        }
+    }
+
+    impl Objective for Regression {
+        type Batch = (usize, Vec<f32>, Vec<f32>);
+        fn vars(&self) -> &VarMap {
+            &self.vars
+        }
+        fn step(&mut self, batch: &Self::Batch, _train: bool) -> candle_core::Result<StepOutput> {
+            let (i, xs, ys) = batch;
+            let n = xs.len();
+            let x = Tensor::from_slice(xs, n, &Device::Cpu)?;
+            let mut y = Tensor::from_slice(ys, n, &Device::Cpu)?;
+            if self.nan_batch == Some(*i) {
+                y = (y * f64::NAN)?;
+            }
+            let pred = x.broadcast_mul(&self.w)?.broadcast_add(&self.b)?;
+            let loss = (pred - y)?.sqr()?.mean_all()?;
+            Ok(StepOutput {
+                loss,
+                scalars: vec![("w".into(), f64::from(self.w.to_vec1::<f32>()?[0]))],
+                rows: n,
+            })
+        }
+        fn train_batches(&self, epoch: usize) -> Result<Receiver<Result<Self::Batch>>> {
+            let (tx, rx) = crossbeam_channel::bounded(2);
+            let (n, fail_at) = (self.batches, self.fail_at);
+            std::thread::spawn(move || {
+                for i in 0..n {
+                    if fail_at == Some((epoch, i)) {
+                        let _ = tx.send(Err(Error::Config("loader died".into())));
+                        return;
+                    }
+                    let xs: Vec<f32> = (0..4)
+                        .map(|k| ((i * 4 + k + epoch) % 9) as f32 / 4.0 - 1.0)
+                        .collect();
+                    let ys = xs.iter().map(|x| 3.0 * x - 1.0).collect();
+                    if tx.send(Ok((i, xs, ys))).is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(rx)
+        }
+        fn val_batches(&self) -> Result<Receiver<Result<Self::Batch>>> {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let xs = vec![-1.0, 0.0, 0.5, 1.0];
+            let ys = xs.iter().map(|x| 3.0 * x - 1.0).collect();
+            tx.send(Ok((usize::MAX, xs, ys))).ok();
+            Ok(rx)
+        }
+    }
+
+    fn cfg() -> TrainConfig {
+        TrainConfig {
+            epochs: 30,
+            lr: 0.1,
+            weight_decay: 0.0,
+            warmup_steps: 5,
+            max_grad_norm: 10.0,
+            ..TrainConfig::default()
+        }
+    }
+
+    fn out<'a>(dir: &'a Path, metrics: &'a Path) -> FitOutput<'a> {
+        FitOutput {
+            checkpoint_dir: dir,
+            metrics_path: metrics,
+            run_id: "r",
+            stage: "test",
+        }
+    }
+
+    #[test]
+    fn schedule_warms_up_linearly_then_decays_to_zero() {
+        assert_eq!(lr_at(0, 100, 10, 1.0), 0.0);
+        assert!((lr_at(5, 100, 10, 1.0) - 0.5).abs() < 1e-12);
+        assert!((lr_at(10, 100, 10, 1.0) - 1.0).abs() < 1e-12);
+        assert!((lr_at(55, 100, 10, 1.0) - 0.5).abs() < 1e-12);
+        assert!(lr_at(100, 100, 10, 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn adamw_matches_pytorch_first_steps() {
+        // torch.optim.AdamW(lr=0.1, weight_decay=0.01) on p=1.0 with grad 0.5, two steps:
+        // step 1: p = 1*(1-0.001) - 0.1*1 = 0.899; step 2 likewise with m̂/√v̂ = 1 again.
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let p = vb.get_with_hints(1, "p", Init::Const(1.0)).unwrap();
+        let mut opt = AdamW::new(&vars).unwrap();
+        let cfg = TrainConfig {
+            weight_decay: 0.01,
+            ..TrainConfig::default()
+        };
+        let g = Some(Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
+        opt.step(&[g.clone()], 0.1, &cfg).unwrap();
+        let v1 = p.to_vec1::<f32>().unwrap()[0];
+        assert!((v1 - 0.899).abs() < 1e-6, "{v1}");
+        opt.step(&[g], 0.1, &cfg).unwrap();
+        let v2 = p.to_vec1::<f32>().unwrap()[0];
+        assert!((v2 - (0.899 * 0.999 - 0.1)).abs() < 1e-5, "{v2}");
+    }
+
+    #[test]
+    fn fit_learns_and_a_nan_batch_is_skipped_and_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = tmp.path().join("metrics.parquet");
+        let mut obj = Regression::new(Some(3));
+        let summary = fit(
+            &mut obj,
+            &cfg(),
+            8,
+            &out(&tmp.path().join("ckpt"), &metrics),
+        )
+        .unwrap();
+        assert_eq!(
+            summary.state.skipped_nonfinite, 30,
+            "one NaN batch per epoch"
+        );
+        let w = obj.w.to_vec1::<f32>().unwrap()[0];
+        let b = obj.b.to_vec1::<f32>().unwrap()[0];
+        assert!(w.is_finite() && b.is_finite());
+        assert!(
+            (w - 3.0).abs() < 0.1 && (b + 1.0).abs() < 0.1,
+            "w {w} b {b}"
+        );
+        let rows: Vec<MetricRow> = crate::shard::read_parquet(&metrics).unwrap();
+        assert!(rows.iter().any(|r| r.split == "val" && r.name == "loss"));
+        let skipped = rows
+            .iter()
+            .filter(|r| r.name == "skipped_nonfinite_batches")
+            .map(|r| r.value)
+            .fold(0.0, f64::max);
+        assert_eq!(skipped, 30.0);
+        assert!(rows.iter().all(|r| r.value.is_finite()));
+    }
+
+    #[test]
+    fn resuming_from_the_last_checkpoint_gives_identical_results() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = TrainConfig {
+            epochs: 6,
+            eval_every: 5,
+            grad_accum: 2,
+            ..cfg()
+        };
+        let full = tmp.path().join("full");
+        let mut a = Regression::new(None);
+        fit(&mut a, &c, 8, &out(&full, &full.join("m.parquet"))).unwrap();
+
+        // The same run dies in epoch 3 (its loader fails); the rerun resumes from the last
+        // checkpoint and ends exactly where the uninterrupted run did.
+        let part = tmp.path().join("part");
+        let mut b = Regression::new(None);
+        b.fail_at = Some((3, 5));
+        assert!(fit(&mut b, &c, 8, &out(&part, &part.join("m.parquet"))).is_err());
+        let mut resumed = Regression::new(None);
+        let summary = fit(&mut resumed, &c, 8, &out(&part, &part.join("m.parquet"))).unwrap();
+        let from = summary.resumed_from_step.expect("resumed");
+        assert!(from > 0 && from < summary.state.step, "{from}");
+        for (x, y) in [(&a.w, &resumed.w), (&a.b, &resumed.b)] {
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        }
+        let ma: Vec<MetricRow> = crate::shard::read_parquet(&full.join("m.parquet")).unwrap();
+        let mb: Vec<MetricRow> = crate::shard::read_parquet(&part.join("m.parquet")).unwrap();
+        assert_eq!(ma, mb);
+    }
+}
