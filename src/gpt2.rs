@@ -140,6 +140,28 @@ struct Block {
     exact_gelu: bool,
 }
 
+/// LayerNorm from differentiable primitives (candle's fused kernel has no backward pass).
+pub fn layer_norm_diff(x: &Tensor, ln: &LayerNorm) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + ln.eps())?.sqrt()?)?;
+    let out = normed.broadcast_mul(ln.weight())?;
+    match ln.bias() {
+        Some(b) => out.broadcast_add(b),
+        None => Ok(out),
+    }
+}
+
+/// Applies `ln` with the fused kernel, or with differentiable primitives when training.
+fn norm(x: &Tensor, ln: &LayerNorm, differentiable: bool) -> candle_core::Result<Tensor> {
+    if differentiable {
+        layer_norm_diff(x, ln)
+    } else {
+        ln.forward(x)
+    }
+}
+
 impl Block {
     fn new(cfg: &Gpt2Config, layer: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let d = cfg.n_embd;
@@ -166,23 +188,41 @@ impl Block {
         })
     }
 
-    /// `x`: `(b, t, d)`; `mask`: additive `(b, 1, t, t)` (causal and padding).
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x`: `(b, t, d)`; `mask`: additive `(b|1, 1, t, past + t)` (causal and padding);
+    /// `cache`: this layer's keys and values of the `past` earlier positions, extended in place.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        diff: bool,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.n_head;
-        let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
+        let qkv = self.c_attn.forward(&norm(x, &self.ln_1, diff)?)?;
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(D::Minus1, i * d, d)?
                 .reshape((b, t, self.n_head, hd))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let (q, mut k, mut v) = (split(0)?, split(1)?, split(2)?);
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = cache.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
         let att = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = if diff {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + self.attn_proj.forward(&y)?)?;
-        let h = self.c_fc.forward(&self.ln_2.forward(&x)?)?;
+        let h = self.c_fc.forward(&norm(&x, &self.ln_2, diff)?)?;
         let h = if self.exact_gelu {
             h.gelu_erf()?
         } else {
@@ -200,6 +240,9 @@ pub struct Gpt2 {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     pub config: Gpt2Config,
+    /// Use differentiable primitives (training); the fused kernels are faster but have no
+    /// backward pass.
+    differentiable: bool,
 }
 
 impl Gpt2 {
@@ -219,7 +262,13 @@ impl Gpt2 {
             blocks,
             ln_f: candle_nn::layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, vb.pp("ln_f"))?,
             config: cfg.clone(),
+            differentiable: false,
         })
+    }
+
+    /// Switches between differentiable primitives (for training) and fused kernels.
+    pub fn set_differentiable(&mut self, on: bool) {
+        self.differentiable = on;
     }
 
     /// Loads `config.json` + `model.safetensors` from a Hugging Face directory (memory-mapped).
@@ -262,14 +311,84 @@ impl Gpt2 {
         let mask = attention_mask(b, t, keep, x.device(), x.dtype())?;
         let mut x = x;
         for block in &self.blocks {
-            x = block.forward(&x, &mask)?;
+            x = block.forward(&x, &mask, None, self.differentiable)?;
         }
-        self.ln_f.forward(&x)?.broadcast_matmul(&self.wte.t()?)
+        self.lm_logits(&norm(&x, &self.ln_f, self.differentiable)?)
+    }
+
+    /// Incremental decoding: final hidden states `(b, t, d)` (after `ln_f`) of new input
+    /// embeddings at positions `cache.len()..`, attending to everything cached, which is
+    /// extended by them.
+    pub fn forward_cached(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (_, t, _) = embeds.dims3()?;
+        let past = cache.len;
+        if past + t > self.config.n_positions {
+            candle_core::bail!(
+                "sequence of {} exceeds n_positions {}",
+                past + t,
+                self.config.n_positions
+            );
+        }
+        let x = embeds.broadcast_add(&self.wpe.narrow(0, past, t)?)?;
+        let neg = f32::MIN / 2.0;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..past + t).map(move |j| if j > past + i { neg } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, t, past + t), x.device())?.to_dtype(x.dtype())?;
+        if cache.layers.len() != self.blocks.len() {
+            cache.layers = vec![None; self.blocks.len()];
+        }
+        let mut x = x;
+        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, &mask, Some(layer), self.differentiable)?;
+        }
+        cache.len += t;
+        norm(&x, &self.ln_f, self.differentiable)
+    }
+
+    /// The tied LM head: hidden `(…, d)` → logits `(…, vocab)`.
+    pub fn lm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        hidden.broadcast_matmul(&self.wte.t()?)
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.n_embd
     }
 
     /// Logits for token ids `(b, t)`.
     pub fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> candle_core::Result<Tensor> {
         self.forward_embeds(&self.embed_tokens(ids)?, keep)
+    }
+}
+
+/// Keys and values of the positions decoded so far, per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps (and repeats) the batch rows `rows` (`u32` indices): beam search reordering.
+    pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
     }
 }
 
@@ -375,6 +494,40 @@ mod tests {
     }
 
     #[test]
+    fn differentiable_mode_computes_the_same_logits_and_has_gradients() {
+        let mut model = Gpt2::load(&fixture("gpt2-tiny"), &Device::Cpu, DType::F32).unwrap();
+        let ids = ids_of(&reference("gpt2-logprobs.json"));
+        let t = ids.len();
+        let input = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
+        let fused = model.forward(&input, None).unwrap();
+        model.set_differentiable(true);
+        let emb = candle_core::Var::from_tensor(&model.embed_tokens(&input).unwrap()).unwrap();
+        let diff = model.forward_embeds(emb.as_tensor(), None).unwrap();
+        let d = (&fused - &diff)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "{d}");
+        let grads = diff.sum_all().unwrap().backward().unwrap();
+        let g = grads
+            .get(emb.as_tensor())
+            .expect("gradient reaches the input embeddings");
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+
+    #[test]
     fn padding_on_the_right_leaves_real_positions_unchanged() {
         let model = Gpt2::load(&fixture("gpt2-tiny"), &Device::Cpu, DType::F32).unwrap();
         let ids = ids_of(&reference("gpt2-logprobs.json"));
@@ -402,6 +555,38 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn incremental_decoding_with_the_cache_equals_the_full_forward() {
+        let model = Gpt2::load(&fixture("gpt2-tiny"), &Device::Cpu, DType::F32).unwrap();
+        let ids = ids_of(&reference("gpt2-logprobs.json"));
+        let t = ids.len();
+        let input = Tensor::from_vec(ids.clone(), (1, t), &Device::Cpu).unwrap();
+        let full = model.forward(&input, None).unwrap();
+        let mut cache = KvCache::default();
+        let emb = model.embed_tokens(&input).unwrap();
+        let mut parts = vec![model
+            .forward_cached(&emb.narrow(1, 0, 4).unwrap(), &mut cache)
+            .unwrap()];
+        for i in 4..t {
+            parts.push(
+                model
+                    .forward_cached(&emb.narrow(1, i, 1).unwrap(), &mut cache)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), t);
+        let inc = model.lm_logits(&Tensor::cat(&parts, 1).unwrap()).unwrap();
+        let d = (full - inc)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "{d}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod bench_embed;
+pub mod captioner;
 pub mod cli;
 pub mod clip;
 pub mod config;

@@ -391,7 +391,7 @@ pub fn fit<O: Objective>(
         state = load_checkpoint(&last_dir, &mut vars, &mut opt)?;
         resumed_from_step = Some(state.step);
         // Metrics logged after the checkpoint belong to the lost part of the run.
-        metrics.retain(|m| m.step <= state.step as i64);
+        metrics.retain(|m| m.stage != out.stage || m.step <= state.step as i64);
         eprintln!(
             "[{}] resuming from step {} (epoch {})",
             out.stage, state.step, state.epoch

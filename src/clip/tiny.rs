@@ -210,6 +210,17 @@ pub fn synthetic_corpus() -> Vec<String> {
 /// user text encodes, and the base alphabet has a fixed order, which makes training
 /// deterministic (the trainer numbers `</w>` symbols in hash-map order).
 pub fn train_tokenizer(spec: &TinyClipSpec) -> Result<Tokenizer> {
+    train_bpe(spec.vocab_size, &[BOS, EOS], Some((BOS, EOS)))
+}
+
+/// A lowercasing byte-level BPE of at most `vocab_size` tokens trained on
+/// [`synthetic_corpus`], with `specials` first in the vocabulary and, when `wrap` is given,
+/// every encoding framed as `wrap.0 … wrap.1`.
+pub fn train_bpe(
+    vocab_size: usize,
+    specials: &[&str],
+    wrap: Option<(&str, &str)>,
+) -> Result<Tokenizer> {
     let err =
         |what: &str, e: tokenizers::Error| Error::Config(format!("tiny tokenizer: {what}: {e}"));
     let bpe = BPE::builder().build().map_err(|e| err("model", e))?;
@@ -225,28 +236,32 @@ pub fn train_tokenizer(spec: &TinyClipSpec) -> Result<Tokenizer> {
         .with_pre_tokenizer(Some(ByteLevel::new(true, true, true)))
         .with_decoder(Some(ByteLevel::new(true, true, true)));
     let mut trainer = BpeTrainerBuilder::new()
-        .vocab_size(spec.vocab_size)
+        .vocab_size(vocab_size)
         .min_frequency(0)
         .show_progress(false)
-        .special_tokens(vec![
-            AddedToken::from(BOS, true),
-            AddedToken::from(EOS, true),
-        ])
+        .special_tokens(
+            specials
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     tok.train(&mut trainer, synthetic_corpus().into_iter())
         .map_err(|e| err("training", e))?;
-    let ids = |t: &str| {
-        tok.token_to_id(t)
-            .ok_or_else(|| Error::Config(format!("tiny tokenizer lacks {t}")))
-    };
-    let post = TemplateProcessing::builder()
-        .try_single(format!("{BOS} $A {EOS}"))
-        .map_err(|e| Error::Config(format!("tiny tokenizer template: {e}")))?
-        .special_tokens(vec![(BOS, ids(BOS)?), (EOS, ids(EOS)?)])
-        .build()
-        .map_err(|e| Error::Config(format!("tiny tokenizer template: {e}")))?;
-    tok.with_post_processor(Some(post));
+    if let Some((bos, eos)) = wrap {
+        let ids = |t: &str| {
+            tok.token_to_id(t)
+                .ok_or_else(|| Error::Config(format!("tiny tokenizer lacks {t}")))
+        };
+        let post = TemplateProcessing::builder()
+            .try_single(format!("{bos} $A {eos}"))
+            .map_err(|e| Error::Config(format!("tiny tokenizer template: {e}")))?
+            .special_tokens(vec![(bos, ids(bos)?), (eos, ids(eos)?)])
+            .build()
+            .map_err(|e| Error::Config(format!("tiny tokenizer template: {e}")))?;
+        tok.with_post_processor(Some(post));
+    }
     Ok(Tokenizer::from(tok))
 }
 
@@ -258,15 +273,7 @@ fn write_weights(path: &Path, spec: &TinyClipSpec, vocab: usize) -> Result<()> {
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut normal = |shape: Vec<usize>, std: f32| -> (Vec<usize>, Vec<f32>) {
         let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| {
-                // Box–Muller from two uniforms in (0, 1].
-                let u1 = 1.0 - rng.unit_f64();
-                let u2 = rng.unit_f64();
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
-            })
-            .collect();
-        (shape, data)
+        (shape, normal_samples(&mut rng, n, std))
     };
     let fill = |shape: Vec<usize>, v: f32| -> (Vec<usize>, Vec<f32>) {
         let n = shape.iter().product();
@@ -367,6 +374,17 @@ fn write_weights(path: &Path, spec: &TinyClipSpec, vocab: usize) -> Result<()> {
     );
     tensors.insert("logit_scale".into(), (vec![], vec![2.6592]));
     save_safetensors(path, &tensors)
+}
+
+/// `n` draws from N(0, std²) (Box–Muller over the seeded generator).
+pub fn normal_samples(rng: &mut SplitMix64, n: usize, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1 = 1.0 - rng.unit_f64();
+            let u2 = rng.unit_f64();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
+        })
+        .collect()
 }
 
 /// Writes f32 tensors as a safetensors file, atomically.
