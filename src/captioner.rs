@@ -444,22 +444,6 @@ impl Captioner {
         }
     }
 
-    /// Token ids of `caption` followed by end-of-text, at most `max_tokens` in all.
-    pub fn caption_ids(&self, caption: &str, max_tokens: usize) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(caption, false)
-            .map_err(|e| Error::Config(format!("tokenizing `{caption}`: {e}")))?;
-        let mut ids: Vec<u32> = enc
-            .get_ids()
-            .iter()
-            .copied()
-            .take(max_tokens.saturating_sub(1))
-            .collect();
-        ids.push(self.eos);
-        Ok(ids)
-    }
-
     /// Per-row sums of log p(token) over the supervised tokens and the per-row token counts,
     /// teacher-forced after the prefix. `ids`/`mask` are `(b, t)` (u32 / f32, 1 = supervised).
     pub fn sequence_logprobs(
@@ -701,6 +685,38 @@ impl Captioner {
     }
 }
 
+/// Re-initialises the mapper's variables from `seed` (candle's CPU generator cannot be
+/// seeded): weights N(0, 1/fan_in), biases 0, LayerNorm gains 1, prefix constants N(0, 1).
+pub fn seed_mapper(vars: &VarMap, seed: u64) -> Result<()> {
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("var map lock poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().filter(|k| k.starts_with("mapper.")).collect();
+    names.sort();
+    let mut rng = SplitMix64::derived(seed, "captioner-mapper-init");
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let values = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if name.contains(".ln") {
+            vec![1.0; n]
+        } else if name.ends_with("constants") {
+            normal_samples(&mut rng, n, 1.0)
+        } else {
+            let fan_in = *dims.last().unwrap_or(&1) as f32;
+            normal_samples(&mut rng, n, 1.0 / fan_in.sqrt())
+        };
+        let t = Tensor::from_vec(values, dims, var.device())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        var.set(&t)
+            .map_err(|e| Error::Config(format!("{name}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Copies a GPT-2 checkpoint's tensors into the `decoder.` variables of `vars` (names with or
 /// without `transformer.`).
 fn load_decoder_weights(vars: &VarMap, weights: &Path, device: &Device) -> Result<()> {
@@ -726,6 +742,26 @@ fn load_decoder_weights(vars: &VarMap, weights: &Path, device: &Device) -> Resul
             .map_err(|e| err(format!("`{rest}`: {e}")))?;
     }
     Ok(())
+}
+
+/// Token ids of `caption` followed by end-of-text, at most `max_tokens` in all.
+pub fn caption_ids(
+    tok: &Tokenizer,
+    eos: u32,
+    caption: &str,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
+    let enc = tok
+        .encode(caption, false)
+        .map_err(|e| Error::Config(format!("tokenizing `{caption}`: {e}")))?;
+    let mut ids: Vec<u32> = enc
+        .get_ids()
+        .iter()
+        .copied()
+        .take(max_tokens.saturating_sub(1))
+        .collect();
+    ids.push(eos);
+    Ok(ids)
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -878,8 +914,8 @@ mod tests {
                 Captioner::build(&cfg(mapper, freeze), 16, &files, &vars, &Device::Cpu).unwrap();
             let clip = Tensor::randn(0f32, 1.0, (2, 16), &Device::Cpu).unwrap();
             assert_eq!(model.prefix(&clip).unwrap().dims(), &[2, 4, 32]);
-            let a = model.caption_ids("a red circle", 12).unwrap();
-            let b = model.caption_ids("two shapes above", 12).unwrap();
+            let a = caption_ids(&model.tokenizer, model.eos, "a red circle", 12).unwrap();
+            let b = caption_ids(&model.tokenizer, model.eos, "two shapes above", 12).unwrap();
             let t = a.len().max(b.len());
             let pad = |v: &Vec<u32>| {
                 let mut v = v.clone();
@@ -917,9 +953,13 @@ mod tests {
         let model =
             Captioner::build(&cfg(MapperKind::Mlp, true), 16, &files, &vars, &Device::Cpu).unwrap();
         let clip = Tensor::randn(0f32, 1.0, (1, 16), &Device::Cpu).unwrap();
-        let ids = model
-            .caption_ids("a red circle above a blue square", 12)
-            .unwrap();
+        let ids = caption_ids(
+            &model.tokenizer,
+            model.eos,
+            "a red circle above a blue square",
+            12,
+        )
+        .unwrap();
         let n = ids.len();
         let one = |extra: usize| {
             let mut v = ids.clone();

@@ -6,9 +6,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::captioner::CaptionerConfig;
 use crate::embed::EmbedConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::ingest::IngestConfig;
+use crate::train::TrainConfig;
 
 /// The copy of `configs/default.toml` built into the binary, used when the file is absent
 /// (running `pipeline` outside a checkout).
@@ -26,6 +28,10 @@ pub struct Config {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub embed: EmbedConfig,
+    #[serde(default)]
+    pub captioner: CaptionerConfig,
+    #[serde(default)]
+    pub train_sft: TrainConfig,
 }
 
 /// Settings shared by all stages.

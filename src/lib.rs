@@ -23,6 +23,7 @@ pub mod progress;
 pub mod records;
 pub mod rng;
 pub mod runner;
+pub mod sft;
 pub mod shard;
 pub mod train;
 

@@ -41,7 +41,7 @@ pub const STAGES: &[StageInfo] = &[
     StageInfo {
         name: "train-sft",
         description: "CLIP-prefix GPT-2 captioner, teacher-forced on cached features",
-        built: false,
+        built: true,
         uses_gpu: true,
     },
     StageInfo {

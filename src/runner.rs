@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::error::{Error, IoContext, Result};
 use crate::ingest::{self, IngestOptions};
 use crate::plan::{self, Plan};
+use crate::sft::StageContext;
 use crate::shard::write_atomic;
 
 /// Flags of `pipeline run` that are not configuration.
@@ -87,7 +88,13 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
             StepOutcome::NotBuilt
         } else {
             let started = Instant::now();
-            let summary = run_stage(&step.stage, plan, opts).map_err(|e| Error::Stage {
+            let ctx = StageContext {
+                workdir: opts.workdir.clone(),
+                run_dir: run_dir.clone(),
+                run_id: record.run_id.clone(),
+                gpu: opts.gpu,
+            };
+            let summary = run_stage(&step.stage, plan, opts, &ctx).map_err(|e| Error::Stage {
                 stage: step.name().to_string(),
                 message: e.to_string(),
             })?;
@@ -119,7 +126,7 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
     Ok((run_dir, record))
 }
 
-fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions) -> Result<String> {
+fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions, ctx: &StageContext) -> Result<String> {
     match stage {
         "ingest" => {
             let summaries = ingest::run(
@@ -142,6 +149,7 @@ fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions) -> Result<String> {
                 .join("; "))
         }
         "embed" => Ok(crate::embed::run(&plan.config, &opts.workdir, opts.gpu)?.to_string()),
+        "train-sft" => crate::sft::run(&plan.config, ctx),
         other => Err(Error::Stage {
             stage: other.into(),
             message: "not built".into(),

@@ -118,9 +118,10 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("step ingest: done"), "{log}");
     assert!(log.contains("step embed: done"), "{log}");
-    assert!(log.contains("step train-sft: NOT BUILT YET"), "{log}");
+    assert!(log.contains("step train-sft: done"), "{log}");
+    assert!(log.contains("step train-dpo: NOT BUILT YET"), "{log}");
     assert!(
-        log.contains("not built yet in this version (not run): train-sft"),
+        log.contains("not built yet in this version (not run): train-dpo"),
         "{log}"
     );
     // The embedded tiny CLIP was generated and the features cached.
@@ -161,8 +162,9 @@ fn validate_reports_all_plan_errors_at_once() {
     }
     let (out, log) = pipeline(&["validate", "default"], dir.path());
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("train-sft <- embed  [not built yet]"), "{log}");
+    assert!(log.contains("train-dpo <- train-sft  [not built yet]"), "{log}");
     assert!(log.contains("embed <- ingest\n"), "{log}");
+    assert!(log.contains("train-sft <- embed\n"), "{log}");
 }
 
 #[test]
