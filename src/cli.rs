@@ -36,6 +36,19 @@ pub enum Command {
     /// Embed your own images and/or texts with CLIP into the feature cache, optionally
     /// exporting them to a Parquet or Arrow file.
     Embed(EmbedArgs),
+    /// Score any model's captions against references (BLEU-1..4, ROUGE-L, CIDEr-D as
+    /// pycocoevalcap computes them): COCO-format JSON, JSONL or Parquet with image_id, caption.
+    Score {
+        /// References: any number of captions per image_id.
+        #[arg(long, value_name = "FILE")]
+        refs: PathBuf,
+        /// Candidates: one caption per image_id.
+        #[arg(long, value_name = "FILE")]
+        cands: PathBuf,
+        /// Also write per-image scores as CSV.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Benchmarks against the Python tools prefcap replaces.
     Bench {
         #[command(subcommand)]
@@ -196,6 +209,30 @@ pub fn main() -> anyhow::Result<()> {
             }
             if let Some(out) = &args.out {
                 println!("exported to {}", out.display());
+            }
+        }
+        Command::Score { refs, cands, out } => {
+            let (corpus, per) = crate::score::score_files(&refs, &cands)?;
+            for (metric, value) in &corpus {
+                println!("{metric:<10} {value:.6}");
+            }
+            if let Some(out) = out {
+                let mut csv =
+                    String::from("image_id,bleu_1,bleu_2,bleu_3,bleu_4,rouge_l,cider_d\n");
+                for (id, b, r, c) in &per {
+                    csv.push_str(&format!(
+                        "{},{},{},{},{},{},{}\n",
+                        id.replace(',', " "),
+                        b[0],
+                        b[1],
+                        b[2],
+                        b[3],
+                        r,
+                        c
+                    ));
+                }
+                crate::shard::write_atomic(&out, csv.as_bytes())?;
+                println!("per-image scores in {}", out.display());
             }
         }
         Command::Bench { which } => bench::run(which).context("benchmark failed")?,

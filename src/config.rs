@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::captioner::CaptionerConfig;
 use crate::embed::EmbedConfig;
 use crate::error::{Error, IoContext, Result};
+use crate::generate::GenerateConfig;
 use crate::ingest::IngestConfig;
+use crate::score::ScoreConfig;
 use crate::train::TrainConfig;
 
 /// The copy of `configs/default.toml` built into the binary, used when the file is absent
@@ -32,6 +34,10 @@ pub struct Config {
     pub captioner: CaptionerConfig,
     #[serde(default)]
     pub train_sft: TrainConfig,
+    #[serde(default)]
+    pub generate: GenerateConfig,
+    #[serde(default)]
+    pub score: ScoreConfig,
 }
 
 /// Settings shared by all stages.

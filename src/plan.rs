@@ -59,13 +59,13 @@ pub const STAGES: &[StageInfo] = &[
     StageInfo {
         name: "generate",
         description: "captions by greedy, beam or top-p sampling into generations.parquet",
-        built: false,
+        built: true,
         uses_gpu: true,
     },
     StageInfo {
         name: "score",
-        description: "BLEU, METEOR, ROUGE-L, CIDEr-D and CLIPScore into scores.parquet",
-        built: false,
+        description: "BLEU, ROUGE-L, CIDEr-D, CLIPScore and attribute accuracy into scores.parquet",
+        built: true,
         uses_gpu: false,
     },
     StageInfo {

@@ -174,6 +174,23 @@ pub struct MetricRow {
     pub value: f64,
 }
 
+/// One generated caption (`runs/<id>/generations.parquet`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRow {
+    pub run_id: String,
+    /// Which checkpoint: `untrained`, `train-sft`, `train-dpo`, ...
+    pub model: String,
+    /// Decoding: `greedy`, `beam3`, `top_p0.9_t1`.
+    pub method: String,
+    pub dataset: String,
+    pub split: String,
+    pub image_key: String,
+    pub caption: String,
+    /// Sum of the generated tokens' log-probabilities.
+    pub logprob: f64,
+    pub tokens: i32,
+}
+
 fn field(name: &str, dt: DataType, nullable: bool) -> Field {
     Field::new(name, dt, nullable)
 }
@@ -420,6 +437,74 @@ impl Record for StoryFrame {
                 frame_count: frame_count.value(i),
                 image: image.value(i).to_vec(),
                 caption: caption.value(i).to_string(),
+            })
+            .collect())
+    }
+}
+
+impl Record for GenerationRow {
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            field("run_id", DataType::Utf8, false),
+            field("model", DataType::Utf8, false),
+            field("method", DataType::Utf8, false),
+            field("dataset", DataType::Utf8, false),
+            field("split", DataType::Utf8, false),
+            field("image_key", DataType::Utf8, false),
+            field("caption", DataType::Utf8, false),
+            field("logprob", DataType::Float64, false),
+            field("tokens", DataType::Int32, false),
+        ]))
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
+        let s = |f: &dyn Fn(&Self) -> &str| -> ArrayRef {
+            Arc::new(rows.iter().map(|r| Some(f(r))).collect::<StringArray>())
+        };
+        batch(
+            Self::schema(),
+            vec![
+                s(&|r| &r.run_id),
+                s(&|r| &r.model),
+                s(&|r| &r.method),
+                s(&|r| &r.dataset),
+                s(&|r| &r.split),
+                s(&|r| &r.image_key),
+                s(&|r| &r.caption),
+                Arc::new(
+                    rows.iter()
+                        .map(|r| Some(r.logprob))
+                        .collect::<Float64Array>(),
+                ),
+                Arc::new(rows.iter().map(|r| r.tokens).collect::<Int32Array>()),
+            ],
+        )
+    }
+
+    fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
+        let get = |n: &str| column::<StringArray>(b, n, path);
+        let (run_id, model, method, dataset, split, key, caption) = (
+            get("run_id")?,
+            get("model")?,
+            get("method")?,
+            get("dataset")?,
+            get("split")?,
+            get("image_key")?,
+            get("caption")?,
+        );
+        let logprob = column::<Float64Array>(b, "logprob", path)?;
+        let tokens = column::<Int32Array>(b, "tokens", path)?;
+        Ok((0..b.num_rows())
+            .map(|i| GenerationRow {
+                run_id: run_id.value(i).to_string(),
+                model: model.value(i).to_string(),
+                method: method.value(i).to_string(),
+                dataset: dataset.value(i).to_string(),
+                split: split.value(i).to_string(),
+                image_key: key.value(i).to_string(),
+                caption: caption.value(i).to_string(),
+                logprob: logprob.value(i),
+                tokens: tokens.value(i),
             })
             .collect())
     }

@@ -150,6 +150,8 @@ fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions, ctx: &StageContext) ->
         }
         "embed" => Ok(crate::embed::run(&plan.config, &opts.workdir, opts.gpu)?.to_string()),
         "train-sft" => crate::sft::run(&plan.config, ctx),
+        "generate" => crate::generate::run(&plan.config, ctx),
+        "score" => crate::score::run(&plan.config, ctx),
         other => Err(Error::Stage {
             stage: other.into(),
             message: "not built".into(),

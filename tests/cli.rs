@@ -162,7 +162,10 @@ fn validate_reports_all_plan_errors_at_once() {
     }
     let (out, log) = pipeline(&["validate", "default"], dir.path());
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("train-dpo <- train-sft  [not built yet]"), "{log}");
+    assert!(
+        log.contains("train-dpo <- train-sft  [not built yet]"),
+        "{log}"
+    );
     assert!(log.contains("embed <- ingest\n"), "{log}");
     assert!(log.contains("train-sft <- embed\n"), "{log}");
 }
