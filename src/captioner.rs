@@ -825,8 +825,9 @@ pub struct CaptionerManifest {
     pub captioner: CaptionerConfig,
     pub decoder_files: DecoderFiles,
     pub clip_dim: usize,
-    /// The `[embed]` model whose features the captioner was trained on.
+    /// The `[embed]` model (and revision) whose features the captioner was trained on.
     pub clip_model: String,
+    pub clip_revision: String,
 }
 
 impl CaptionerManifest {

@@ -124,11 +124,31 @@ fn baseline_manifest(
         })?,
         clip_dim: entries.first().map_or(0, |e| e.manifest.key.dim),
         clip_model: cfg.embed.model.clone(),
+        clip_revision: cfg.embed.revision.clone(),
     })
 }
 
 /// Runs generate; returns the summary line.
 pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
+    // Trained captioners first: their CLIP decides which features (or which model embeds
+    // the user's images), whatever this invocation's `[embed]` says.
+    let mut trained = Vec::new();
+    for name in cfg.generate.models.iter().filter(|m| *m != "untrained") {
+        let dir = find_stage_dir(ctx, name).ok_or_else(|| {
+            Error::Config(format!("generate.models: no `{name}` checkpoint in this run or an earlier one; run `pipeline run {name}` first"))
+        })?;
+        trained.push((
+            name.clone(),
+            CaptionerManifest::load(&dir.join("captioner.json"))?,
+            dir.join("best/model.safetensors"),
+        ));
+    }
+    let mut cfg = cfg.clone();
+    if let Some((_, m, _)) = trained.first() {
+        cfg.embed.model = m.clip_model.clone();
+        cfg.embed.revision = m.clip_revision.clone();
+    }
+    let cfg = &cfg;
     let g = &cfg.generate;
     let (dataset, split, entries) = if g.images.is_empty() {
         let dataset = if g.dataset.is_empty() {

@@ -262,6 +262,7 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
         decoder_files: files,
         clip_dim,
         clip_model: cfg.embed.model.clone(),
+        clip_revision: cfg.embed.revision.clone(),
     };
     manifest.save(&dir.join("captioner.json"))?;
     let steps_per_epoch = train.batches_per_pass(cfg.train_sft.batch_size);
