@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Ingest(BenchIngestArgs),
     /// CLIP ViT-B/32 (real size, random weights) image embeddings, vs HF transformers (PyTorch).
     Embed(crate::bench_embed::BenchEmbedArgs),
+    /// BLEU/ROUGE-L/CIDEr-D on N candidate/reference sets, vs pycocoevalcap.
+    Score(crate::bench_score::BenchScoreArgs),
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +61,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ingest(args) => bench_ingest(&args),
         BenchCommand::Embed(args) => crate::bench_embed::bench_embed(&args),
+        BenchCommand::Score(args) => crate::bench_score::bench_score(&args),
     }
 }
 
@@ -345,7 +348,9 @@ pub(crate) fn measure(mut cmd: Command, what: &str) -> anyhow::Result<Measured> 
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
     let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
-    let peak_rss_mib = (peak as f64).max(usage.ru_maxrss as f64 * 1024.0) / (1024.0 * 1024.0);
+    // Not `ru_maxrss`: a spawned child's high-water mark starts from the parent's memory
+    // (the child shares or copies it until exec), so it reports the benchmark's own size.
+    let peak_rss_mib = peak as f64 / (1024.0 * 1024.0);
     Ok(Measured {
         wall,
         cpu,

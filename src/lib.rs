@@ -5,7 +5,9 @@
 
 pub mod bench;
 pub mod bench_embed;
+pub mod bench_score;
 pub mod captioner;
+pub mod chart;
 pub mod cli;
 pub mod clip;
 pub mod config;
@@ -22,6 +24,7 @@ pub mod npy;
 pub mod plan;
 pub mod progress;
 pub mod records;
+pub mod report;
 pub mod rng;
 pub mod runner;
 pub mod score;

@@ -71,7 +71,7 @@ pub const STAGES: &[StageInfo] = &[
     StageInfo {
         name: "report",
         description: "per-run summary tables and train/val curves",
-        built: false,
+        built: true,
         uses_gpu: false,
     },
 ];

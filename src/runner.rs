@@ -152,6 +152,7 @@ fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions, ctx: &StageContext) ->
         "train-sft" => crate::sft::run(&plan.config, ctx),
         "generate" => crate::generate::run(&plan.config, ctx),
         "score" => crate::score::run(&plan.config, ctx),
+        "report" => crate::report::run(ctx),
         other => Err(Error::Stage {
             stage: other.into(),
             message: "not built".into(),

@@ -3,28 +3,14 @@
 //! far above the untrained baseline); generate captions an image folder with the trained
 //! model; `pipeline score` scores external files.
 
+mod common;
+use common::pipeline;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use prefcap::records::{GenerationRow, MetricRow};
 use prefcap::score::{ScoreRow, SummaryRow};
 use prefcap::shard::read_parquet;
-
-fn pipeline(args: &[&str], cwd: &Path) -> (Output, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(args)
-        .current_dir(cwd)
-        .env("PREFCAP_QUIET", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "$ pipeline {}\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out, text)
-}
 
 fn only_run(work: &Path) -> std::path::PathBuf {
     let mut runs: Vec<_> = std::fs::read_dir(work.join("runs"))
@@ -104,6 +90,50 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     assert!(per
         .iter()
         .all(|r| r.clip_score.is_some_and(|c| (0.0..=2.5).contains(&c))));
+
+    // The report stage: tables (Parquet + CSV) and loss curves of the run.
+    assert!(log.contains("step report: done"), "{log}");
+    let report = run.join("report");
+    let training = std::fs::read_to_string(report.join("training.csv")).unwrap();
+    let header = training.lines().next().unwrap();
+    for col in [
+        "run_id",
+        "stage",
+        "steps",
+        "final_val_loss",
+        "best_val_loss",
+        "final_train_loss",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(
+        training.lines().any(|l| l.contains("train-sft")),
+        "{training}"
+    );
+    let scores = std::fs::read_to_string(report.join("scores.csv")).unwrap();
+    assert!(
+        scores
+            .lines()
+            .next()
+            .unwrap()
+            .contains("attribute_accuracy"),
+        "{scores}"
+    );
+    assert_eq!(
+        scores
+            .lines()
+            .filter(|l| l.contains("untrained") || l.contains("train-sft"))
+            .count(),
+        4,
+        "{scores}"
+    );
+    assert!(report.join("training.parquet").is_file() && report.join("scores.parquet").is_file());
+    let png = report.join(format!(
+        "curves-{}-train-sft.png",
+        run.file_name().unwrap().to_string_lossy()
+    ));
+    let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+    assert_eq!((img.width(), img.height()), (720, 440));
 
     // Caption a folder of images with the model trained above (found in the earlier run).
     let imgs = work.join("imgs");

@@ -1,27 +1,13 @@
 //! The `pipeline` binary from the outside: the embedded default, stage runs, validation
 //! and configuration errors. Failing tests print the command and its stderr.
 
+mod common;
+use common::pipeline;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use prefcap::records::{ImageTextSample, PreferencePair, Record, StoryFrame};
 use prefcap::shard::{read_parquet, ShardSet};
-
-fn pipeline(args: &[&str], cwd: &Path) -> (Output, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(args)
-        .current_dir(cwd)
-        .env("PREFCAP_QUIET", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "$ pipeline {}\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out, text)
-}
 
 fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)

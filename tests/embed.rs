@@ -3,6 +3,9 @@
 //! loading a checkpoint through hf-hub from a mock hub, and `pipeline embed` on a user's
 //! own files with parity against Hugging Face's reference embeddings.
 
+mod common;
+use common::pipeline;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -350,22 +353,6 @@ fn checkpoint_loads_through_hf_hub_from_a_mock_hub_and_matches_transformers() {
         err.contains("prefcap-test/absent") && err.contains("config.json"),
         "{err}"
     );
-}
-
-fn pipeline(args: &[&str], cwd: &Path) -> (std::process::Output, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(args)
-        .current_dir(cwd)
-        .env("PREFCAP_QUIET", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "$ pipeline {}\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out, text)
 }
 
 /// `pipeline embed` on the fixture PNGs and texts, exported to Parquet: the embeddings equal

@@ -1,0 +1,22 @@
+//! Helpers shared by the integration tests.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs the real `pipeline` binary in `cwd`; returns its output and a printable transcript
+/// (command, stdout, stderr) for assertion messages.
+pub fn pipeline(args: &[&str], cwd: &Path) -> (Output, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .current_dir(cwd)
+        .env("PREFCAP_QUIET", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "$ pipeline {}\n--- stdout\n{}\n--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
