@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+
 /// Tokens pycocoevalcap drops after PTB tokenization. Its list names the bracket tokens in
 /// upper case while the tokenizer runs with `-lowerCase`, so brackets survive as `-lrb-`,
 /// `-rrb-`, ...; kept as is to give the same numbers.
@@ -142,12 +144,69 @@ fn split_clitics(word: &str, out: &mut Vec<String>) {
     out.push(w);
 }
 
+/// A fast non-cryptographic hasher (FxHash's multiply-rotate) for n-gram and token maps:
+/// SipHash dominated the scorers' time.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u128(&mut self, x: u128) {
+        self.write_u64(x as u64);
+        self.write_u64((x >> 64) as u64);
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+
+/// An n-gram of up to four interned tokens packed into 128 bits; token ids start at 1, so
+/// the zero high slots encode the order.
+type Gram = u128;
+
+fn order(g: Gram) -> usize {
+    4 - (g.leading_zeros() / 32) as usize
+}
+
+/// Interns the whitespace-separated tokens of sentences as ids from 1.
+#[derive(Default)]
+struct Interner<'a> {
+    ids: FastMap<&'a str, u32>,
+}
+
+impl<'a> Interner<'a> {
+    fn ids(&mut self, sentence: &'a str) -> Vec<u32> {
+        sentence
+            .split_whitespace()
+            .map(|w| {
+                let next = self.ids.len() as u32 + 1;
+                *self.ids.entry(w).or_insert(next)
+            })
+            .collect()
+    }
+}
+
 /// Counts of all n-grams of orders 1..=n (pycocoevalcap's `precook`).
-fn ngram_counts<'a>(words: &[&'a str], n: usize) -> HashMap<Vec<&'a str>, u32> {
-    let mut counts = HashMap::new();
+fn ngram_counts(ids: &[u32], n: usize) -> FastMap<Gram, u32> {
+    let mut counts = FastMap::with_capacity_and_hasher(n * ids.len(), Default::default());
     for k in 1..=n {
-        for w in words.windows(k) {
-            *counts.entry(w.to_vec()).or_insert(0) += 1;
+        for w in ids.windows(k) {
+            let g = w.iter().fold(0u128, |acc, &t| (acc << 32) | Gram::from(t));
+            *counts.entry(g).or_insert(0) += 1;
         }
     }
     counts
@@ -162,13 +221,14 @@ pub fn bleu(candidates: &[&str], references: &[Vec<&str>]) -> ([f64; 4], Vec<[f6
     let mut total_correct = [0f64; N];
     let (mut total_test, mut total_ref) = (0f64, 0f64);
     let mut per_image = Vec::with_capacity(candidates.len());
+    let mut interner = Interner::default();
     for (cand, refs) in candidates.iter().zip(references) {
-        let words: Vec<&str> = cand.split_whitespace().collect();
+        let words = interner.ids(cand);
         let test_len = words.len();
-        let mut max_ref: HashMap<Vec<&str>, u32> = HashMap::new();
+        let mut max_ref: FastMap<Gram, u32> = FastMap::default();
         let mut ref_lens = Vec::new();
         for r in refs {
-            let rw: Vec<&str> = r.split_whitespace().collect();
+            let rw = interner.ids(r);
             ref_lens.push(rw.len());
             for (g, c) in ngram_counts(&rw, N) {
                 let e = max_ref.entry(g).or_insert(0);
@@ -182,7 +242,7 @@ pub fn bleu(candidates: &[&str], references: &[Vec<&str>]) -> ([f64; 4], Vec<[f6
             .map_or(0, |(_, l)| l);
         let mut correct = [0f64; N];
         for (g, c) in ngram_counts(&words, N) {
-            correct[g.len() - 1] += f64::from(c.min(max_ref.get(&g).copied().unwrap_or(0)));
+            correct[order(g) - 1] += f64::from(c.min(max_ref.get(&g).copied().unwrap_or(0)));
         }
         let guess: [f64; N] = std::array::from_fn(|k| (test_len.saturating_sub(k)) as f64);
         let mut scores = [0f64; N];
@@ -277,26 +337,24 @@ fn mean(v: &[f64]) -> f64 {
 /// TF-IDF n-gram vectors of one sentence (pycocoevalcap's `counts2vec`): per order, the
 /// weighted counts and the norm, and the "length", which pycocoevalcap takes as the number of
 /// bigrams.
-struct CiderVec<'a> {
-    vec: [HashMap<Vec<&'a str>, f64>; 4],
+struct CiderVec {
+    vec: [FastMap<Gram, f64>; 4],
     norm: [f64; 4],
     length: f64,
 }
 
-fn cider_vec<'a>(
-    counts: &HashMap<Vec<&'a str>, u32>,
-    df: &HashMap<Vec<&'a str>, f64>,
-    ref_len: f64,
-) -> CiderVec<'a> {
-    let mut vec: [HashMap<Vec<&str>, f64>; 4] = Default::default();
+fn cider_vec(counts: &FastMap<Gram, u32>, df: &FastMap<Gram, f64>, ref_len: f64) -> CiderVec {
+    let mut vec: [FastMap<Gram, f64>; 4] = std::array::from_fn(|_| {
+        FastMap::with_capacity_and_hasher(counts.len() / 3 + 1, Default::default())
+    });
     let mut norm = [0f64; 4];
     let mut length = 0f64;
-    for (g, &tf) in counts {
-        let n = g.len() - 1;
-        let d = df.get(g).copied().unwrap_or(0.0).max(1.0).ln();
+    for (&g, &tf) in counts {
+        let n = order(g) - 1;
+        let d = df.get(&g).copied().unwrap_or(0.0).max(1.0).ln();
         let v = f64::from(tf) * (ref_len - d);
         norm[n] += v * v;
-        vec[n].insert(g.clone(), v);
+        vec[n].insert(g, v);
         if n == 1 {
             length += f64::from(tf);
         }
@@ -314,32 +372,38 @@ fn cider_vec<'a>(
 pub fn cider_d(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>) {
     const N: usize = 4;
     const SIGMA: f64 = 6.0;
-    fn tok<'a>(s: &'a str) -> Vec<&'a str> {
-        s.split_whitespace().collect()
-    }
-    let refs: Vec<Vec<HashMap<Vec<&str>, u32>>> = references
+    let mut interner = Interner::default();
+    let refs: Vec<Vec<FastMap<Gram, u32>>> = references
         .iter()
-        .map(|rs| rs.iter().map(|r| ngram_counts(&tok(r), N)).collect())
+        .map(|rs| {
+            rs.iter()
+                .map(|r| ngram_counts(&interner.ids(r), N))
+                .collect()
+        })
         .collect();
-    let mut df: HashMap<Vec<&str>, f64> = HashMap::new();
+    let mut df: FastMap<Gram, f64> = FastMap::default();
     for rs in &refs {
-        let mut seen: std::collections::HashSet<&Vec<&str>> = std::collections::HashSet::new();
+        let mut seen: FastMap<Gram, ()> = FastMap::default();
         for r in rs {
-            seen.extend(r.keys());
+            seen.extend(r.keys().map(|&g| (g, ())));
         }
-        for g in seen {
-            *df.entry(g.clone()).or_insert(0.0) += 1.0;
+        for (g, ()) in seen {
+            *df.entry(g).or_insert(0.0) += 1.0;
         }
     }
     let ref_len = (refs.len() as f64).ln();
-    let per: Vec<f64> = candidates
-        .iter()
-        .zip(&refs)
+    let ref_vecs: Vec<Vec<CiderVec>> = refs
+        .par_iter()
+        .map(|rs| rs.iter().map(|r| cider_vec(r, &df, ref_len)).collect())
+        .collect();
+    let cand_ids: Vec<Vec<u32>> = candidates.iter().map(|c| interner.ids(c)).collect();
+    let per: Vec<f64> = cand_ids
+        .par_iter()
+        .zip(&ref_vecs)
         .map(|(c, rs)| {
-            let hyp = cider_vec(&ngram_counts(&tok(c), N), &df, ref_len);
+            let hyp = cider_vec(&ngram_counts(c, N), &df, ref_len);
             let mut score = [0f64; N];
-            for r in rs {
-                let rv = cider_vec(r, &df, ref_len);
+            for rv in rs {
                 let delta = hyp.length - rv.length;
                 for n in 0..N {
                     let mut val = 0.0;

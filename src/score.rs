@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::clip::model::{l2_normalize, ClipEmbedder};
@@ -75,9 +76,9 @@ pub fn text_metrics(
     candidates: &[String],
     references: &[Vec<String>],
 ) -> (Vec<([f64; 4], f64, f64)>, BTreeMap<String, f64>) {
-    let cands: Vec<String> = candidates.iter().map(|c| ptb_tokenize(c)).collect();
+    let cands: Vec<String> = candidates.par_iter().map(|c| ptb_tokenize(c)).collect();
     let refs: Vec<Vec<String>> = references
-        .iter()
+        .par_iter()
         .map(|rs| rs.iter().map(|r| ptb_tokenize(r)).collect())
         .collect();
     let c: Vec<&str> = cands.iter().map(String::as_str).collect();
