@@ -260,7 +260,8 @@ fn run_img2dataset(
     dir: &Path,
     server: &LoopbackServer,
 ) -> anyhow::Result<Measured> {
-    let bin = ensure_img2dataset(&args.venv)?;
+    ensure_venv(&args.venv, &["img2dataset"], "import img2dataset")?;
+    let bin = args.venv.join("bin/img2dataset");
     let tsv = dir.join("input-img2dataset.tsv");
     write_tsv(&tsv, server, args.images, true)?;
     let out = dir.join("img2dataset-out");
@@ -293,27 +294,45 @@ fn run_img2dataset(
     measure(cmd, "img2dataset")
 }
 
-/// Installs img2dataset into `venv` (from PyPI) unless it is already there.
-fn ensure_img2dataset(venv: &Path) -> anyhow::Result<PathBuf> {
-    let bin = venv.join("bin/img2dataset");
-    if bin.is_file() {
-        return Ok(bin);
+/// The Python of `venv` with `packages` installed from PyPI (creating the venv and
+/// installing on first use); `probe` is an import line that must succeed afterwards.
+pub(crate) fn ensure_venv(venv: &Path, packages: &[&str], probe: &str) -> anyhow::Result<PathBuf> {
+    let python = venv.join("bin/python");
+    let works = |py: &Path| {
+        Command::new(py)
+            .args(["-c", probe])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if python.is_file() && works(&python) {
+        return Ok(python);
     }
-    eprintln!("installing img2dataset into {} ...", venv.display());
-    let ok = Command::new("python3")
-        .arg("-m")
-        .arg("venv")
-        .arg(venv)
-        .status()?
-        .success()
-        && Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "img2dataset"])
+    eprintln!(
+        "installing {} into {} ...",
+        packages.join(", "),
+        venv.display()
+    );
+    let created = python.is_file()
+        || Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(venv)
             .status()?
             .success();
-    if !ok || !bin.is_file() {
-        bail!("could not install img2dataset into {}", venv.display());
+    let installed = created
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "-q"])
+            .args(packages)
+            .status()?
+            .success();
+    if !installed || !works(&python) {
+        bail!(
+            "could not install {} into {}",
+            packages.join(", "),
+            venv.display()
+        );
     }
-    Ok(bin)
+    Ok(python)
 }
 
 /// Runs `cmd` to completion, sampling the resident memory of its whole process tree.

@@ -181,7 +181,11 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
 
     let mut peer = None;
     if !args.no_peer {
-        let python = ensure_peer(&args.venv)?;
+        let python = crate::bench::ensure_venv(
+            &args.venv,
+            &["torch", "transformers", "pillow", "numpy", "safetensors"],
+            "import torch, transformers, PIL, numpy",
+        )?;
         let script = dir.join("peer_clip.py");
         std::fs::write(&script, PEER_SCRIPT)?;
         let probe_path = dir.join("probe.f32");
@@ -312,47 +316,4 @@ fn write_jpegs(dir: &Path, n: usize) -> anyhow::Result<PathBuf> {
         }
     }
     Ok(folder)
-}
-
-/// A venv with torch, transformers and pillow (installed from PyPI on first use).
-fn ensure_peer(venv: &Path) -> anyhow::Result<PathBuf> {
-    let python = venv.join("bin/python");
-    let probe = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import torch, transformers, PIL, numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if python.is_file() && probe(&python) {
-        return Ok(python);
-    }
-    eprintln!(
-        "installing torch, transformers and pillow into {} ...",
-        venv.display()
-    );
-    let ok = Command::new("python3")
-        .arg("-m")
-        .arg("venv")
-        .arg(venv)
-        .status()?
-        .success()
-        && Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "-q",
-                "torch",
-                "transformers",
-                "pillow",
-                "numpy",
-                "safetensors",
-            ])
-            .status()?
-            .success();
-    if !ok || !probe(&python) {
-        bail!(
-            "could not install the transformers peer into {}",
-            venv.display()
-        );
-    }
-    Ok(python)
 }

@@ -122,7 +122,7 @@ pub fn bench_score(args: &BenchScoreArgs) -> anyhow::Result<()> {
     if args.no_peer {
         return Ok(());
     }
-    let python = ensure_peer(&args.venv)?;
+    let python = crate::bench::ensure_venv(&args.venv, &["pycocoevalcap"], "import pycocoevalcap")?;
     let script = args.dir.join("peer_score.py");
     std::fs::write(&script, PEER)?;
     let out = Command::new(&python)
@@ -152,34 +152,4 @@ pub fn bench_score(args: &BenchScoreArgs) -> anyhow::Result<()> {
         println!("{metric:<8} {v:>12.6} {t:>14.6} {:>10.2e}", (v - t).abs());
     }
     Ok(())
-}
-
-/// A venv with pycocoevalcap (PyPI) unless present.
-fn ensure_peer(venv: &Path) -> anyhow::Result<PathBuf> {
-    let python = venv.join("bin/python");
-    let probe = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import pycocoevalcap"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if python.is_file() && probe(&python) {
-        return Ok(python);
-    }
-    eprintln!("installing pycocoevalcap into {} ...", venv.display());
-    let ok = (python.is_file()
-        || Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(venv)
-            .status()?
-            .success())
-        && Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "pycocoevalcap"])
-            .status()?
-            .success();
-    if !ok || !probe(&python) {
-        bail!("could not install pycocoevalcap into {}", venv.display());
-    }
-    Ok(python)
 }

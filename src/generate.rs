@@ -88,21 +88,12 @@ impl GenerateConfig {
     }
 }
 
-/// The directory of training stage `stage`'s output: in this run, else the newest run.
+/// The directory of training stage `stage`'s output (it has a best checkpoint): in this
+/// run, else the newest run.
 pub fn find_stage_dir(ctx: &StageContext, stage: &str) -> Option<PathBuf> {
-    let here = ctx.run_dir.join(stage);
-    if here.join("captioner.json").is_file() {
-        return Some(here);
-    }
-    let mut runs: Vec<PathBuf> = std::fs::read_dir(ctx.workdir.join("runs"))
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    runs.sort();
-    runs.into_iter()
-        .rev()
-        .map(|r| r.join(stage))
-        .find(|d| d.join("captioner.json").is_file() && d.join("best/model.safetensors").is_file())
+    let best = ctx.find_in_runs(&format!("{stage}/best/model.safetensors"))?;
+    let dir = best.parent()?.parent()?.to_path_buf();
+    dir.join("captioner.json").is_file().then_some(dir)
 }
 
 /// A captioner manifest for the untrained baseline: a trained model's when there is one

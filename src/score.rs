@@ -8,7 +8,7 @@
 //! METEOR is not computed yet (it needs METEOR 1.5's stemmer, synonym and paraphrase tables).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -154,7 +154,7 @@ fn embed_texts(clip: &ClipEmbedder, texts: &[String]) -> Result<Vec<Vec<f32>>> {
 
 /// Runs the score stage over this run's (else the newest run's) generations.
 pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
-    let path = find_generations(ctx).ok_or_else(|| Error::Config("no generations.parquet in this run or an earlier one; run `pipeline run generate` first".into()))?;
+    let path = ctx.find_in_runs("generations.parquet").ok_or_else(|| Error::Config("no generations.parquet in this run or an earlier one; run `pipeline run generate` first".into()))?;
     let rows: Vec<GenerationRow> = read_parquet(&path)?;
     let mut groups: BTreeMap<(String, String, String, String), Vec<&GenerationRow>> =
         BTreeMap::new();
@@ -297,22 +297,6 @@ pub fn summary_table(rows: &[SummaryRow]) -> String {
         .map(|((m, d), v)| format!("{m}/{d}: {}", v.join(", ")))
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-fn find_generations(ctx: &StageContext) -> Option<PathBuf> {
-    let here = ctx.run_dir.join("generations.parquet");
-    if here.is_file() {
-        return Some(here);
-    }
-    let mut runs: Vec<PathBuf> = std::fs::read_dir(ctx.workdir.join("runs"))
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    runs.sort();
-    runs.into_iter()
-        .rev()
-        .map(|r| r.join("generations.parquet"))
-        .find(|p| p.is_file())
 }
 
 /// `(image_id, caption)` pairs of a COCO-format JSON (`{"annotations": [...]}` or a list),

@@ -39,6 +39,25 @@ impl StageContext {
     pub fn metrics_path(&self) -> PathBuf {
         self.run_dir.join("metrics.parquet")
     }
+
+    /// `relative` inside this run's directory if it exists there, else in the newest run
+    /// (by name order) that has it: how a stage finds an earlier stage's output when it runs
+    /// on its own.
+    pub fn find_in_runs(&self, relative: &str) -> Option<PathBuf> {
+        let here = self.run_dir.join(relative);
+        if here.exists() {
+            return Some(here);
+        }
+        let mut runs: Vec<PathBuf> = std::fs::read_dir(self.workdir.join("runs"))
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        runs.sort();
+        runs.into_iter()
+            .rev()
+            .map(|r| r.join(relative))
+            .find(|p| p.exists())
+    }
 }
 
 /// One padded batch, built off the training thread.
