@@ -22,6 +22,7 @@ pub mod loopback;
 pub mod metrics;
 pub mod npy;
 pub mod plan;
+pub mod preference;
 pub mod progress;
 pub mod records;
 pub mod report;
