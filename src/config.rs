@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::captioner::CaptionerConfig;
+use crate::dpo::PreferenceConfig;
 use crate::embed::EmbedConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::generate::GenerateConfig;
@@ -34,6 +35,12 @@ pub struct Config {
     pub captioner: CaptionerConfig,
     #[serde(default)]
     pub train_sft: TrainConfig,
+    #[serde(default)]
+    pub preference: PreferenceConfig,
+    #[serde(default)]
+    pub train_dpo: TrainConfig,
+    #[serde(default)]
+    pub train_orpo: TrainConfig,
     #[serde(default)]
     pub generate: GenerateConfig,
     #[serde(default)]

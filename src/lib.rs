@@ -11,6 +11,7 @@ pub mod chart;
 pub mod cli;
 pub mod clip;
 pub mod config;
+pub mod dpo;
 pub mod embed;
 pub mod error;
 pub mod features;

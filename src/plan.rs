@@ -47,13 +47,13 @@ pub const STAGES: &[StageInfo] = &[
     StageInfo {
         name: "train-dpo",
         description: "direct preference optimisation (sigmoid/hinge/IPO/robust) from the SFT model",
-        built: false,
+        built: true,
         uses_gpu: true,
     },
     StageInfo {
         name: "train-orpo",
         description: "odds-ratio preference optimisation (reference-free)",
-        built: false,
+        built: true,
         uses_gpu: true,
     },
     StageInfo {

@@ -150,6 +150,18 @@ fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions, ctx: &StageContext) ->
         }
         "embed" => Ok(crate::embed::run(&plan.config, &opts.workdir, opts.gpu)?.to_string()),
         "train-sft" => crate::sft::run(&plan.config, ctx),
+        "train-dpo" => crate::dpo::run(
+            &plan.config,
+            ctx,
+            crate::dpo::Method::Dpo,
+            &plan.config.train_dpo,
+        ),
+        "train-orpo" => crate::dpo::run(
+            &plan.config,
+            ctx,
+            crate::dpo::Method::Orpo,
+            &plan.config.train_orpo,
+        ),
         "generate" => crate::generate::run(&plan.config, ctx),
         "score" => crate::score::run(&plan.config, ctx),
         "report" => crate::report::run(ctx),

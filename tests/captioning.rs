@@ -34,7 +34,14 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     let work = tmp.path();
     let (out, log) = pipeline(&["run", "--set", "train_sft.epochs=25"], work);
     assert!(out.status.success(), "{log}");
-    for step in ["ingest", "embed", "train-sft", "generate", "score"] {
+    for step in [
+        "ingest",
+        "embed",
+        "train-sft",
+        "train-dpo",
+        "generate",
+        "score",
+    ] {
         assert!(
             log.contains(&format!("step {step}: done")),
             "{step}:\n{log}"
@@ -64,8 +71,8 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     let gens: Vec<GenerationRow> = read_parquet(&run.join("generations.parquet")).unwrap();
     assert_eq!(
         gens.len(),
-        2 * 2 * 64,
-        "untrained + train-sft, greedy + beam, 64 val images"
+        3 * 2 * 64,
+        "untrained, train-sft and train-dpo; greedy and beam; 64 val images"
     );
     assert!(gens
         .iter()
@@ -122,9 +129,9 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     assert_eq!(
         scores
             .lines()
-            .filter(|l| l.contains("untrained") || l.contains("train-sft"))
+            .filter(|l| l.contains("untrained") || l.contains("train-"))
             .count(),
-        4,
+        6,
         "{scores}"
     );
     assert!(report.join("training.parquet").is_file() && report.join("scores.parquet").is_file());

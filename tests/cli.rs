@@ -105,11 +105,10 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
     assert!(log.contains("step ingest: done"), "{log}");
     assert!(log.contains("step embed: done"), "{log}");
     assert!(log.contains("step train-sft: done"), "{log}");
-    assert!(log.contains("step train-dpo: NOT BUILT YET"), "{log}");
-    assert!(
-        log.contains("not built yet in this version (not run): train-dpo"),
-        "{log}"
-    );
+    for step in ["train-dpo", "generate", "score", "report"] {
+        assert!(log.contains(&format!("step {step}: done")), "{log}");
+    }
+    assert!(!log.contains("NOT BUILT"), "{log}");
     // The embedded tiny CLIP was generated and the features cached.
     assert!(dir
         .path()
@@ -148,10 +147,9 @@ fn validate_reports_all_plan_errors_at_once() {
     }
     let (out, log) = pipeline(&["validate", "default"], dir.path());
     assert!(out.status.success(), "{log}");
-    assert!(
-        log.contains("train-dpo <- train-sft  [not built yet]"),
-        "{log}"
-    );
+    assert!(log.contains("train-dpo <- train-sft\n"), "{log}");
+    assert!(log.contains("generate <- train-sft, train-dpo\n"), "{log}");
+    assert!(!log.contains("[not built yet]"), "{log}");
     assert!(log.contains("embed <- ingest\n"), "{log}");
     assert!(log.contains("train-sft <- embed\n"), "{log}");
 }
