@@ -17,7 +17,7 @@ use arrow::array::{Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use crossbeam_channel::{bounded, Receiver};
+use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
@@ -29,8 +29,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::generate::find_stage_dir;
 use crate::preference::{dpo_loss, orpo_loss, DpoLoss};
 use crate::records::PreferencePair;
-use crate::rng::SplitMix64;
-use crate::sft::{pad_batch, CaptionBatch, StageContext};
+use crate::sft::{pad_batch, shard_batches, CaptionBatch, StageContext};
 use crate::shard::{read_parquet, ShardSet};
 use crate::train::{fit, FitOutput, Objective, StepOutput, TrainConfig};
 
@@ -334,49 +333,34 @@ struct PreferenceObjective {
 
 impl PreferenceObjective {
     fn batches(&self, split: &PairSplit, shuffle: Option<usize>) -> Receiver<Result<PairBatch>> {
-        let (tx, rx) = bounded(4);
-        let (split, refs, tok, eos) = (
-            split.clone(),
+        let (refs, tok, eos, max) = (
             self.refs.clone(),
             self.model.tokenizer.clone(),
             self.model.eos,
+            self.max_tokens,
         );
-        let (bs, max, seed) = (self.batch_size.max(1), self.max_tokens, self.seed);
-        std::thread::spawn(move || {
-            let mut order: Vec<usize> = (0..split.shards.len()).collect();
-            let mut rng = shuffle.map(|e| SplitMix64::derived(seed, &format!("pairs-epoch-{e}")));
-            if let Some(rng) = rng.as_mut() {
-                rng.shuffle(&mut order);
-            }
-            for i in order {
-                let mut rows = match split.load(i) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                if let Some(rng) = rng.as_mut() {
-                    rng.shuffle(&mut rows);
-                }
-                for chunk in rows.chunks(bs) {
-                    let batch = (|| -> Result<PairBatch> {
-                        let lookup =
-                            |r: &PairRow| refs.get(&r.pair_id).copied().unwrap_or((0.0, 0.0));
-                        Ok(PairBatch {
-                            chosen: side_batch(chunk, true, &tok, eos, max)?,
-                            rejected: side_batch(chunk, false, &tok, eos, max)?,
-                            ref_chosen: chunk.iter().map(|r| lookup(r).0).collect(),
-                            ref_rejected: chunk.iter().map(|r| lookup(r).1).collect(),
-                        })
-                    })();
-                    if tx.send(batch).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        rx
+        let loader = {
+            let split = split.clone();
+            move |i: usize| split.load(i)
+        };
+        let make = move |chunk: &[PairRow]| -> Result<PairBatch> {
+            let lookup = |r: &PairRow| refs.get(&r.pair_id).copied().unwrap_or((0.0, 0.0));
+            Ok(PairBatch {
+                chosen: side_batch(chunk, true, &tok, eos, max)?,
+                rejected: side_batch(chunk, false, &tok, eos, max)?,
+                ref_chosen: chunk.iter().map(|r| lookup(r).0).collect(),
+                ref_rejected: chunk.iter().map(|r| lookup(r).1).collect(),
+            })
+        };
+        let shuffle = shuffle.map(|epoch| (self.seed, format!("pairs-epoch-{epoch}")));
+        shard_batches(
+            split.shards.len(),
+            loader,
+            make,
+            self.batch_size,
+            shuffle,
+            4,
+        )
     }
 }
 

@@ -147,38 +147,24 @@ impl CaptionedSplit {
         shuffle_seed: Option<(u64, usize)>,
         capacity: usize,
     ) -> Receiver<Result<CaptionBatch>> {
-        let (tx, rx) = bounded(capacity.max(1));
         let (split, tok) = (self.clone(), tok.clone());
-        std::thread::spawn(move || {
-            let mut order: Vec<usize> = (0..split.entries.len()).collect();
-            let mut rng = shuffle_seed
-                .map(|(seed, epoch)| SplitMix64::derived(seed, &format!("sft-epoch-{epoch}")));
-            if let Some(rng) = rng.as_mut() {
-                rng.shuffle(&mut order);
-            }
-            for i in order {
-                let mut rows = match split.load(i) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                if let Some(rng) = rng.as_mut() {
-                    rng.shuffle(&mut rows);
-                }
-                for chunk in rows.chunks(batch_size.max(1)) {
-                    let built: Result<Vec<(Vec<f32>, Vec<u32>)>> = chunk
-                        .iter()
-                        .map(|(_, e, c)| Ok((e.clone(), caption_ids(&tok, eos, c, max_tokens)?)))
-                        .collect();
-                    if tx.send(built.map(|rows| pad_batch(rows, eos))).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        rx
+        let loader = move |i: usize| split.load(i);
+        let make = move |chunk: &[(String, Vec<f32>, String)]| -> Result<CaptionBatch> {
+            let rows = chunk
+                .iter()
+                .map(|(_, e, c)| Ok((e.clone(), caption_ids(&tok, eos, c, max_tokens)?)))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(pad_batch(rows, eos))
+        };
+        let shuffle = shuffle_seed.map(|(seed, epoch)| (seed, format!("sft-epoch-{epoch}")));
+        shard_batches(
+            self.entries.len(),
+            loader,
+            make,
+            batch_size,
+            shuffle,
+            capacity,
+        )
     }
 
     /// Batches per pass at `batch_size` (each shard's last batch may be short).
@@ -188,6 +174,53 @@ impl CaptionedSplit {
             .map(|e| (e.manifest.rows as usize).div_ceil(batch_size.max(1)))
             .sum()
     }
+}
+
+/// The one batch loader of the trainers: a thread walks `shards` shards (in a seeded order
+/// when `shuffle` gives a seed and a label, else in order), loads each with `load`, shuffles
+/// its rows with the same generator, and sends `make`'s batches of `batch_size` rows over a
+/// bounded channel. The first error is sent and ends the stream; dropping the receiver
+/// stops the thread.
+pub fn shard_batches<R, B>(
+    shards: usize,
+    load: impl Fn(usize) -> Result<Vec<R>> + Send + 'static,
+    make: impl Fn(&[R]) -> Result<B> + Send + 'static,
+    batch_size: usize,
+    shuffle: Option<(u64, String)>,
+    capacity: usize,
+) -> Receiver<Result<B>>
+where
+    R: Send + 'static,
+    B: Send + 'static,
+{
+    let (tx, rx) = bounded(capacity.max(1));
+    std::thread::spawn(move || {
+        let mut order: Vec<usize> = (0..shards).collect();
+        let mut rng = shuffle.map(|(seed, label)| SplitMix64::derived(seed, &label));
+        if let Some(rng) = rng.as_mut() {
+            rng.shuffle(&mut order);
+        }
+        for i in order {
+            let mut rows = match load(i) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            if let Some(rng) = rng.as_mut() {
+                rng.shuffle(&mut rows);
+            }
+            for chunk in rows.chunks(batch_size.max(1)) {
+                let batch = make(chunk);
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Tensors of a batch on `device`.
