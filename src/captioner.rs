@@ -875,9 +875,7 @@ mod tests {
     use super::*;
 
     fn fixture(p: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/hf-tiny")
-            .join(p)
+        crate::hf_tiny_fixture(p)
     }
 
     fn cfg(mapper: MapperKind, freeze: bool) -> CaptionerConfig {

@@ -432,9 +432,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture(p: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/hf-tiny")
-            .join(p)
+        crate::hf_tiny_fixture(p)
     }
 
     fn reference(name: &str) -> serde_json::Value {

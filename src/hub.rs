@@ -50,14 +50,8 @@ impl HubClient {
         revision: &str,
         patterns: &[String],
     ) -> Result<Vec<HubFile>> {
-        let hub_err = |message: String| Error::Hub {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-            message,
-        };
-        let (owner, name) = repo
-            .split_once('/')
-            .ok_or_else(|| hub_err("repository id must be `owner/name`".into()))?;
+        let hub_err = hub_error(repo, revision);
+        let (owner, name) = split_repo(repo, revision)?;
         let handle = self.client.dataset(owner, name);
         let tree = handle
             .list_tree()
@@ -95,19 +89,11 @@ impl HubClient {
             })
             .collect()
     }
-}
 
-impl HubClient {
     /// Downloads one file of model repo `repo` at `revision` (the hf-hub cache makes repeats free).
     pub fn model_file(&self, repo: &str, revision: &str, filename: &str) -> Result<HubFile> {
-        let hub_err = |message: String| Error::Hub {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-            message,
-        };
-        let (owner, name) = repo
-            .split_once('/')
-            .ok_or_else(|| hub_err("repository id must be `owner/name`".into()))?;
+        let hub_err = hub_error(repo, revision);
+        let (owner, name) = split_repo(repo, revision)?;
         let local = self
             .client
             .model(owner, name)
@@ -123,6 +109,21 @@ impl HubClient {
             commit,
         })
     }
+}
+
+/// Errors about `repo` at `revision`.
+fn hub_error<'a>(repo: &'a str, revision: &'a str) -> impl Fn(String) -> Error + 'a {
+    move |message| Error::Hub {
+        repo: repo.to_string(),
+        revision: revision.to_string(),
+        message,
+    }
+}
+
+/// `owner/name` split in two; anything else is an error naming the repo.
+fn split_repo<'a>(repo: &'a str, revision: &str) -> Result<(&'a str, &'a str)> {
+    repo.split_once('/')
+        .ok_or_else(|| hub_error(repo, revision)("repository id must be `owner/name`".into()))
 }
 
 /// The commit hash from an hf-hub cache path `.../snapshots/<commit>/<path>`.

@@ -35,3 +35,11 @@ pub mod shard;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// Paths of the committed Hugging Face fixtures, for unit tests.
+#[cfg(test)]
+pub(crate) fn hf_tiny_fixture(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf-tiny")
+        .join(path)
+}

@@ -458,9 +458,7 @@ mod tests {
     use crate::npy::read_npy;
 
     fn fixture(p: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/hf-tiny")
-            .join(p)
+        crate::hf_tiny_fixture(p)
     }
 
     fn reference() -> serde_json::Value {
