@@ -24,6 +24,8 @@ pub enum BenchCommand {
     Embed(crate::bench_embed::BenchEmbedArgs),
     /// BLEU/ROUGE-L/CIDEr-D on N candidate/reference sets, vs pycocoevalcap.
     Score(crate::bench_score::BenchScoreArgs),
+    /// Captioner training steps with a GPT-2-small-size decoder, vs PyTorch.
+    TrainSft(crate::bench_train::BenchTrainSftArgs),
 }
 
 #[derive(Debug, Args)]
@@ -62,7 +64,15 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Ingest(args) => bench_ingest(&args),
         BenchCommand::Embed(args) => crate::bench_embed::bench_embed(&args),
         BenchCommand::Score(args) => crate::bench_score::bench_score(&args),
+        BenchCommand::TrainSft(args) => crate::bench_train::bench_train_sft(&args),
     }
+}
+
+/// `--source-size WIDTHxHEIGHT`.
+pub(crate) fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
+    s.split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .with_context(|| format!("--source-size {s}: expected WIDTHxHEIGHT"))
 }
 
 /// Resource use of one measured child process tree.
@@ -76,11 +86,7 @@ pub(crate) struct Measured {
 }
 
 fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
-    let (w, h) = args
-        .source_size
-        .split_once('x')
-        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
-        .context("--source-size must be WIDTHxHEIGHT")?;
+    let (w, h) = parse_size(&args.source_size)?;
     std::fs::create_dir_all(&args.dir)?;
     let dir = args.dir.canonicalize()?;
     let images: Vec<Arc<Vec<u8>>> = (0..args.distinct.max(1))

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::bench::{measure, source_jpeg, Measured};
+use crate::bench::{measure, parse_size, source_jpeg, Measured};
 use crate::clip::model::{ClipEmbedder, ClipModelFiles};
 use crate::clip::tiny::{ensure_tiny_clip, TinyClipSpec};
 use crate::embed::{device_for, ComputeDtype};
@@ -33,12 +33,24 @@ pub struct BenchEmbedArgs {
     /// CPU threads for both tools; 0 = all cores.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Run prefcap on this CUDA device (needs `--features cuda`); the peer stays on the CPU.
+    /// Run both tools on this CUDA device (prefcap needs `--features cuda`).
     #[arg(long)]
     pub gpu: Option<usize>,
-    /// Compute precision for prefcap on a GPU: f32, f16 or bf16.
+    /// Compute precision on a GPU, for both tools: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// The GPU's dense f16/bf16 tensor peak in TFLOP/s, for the "% of peak" column
+    /// (H100 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
+    /// Size of the JPEGs of the end-to-end runs, WIDTHxHEIGHT (ingest stores CC images at
+    /// 256 on the short side; 640x480 is a typical downloaded photo).
+    #[arg(long, default_value = "640x480")]
+    pub source_size: String,
+    /// Also print where the model's time goes, stage by stage (device synchronised at every
+    /// stage boundary, so the stages sum to more than the model-only time).
+    #[arg(long)]
+    pub profile: bool,
     /// Skip transformers (measure prefcap alone).
     #[arg(long)]
     pub no_peer: bool,
@@ -61,20 +73,29 @@ try:
 except ImportError:
     from transformers import CLIPImageProcessor as Processor
 mode, ckpt, threads, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+device = torch.device(os.environ.get("PEER_DEVICE", "cpu"))
+dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[os.environ.get("PEER_DTYPE", "f32")]
 torch.set_num_threads(threads)
-model = CLIPVisionModelWithProjection.from_pretrained(ckpt, attn_implementation="sdpa").eval()
+model = CLIPVisionModelWithProjection.from_pretrained(ckpt, attn_implementation="sdpa").eval().to(device, dtype)
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+def embed(px):
+    return model(pixel_values=px.to(device, dtype)).image_embeds.float().cpu().numpy()
 with torch.inference_mode():
     if mode == "model":
         n, pixels_path, out_path = int(sys.argv[5]), sys.argv[6], sys.argv[7]
         px = torch.from_numpy(np.fromfile(pixels_path, dtype=np.float32).reshape(-1, 3, 224, 224))
-        emb = model(pixel_values=px).image_embeds.numpy().astype(np.float32)
-        emb.tofile(out_path)
-        x = torch.randn(batch, 3, 224, 224)
-        model(pixel_values=x)
+        embed(px).astype(np.float32).tofile(out_path)
+        x = torch.randn(batch, 3, 224, 224).to(device, dtype)
+        for _ in range(3):
+            model(pixel_values=x)
+        sync()
         done, t0 = 0, time.perf_counter()
         while done < n:
             model(pixel_values=x)
             done += batch
+        sync()
         print(json.dumps({"images_per_s": done / (time.perf_counter() - t0)}))
     else:
         folder, out_path = sys.argv[5], sys.argv[6]
@@ -84,7 +105,7 @@ with torch.inference_mode():
         for i in range(0, len(files), batch):
             ims = [Image.open(f).convert("RGB") for f in files[i:i + batch]]
             px = proc(images=ims, return_tensors="pt")["pixel_values"]
-            outs.append(model(pixel_values=px).image_embeds.numpy())
+            outs.append(embed(px))
         np.save(out_path, np.concatenate(outs))
 "#;
 
@@ -121,34 +142,56 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
         .map(|_| (rng.unit_f64() * 4.0 - 2.0) as f32)
         .collect();
     let ours_probe: Vec<f32> = model.embed_pixels(&probe, 4)?.flatten_all()?.to_vec1()?;
+    // The same network on the CPU in f32: how far the GPU path (and its precision) moves
+    // the numbers.
+    let cpu_diff = if device.is_cpu() {
+        None
+    } else {
+        let cpu = ClipEmbedder::load(
+            &ClipModelFiles::from_dir(&ckpt)?,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )?;
+        let on_cpu: Vec<f32> = cpu.embed_pixels(&probe, 4)?.flatten_all()?.to_vec1()?;
+        Some(max_abs_diff(&ours_probe, &on_cpu))
+    };
+    // Model only: the pixels are already on the device, in the compute dtype, as for the peer.
     let pixels: Vec<f32> = probe
         .iter()
         .cycle()
         .take(args.batch * 3 * 224 * 224)
         .copied()
         .collect();
-    model
-        .embed_pixels(&pixels, args.batch)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let x = candle_core::Tensor::from_vec(pixels, (args.batch, 3, 224, 224), &device)?
+        .to_dtype(candle_dtype)?;
+    for _ in 0..3 {
+        model.embed_pixel_tensor(&x)?.to_vec2::<f32>()?;
+    }
     let (mut done, start) = (0, Instant::now());
     while done < args.images {
-        model
-            .embed_pixels(&pixels, args.batch)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let out = model.embed_pixel_tensor(&x)?;
         done += args.batch;
+        if done >= args.images {
+            out.to_vec2::<f32>()?;
+        }
     }
     let ours_model = done as f64 / start.elapsed().as_secs_f64();
-    drop(model);
+    let flops = model.image_flops();
+    let profile = if args.profile {
+        Some(model.profile_pixel_tensor(&x, 4)?)
+    } else {
+        None
+    };
+    drop((model, x));
 
     // End to end from JPEG files.
-    let folder = write_jpegs(&dir, args.images)?;
+    let size = parse_size(&args.source_size)?;
+    let folder = write_jpegs(&dir, args.images, size)?;
     let e2e = |n: usize, tag: &str| -> anyhow::Result<Measured> {
         let images = if n == args.images {
             folder.clone()
         } else {
-            write_jpegs(&dir, n)?
+            write_jpegs(&dir, n, size)?
         };
         let work = dir.join(format!("work-{tag}"));
         let _ = std::fs::remove_dir_all(&work);
@@ -210,6 +253,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
             .arg(&probe_path)
             .arg(&peer_probe)
             .env("OMP_NUM_THREADS", threads.to_string())
+            .envs(peer_env(args))
             .output()?;
         if !out.status.success() {
             bail!(
@@ -223,11 +267,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let diff = ours_probe
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_abs_diff(&ours_probe, &theirs);
         let scale = theirs.iter().map(|x| x.abs()).fold(0f32, f32::max);
         eprintln!("transformers end to end on {} JPEGs ...", args.images);
         let mut cmd = Command::new(&python);
@@ -240,13 +280,18 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
             ])
             .arg(&folder)
             .arg(dir.join("peer_e2e.npy"))
-            .env("OMP_NUM_THREADS", threads.to_string());
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .envs(peer_env(args));
         let peer_e2e = measure(cmd, "transformers")?;
         peer = Some((peer_model, peer_e2e, diff, scale));
     }
 
+    let on = match args.gpu {
+        Some(g) => format!("CUDA device {g}, {}", args.dtype),
+        None => format!("CPU, {threads} thread(s), f32"),
+    };
     println!(
-        "\nCLIP ViT-B/32 image embeddings, {threads} thread(s), batch {}",
+        "\nCLIP ViT-B/32 image embeddings, {on}, batch {}",
         args.batch
     );
     println!(
@@ -257,6 +302,36 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
         "{:<26} {:>12.1} {:>16} {:>14}",
         "prefcap model only", ours_model, "", ""
     );
+    let tflops = ours_model * flops / 1e12;
+    print!(
+        "prefcap model forward: {:.2} GFLOP per image, {tflops:.1} TFLOP/s",
+        flops / 1e9
+    );
+    if args.gpu.is_some() {
+        print!(
+            " = {:.1}% of the {:.0} TFLOP/s peak",
+            100.0 * tflops / args.peak_tflops,
+            args.peak_tflops
+        );
+    }
+    println!();
+    if let Some(stages) = &profile {
+        let total: f64 = stages.iter().map(|(_, t)| t).sum();
+        println!("\nwhere the model's time goes (synchronised per stage, summed over layers):");
+        for (stage, t) in stages {
+            println!(
+                "  {stage:<22} {:>9.2} ms per batch {:>6.1}%",
+                1e3 * t / 4.0,
+                100.0 * t / total
+            );
+        }
+    }
+    if let Some(d) = cpu_diff {
+        println!(
+            "prefcap GPU ({}) vs prefcap CPU (f32), same pixels: max abs diff {d:.2e}",
+            args.dtype
+        );
+    }
     let row = |name: &str, n: usize, m: &Measured| {
         println!(
             "{name:<26} {:>12.1} {:>16.1} {:>14.1}",
@@ -292,20 +367,38 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `n` photo-like 640×480 JPEGs in their own folder (32 distinct images, hard-linked).
-fn write_jpegs(dir: &Path, n: usize) -> anyhow::Result<PathBuf> {
-    let folder = dir.join(format!("jpegs-{n}"));
+/// Where and in which precision the peer runs: the same as prefcap.
+fn peer_env(args: &BenchEmbedArgs) -> Vec<(&'static str, String)> {
+    match args.gpu {
+        Some(g) => vec![
+            ("PEER_DEVICE", format!("cuda:{g}")),
+            ("PEER_DTYPE", args.dtype.clone()),
+        ],
+        None => vec![("PEER_DEVICE", "cpu".into()), ("PEER_DTYPE", "f32".into())],
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// `n` photo-like JPEGs of `w`×`h` in their own folder (32 distinct images, hard-linked).
+fn write_jpegs(dir: &Path, n: usize, (w, h): (u32, u32)) -> anyhow::Result<PathBuf> {
+    let folder = dir.join(format!("jpegs-{w}x{h}-{n}"));
     if folder.is_dir() && std::fs::read_dir(&folder)?.count() == n {
         return Ok(folder);
     }
     let _ = std::fs::remove_dir_all(&folder);
     std::fs::create_dir_all(&folder)?;
-    let sources = dir.join("sources");
+    let sources = dir.join(format!("sources-{w}x{h}"));
     std::fs::create_dir_all(&sources)?;
     for i in 0..32 {
         let p = sources.join(format!("{i}.jpg"));
         if !p.is_file() {
-            std::fs::write(&p, source_jpeg(i, 640, 480).map_err(anyhow::Error::msg)?)?;
+            std::fs::write(&p, source_jpeg(i, w, h).map_err(anyhow::Error::msg)?)?;
         }
     }
     for i in 0..n {

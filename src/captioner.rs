@@ -129,10 +129,50 @@ impl DecoderFiles {
 
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
-/// Writes the embedded tiny GPT-2 (HF layout: `transformer.` keys, Conv1D `[in, out]`,
-/// tied head) with a byte-level BPE trained on the synthetic captions, unless present.
+/// Shape of a randomly initialised GPT-2 checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gpt2Spec {
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_positions: usize,
+    /// Embedding rows; `None` = the size of the synthetic-caption BPE.
+    pub vocab: Option<usize>,
+}
+
+impl Gpt2Spec {
+    /// The embedded default's decoder.
+    pub const TINY: Gpt2Spec = Gpt2Spec {
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_positions: 64,
+        vocab: None,
+    };
+    /// The size of Hugging Face `gpt2` (124M parameters), for benchmarks.
+    pub const SMALL: Gpt2Spec = Gpt2Spec {
+        n_embd: 768,
+        n_layer: 12,
+        n_head: 12,
+        n_positions: 1024,
+        vocab: Some(50257),
+    };
+}
+
+/// Writes the embedded tiny GPT-2 unless present.
 pub fn ensure_tiny_gpt2(dir: &Path, seed: u64) -> Result<PathBuf> {
-    let stamp = format!("tiny-gpt2-v1 seed {seed}");
+    ensure_random_gpt2(dir, &Gpt2Spec::TINY, seed)
+}
+
+/// Writes a GPT-2 checkpoint of shape `spec` with GPT-2's random initialisation (HF layout:
+/// `transformer.` keys, Conv1D `[in, out]`, tied head) and a byte-level BPE trained on the
+/// synthetic captions, unless the same one is present.
+pub fn ensure_random_gpt2(dir: &Path, spec: &Gpt2Spec, seed: u64) -> Result<PathBuf> {
+    let stamp = if *spec == Gpt2Spec::TINY {
+        format!("tiny-gpt2-v1 seed {seed}")
+    } else {
+        format!("random-gpt2-v1 {spec:?} seed {seed}")
+    };
     let stamp_path = dir.join("prefcap-spec.txt");
     if std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
         return Ok(dir.to_path_buf());
@@ -143,9 +183,9 @@ pub fn ensure_tiny_gpt2(dir: &Path, seed: u64) -> Result<PathBuf> {
         .to_string(false)
         .map_err(|e| Error::Config(format!("serialising the tiny GPT-2 tokenizer: {e}")))?;
     write_atomic(&dir.join("tokenizer.json"), json_text.as_bytes())?;
-    let vocab = tok.get_vocab_size(true);
+    let vocab = spec.vocab.unwrap_or_else(|| tok.get_vocab_size(true));
     let eos = tok.token_to_id(END_OF_TEXT).unwrap_or(0);
-    let (d, layers, heads, positions) = (64usize, 2usize, 4usize, 64usize);
+    let (d, layers, heads, positions) = (spec.n_embd, spec.n_layer, spec.n_head, spec.n_positions);
     let config = json!({
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": vocab, "n_positions": positions, "n_embd": d, "n_layer": layers, "n_head": heads,

@@ -240,17 +240,18 @@ pub fn main() -> anyhow::Result<()> {
             }
             if let Some(out) = out {
                 let mut csv =
-                    String::from("image_id,bleu_1,bleu_2,bleu_3,bleu_4,rouge_l,cider_d\n");
-                for (id, b, r, c) in &per {
+                    String::from("image_id,bleu_1,bleu_2,bleu_3,bleu_4,meteor,rouge_l,cider_d\n");
+                for (id, t) in &per {
                     csv.push_str(&format!(
-                        "{},{},{},{},{},{},{}\n",
+                        "{},{},{},{},{},{},{},{}\n",
                         id.replace(',', " "),
-                        b[0],
-                        b[1],
-                        b[2],
-                        b[3],
-                        r,
-                        c
+                        t.bleu[0],
+                        t.bleu[1],
+                        t.bleu[2],
+                        t.bleu[3],
+                        t.meteor,
+                        t.rouge_l,
+                        t.cider_d
                     ));
                 }
                 crate::shard::write_atomic(&out, csv.as_bytes())?;

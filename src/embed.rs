@@ -248,12 +248,11 @@ impl ModelIdentity {
     }
 }
 
-/// One row of an ingest shard to embed.
+/// One image row of an ingest shard to embed (captions are read by `shard_captions`).
 #[derive(Debug, Clone)]
 struct EmbedRow {
     key: String,
     image: Option<Vec<u8>>,
-    caption: String,
 }
 
 /// Finished shards of the configured datasets, in a stable order.
@@ -302,7 +301,6 @@ fn load_rows(path: &Path) -> Result<(Vec<EmbedRow>, u64)> {
             .map(|f| EmbedRow {
                 key: story_frame_key(&f.story_id, f.frame_index),
                 image: Some(f.image),
-                caption: f.caption,
             })
             .collect();
         return Ok((rows, 0));
@@ -315,7 +313,6 @@ fn load_rows(path: &Path) -> Result<(Vec<EmbedRow>, u64)> {
         .map(|s| EmbedRow {
             key: s.key,
             image: s.image,
-            caption: s.caption,
         })
         .collect();
     let kept = rows.len() as u64;
@@ -374,9 +371,9 @@ pub fn run(cfg: &Config, workdir: &Path, gpu: Option<usize>) -> Result<EmbedSumm
     if !text_work.is_empty() {
         let progress = Progress::new("embed text", "shards", Some(text_work.len() as u64));
         for (path, key) in &text_work {
-            let (rows, _) = load_rows(path)?;
-            let keys: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
-            let captions: Vec<&str> = rows.iter().map(|r| r.caption.as_str()).collect();
+            let (rows, _) = crate::records::shard_captions(path)?;
+            let keys: Vec<String> = rows.iter().map(|(k, _)| k.clone()).collect();
+            let captions: Vec<&str> = rows.iter().map(|(_, c)| c.as_str()).collect();
             embed_texts_into(&model, &cache, key, &keys, &captions, cfg.embed.batch_size)?;
             summary.texts += keys.len() as u64;
             summary.computed += 1;
@@ -609,7 +606,11 @@ fn run_model(
                 Err(_) => break,
             }
         }
-        let mut pixels = Vec::new();
+        let per_image = items
+            .iter()
+            .find_map(|p| p.pixels.as_ref().ok().map(Vec::len))
+            .unwrap_or(0);
+        let mut pixels = Vec::with_capacity(per_image * items.len());
         let mut ok = Vec::new();
         for p in items {
             match p.pixels {
@@ -631,7 +632,9 @@ fn run_model(
         if ok.is_empty() {
             continue;
         }
-        let emb = model.embed_pixels(&pixels, ok.len()).map_err(stage_err)?;
+        let emb = model
+            .embed_pixel_batch(pixels, ok.len())
+            .map_err(stage_err)?;
         let flat: Vec<f32> = emb
             .flatten_all()
             .and_then(|t| t.to_vec1())

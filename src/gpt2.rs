@@ -123,8 +123,19 @@ impl Conv1D {
 
 impl Module for Conv1D {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+        matmul_rows(x, &self.weight)?.broadcast_add(&self.bias)
     }
+}
+
+/// `x (…, k) · w (k, n)` as one 2-D product over all rows of `x`. A broadcast batched product
+/// would materialise `w` (and, in backward, its gradient) once per batch row.
+fn matmul_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let rows = x.elem_count() / k.max(1);
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("rank ≥ 1") = w.dim(1)?;
+    x.contiguous()?.reshape((rows, k))?.matmul(w)?.reshape(out)
 }
 
 #[derive(Debug, Clone)]
@@ -350,9 +361,10 @@ impl Gpt2 {
         norm(&x, &self.ln_f, self.differentiable)
     }
 
-    /// The tied LM head: hidden `(…, d)` → logits `(…, vocab)`.
+    /// The tied LM head: hidden `(…, d)` → logits `(…, vocab)`. `hidden` may be a view (the
+    /// last position of a sequence).
     pub fn lm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        hidden.broadcast_matmul(&self.wte.t()?)
+        matmul_rows(hidden, &self.wte.t()?)
     }
 
     pub fn hidden_size(&self) -> usize {

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod bench_embed;
 pub mod bench_score;
+pub mod bench_train;
 pub mod captioner;
 pub mod chart;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod gpt2;
 pub mod hub;
 pub mod ingest;
 pub mod loopback;
+pub mod meteor;
 pub mod metrics;
 pub mod npy;
 pub mod plan;

@@ -195,6 +195,40 @@ fn field(name: &str, dt: DataType, nullable: bool) -> Field {
     Field::new(name, dt, nullable)
 }
 
+/// `(key, caption)` of the samples of an ingest shard that have an image (CC/synthetic
+/// samples whose download succeeded, every story frame), reading no image bytes; and the
+/// number of samples left out.
+pub fn shard_captions(path: &Path) -> Result<(Vec<(String, String)>, u64)> {
+    let batches = crate::shard::read_columns(
+        path,
+        &["key", "caption", "status", "story_id", "frame_index"],
+    )?;
+    let mut rows = Vec::new();
+    let mut skipped = 0u64;
+    for batch in &batches {
+        let caption = column::<StringArray>(batch, "caption", path)?;
+        if batch.column_by_name("story_id").is_some() {
+            let story = column::<StringArray>(batch, "story_id", path)?;
+            let frame = column::<Int32Array>(batch, "frame_index", path)?;
+            for i in 0..batch.num_rows() {
+                let key = crate::embed::story_frame_key(story.value(i), frame.value(i));
+                rows.push((key, caption.value(i).to_string()));
+            }
+            continue;
+        }
+        let key = column::<StringArray>(batch, "key", path)?;
+        let status = column::<StringArray>(batch, "status", path)?;
+        for i in 0..batch.num_rows() {
+            if SampleStatus::parse(status.value(i)).is_some_and(SampleStatus::is_success) {
+                rows.push((key.value(i).to_string(), caption.value(i).to_string()));
+            } else {
+                skipped += 1;
+            }
+        }
+    }
+    Ok((rows, skipped))
+}
+
 /// Typed access to a named column; the error names file, column and expected type.
 fn column<'a, A: Array + 'static>(
     batch: &'a RecordBatch,

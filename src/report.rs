@@ -125,6 +125,7 @@ pub fn scores_table(summary: DataFrame) -> Result<DataFrame> {
     let metrics = [
         "Bleu_1",
         "Bleu_4",
+        "METEOR",
         "ROUGE_L",
         "CIDEr",
         "CLIPScore",

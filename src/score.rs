@@ -1,11 +1,9 @@
 //! `pipeline run score`: caption metrics of `generations.parquet` against the dataset's
-//! references — BLEU-1..4, ROUGE-L and CIDEr-D as pycocoevalcap computes them (see
-//! [`crate::metrics`]), CLIPScore and RefCLIPScore with the embed stage's CLIP, and, on the
+//! references — BLEU-1..4, METEOR, ROUGE-L and CIDEr-D as pycocoevalcap computes them (see
+//! [`crate::metrics`] and [`crate::meteor`]; METEOR with its exact and stem modules), CLIPScore and RefCLIPScore with the embed stage's CLIP, and, on the
 //! synthetic world, attribute accuracy — into `scores.parquet` (one row per caption) and
 //! `scores_summary.parquet` (one row per model, method and metric). `pipeline score --refs
 //! --cands` scores any model's captions from COCO-format JSON, JSONL or Parquet files.
-//!
-//! METEOR is not computed yet (it needs METEOR 1.5's stemmer, synonym and paraphrase tables).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -18,6 +16,7 @@ use crate::config::Config;
 use crate::embed::{self, ModelIdentity};
 use crate::error::{Error, IoContext, Result};
 use crate::ingest::synthetic::{self, AttributeMatch};
+use crate::meteor::meteor;
 use crate::metrics::{bleu, cider_d, ptb_tokenize, rouge_l_corpus};
 use crate::records::{GenerationRow, ImageTextSample, Record};
 use crate::sft::StageContext;
@@ -46,6 +45,7 @@ pub struct ScoreRow {
     pub image_key: String,
     pub caption: String,
     pub bleu: [f64; 4],
+    pub meteor: f64,
     pub rouge_l: f64,
     pub cider_d: f64,
     pub clip_score: Option<f64>,
@@ -71,11 +71,21 @@ pub struct SetScores {
     pub corpus: BTreeMap<String, f64>,
 }
 
-/// BLEU, ROUGE-L and CIDEr-D of raw (untokenized) candidates against raw references.
+/// The n-gram metrics of one caption.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextScores {
+    pub bleu: [f64; 4],
+    pub meteor: f64,
+    pub rouge_l: f64,
+    pub cider_d: f64,
+}
+
+/// BLEU, METEOR, ROUGE-L and CIDEr-D of raw (untokenized) candidates against raw references,
+/// per caption and corpus-level under pycocoevalcap's names.
 pub fn text_metrics(
     candidates: &[String],
     references: &[Vec<String>],
-) -> (Vec<([f64; 4], f64, f64)>, BTreeMap<String, f64>) {
+) -> (Vec<TextScores>, BTreeMap<String, f64>) {
     let cands: Vec<String> = candidates.par_iter().map(|c| ptb_tokenize(c)).collect();
     let refs: Vec<Vec<String>> = references
         .par_iter()
@@ -86,17 +96,25 @@ pub fn text_metrics(
         .iter()
         .map(|rs| rs.iter().map(String::as_str).collect())
         .collect();
-    let (b_corpus, b_per) = bleu(&c, &r);
-    let (r_corpus, r_per) = rouge_l_corpus(&c, &r);
-    let (c_corpus, c_per) = cider_d(&c, &r);
+    let (((b_corpus, b_per), (m_corpus, m_per)), ((r_corpus, r_per), (c_corpus, c_per))) =
+        rayon::join(
+            || rayon::join(|| bleu(&c, &r), || meteor(&c, &r)),
+            || rayon::join(|| rouge_l_corpus(&c, &r), || cider_d(&c, &r)),
+        );
     let mut corpus = BTreeMap::new();
     for (k, v) in b_corpus.iter().enumerate() {
         corpus.insert(format!("Bleu_{}", k + 1), *v);
     }
+    corpus.insert("METEOR".into(), m_corpus);
     corpus.insert("ROUGE_L".into(), r_corpus);
     corpus.insert("CIDEr".into(), c_corpus);
     let per = (0..c.len())
-        .map(|i| (b_per[i], r_per[i], c_per[i]))
+        .map(|i| TextScores {
+            bleu: b_per[i],
+            meteor: m_per[i],
+            rouge_l: r_per[i],
+            cider_d: c_per[i],
+        })
         .collect();
     (per, corpus)
 }
@@ -262,9 +280,10 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
                 method: method.clone(),
                 image_key: g.image_key.clone(),
                 caption: g.caption.clone(),
-                bleu: per[i].0,
-                rouge_l: per[i].1,
-                cider_d: per[i].2,
+                bleu: per[i].bleu,
+                meteor: per[i].meteor,
+                rouge_l: per[i].rouge_l,
+                cider_d: per[i].cider_d,
                 clip_score: clip_scores[i],
                 ref_clip_score: ref_clip[i],
                 attribute_accuracy: attributes[i],
@@ -381,7 +400,7 @@ pub fn read_captions(path: &Path) -> Result<Vec<(String, String)>> {
 pub fn score_files(
     refs: &Path,
     cands: &Path,
-) -> Result<(BTreeMap<String, f64>, Vec<(String, [f64; 4], f64, f64)>)> {
+) -> Result<(BTreeMap<String, f64>, Vec<(String, TextScores)>)> {
     let mut by_image: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (id, c) in read_captions(refs)? {
         by_image.entry(id).or_default().push(c);
@@ -406,13 +425,7 @@ pub fn score_files(
     let c: Vec<String> = ids.iter().map(|i| cand_of[i].clone()).collect();
     let r: Vec<Vec<String>> = ids.iter().map(|i| by_image[i].clone()).collect();
     let (per, corpus) = text_metrics(&c, &r);
-    Ok((
-        corpus,
-        ids.into_iter()
-            .zip(per)
-            .map(|(i, (b, rl, cd))| (i, b, rl, cd))
-            .collect(),
-    ))
+    Ok((corpus, ids.into_iter().zip(per).collect()))
 }
 
 mod schema {
@@ -441,17 +454,18 @@ mod schema {
                 message: format!("missing or mistyped column `{n}`"),
             })
     }
+    /// The metric columns of `scores.parquet`; those from `clip_score` on are nullable.
     const SCORE_COLUMNS: [&str; 10] = [
         "bleu_1",
         "bleu_2",
         "bleu_3",
         "bleu_4",
+        "meteor",
         "rouge_l",
         "cider_d",
         "clip_score",
         "ref_clip_score",
         "attribute_accuracy",
-        "",
     ];
 
     impl Record for ScoreRow {
@@ -463,8 +477,8 @@ mod schema {
                 Field::new("image_key", DataType::Utf8, false),
                 Field::new("caption", DataType::Utf8, false),
             ];
-            for (i, n) in SCORE_COLUMNS.iter().take(9).enumerate() {
-                fields.push(Field::new(*n, DataType::Float64, i >= 6));
+            for (i, n) in SCORE_COLUMNS.iter().enumerate() {
+                fields.push(Field::new(*n, DataType::Float64, i >= 7));
             }
             Arc::new(Schema::new(fields))
         }
@@ -479,6 +493,7 @@ mod schema {
             for k in 0..4 {
                 cols.push(floats(rows, |r| Some(r.bleu[k])));
             }
+            cols.push(floats(rows, |r| Some(r.meteor)));
             cols.push(floats(rows, |r| Some(r.rouge_l)));
             cols.push(floats(rows, |r| Some(r.cider_d)));
             cols.push(floats(rows, |r| r.clip_score));
@@ -496,11 +511,8 @@ mod schema {
                 s("image_key")?,
                 s("caption")?,
             );
-            let floats: Vec<&Float64Array> = SCORE_COLUMNS
-                .iter()
-                .take(9)
-                .map(|n| f(n))
-                .collect::<Result<_>>()?;
+            let floats: Vec<&Float64Array> =
+                SCORE_COLUMNS.iter().map(|n| f(n)).collect::<Result<_>>()?;
             let opt = |a: &Float64Array, i: usize| {
                 (!arrow::array::Array::is_null(a, i)).then(|| a.value(i))
             };
@@ -512,11 +524,12 @@ mod schema {
                     image_key: key.value(i).into(),
                     caption: caption.value(i).into(),
                     bleu: std::array::from_fn(|k| floats[k].value(i)),
-                    rouge_l: floats[4].value(i),
-                    cider_d: floats[5].value(i),
-                    clip_score: opt(floats[6], i),
-                    ref_clip_score: opt(floats[7], i),
-                    attribute_accuracy: opt(floats[8], i),
+                    meteor: floats[4].value(i),
+                    rouge_l: floats[5].value(i),
+                    cider_d: floats[6].value(i),
+                    clip_score: opt(floats[7], i),
+                    ref_clip_score: opt(floats[8], i),
+                    attribute_accuracy: opt(floats[9], i),
                 })
                 .collect())
         }
@@ -617,6 +630,14 @@ mod tests {
                 corpus[ours]
             );
         }
+        // METEOR with exact and stem matching only, against METEOR 1.5 with all four
+        // modules: src/meteor.rs reports the agreement.
+        let want = f["scores"]["METEOR"]["corpus"].as_f64().unwrap();
+        assert!(
+            (corpus["METEOR"] - want).abs() < 2e-3,
+            "{}",
+            corpus["METEOR"]
+        );
         std::fs::write(&cj, "{\"image_id\": \"nat0\"}\n").unwrap();
         let err = score_files(&refs, &cj).unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("caption"), "{err}");

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
@@ -95,6 +95,27 @@ pub fn read_batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBat
             source,
         })
     }))
+}
+
+/// The record batches of only the named columns of a Parquet file (columns it lacks are
+/// left out); errors name the file.
+pub fn read_columns(path: &Path, names: &[&str]) -> Result<Vec<RecordBatch>> {
+    let file = fs::File::open(path).at(path)?;
+    let perr = |source| Error::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), names.iter().copied());
+    let reader = builder.with_projection(mask).build().map_err(perr)?;
+    reader
+        .map(|batch| {
+            batch.map_err(|source| Error::Arrow {
+                context: format!("reading {}", path.display()),
+                source,
+            })
+        })
+        .collect()
 }
 
 /// Reads every row of a Parquet file written with `R`'s schema.

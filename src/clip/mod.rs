@@ -4,3 +4,4 @@
 pub mod model;
 pub mod preprocess;
 pub mod tiny;
+pub mod vision;

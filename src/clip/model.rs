@@ -1,20 +1,21 @@
-//! The CLIP embedding model: Hugging Face `config.json` mirrored onto candle-transformers'
-//! CLIP towers, weights memory-mapped from `model.safetensors`, the real tokenizer, and
-//! text pooling at the first end-of-text token as transformers does.
+//! The CLIP embedding model: Hugging Face `config.json`, weights memory-mapped from
+//! `model.safetensors`, the real tokenizer, prefcap's own vision tower (`clip::vision`) and
+//! candle-transformers' text tower with pooling at the first end-of-text token as
+//! transformers does.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
-use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisionTransformer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
 use crate::clip::preprocess::ClipPreprocessConfig;
+use crate::clip::vision::VisionTower;
 use crate::error::{Error, IoContext, Result};
 use crate::hub::HubClient;
 
@@ -163,21 +164,6 @@ impl HfClipConfig {
             projection_dim: self.projection_dim,
         }
     }
-
-    fn vision(&self) -> ClipVisionConfig {
-        let v = &self.vision_config;
-        ClipVisionConfig {
-            embed_dim: v.hidden_size,
-            activation: Activation::QuickGelu,
-            intermediate_size: v.intermediate_size,
-            num_hidden_layers: v.num_hidden_layers,
-            num_attention_heads: v.num_attention_heads,
-            projection_dim: self.projection_dim,
-            num_channels: v.num_channels,
-            image_size: v.image_size,
-            patch_size: v.patch_size,
-        }
-    }
 }
 
 /// The files of one CLIP checkpoint, local or fetched from the hub, with their provenance.
@@ -258,9 +244,8 @@ impl ClipModelFiles {
 
 /// CLIP image and text towers with their projections, ready to embed.
 pub struct ClipEmbedder {
-    vision: ClipVisionTransformer,
+    vision: VisionTower,
     text: ClipTextTransformer,
-    visual_projection: candle_nn::Linear,
     text_projection: candle_nn::Linear,
     tokenizer: Tokenizer,
     pub config: HfClipConfig,
@@ -312,14 +297,8 @@ impl ClipEmbedder {
         dtype: DType,
     ) -> candle_core::Result<Self> {
         let text_cfg = config.text();
-        let vision_cfg = config.vision();
-        let vision = ClipVisionTransformer::new(vb.pp("vision_model"), &vision_cfg)?;
+        let vision = VisionTower::new(vb.clone(), &config)?;
         let text = ClipTextTransformer::new(vb.pp("text_model"), &text_cfg)?;
-        let visual_projection = candle_nn::linear_no_bias(
-            vision_cfg.embed_dim,
-            config.projection_dim,
-            vb.pp("visual_projection"),
-        )?;
         let text_projection = candle_nn::linear_no_bias(
             text_cfg.embed_dim,
             config.projection_dim,
@@ -330,7 +309,6 @@ impl ClipEmbedder {
         Ok(Self {
             vision,
             text,
-            visual_projection,
             text_projection,
             tokenizer,
             config,
@@ -351,14 +329,70 @@ impl ClipEmbedder {
     /// Image embeddings (`get_image_features`, not normalised) of preprocessed CHW pixels.
     /// `pixels` holds `n` images back to back.
     pub fn embed_pixels(&self, pixels: &[f32], n: usize) -> candle_core::Result<Tensor> {
+        self.embed_pixel_batch(pixels.to_vec(), n)
+    }
+
+    /// [`embed_pixels`](Self::embed_pixels) of a batch the caller hands over: on the CPU the
+    /// buffer becomes the input tensor without a copy.
+    pub fn embed_pixel_batch(&self, pixels: Vec<f32>, n: usize) -> candle_core::Result<Tensor> {
         let s = self.config.vision_config.image_size;
-        let x = Tensor::from_slice(pixels, (n, 3, s, s), &Device::Cpu)?
+        let x = Tensor::from_vec(pixels, (n, 3, s, s), &Device::Cpu)?
             .to_device(&self.device)?
             .to_dtype(self.dtype)?;
-        self.vision
-            .forward(&x)?
-            .apply(&self.visual_projection)?
-            .to_dtype(DType::F32)
+        self.embed_pixel_tensor(&x)
+    }
+
+    /// Image embeddings of a pixel tensor `[n, 3, size, size]` already on the model's
+    /// device and in its dtype.
+    pub fn embed_pixel_tensor(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.vision.forward(x)?.to_dtype(DType::F32)
+    }
+
+    /// Seconds spent per stage of the vision tower over `runs` forward passes of `x`, the
+    /// device synchronised at every stage boundary, in the order the stages first ran.
+    pub fn profile_pixel_tensor(
+        &self,
+        x: &Tensor,
+        runs: usize,
+    ) -> candle_core::Result<Vec<(&'static str, f64)>> {
+        let mut spent: Vec<(&'static str, f64)> = Vec::new();
+        for _ in 0..runs {
+            self.device.synchronize()?;
+            let mut mark = std::time::Instant::now();
+            self.vision.forward_observed(x, &mut |stage| {
+                self.device.synchronize()?;
+                let dt = mark.elapsed().as_secs_f64();
+                mark = std::time::Instant::now();
+                match spent.iter_mut().find(|(s, _)| *s == stage) {
+                    Some((_, t)) => *t += dt,
+                    None => spent.push((stage, dt)),
+                }
+                Ok(())
+            })?;
+        }
+        Ok(spent)
+    }
+
+    /// Multiply-adds ×2 of one image's forward pass (patch embedding, encoder, projection),
+    /// for reporting achieved FLOP/s.
+    pub fn image_flops(&self) -> f64 {
+        let v = &self.config.vision_config;
+        let (h, im, p) = (
+            v.hidden_size as f64,
+            v.intermediate_size as f64,
+            v.patch_size as f64,
+        );
+        let patches = ((v.image_size / v.patch_size) as f64).powi(2);
+        let tokens = patches + 1.0;
+        let per_layer = tokens * (4.0 * h * h + 2.0 * h * im) + 2.0 * tokens * tokens * h;
+        let macs = patches * v.num_channels as f64 * p * p * h
+            + v.num_hidden_layers as f64 * per_layer
+            + h * self.config.projection_dim as f64;
+        2.0 * macs
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Token ids of `texts` (BOS … EOS, truncated to the model's positions), padded with EOS to

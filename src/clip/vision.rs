@@ -1,0 +1,249 @@
+//! CLIP's vision tower and image projection, laid out for throughput: the numbers are those
+//! of transformers' `CLIPVisionModelWithProjection` (`get_image_features`), the schedule is not.
+//!
+//! - The patch embedding is one matrix product over all patches of the batch (the stride-32
+//!   convolution without im2col).
+//! - Every linear layer runs on 2-D `[batch·tokens, features]` activations, so each is one
+//!   large GEMM rather than one small GEMM per image.
+//! - Q, K and V are one fused projection, with the attention scale `head_dim^-0.5` folded
+//!   into the query weights and bias at load time.
+//! - The QKV and first MLP biases ride inside their GEMMs: the activations get a constant
+//!   `[1, 0, …, 0]` column block (8 wide, keeping K a multiple of 8 for tensor cores) and the
+//!   weights the bias as the matching column, so no separate broadcast pass runs.
+//! - quick_gelu `x·σ(1.702·x)` becomes one SiLU: fc1 is scaled by 1.702 at load time
+//!   (`z = 1.702·x`, `x·σ(1.702·x) = silu(z) / 1.702`) and fc2 by 1 / 1.702.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use crate::clip::model::HfClipConfig;
+
+struct EncoderLayer {
+    norm1: LayerNorm,
+    /// `[3·hidden, hidden + BIAS_BLOCK]`: query (pre-scaled), key, value, biases last.
+    qkv_weight: Tensor,
+    out_weight: Tensor,
+    out_bias: Tensor,
+    norm2: LayerNorm,
+    /// `[intermediate, hidden + BIAS_BLOCK]`, bias last, everything × 1.702.
+    fc1_weight: Tensor,
+    /// `[hidden, intermediate]`, ÷ 1.702.
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+}
+
+/// Width of the constant column block that carries the biases through the GEMMs.
+const BIAS_BLOCK: usize = 8;
+/// quick_gelu's sigmoid slope.
+const QUICK_GELU: f64 = 1.702;
+
+/// `[w | b | 0 …]`: `w` `[out, in]` with the bias as column `in`, zero-padded to
+/// `in + BIAS_BLOCK` columns.
+fn with_bias_column(w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let out = w.dim(0)?;
+    let pad = Tensor::zeros((out, BIAS_BLOCK - 1), w.dtype(), w.device())?;
+    Tensor::cat(&[w, &b.reshape((out, 1))?, &pad], 1)
+}
+
+pub struct VisionTower {
+    /// `[hidden, channels·patch·patch]`, the convolution kernel flattened.
+    patch_weight: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    post_norm: LayerNorm,
+    /// `[projection_dim, hidden]`.
+    projection: Tensor,
+    /// `[1, BIAS_BLOCK]` = `[1, 0, …, 0]`, appended to every activation row before a GEMM
+    /// whose weights carry their bias.
+    bias_block: Tensor,
+    heads: usize,
+    patch: usize,
+    channels: usize,
+}
+
+fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get(size, "weight")?,
+        vb.get(size, "bias")?,
+        eps,
+    ))
+}
+
+/// `x · wᵀ + b` on 2-D activations.
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+impl VisionTower {
+    /// Reads `vision_model.*` and `visual_projection.weight` from `vb` (the model root).
+    pub fn new(vb: VarBuilder, config: &HfClipConfig) -> candle_core::Result<Self> {
+        let v = &config.vision_config;
+        let (h, heads, p, c) = (
+            v.hidden_size,
+            v.num_attention_heads,
+            v.patch_size,
+            v.num_channels,
+        );
+        let eps = v.layer_norm_eps;
+        let head_dim = h / heads;
+        let scale = (head_dim as f64).powf(-0.5);
+        let grid = v.image_size / p;
+        let tower = vb.pp("vision_model");
+        let emb = tower.pp("embeddings");
+        let patch_weight = emb
+            .get((h, c, p, p), "patch_embedding.weight")?
+            .reshape((h, c * p * p))?;
+        let class_embedding = emb.get(h, "class_embedding")?;
+        let position_embedding = emb.get((grid * grid + 1, h), "position_embedding.weight")?;
+        let mut layers = Vec::with_capacity(v.num_hidden_layers);
+        for i in 0..v.num_hidden_layers {
+            let lb = tower.pp(format!("encoder.layers.{i}"));
+            let attn = lb.pp("self_attn");
+            let proj =
+                |name: &str, out: usize, inp: usize| -> candle_core::Result<(Tensor, Tensor)> {
+                    Ok((
+                        attn.get((out, inp), &format!("{name}.weight"))?,
+                        attn.get(out, &format!("{name}.bias"))?,
+                    ))
+                };
+            let (qw, qb) = proj("q_proj", h, h)?;
+            let (kw, kb) = proj("k_proj", h, h)?;
+            let (vw, vbias) = proj("v_proj", h, h)?;
+            let (out_weight, out_bias) = proj("out_proj", h, h)?;
+            let mlp = lb.pp("mlp");
+            let im = v.intermediate_size;
+            let qkv_weight = Tensor::cat(&[(qw * scale)?, kw, vw], 0)?;
+            let qkv_bias = Tensor::cat(&[(qb * scale)?, kb, vbias], 0)?;
+            let fc1 =
+                with_bias_column(&mlp.get((im, h), "fc1.weight")?, &mlp.get(im, "fc1.bias")?)?;
+            layers.push(EncoderLayer {
+                norm1: layer_norm(lb.pp("layer_norm1"), h, eps)?,
+                qkv_weight: with_bias_column(&qkv_weight, &qkv_bias)?,
+                out_weight,
+                out_bias,
+                norm2: layer_norm(lb.pp("layer_norm2"), h, eps)?,
+                fc1_weight: (fc1 * QUICK_GELU)?,
+                fc2_weight: (mlp.get((h, im), "fc2.weight")? / QUICK_GELU)?,
+                fc2_bias: mlp.get(h, "fc2.bias")?,
+            });
+        }
+        let mut block = vec![0f32; BIAS_BLOCK];
+        block[0] = 1.0;
+        let bias_block =
+            Tensor::from_vec(block, (1, BIAS_BLOCK), vb.device())?.to_dtype(vb.dtype())?;
+        Ok(Self {
+            bias_block,
+            patch_weight,
+            class_embedding,
+            position_embedding,
+            pre_norm: layer_norm(tower.pp("pre_layrnorm"), h, eps)?,
+            layers,
+            post_norm: layer_norm(tower.pp("post_layernorm"), h, eps)?,
+            projection: vb.get((config.projection_dim, h), "visual_projection.weight")?,
+            heads,
+            patch: p,
+            channels: c,
+        })
+    }
+
+    /// Projected image features `[n, projection_dim]` of pixels `[n, channels, size, size]`.
+    pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_observed(pixels, &mut |_| Ok(()))
+    }
+
+    /// [`forward`](Self::forward), calling `observe` after each stage with the stage's name
+    /// (a profiler synchronises the device there and reads the clock).
+    pub fn forward_observed(
+        &self,
+        pixels: &Tensor,
+        observe: &mut dyn FnMut(&'static str) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
+        let (n, c, s, _) = pixels.dims4()?;
+        let (p, g) = (self.patch, s / self.patch);
+        let hidden = self.class_embedding.dim(0)?;
+        debug_assert_eq!(c, self.channels);
+        // [n, c, g, p, g, p] → [n, g, g, c, p, p]: one row per patch, in the kernel's order.
+        let patches = pixels
+            .reshape((n, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((n * g * g, c * p * p))?;
+        let patches = patches
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((n, g * g, hidden))?;
+        let class = self
+            .class_embedding
+            .reshape((1, 1, hidden))?
+            .broadcast_as((n, 1, hidden))?;
+        let tokens = g * g + 1;
+        let x = Tensor::cat(&[class, patches], 1)?
+            .broadcast_add(&self.position_embedding)?
+            .reshape((n * tokens, hidden))?;
+        let mut x = self.pre_norm.forward(&x)?;
+        observe("patch embedding")?;
+        for layer in &self.layers {
+            x = self.layer(layer, &x, n, tokens, observe)?;
+        }
+        // The class token of every image.
+        let pooled = x
+            .reshape((n, tokens, hidden))?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?;
+        let out = self
+            .post_norm
+            .forward(&pooled)?
+            .matmul(&self.projection.t()?)?;
+        observe("head")?;
+        Ok(out)
+    }
+
+    fn layer(
+        &self,
+        l: &EncoderLayer,
+        x: &Tensor,
+        n: usize,
+        tokens: usize,
+        observe: &mut dyn FnMut(&'static str) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = x.dim(1)?;
+        let (heads, head_dim) = (self.heads, hidden / self.heads);
+        let qkv = self.linear_with_bias_column(&l.norm1.forward(x)?, &l.qkv_weight)?;
+        observe("layer norm + qkv")?;
+        let qkv = qkv
+            .reshape((n, tokens, 3, heads, head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        observe("split heads")?;
+        let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let attended = weights.matmul(&v)?;
+        observe("attention")?;
+        let attended = attended
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n * tokens, hidden))?;
+        observe("merge heads")?;
+        let x = (x + linear(&attended, &l.out_weight, &l.out_bias)?)?;
+        observe("out proj + residual")?;
+        let z = self.linear_with_bias_column(&l.norm2.forward(&x)?, &l.fc1_weight)?;
+        observe("layer norm + fc1")?;
+        let h = z.silu()?;
+        observe("quick_gelu (as silu)")?;
+        let out = (x + linear(&h, &l.fc2_weight, &l.fc2_bias)?)?;
+        observe("fc2 + residual")?;
+        Ok(out)
+    }
+
+    /// `x · wᵀ` for weights built by [`with_bias_column`]: the bias is added inside the GEMM.
+    fn linear_with_bias_column(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = x.dim(0)?;
+        let block = self
+            .bias_block
+            .broadcast_as((rows, BIAS_BLOCK))?
+            .contiguous()?;
+        Tensor::cat(&[x, &block], 1)?.matmul(&w.t()?)
+    }
+}
