@@ -27,11 +27,11 @@ for s in $steps; do case $s in
   env) nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
        echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; ldd $bin | grep -E "not found|cuda|cublas|curand|nvrtc"
        nproc; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" ;;
-  embed-bf16) run embed-bf16 150 $bin bench embed --gpu 0 --dtype bf16 --images 4096 --batch 512 --scale 4 --profile --venv /tmp/pyenv --dir /tmp/be ;;
+  embed-bf16) run embed-bf16 150 $bin bench embed --gpu 0 --dtype bf16 --images 1024 --batch 512 --scale 16 --profile --venv /tmp/pyenv --dir /tmp/be ;;
   embed-bf16-256) run embed-bf16-256 90 $bin bench embed --gpu 0 --dtype bf16 --images 8192 --batch 512 --scale 2 --source-size 256x256 --no-peer --dir /tmp/be ;;
   embed-f16) run embed-f16 90 $bin bench embed --gpu 0 --dtype f16 --images 4096 --batch 512 --scale 4 --no-peer --dir /tmp/be ;;
   embed-f32) run embed-f32 120 $bin bench embed --gpu 0 --dtype f32 --images 2048 --batch 256 --scale 1 --venv /tmp/pyenv --dir /tmp/be ;;
-  train-sft) run train-sft 120 $bin bench train-sft --gpu 0 --batch 8 --tokens 32 --steps 10 --venv /tmp/pyenv --dir /tmp/bt
+  train-sft) run train-sft 120 $bin bench train-sft --gpu 0 --batch 32 --tokens 32 --steps 10 --venv /tmp/pyenv --dir /tmp/bt
        nvidia-smi --query-gpu=memory.used --format=csv ;;
   run) mkdir -p /tmp/wd && run pipeline-run 150 $bin run --gpu 0 --workdir /tmp/wd
        cp /tmp/wd/runs/*/scores_summary.parquet "$OUT/" 2>/dev/null ;;

@@ -167,11 +167,13 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
     for _ in 0..3 {
         model.embed_pixel_tensor(&x)?.to_vec2::<f32>()?;
     }
+    // At least eight batches, so short end-to-end runs still time the model steadily.
+    let model_images = args.images.max(8 * args.batch);
     let (mut done, start) = (0, Instant::now());
-    while done < args.images {
+    while done < model_images {
         let out = model.embed_pixel_tensor(&x)?;
         done += args.batch;
-        if done >= args.images {
+        if done >= model_images {
             out.to_vec2::<f32>()?;
         }
     }
@@ -249,7 +251,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
                 &threads.to_string(),
                 &args.batch.to_string(),
             ])
-            .arg(args.images.to_string())
+            .arg(args.images.max(8 * args.batch).to_string())
             .arg(&probe_path)
             .arg(&peer_probe)
             .env("OMP_NUM_THREADS", threads.to_string())

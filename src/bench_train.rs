@@ -179,6 +179,10 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         step(&mut phases)?;
     }
     let ours = args.steps as f64 / start.elapsed().as_secs_f64();
+    // Free the device memory (model, optimizer state, gradients) before the peer starts on
+    // the same GPU.
+    drop(step);
+    drop((model, opt, vars, clip, ids, mask, vars_sorted));
 
     let peer = if args.no_peer {
         None
