@@ -68,6 +68,18 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Creates the bench's scratch directory and returns it canonical, with the thread count
+/// (`threads`, or every core when 0).
+pub(crate) fn scratch_and_threads(dir: &Path, threads: usize) -> anyhow::Result<(PathBuf, usize)> {
+    std::fs::create_dir_all(dir)?;
+    let threads = if threads > 0 {
+        threads
+    } else {
+        std::thread::available_parallelism().map_or(2, usize::from)
+    };
+    Ok((dir.canonicalize()?, threads))
+}
+
 /// `--source-size WIDTHxHEIGHT`.
 pub(crate) fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
     s.split_once('x')

@@ -110,13 +110,7 @@ with torch.inference_mode():
 "#;
 
 pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir)?;
-    let dir = args.dir.canonicalize()?;
-    let threads = if args.threads > 0 {
-        args.threads
-    } else {
-        std::thread::available_parallelism().map_or(2, usize::from)
-    };
+    let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
     eprintln!("writing a random ViT-B/32 checkpoint (HF format) ...");
     let ckpt = ensure_tiny_clip(
         &dir.join("vit-b32-random"),

@@ -100,13 +100,7 @@ print(json.dumps({"steps_per_s": steps / (time.perf_counter() - t0), "first_loss
 "#;
 
 pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir)?;
-    let dir = args.dir.canonicalize()?;
-    let threads = if args.threads > 0 {
-        args.threads
-    } else {
-        std::thread::available_parallelism().map_or(2, usize::from)
-    };
+    let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
     eprintln!("writing a random GPT-2-small-size checkpoint (HF format) ...");
     let ckpt = ensure_random_gpt2(&dir.join("gpt2-small-random"), &Gpt2Spec::SMALL, 0)?;
 

@@ -15,7 +15,9 @@
 //! `γ·(chunks / matches)^β`, where a hypothesis identical to its reference counts zero chunks.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+
+// SipHash dominated the alignment search; its keys are small integers.
+use crate::metrics::FastMap;
 
 /// METEOR 1.5 English parameters (the jar's defaults for `-l en`).
 const ALPHA: f64 = 0.85;
@@ -244,35 +246,6 @@ struct StateKey {
     previous: Option<(usize, bool, bool)>,
 }
 
-/// Multiply-rotate hash for the search's small integer keys; SipHash dominated the search.
-#[derive(Default)]
-struct StateHasher(u64);
-
-impl Hasher for StateHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn write_u128(&mut self, n: u128) {
-        self.write_u64(n as u64);
-        self.write_u64((n >> 64) as u64);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 impl StateKey {
     /// A chunk that ends without an anchor would keep an ambiguous stem match on its own.
     fn chunk_unanchored(&self) -> bool {
@@ -315,8 +288,7 @@ fn align(hypothesis: &Sentence, reference: &Sentence) -> Vec<Match> {
     for (i, options) in candidates.iter().enumerate() {
         let mut next: Vec<Partial> = Vec::new();
         {
-            let mut index: HashMap<StateKey, usize, BuildHasherDefault<StateHasher>> =
-                HashMap::default();
+            let mut index: FastMap<StateKey, usize> = HashMap::default();
             let mut offer =
                 |key: StateKey, objective: Objective, parent: usize, made: Option<Match>| {
                     match index.get(&key) {

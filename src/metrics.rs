@@ -147,7 +147,7 @@ fn split_clitics(word: &str, out: &mut Vec<String>) {
 /// A fast non-cryptographic hasher (FxHash's multiply-rotate) for n-gram and token maps:
 /// SipHash dominated the scorers' time.
 #[derive(Default, Clone, Copy)]
-struct FxHasher(u64);
+pub(crate) struct FxHasher(u64);
 
 impl std::hash::Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -172,7 +172,8 @@ impl std::hash::Hasher for FxHasher {
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+/// A HashMap with a multiply-rotate hash, for small integer keys on hot paths.
+pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
 
 /// An n-gram of up to four interned tokens packed into 128 bits; token ids start at 1, so
 /// the zero high slots encode the order.
