@@ -4,22 +4,13 @@
 //! model; `pipeline score` scores external files.
 
 mod common;
-use common::pipeline;
+use common::{newest_run, pipeline};
 
 use std::path::Path;
 
 use prefcap::records::{GenerationRow, MetricRow};
 use prefcap::score::{ScoreRow, SummaryRow};
 use prefcap::shard::read_parquet;
-
-fn only_run(work: &Path) -> std::path::PathBuf {
-    let mut runs: Vec<_> = std::fs::read_dir(work.join("runs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    runs.sort();
-    runs.pop().unwrap()
-}
 
 fn summary(rows: &[SummaryRow], model: &str, method: &str, metric: &str) -> f64 {
     rows.iter()
@@ -47,7 +38,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
             "{step}:\n{log}"
         );
     }
-    let run = only_run(work);
+    let run = newest_run(work);
 
     let metrics: Vec<MetricRow> = read_parquet(&run.join("metrics.parquet")).unwrap();
     let val: Vec<&MetricRow> = metrics
@@ -169,7 +160,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         work,
     );
     assert!(out.status.success(), "{log}");
-    let run2 = only_run(work);
+    let run2 = newest_run(work);
     assert_ne!(run, run2);
     let gens: Vec<GenerationRow> = read_parquet(&run2.join("generations.parquet")).unwrap();
     let keys: Vec<&str> = gens.iter().map(|g| g.image_key.as_str()).collect();

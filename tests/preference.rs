@@ -3,7 +3,7 @@
 //! per (reference checkpoint, pair set), and refuse a pair with an empty completion.
 
 mod common;
-use common::pipeline;
+use common::{newest_run, pipeline};
 
 use std::path::{Path, PathBuf};
 
@@ -34,15 +34,6 @@ fn reference_files(work: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     v.sort();
     v
-}
-
-fn newest_run(work: &Path) -> PathBuf {
-    let mut runs: Vec<_> = std::fs::read_dir(work.join("runs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    runs.sort();
-    runs.pop().unwrap()
 }
 
 fn with_small<'a>(head: &[&'a str]) -> Vec<&'a str> {

@@ -20,3 +20,14 @@ pub fn pipeline(args: &[&str], cwd: &Path) -> (Output, String) {
     );
     (out, text)
 }
+
+/// The newest run directory under `work/runs` (run ids sort by start time).
+#[allow(dead_code)] // not every test file looks at runs
+pub fn newest_run(work: &Path) -> std::path::PathBuf {
+    let mut runs: Vec<_> = std::fs::read_dir(work.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    runs.sort();
+    runs.pop().unwrap()
+}
