@@ -598,77 +598,83 @@ pub fn fit<O: Objective>(
             }
             state.batches_done_in_epoch = index;
             let out_step = obj.step(&batch, true).map_err(stage_err)?;
-            if out_step.rows == 0 {
-                continue;
-            }
-            let loss_value = scalar(&out_step.loss).map_err(stage_err)?;
-            let grads = if loss_value.is_finite() {
-                let store = out_step.loss.backward().map_err(stage_err)?;
-                let grads: Vec<Option<Tensor>> = vars_sorted
-                    .iter()
-                    .map(|v| store.get(v.as_tensor()).cloned())
-                    .collect();
-                last_norm = grad_norm(&grads).map_err(stage_err)?;
-                last_norm.is_finite().then_some(grads)
-            } else {
-                None
-            };
-            let Some(grads) = grads else {
-                state.skipped_nonfinite += 1;
-                eprintln!(
-                    "[{}] non-finite loss or gradient at step {}: batch skipped",
-                    out.stage, state.step
-                );
-                continue;
-            };
-            train_means.add("loss", loss_value, out_step.rows as f64);
-            for (n, v) in &out_step.scalars {
-                train_means.add(n, *v, out_step.rows as f64);
-            }
-            if pending.is_empty() {
-                pending = grads;
-            } else {
-                for (p, g) in pending.iter_mut().zip(grads) {
-                    *p = match (p.take(), g) {
-                        (Some(a), Some(b)) => Some((a + b).map_err(stage_err)?),
-                        (a, b) => a.or(b),
-                    };
+            // Whether this batch completed an optimizer step. A batch that does not (skipped,
+            // empty, or still accumulating) still counts toward the end of the epoch.
+            let stepped = 'update: {
+                if out_step.rows == 0 {
+                    break 'update false;
                 }
-            }
-            pending_batches += 1;
-            if pending_batches < accum {
-                continue;
-            }
-            let mut grads = std::mem::take(&mut pending);
-            if pending_batches > 1 {
-                for g in grads.iter_mut().flatten() {
-                    *g = (&*g / pending_batches as f64).map_err(stage_err)?;
+                let loss_value = scalar(&out_step.loss).map_err(stage_err)?;
+                let grads = if loss_value.is_finite() {
+                    let store = out_step.loss.backward().map_err(stage_err)?;
+                    let grads: Vec<Option<Tensor>> = vars_sorted
+                        .iter()
+                        .map(|v| store.get(v.as_tensor()).cloned())
+                        .collect();
+                    last_norm = grad_norm(&grads).map_err(stage_err)?;
+                    last_norm.is_finite().then_some(grads)
+                } else {
+                    None
+                };
+                let Some(grads) = grads else {
+                    state.skipped_nonfinite += 1;
+                    eprintln!(
+                        "[{}] non-finite loss or gradient at step {}: batch skipped",
+                        out.stage, state.step
+                    );
+                    break 'update false;
+                };
+                train_means.add("loss", loss_value, out_step.rows as f64);
+                for (n, v) in &out_step.scalars {
+                    train_means.add(n, *v, out_step.rows as f64);
                 }
-            }
-            // One batch: its gradient norm was computed by the guard above.
-            let norm = match pending_batches {
-                1 => last_norm,
-                _ => grad_norm(&grads).map_err(stage_err)?,
+                if pending.is_empty() {
+                    pending = grads;
+                } else {
+                    for (p, g) in pending.iter_mut().zip(grads) {
+                        *p = match (p.take(), g) {
+                            (Some(a), Some(b)) => Some((a + b).map_err(stage_err)?),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                }
+                pending_batches += 1;
+                if pending_batches < accum {
+                    break 'update false;
+                }
+                let mut grads = std::mem::take(&mut pending);
+                if pending_batches > 1 {
+                    for g in grads.iter_mut().flatten() {
+                        *g = (&*g / pending_batches as f64).map_err(stage_err)?;
+                    }
+                }
+                // One batch: its gradient norm was computed by the guard above.
+                let norm = match pending_batches {
+                    1 => last_norm,
+                    _ => grad_norm(&grads).map_err(stage_err)?,
+                };
+                pending_batches = 0;
+                let lr = lr_at(state.step, total_steps, cfg.warmup_steps, cfg.lr);
+                clip_and_step(&mut opt, &grads, norm, lr, cfg).map_err(stage_err)?;
+                state.step += 1;
+                progress.inc(1);
+                let (step, epoch) = (state.step, state.epoch);
+                for (n, v) in train_means.means() {
+                    push(&mut metrics, step, epoch, "train", &n, v);
+                }
+                push(&mut metrics, step, epoch, "train", "lr", lr);
+                push(&mut metrics, step, epoch, "train", "grad_norm", norm);
+                train_means = Means::default();
+                true
             };
-            pending_batches = 0;
-            let lr = lr_at(state.step, total_steps, cfg.warmup_steps, cfg.lr);
-            clip_and_step(&mut opt, &grads, norm, lr, cfg).map_err(stage_err)?;
-            state.step += 1;
-            progress.inc(1);
-            let (step, epoch) = (state.step, state.epoch);
-            for (n, v) in train_means.means() {
-                push(&mut metrics, step, epoch, "train", &n, v);
-            }
-            push(&mut metrics, step, epoch, "train", "lr", lr);
-            push(&mut metrics, step, epoch, "train", "grad_norm", norm);
-            train_means = Means::default();
+            let step = state.step;
             let end_of_epoch = index == steps_per_epoch;
             let eval_now = if cfg.eval_every > 0 {
-                step % cfg.eval_every == 0
+                stepped && step % cfg.eval_every == 0
             } else {
                 end_of_epoch
             };
-            if eval_now || step == total_steps {
+            if eval_now || (stepped && step == total_steps) {
                 if end_of_epoch {
                     state.epoch += 1;
                     state.batches_done_in_epoch = 0;

@@ -1,6 +1,7 @@
 //! train-dpo and train-orpo from the outside: they start from the SFT checkpoint, log TRL's
 //! metrics, raise the training reward accuracy, cache the reference log-probabilities once
-//! per (reference checkpoint, pair set), and refuse a pair with an empty completion.
+//! per (reference checkpoint, pair set), refuse a pair with an empty completion, and skip and
+//! count a batch whose loss is NaN without any parameter becoming NaN.
 
 mod common;
 use common::{newest_run, pipeline};
@@ -141,4 +142,96 @@ fn a_pair_with_an_empty_completion_is_a_clear_error() {
         log.contains("empty completion") && log.contains(&id) && log.contains("part-00000.parquet"),
         "{log}"
     );
+}
+
+/// Rewrites the cached reference log-probs that hold `pair_id` with its `ref_chosen` set to
+/// NaN (as a corrupted cache or an overflowing reference would give); returns that file.
+fn poison_reference_logp(work: &Path, pair_id: &str) -> PathBuf {
+    use arrow::array::{Array, Float64Array, RecordBatch, StringArray};
+    use std::sync::Arc;
+    for path in reference_files(work) {
+        let reader =
+            arrow::ipc::reader::FileReader::try_new(std::fs::File::open(&path).unwrap(), None)
+                .unwrap();
+        let schema = reader.schema();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        let mut hit = false;
+        let poisoned: Vec<RecordBatch> = batches
+            .iter()
+            .map(|b| {
+                let ids = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                let chosen = b.column(1).as_any().downcast_ref::<Float64Array>().unwrap();
+                let values: Vec<f64> = (0..b.num_rows())
+                    .map(|i| {
+                        if ids.value(i) == pair_id {
+                            hit = true;
+                            f64::NAN
+                        } else {
+                            chosen.value(i)
+                        }
+                    })
+                    .collect();
+                let mut cols = b.columns().to_vec();
+                cols[1] = Arc::new(Float64Array::from(values));
+                RecordBatch::try_new(schema.clone(), cols).unwrap()
+            })
+            .collect();
+        if hit {
+            let mut w = arrow::ipc::writer::FileWriter::try_new(
+                std::fs::File::create(&path).unwrap(),
+                &schema,
+            )
+            .unwrap();
+            for b in &poisoned {
+                w.write(b).unwrap();
+            }
+            w.finish().unwrap();
+            return path;
+        }
+    }
+    panic!("no cached reference log-probs for {pair_id}");
+}
+
+#[test]
+fn a_nan_in_a_training_batch_is_skipped_and_counted_and_no_parameter_becomes_nan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let (out, log) = pipeline(&with_small(&["run", "--set", "train_dpo.epochs=1"]), work);
+    assert!(out.status.success(), "{log}");
+    let set = ShardSet::new(work, "synthetic_prefs", "train");
+    let pairs: Vec<PreferencePair> = read_parquet(&set.parquet_path(0)).unwrap();
+    poison_reference_logp(work, &pairs[0].pair_id);
+
+    // The pair's batch gives a NaN loss in each of the 6 epochs (SMALL): skipped, counted
+    // (also when it is an epoch's last batch), and the stage still finishes every epoch with
+    // finite weights.
+    let (out, log) = pipeline(&with_small(&["run", "train-dpo"]), work);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("non-finite"), "{log}");
+    let run = newest_run(work);
+    let metrics: Vec<MetricRow> = read_parquet(&run.join("metrics.parquet")).unwrap();
+    let skipped = metrics
+        .iter()
+        .filter(|m| m.stage == "train-dpo" && m.name == "skipped_nonfinite_batches")
+        .map(|m| m.value)
+        .fold(0.0, f64::max);
+    assert_eq!(skipped, 6.0, "one poisoned batch per epoch: {log}");
+    let val_epochs = metrics
+        .iter()
+        .filter(|m| m.stage == "train-dpo" && m.split == "val" && m.name == "loss")
+        .count();
+    assert_eq!(val_epochs, 6, "a validation at the end of every epoch");
+    assert!(metrics
+        .iter()
+        .filter(|m| m.stage == "train-dpo" && m.split == "train" && m.name == "loss")
+        .all(|m| m.value.is_finite()));
+    for dir in ["best", "last"] {
+        let weights = run.join("train-dpo").join(dir).join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+        assert!(!tensors.is_empty());
+        for (name, t) in tensors {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{name} in {dir} has a NaN");
+        }
+    }
 }
