@@ -714,6 +714,18 @@ impl Porter2 {
             .copied()
     }
 
+    /// The rule `(suffix, replacement)` of `rules` with the longest suffix the word ends with.
+    fn longest_rule(
+        &self,
+        rules: &[(&'static str, &'static str)],
+    ) -> Option<(&'static str, &'static str)> {
+        rules
+            .iter()
+            .filter(|(suffix, _)| self.ends_with(suffix))
+            .max_by_key(|(suffix, _)| suffix.len())
+            .copied()
+    }
+
     /// Where `suffix` starts in the current word.
     fn start(&self, suffix: &str) -> usize {
         self.w.len() - suffix.chars().count()
@@ -824,8 +836,7 @@ impl Porter2 {
             ("ogi", "og"),
             ("li", ""),
         ];
-        let suffixes: Vec<&str> = RULES.iter().map(|r| r.0).collect();
-        let Some(s) = self.longest(&suffixes) else {
+        let Some((s, with)) = self.longest_rule(&RULES) else {
             return;
         };
         let at = self.start(s);
@@ -842,7 +853,6 @@ impl Porter2 {
             _ => true,
         };
         if allowed {
-            let with = RULES.iter().find(|r| r.0 == s).map_or("", |r| r.1);
             self.replace(s, with);
         }
     }
@@ -859,15 +869,13 @@ impl Porter2 {
             ("ness", ""),
             ("ative", ""),
         ];
-        let suffixes: Vec<&str> = RULES.iter().map(|r| r.0).collect();
-        let Some(s) = self.longest(&suffixes) else {
+        let Some((s, with)) = self.longest_rule(&RULES) else {
             return;
         };
         let at = self.start(s);
         if at < self.r1 || (s == "ative" && at < self.r2) {
             return;
         }
-        let with = RULES.iter().find(|r| r.0 == s).map_or("", |r| r.1);
         self.replace(s, with);
     }
 

@@ -43,6 +43,18 @@ fn with_small<'a>(head: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
+/// A workdir where the small default pipeline ran once (one DPO epoch): pair shards, cached
+/// features, an SFT checkpoint and cached reference log-probs.
+fn trained_workdir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, log) = pipeline(
+        &with_small(&["run", "--set", "train_dpo.epochs=1"]),
+        tmp.path(),
+    );
+    assert!(out.status.success(), "{log}");
+    tmp
+}
+
 #[test]
 fn dpo_learns_preferences_and_caches_reference_logps() {
     let tmp = tempfile::tempdir().unwrap();
@@ -126,10 +138,8 @@ fn dpo_learns_preferences_and_caches_reference_logps() {
 
 #[test]
 fn a_pair_with_an_empty_completion_is_a_clear_error() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = trained_workdir();
     let work = tmp.path();
-    let (out, log) = pipeline(&with_small(&["run", "--set", "train_dpo.epochs=1"]), work);
-    assert!(out.status.success(), "{log}");
     let set = ShardSet::new(work, "synthetic_prefs", "train");
     let path = set.parquet_path(0);
     let mut pairs: Vec<PreferencePair> = read_parquet(&path).unwrap();
@@ -194,10 +204,8 @@ fn poison_reference_logp(work: &Path, pair_id: &str) -> PathBuf {
 
 #[test]
 fn a_nan_in_a_training_batch_is_skipped_and_counted_and_no_parameter_becomes_nan() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = trained_workdir();
     let work = tmp.path();
-    let (out, log) = pipeline(&with_small(&["run", "--set", "train_dpo.epochs=1"]), work);
-    assert!(out.status.success(), "{log}");
     let set = ShardSet::new(work, "synthetic_prefs", "train");
     let pairs: Vec<PreferencePair> = read_parquet(&set.parquet_path(0)).unwrap();
     poison_reference_logp(work, &pairs[0].pair_id);

@@ -391,10 +391,6 @@ impl ClipEmbedder {
         2.0 * macs
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     /// Token ids of `texts` (BOS … EOS, truncated to the model's positions), padded with EOS to
     /// the longest, and the position of each row's first EOS.
     pub fn tokenize(&self, texts: &[&str]) -> Result<(Vec<Vec<u32>>, Vec<usize>)> {
