@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Score(crate::bench_score::BenchScoreArgs),
     /// Captioner training steps with a GPT-2-small-size decoder, vs PyTorch.
     TrainSft(crate::bench_train::BenchTrainSftArgs),
+    /// DPO epochs on text-only pairs with a GPT-2-small-size policy, vs TRL's DPOTrainer.
+    TrainDpo(crate::bench_dpo::BenchTrainDpoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +67,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Embed(args) => crate::bench_embed::bench_embed(&args),
         BenchCommand::Score(args) => crate::bench_score::bench_score(&args),
         BenchCommand::TrainSft(args) => crate::bench_train::bench_train_sft(&args),
+        BenchCommand::TrainDpo(args) => crate::bench_dpo::bench_train_dpo(&args),
     }
 }
 

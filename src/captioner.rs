@@ -492,20 +492,53 @@ impl Captioner {
         ids: &Tensor,
         mask: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let prefix = self.prefix(clip)?;
-        let (b, p, _) = prefix.dims3()?;
-        let t = ids.dim(1)?;
+        self.completion_logprobs(Some(clip), ids, mask, mask)
+    }
+
+    /// Per-row sums of log p(token) over the `supervised` tokens and their counts, for
+    /// sequences that may start with a prompt: `ids` `(b, t)`, `supervised` and `attention`
+    /// `(b, t)` f32 (1 = a completion token / a real token; right padding is 0 in both).
+    /// With `clip`, the CLIP prefix comes first and predicts token 0; without it (text-only),
+    /// token `i` is predicted from tokens `..i`, so token 0 is context only — as in TRL,
+    /// where the logits are shifted against the labels.
+    pub fn completion_logprobs(
+        &self,
+        clip: Option<&Tensor>,
+        ids: &Tensor,
+        supervised: &Tensor,
+        attention: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, t) = ids.dims2()?;
         let tokens = self.decoder.embed_tokens(ids)?;
-        let x = Tensor::cat(&[&prefix, &tokens], 1)?;
-        let keep = Tensor::cat(&[&Tensor::ones((b, p), DType::F32, &self.device)?, mask], 1)?;
-        let logits = self.decoder.forward_embeds(&x, Some(&keep))?;
-        let pred = logits.narrow(1, p - 1, t)?;
-        let lp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
-        let tok_lp = lp
-            .gather(&ids.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
-            .squeeze(D::Minus1)?;
-        let masked = (tok_lp * mask)?;
-        Ok((masked.sum(1)?, mask.sum(1)?))
+        let (x, keep, p) = match clip {
+            Some(clip) => {
+                let prefix = self.prefix(clip)?;
+                let p = prefix.dim(1)?;
+                let ones = Tensor::ones((b, p), DType::F32, &self.device)?;
+                (
+                    Tensor::cat(&[&prefix, &tokens], 1)?,
+                    Tensor::cat(&[&ones, attention], 1)?,
+                    p,
+                )
+            }
+            None => (tokens, attention.clone(), 0),
+        };
+        let hidden = self.decoder.forward_hidden(&x, Some(&keep))?;
+        // Position j of `pred` predicts `targets` column j. The LM head runs on those
+        // positions only, so the `(b, t, vocab)` logits are made once, contiguous.
+        let (pred, targets, weight) = if p > 0 {
+            (hidden.narrow(1, p - 1, t)?, ids.clone(), supervised.clone())
+        } else {
+            (
+                hidden.narrow(1, 0, t - 1)?,
+                ids.narrow(1, 1, t - 1)?,
+                supervised.narrow(1, 1, t - 1)?,
+            )
+        };
+        let logits = self.decoder.lm_logits(&pred.contiguous()?)?;
+        let tok_lp = crate::gpt2::token_logprobs(&logits, &targets)?;
+        let masked = (tok_lp * &weight)?;
+        Ok((masked.sum(1)?, weight.sum(1)?))
     }
 
     /// Mean negative log-likelihood per supervised token of a batch.

@@ -12,6 +12,7 @@ use crate::embed::EmbedConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::generate::GenerateConfig;
 use crate::ingest::IngestConfig;
+use crate::sample_pairs::SamplePairsConfig;
 use crate::score::ScoreConfig;
 use crate::train::TrainConfig;
 
@@ -35,6 +36,8 @@ pub struct Config {
     pub captioner: CaptionerConfig,
     #[serde(default)]
     pub train_sft: TrainConfig,
+    #[serde(default)]
+    pub sample_pairs: SamplePairsConfig,
     #[serde(default)]
     pub preference: PreferenceConfig,
     #[serde(default)]

@@ -22,14 +22,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
-use crate::captioner::{caption_ids, Captioner, CaptionerManifest};
+use crate::captioner::{Captioner, CaptionerManifest};
 use crate::config::Config;
 use crate::embed::{self, device_for, sha256_file};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::find_stage_dir;
 use crate::preference::{dpo_loss, orpo_loss, DpoLoss};
 use crate::records::PreferencePair;
-use crate::sft::{pad_batch, shard_batches, CaptionBatch, StageContext};
+use crate::sft::{shard_batches, StageContext};
 use crate::shard::{read_parquet, ShardSet};
 use crate::train::{fit, FitOutput, Objective, StepOutput, TrainConfig};
 
@@ -37,12 +37,24 @@ use crate::train::{fit, FitOutput, Objective, StepOutput, TrainConfig};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PreferenceConfig {
-    /// Pair dataset under `data/` (rows with `image_key`).
+    /// Image-grounded pair dataset under `data/` (rows with `image_key`); empty = none.
     pub pairs_dataset: String,
     /// Image dataset whose cached features the pairs' `image_key`s name.
     pub image_dataset: String,
     pub train_split: String,
     pub val_split: String,
+    /// Text-only pair dataset (UltraFeedback: the decoder is conditioned on the prompt, no
+    /// image prefix), trained on beside the image-grounded pairs; empty = none.
+    pub text_pairs_dataset: String,
+    pub text_train_split: String,
+    pub text_val_split: String,
+    /// TRL's `max_length`: prompt + completion tokens per sequence (the CLIP prefix not
+    /// counted); 0 = no limit. Also capped by the decoder's positions.
+    pub max_length: usize,
+    /// TRL's (pre-1.0) `max_prompt_length`: a longer prompt keeps its last tokens; 0 = no limit.
+    pub max_prompt_length: usize,
+    /// TRL's `truncation_mode` for `max_length`.
+    pub truncation_mode: TruncationMode,
     /// DPO loss: sigmoid, hinge, ipo, robust.
     pub loss: DpoLoss,
     pub beta: f64,
@@ -60,6 +72,12 @@ impl Default for PreferenceConfig {
             image_dataset: "synthetic".into(),
             train_split: "train".into(),
             val_split: "val".into(),
+            text_pairs_dataset: String::new(),
+            text_train_split: "train_prefs".into(),
+            text_val_split: "test_prefs".into(),
+            max_length: 1024,
+            max_prompt_length: 0,
+            truncation_mode: TruncationMode::KeepStart,
             loss: DpoLoss::Sigmoid,
             beta: 0.1,
             label_smoothing: 0.0,
@@ -69,150 +87,454 @@ impl Default for PreferenceConfig {
     }
 }
 
-/// One image-grounded pair, ready to batch.
+/// Which end of a too-long prompt + completion survives `max_length` (TRL's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncationMode {
+    /// Keep the first `max_length` tokens; a pair whose prompt alone fills them is dropped.
+    KeepStart,
+    /// Keep the last `max_length` tokens (the prompt loses its beginning first).
+    KeepEnd,
+}
+
+/// TRL's truncation settings, applied per tokenized pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    pub max_length: usize,
+    pub max_prompt_length: usize,
+    pub mode: TruncationMode,
+}
+
+/// One side of a pair as the model sees it: context tokens, then the scored completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Side {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+}
+
+impl Truncation {
+    /// Both sides of a tokenized pair after truncation, or `None` when the pair is dropped
+    /// (`keep_start` and the prompt alone fills `max_length`, as TRL filters it out).
+    /// The prompt is first cut to its last `max_prompt_length` tokens; then each side's
+    /// prompt + completion is cut to `max_length`.
+    pub fn apply(&self, prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> Option<(Side, Side)> {
+        let prompt = match self.max_prompt_length {
+            0 => prompt,
+            m => &prompt[prompt.len().saturating_sub(m)..],
+        };
+        let l = self.max_length;
+        if l > 0 && self.mode == TruncationMode::KeepStart && prompt.len() >= l {
+            return None;
+        }
+        let side = |completion: &[u32]| {
+            let total = prompt.len() + completion.len();
+            if l == 0 || total <= l {
+                return Side {
+                    prompt: prompt.to_vec(),
+                    completion: completion.to_vec(),
+                };
+            }
+            match self.mode {
+                TruncationMode::KeepStart => Side {
+                    prompt: prompt.to_vec(),
+                    completion: completion[..l - prompt.len()].to_vec(),
+                },
+                TruncationMode::KeepEnd => {
+                    let cut = total - l;
+                    if cut <= prompt.len() {
+                        Side {
+                            prompt: prompt[cut..].to_vec(),
+                            completion: completion.to_vec(),
+                        }
+                    } else {
+                        Side {
+                            prompt: Vec::new(),
+                            completion: completion[cut - prompt.len()..].to_vec(),
+                        }
+                    }
+                }
+            }
+        };
+        Some((side(chosen), side(rejected)))
+    }
+}
+
+/// Length of the common start of two token sequences.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Tokenizes a pair as TRL does: the prompt alone and prompt + completion (joint, so merges
+/// across the boundary are the tokenizer's); the completion starts where both sides leave
+/// the prompt's tokens, and ends with end-of-text.
+pub fn tokenize_pair(
+    tok: &Tokenizer,
+    eos: u32,
+    prompt: &str,
+    chosen: &str,
+    rejected: &str,
+) -> std::result::Result<(Vec<u32>, Vec<u32>, Vec<u32>), String> {
+    let ids = |text: &str| {
+        tok.encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| format!("tokenizing: {e}"))
+    };
+    let p = ids(prompt)?;
+    let (pc, pr) = (
+        ids(&format!("{prompt}{chosen}"))?,
+        ids(&format!("{prompt}{rejected}"))?,
+    );
+    let n = common_prefix(&p, &pc).min(common_prefix(&p, &pr));
+    let finish = |full: &[u32]| {
+        let mut v = full[n..].to_vec();
+        v.push(eos);
+        v
+    };
+    Ok((p[..n].to_vec(), finish(&pc), finish(&pr)))
+}
+
+/// One pair, tokenized and truncated, ready to batch.
 #[derive(Clone)]
 struct PairRow {
     pair_id: String,
-    clip: Vec<f32>,
-    chosen: String,
-    rejected: String,
+    /// The image's CLIP embedding (image-grounded pairs) or `None` (text-only).
+    clip: Option<Vec<f32>>,
+    chosen: Side,
+    rejected: Side,
 }
 
-/// A batch of pairs: chosen and rejected sides padded separately, and the cached reference
-/// log-probabilities (DPO) of each row.
-pub struct PairBatch {
-    pub chosen: CaptionBatch,
-    pub rejected: CaptionBatch,
+/// One padded side of a group: `[prompt | completion | padding]` per row.
+pub struct SideBatch {
+    pub rows: usize,
+    pub len: usize,
+    /// `rows × clip_dim` for image-grounded groups.
+    pub clip: Option<Vec<f32>>,
+    /// `rows × len`, padded with end-of-text.
+    pub ids: Vec<u32>,
+    /// 1 on completion tokens.
+    pub supervised: Vec<f32>,
+    /// 1 on prompt and completion tokens.
+    pub attention: Vec<f32>,
+}
+
+impl SideBatch {
+    fn new(rows: &[&PairRow], chosen: bool, pad: u32) -> Self {
+        let sides: Vec<&Side> = rows
+            .iter()
+            .map(|r| if chosen { &r.chosen } else { &r.rejected })
+            .collect();
+        let len = sides
+            .iter()
+            .map(|s| s.prompt.len() + s.completion.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut b = Self {
+            rows: rows.len(),
+            len,
+            clip: None,
+            ids: Vec::with_capacity(rows.len() * len),
+            supervised: Vec::with_capacity(rows.len() * len),
+            attention: Vec::with_capacity(rows.len() * len),
+        };
+        for s in sides {
+            let (p, c) = (s.prompt.len(), s.completion.len());
+            b.ids.extend(&s.prompt);
+            b.ids.extend(&s.completion);
+            b.ids.extend(std::iter::repeat_n(pad, len - p - c));
+            for i in 0..len {
+                b.supervised
+                    .push(if (p..p + c).contains(&i) { 1.0 } else { 0.0 });
+                b.attention.push(if i < p + c { 1.0 } else { 0.0 });
+            }
+        }
+        if rows.iter().all(|r| r.clip.is_some()) {
+            b.clip = Some(
+                rows.iter()
+                    .flat_map(|r| r.clip.clone().unwrap_or_default())
+                    .collect(),
+            );
+        }
+        b
+    }
+}
+
+/// Rows of a batch that share a kind (all image-grounded or all text-only), with the cached
+/// reference log-probabilities (DPO) of each row.
+pub struct PairGroup {
+    pub pair_ids: Vec<String>,
+    pub chosen: SideBatch,
+    pub rejected: SideBatch,
     pub ref_chosen: Vec<f32>,
     pub ref_rejected: Vec<f32>,
 }
 
-/// The pairs of a split with their image embeddings, per shard.
+/// A batch of pairs: one group per kind present.
+pub struct PairBatch {
+    pub groups: Vec<PairGroup>,
+}
+
+impl PairBatch {
+    fn new(rows: &[PairRow], pad: u32, refs: &HashMap<String, (f32, f32)>) -> Self {
+        let (image, text): (Vec<&PairRow>, Vec<&PairRow>) =
+            rows.iter().partition(|r| r.clip.is_some());
+        let groups = [image, text]
+            .into_iter()
+            .filter(|g| !g.is_empty())
+            .map(|g| {
+                let lookup = |r: &&PairRow| refs.get(&r.pair_id).copied().unwrap_or((0.0, 0.0));
+                PairGroup {
+                    pair_ids: g.iter().map(|r| r.pair_id.clone()).collect(),
+                    chosen: SideBatch::new(&g, true, pad),
+                    rejected: SideBatch::new(&g, false, pad),
+                    ref_chosen: g.iter().map(|r| lookup(r).0).collect(),
+                    ref_rejected: g.iter().map(|r| lookup(r).1).collect(),
+                }
+            })
+            .collect();
+        Self { groups }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.groups.iter().map(|g| g.chosen.rows).sum()
+    }
+}
+
+/// How pair rows are tokenized: the policy's tokenizer and TRL's truncation.
+pub(crate) struct Tokenizing {
+    pub tokenizer: Tokenizer,
+    pub eos: u32,
+    pub truncation: Truncation,
+}
+
+/// One pair shard and what its rows are.
 #[derive(Clone)]
-struct PairSplit {
-    shards: Vec<PathBuf>,
+struct PairShard {
+    path: PathBuf,
+    /// Whether its rows must name an image (the image-grounded dataset) or are text-only.
+    grounded: bool,
+}
+
+/// The pairs of a split (image-grounded and/or text-only shards) with the image embeddings
+/// they name.
+#[derive(Clone)]
+pub(crate) struct PairSplit {
+    shards: Vec<PairShard>,
     images: Arc<HashMap<String, Vec<f32>>>,
+    tokenizing: Arc<Tokenizing>,
+}
+
+/// What loading a shard gave.
+struct LoadedShard {
+    rows: Vec<PairRow>,
+    /// Pairs dropped because their prompt alone fills `max_length`.
+    dropped: usize,
 }
 
 impl PairSplit {
-    fn new(cfg: &Config, workdir: &Path, split: &str) -> Result<Self> {
+    pub(crate) fn new(
+        cfg: &Config,
+        workdir: &Path,
+        (image_split, text_split): (&str, &str),
+        tokenizing: Arc<Tokenizing>,
+    ) -> Result<Self> {
         let p = &cfg.preference;
-        let set = ShardSet::new(workdir, &p.pairs_dataset, split);
-        let shards: Vec<PathBuf> = set
-            .finished()?
-            .into_iter()
-            .map(|s| set.parquet_path(s))
-            .collect();
+        let mut shards = Vec::new();
+        for (dataset, split, grounded) in [
+            (&p.pairs_dataset, image_split, true),
+            (&p.text_pairs_dataset, text_split, false),
+        ] {
+            if dataset.is_empty() {
+                continue;
+            }
+            let set = ShardSet::new(workdir, dataset, split);
+            let found: Vec<PairShard> = set
+                .finished()?
+                .into_iter()
+                .map(|s| PairShard {
+                    path: set.parquet_path(s),
+                    grounded,
+                })
+                .collect();
+            if found.is_empty() {
+                return Err(Error::Config(format!(
+                    "no finished pair shards in {}/data/{dataset}/{split}; run `pipeline run ingest` first",
+                    workdir.display(),
+                )));
+            }
+            shards.extend(found);
+        }
         if shards.is_empty() {
-            return Err(Error::Config(format!(
-                "no finished pair shards in {}/data/{}/{split}; run `pipeline run ingest` first",
-                workdir.display(),
-                p.pairs_dataset
-            )));
+            return Err(Error::Config(
+                "preference.pairs_dataset and preference.text_pairs_dataset are both empty".into(),
+            ));
         }
         let mut images = HashMap::new();
-        for e in embed::split_features(cfg, workdir, &p.image_dataset, split, "image")? {
-            let t = e.open()?;
-            let (dim, emb) = (t.dim, t.embeddings());
-            for (i, k) in t.keys().into_iter().enumerate() {
-                images.insert(k, emb[i * dim..(i + 1) * dim].to_vec());
+        if !p.pairs_dataset.is_empty() {
+            for e in embed::split_features(cfg, workdir, &p.image_dataset, image_split, "image")? {
+                let t = e.open()?;
+                let (dim, emb) = (t.dim, t.embeddings());
+                for (i, k) in t.keys().into_iter().enumerate() {
+                    images.insert(k, emb[i * dim..(i + 1) * dim].to_vec());
+                }
             }
         }
         Ok(Self {
             shards,
             images: Arc::new(images),
+            tokenizing,
         })
     }
 
-    /// Rows of shard `i`; a pair without an image, or with an empty completion, is an error
-    /// naming the file and the pair.
-    fn load(&self, i: usize) -> Result<Vec<PairRow>> {
-        let path = &self.shards[i];
+    /// Rows of shard `i`, tokenized and truncated. A grounded pair without an image (or
+    /// without its cached features), a text-only pair with an image, or a pair with an
+    /// empty completion is an error naming the file and the pair.
+    fn load(&self, i: usize) -> Result<LoadedShard> {
+        let PairShard { path, grounded } = &self.shards[i];
         let pairs: Vec<PreferencePair> = read_parquet(path)?;
-        pairs
-            .into_iter()
-            .enumerate()
-            .map(|(row, p)| {
-                let bad = |message: String| Error::BadRow {
-                    path: path.clone(),
-                    row: row as u64 + 1,
-                    message,
-                };
-                if p.chosen.trim().is_empty() || p.rejected.trim().is_empty() {
-                    return Err(bad(format!("pair `{}` has an empty completion", p.pair_id)));
-                }
-                let key = p.image_key.clone().ok_or_else(|| {
-                    bad(format!(
-                        "pair `{}` has no image_key (text-only pairs need a text prompt model)",
-                        p.pair_id
-                    ))
-                })?;
-                let clip = self.images.get(&key).cloned().ok_or_else(|| {
+        let t = &self.tokenizing;
+        let mut out = LoadedShard {
+            rows: Vec::with_capacity(pairs.len()),
+            dropped: 0,
+        };
+        for (row, p) in pairs.into_iter().enumerate() {
+            let bad = |message: String| Error::BadRow {
+                path: path.clone(),
+                row: row as u64 + 1,
+                message,
+            };
+            if p.chosen.trim().is_empty() || p.rejected.trim().is_empty() {
+                return Err(bad(format!("pair `{}` has an empty completion", p.pair_id)));
+            }
+            let clip = match (&p.image_key, grounded) {
+                (Some(key), true) => Some(self.images.get(key).cloned().ok_or_else(|| {
                     bad(format!(
                         "pair `{}`: no cached features for image `{key}`",
                         p.pair_id
                     ))
-                })?;
-                Ok(PairRow {
+                })?),
+                (None, true) => {
+                    return Err(bad(format!(
+                        "pair `{}` has no image_key; text-only pairs belong in preference.text_pairs_dataset",
+                        p.pair_id
+                    )))
+                }
+                (_, false) => None,
+            };
+            let (prompt, chosen, rejected) =
+                tokenize_pair(&t.tokenizer, t.eos, &p.prompt, &p.chosen, &p.rejected)
+                    .map_err(|e| bad(format!("pair `{}`: {e}", p.pair_id)))?;
+            match t.truncation.apply(&prompt, &chosen, &rejected) {
+                Some((chosen, rejected)) => out.rows.push(PairRow {
                     pair_id: p.pair_id,
                     clip,
-                    chosen: p.chosen,
-                    rejected: p.rejected,
-                })
-            })
-            .collect()
+                    chosen,
+                    rejected,
+                }),
+                None => out.dropped += 1,
+            }
+        }
+        Ok(out)
     }
 
-    fn rows(&self) -> Result<usize> {
-        (0..self.shards.len())
-            .map(|i| self.load(i).map(|r| r.len()))
-            .sum()
+    /// Kept pairs, optimizer steps per pass at `batch_size` and dropped pairs.
+    pub(crate) fn counts(&self, batch_size: usize) -> Result<(usize, usize, usize)> {
+        let (mut rows, mut steps, mut dropped) = (0, 0, 0);
+        for i in 0..self.shards.len() {
+            let l = self.load(i)?;
+            rows += l.rows.len();
+            steps += l.rows.len().div_ceil(batch_size.max(1));
+            dropped += l.dropped;
+        }
+        Ok((rows, steps, dropped))
+    }
+
+    pub(crate) fn batches(
+        &self,
+        batch_size: usize,
+        refs: Arc<HashMap<String, (f32, f32)>>,
+        shuffle: Option<(u64, String)>,
+    ) -> Receiver<Result<PairBatch>> {
+        let loader = {
+            let split = self.clone();
+            move |i: usize| split.load(i).map(|l| l.rows)
+        };
+        let pad = self.tokenizing.eos;
+        let make =
+            move |chunk: &[PairRow]| -> Result<PairBatch> { Ok(PairBatch::new(chunk, pad, &refs)) };
+        shard_batches(self.shards.len(), loader, make, batch_size, shuffle, 4)
     }
 }
 
-/// Per-row sums of log-probabilities and token counts of one padded side.
-fn side_logps(model: &Captioner, b: &CaptionBatch) -> candle_core::Result<(Tensor, Tensor)> {
-    let (clip, ids, mask) = crate::sft::batch_tensors(b, model.clip_dim, model.device())?;
-    model.sequence_logprobs(&clip, &ids, &mask)
+/// Per-row sums of log-probabilities and completion-token counts of one padded side.
+fn side_logps(model: &Captioner, b: &SideBatch) -> candle_core::Result<(Tensor, Tensor)> {
+    let dev = model.device();
+    let clip = b
+        .clip
+        .as_ref()
+        .map(|c| Tensor::from_slice(c, (b.rows, model.clip_dim), dev))
+        .transpose()?;
+    let shape = (b.rows, b.len);
+    model.completion_logprobs(
+        clip.as_ref(),
+        &Tensor::from_slice(&b.ids, shape, dev)?,
+        &Tensor::from_slice(&b.supervised, shape, dev)?,
+        &Tensor::from_slice(&b.attention, shape, dev)?,
+    )
 }
 
-fn side_batch(
-    rows: &[PairRow],
-    chosen: bool,
-    tok: &Tokenizer,
-    eos: u32,
-    max: usize,
-) -> Result<CaptionBatch> {
-    let built = rows
-        .iter()
-        .map(|r| {
-            Ok((
-                r.clip.clone(),
-                caption_ids(tok, eos, if chosen { &r.chosen } else { &r.rejected }, max)?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(pad_batch(built, eos))
+/// Per-row (chosen sum, chosen count, rejected sum, rejected count) over all groups of a
+/// batch, rows in group order, and the matching reference log-probabilities.
+#[allow(clippy::type_complexity)]
+fn batch_logps(
+    model: &Captioner,
+    b: &PairBatch,
+) -> candle_core::Result<((Tensor, Tensor, Tensor, Tensor), (Vec<f32>, Vec<f32>))> {
+    let (mut lc, mut nc, mut lr, mut nr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rc, mut rr) = (Vec::new(), Vec::new());
+    for g in &b.groups {
+        let (a, n) = side_logps(model, &g.chosen)?;
+        lc.push(a);
+        nc.push(n);
+        let (a, n) = side_logps(model, &g.rejected)?;
+        lr.push(a);
+        nr.push(n);
+        rc.extend(&g.ref_chosen);
+        rr.extend(&g.ref_rejected);
+    }
+    let cat = |v: Vec<Tensor>| {
+        if v.len() == 1 {
+            Ok(v.into_iter().next().expect("one group"))
+        } else {
+            Tensor::cat(&v, 0)
+        }
+    };
+    Ok(((cat(lc)?, cat(nc)?, cat(lr)?, cat(nr)?), (rc, rr)))
 }
 
-/// The reference log-probabilities of every pair of `split`, from the cache or computed with
-/// the reference model and cached (Arrow IPC `pair_id, ref_chosen, ref_rejected`).
-fn reference_logps(
+/// The reference log-probabilities of every pair of `split` under `reference` (the policy
+/// before any update: it is the SFT checkpoint), from the cache or computed and cached
+/// (Arrow IPC `pair_id, ref_chosen, ref_rejected`). The cache key covers the reference
+/// weights and tokenizer, the pair shards, the averaging and the truncation.
+pub(crate) fn reference_logps(
     split: &PairSplit,
     reference: &Captioner,
-    reference_weights: &Path,
+    files: &[&Path],
     average: bool,
-    max_tokens: usize,
     workdir: &Path,
 ) -> Result<HashMap<String, (f32, f32)>> {
     let mut h = Sha256::new();
-    h.update(b"reflogps-v1\0");
-    h.update(sha256_file(reference_weights)?.as_bytes());
+    h.update(b"reflogps-v2\0");
+    for f in files {
+        h.update(sha256_file(f)?.as_bytes());
+    }
     for s in &split.shards {
-        h.update(sha256_file(s)?.as_bytes());
+        h.update(sha256_file(&s.path)?.as_bytes());
+        h.update([u8::from(s.grounded)]);
     }
     h.update([u8::from(average)]);
-    h.update((max_tokens as u64).to_le_bytes());
+    let t = split.tokenizing.truncation;
+    h.update(format!("{}/{}/{:?}", t.max_length, t.max_prompt_length, t.mode).as_bytes());
     let digest = hex::encode(h.finalize());
     let dir = workdir.join("cache").join("reflogps-v1");
     let path = dir.join(format!("{digest}.arrow"));
@@ -241,30 +563,22 @@ fn reference_logps(
     }
     let mut ids = Vec::new();
     let (mut cs, mut rs) = (Vec::new(), Vec::new());
-    for i in 0..split.shards.len() {
-        let rows = split.load(i)?;
-        for chunk in rows.chunks(64) {
-            let err = |e: candle_core::Error| Error::Stage {
-                stage: "train-dpo".into(),
-                message: e.to_string(),
-            };
-            let mut sides = Vec::new();
-            for chosen in [true, false] {
-                let b = side_batch(
-                    chunk,
-                    chosen,
-                    &reference.tokenizer,
-                    reference.eos,
-                    max_tokens,
-                )?;
-                let (lp, n) = side_logps(reference, &b).map_err(err)?;
-                let lp = if average { (lp / n).map_err(err)? } else { lp };
-                sides.push(lp.to_vec1::<f32>().map_err(err)?);
-            }
-            ids.extend(chunk.iter().map(|r| r.pair_id.clone()));
-            cs.extend(sides[0].iter().map(|&x| f64::from(x)));
-            rs.extend(sides[1].iter().map(|&x| f64::from(x)));
-        }
+    let none = Arc::new(HashMap::new());
+    let err = |e: candle_core::Error| Error::Stage {
+        stage: "train-dpo".into(),
+        message: format!("reference log-probs: {e}"),
+    };
+    for batch in split.batches(16, none, None) {
+        let batch = batch?;
+        let ((lc, nc, lr, nr), _) = batch_logps(reference, &batch).map_err(err)?;
+        let (lc, lr) = if average {
+            ((lc / nc).map_err(err)?, (lr / nr).map_err(err)?)
+        } else {
+            (lc, lr)
+        };
+        ids.extend(batch.groups.iter().flat_map(|g| g.pair_ids.iter().cloned()));
+        cs.extend(lc.to_vec1::<f32>().map_err(err)?.into_iter().map(f64::from));
+        rs.extend(lr.to_vec1::<f32>().map_err(err)?.into_iter().map(f64::from));
     }
     std::fs::create_dir_all(&dir).at(&dir)?;
     let schema = Arc::new(Schema::new(vec![
@@ -327,40 +641,34 @@ struct PreferenceObjective {
     refs: Arc<HashMap<String, (f32, f32)>>,
     cfg: PreferenceConfig,
     batch_size: usize,
-    max_tokens: usize,
     seed: u64,
 }
 
-impl PreferenceObjective {
-    fn batches(&self, split: &PairSplit, shuffle: Option<usize>) -> Receiver<Result<PairBatch>> {
-        let (refs, tok, eos, max) = (
-            self.refs.clone(),
-            self.model.tokenizer.clone(),
-            self.model.eos,
-            self.max_tokens,
-        );
-        let loader = {
-            let split = split.clone();
-            move |i: usize| split.load(i)
-        };
-        let make = move |chunk: &[PairRow]| -> Result<PairBatch> {
-            let lookup = |r: &PairRow| refs.get(&r.pair_id).copied().unwrap_or((0.0, 0.0));
-            Ok(PairBatch {
-                chosen: side_batch(chunk, true, &tok, eos, max)?,
-                rejected: side_batch(chunk, false, &tok, eos, max)?,
-                ref_chosen: chunk.iter().map(|r| lookup(r).0).collect(),
-                ref_rejected: chunk.iter().map(|r| lookup(r).1).collect(),
-            })
-        };
-        let shuffle = shuffle.map(|epoch| (self.seed, format!("pairs-epoch-{epoch}")));
-        shard_batches(
-            split.shards.len(),
-            loader,
-            make,
-            self.batch_size,
-            shuffle,
-            4,
-        )
+/// The loss of a batch under `method` from the policy's per-row log-probabilities.
+pub(crate) fn preference_loss(
+    method: Method,
+    cfg: &PreferenceConfig,
+    model: &Captioner,
+    b: &PairBatch,
+) -> candle_core::Result<crate::preference::PreferenceOutput> {
+    let ((lc, nc, lr, nr), (rc, rr)) = batch_logps(model, b)?;
+    match method {
+        Method::Dpo => {
+            let (pc, pr) = if cfg.loss.averages_tokens() {
+                ((&lc / &nc)?, (&lr / &nr)?)
+            } else {
+                (lc, lr)
+            };
+            let dev = model.device();
+            let rc = Tensor::from_slice(&rc, rc.len(), dev)?;
+            let rr = Tensor::from_slice(&rr, rr.len(), dev)?;
+            dpo_loss(cfg.loss, cfg.beta, cfg.label_smoothing, &pc, &pr, &rc, &rr)
+        }
+        Method::Orpo => {
+            let nll =
+                (lc.sum_all()?.neg()? / f64::from(nc.sum_all()?.to_scalar::<f32>()?.max(1.0)))?;
+            orpo_loss(cfg.orpo_lambda, &nll, &(&lc / &nc)?, &(&lr / &nr)?)
+        }
     }
 }
 
@@ -372,49 +680,23 @@ impl Objective for PreferenceObjective {
     }
 
     fn step(&mut self, b: &PairBatch, _train: bool) -> candle_core::Result<StepOutput> {
-        let (lc, nc) = side_logps(&self.model, &b.chosen)?;
-        let (lr, nr) = side_logps(&self.model, &b.rejected)?;
-        let rows = b.chosen.rows;
-        let out = match self.method {
-            Method::Dpo => {
-                let average = self.cfg.loss.averages_tokens();
-                let (pc, pr) = if average {
-                    ((&lc / &nc)?, (&lr / &nr)?)
-                } else {
-                    (lc, lr)
-                };
-                let dev = self.model.device();
-                let rc = Tensor::from_slice(&b.ref_chosen, rows, dev)?;
-                let rr = Tensor::from_slice(&b.ref_rejected, rows, dev)?;
-                dpo_loss(
-                    self.cfg.loss,
-                    self.cfg.beta,
-                    self.cfg.label_smoothing,
-                    &pc,
-                    &pr,
-                    &rc,
-                    &rr,
-                )?
-            }
-            Method::Orpo => {
-                let nll =
-                    (lc.sum_all()?.neg()? / f64::from(nc.sum_all()?.to_scalar::<f32>()?.max(1.0)))?;
-                orpo_loss(self.cfg.orpo_lambda, &nll, &(&lc / &nc)?, &(&lr / &nr)?)?
-            }
-        };
+        let out = preference_loss(self.method, &self.cfg, &self.model, b)?;
         Ok(StepOutput {
             loss: out.loss,
             scalars: out.scalars,
-            rows,
+            rows: b.rows(),
         })
     }
 
     fn train_batches(&self, epoch: usize) -> Result<Receiver<Result<PairBatch>>> {
-        Ok(self.batches(&self.train, Some(epoch)))
+        let shuffle = Some((self.seed, format!("pairs-epoch-{epoch}")));
+        Ok(self
+            .train
+            .batches(self.batch_size, self.refs.clone(), shuffle))
     }
 
     fn val_batches(&self) -> Result<Receiver<Result<PairBatch>>> {
-        Ok(self.batches(&self.val, None))
+        Ok(self.val.batches(self.batch_size, self.refs.clone(), None))
     }
 
     fn selection(&self) -> (&str, bool) {
@@ -445,28 +727,53 @@ pub fn run(
     let mut cfg = cfg.clone();
     cfg.embed.model = manifest.clip_model.clone();
     cfg.embed.revision = manifest.clip_revision.clone();
-    let train = PairSplit::new(&cfg, &ctx.workdir, &p.train_split)?;
-    let val = PairSplit::new(&cfg, &ctx.workdir, &p.val_split)?;
     let device: Device = device_for(ctx.gpu, cfg.embed.cpu_fallback)?;
     let best = init.join("best/model.safetensors");
     let (mut model, vars) = manifest.captioner(Some(&best), &device)?;
-    let max_tokens = manifest.captioner.max_caption_tokens;
+    // The CLIP prefix takes positions too.
+    let room = model
+        .decoder
+        .max_positions()
+        .saturating_sub(if p.pairs_dataset.is_empty() {
+            0
+        } else {
+            model.prefix_length
+        });
+    let max_length = match p.max_length {
+        0 => room,
+        l => l.min(room),
+    };
+    let tokenizing = Arc::new(Tokenizing {
+        tokenizer: model.tokenizer.clone(),
+        eos: model.eos,
+        truncation: Truncation {
+            max_length,
+            max_prompt_length: p.max_prompt_length,
+            mode: p.truncation_mode,
+        },
+    });
+    let train = PairSplit::new(
+        &cfg,
+        &ctx.workdir,
+        (&p.train_split, &p.text_train_split),
+        tokenizing.clone(),
+    )?;
+    let val = PairSplit::new(
+        &cfg,
+        &ctx.workdir,
+        (&p.val_split, &p.text_val_split),
+        tokenizing,
+    )?;
     let refs = if method == Method::Dpo {
-        let (reference, _) = manifest.captioner(Some(&best), &device)?;
-        let mut all = reference_logps(
-            &train,
-            &reference,
-            &best,
-            p.loss.averages_tokens(),
-            max_tokens,
-            &ctx.workdir,
-        )?;
+        // The policy has not been updated yet: it is the reference. No second model.
+        let files = [best.as_path(), manifest.decoder_files.tokenizer.as_path()];
+        let average = p.loss.averages_tokens();
+        let mut all = reference_logps(&train, &model, &files, average, &ctx.workdir)?;
         all.extend(reference_logps(
             &val,
-            &reference,
-            &best,
-            p.loss.averages_tokens(),
-            max_tokens,
+            &model,
+            &files,
+            average,
             &ctx.workdir,
         )?);
         all
@@ -477,14 +784,20 @@ pub fn run(
     let dir = ctx.run_dir.join(method.stage());
     std::fs::create_dir_all(&dir).at(&dir)?;
     manifest.save(&dir.join("captioner.json"))?;
-    let steps_per_epoch: usize = (0..train.shards.len())
-        .map(|i| {
-            train
-                .load(i)
-                .map(|r| r.len().div_ceil(train_cfg.batch_size.max(1)))
-        })
-        .sum::<Result<usize>>()?;
-    let rows = train.rows()?;
+    let (rows, steps_per_epoch, dropped) = train.counts(train_cfg.batch_size)?;
+    let (val_rows, _, val_dropped) = val.counts(train_cfg.batch_size)?;
+    for (split, kept, gone) in [
+        ("training", rows, dropped),
+        ("validation", val_rows, val_dropped),
+    ] {
+        if kept == 0 {
+            return Err(Error::Config(format!(
+                "{}: no {split} pairs left: all {gone} have a prompt that fills max_length {max_length} \
+                 (preference.max_length, truncation_mode keep_start); raise max_length or use keep_end",
+                method.stage()
+            )));
+        }
+    }
     let mut objective = PreferenceObjective {
         method,
         model,
@@ -494,7 +807,6 @@ pub fn run(
         refs: Arc::new(refs),
         cfg: p.clone(),
         batch_size: train_cfg.batch_size,
-        max_tokens,
         seed: train_cfg.seed,
     };
     let metrics = ctx.metrics_path();
@@ -509,8 +821,13 @@ pub fn run(
             stage: method.stage(),
         },
     )?;
+    let dropped = if dropped > 0 {
+        format!(" ({dropped} dropped: prompt fills max_length {max_length})")
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "{} optimizer steps over {rows} pairs from {}; best val {} {:.4} at step {}; {} non-finite batches skipped; checkpoints in {}",
+        "{} optimizer steps over {rows} pairs{dropped} from {}; best val {} {:.4} at step {}; {} non-finite batches skipped; checkpoints in {}",
         summary.state.step,
         p.init_from,
         objective.selection().0,
@@ -519,4 +836,166 @@ pub fn run(
         summary.state.skipped_nonfinite,
         dir.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::captioner::{CaptionerConfig, DecoderFiles};
+
+    fn trunc(max_length: usize, max_prompt_length: usize, mode: TruncationMode) -> Truncation {
+        Truncation {
+            max_length,
+            max_prompt_length,
+            mode,
+        }
+    }
+
+    fn side(prompt: &[u32], completion: &[u32]) -> Side {
+        Side {
+            prompt: prompt.to_vec(),
+            completion: completion.to_vec(),
+        }
+    }
+
+    #[test]
+    fn truncation_follows_trl() {
+        use TruncationMode::{KeepEnd, KeepStart};
+        // TRL's collator example: keep_start cuts each prompt+completion to its first tokens.
+        let (c, r) = trunc(4, 0, KeepStart)
+            .apply(&[1, 2, 3], &[4, 5], &[6])
+            .unwrap();
+        assert_eq!((c, r), (side(&[1, 2, 3], &[4]), side(&[1, 2, 3], &[6])));
+        // A prompt that fills max_length leaves no completion: the pair is dropped.
+        assert_eq!(trunc(3, 0, KeepStart).apply(&[1, 2, 3], &[4], &[5]), None);
+        // keep_end drops the prompt's start first, then the completion's.
+        let (c, r) = trunc(3, 0, KeepEnd)
+            .apply(&[1, 2, 3], &[4, 5], &[6])
+            .unwrap();
+        assert_eq!((c, r), (side(&[3], &[4, 5]), side(&[2, 3], &[6])));
+        let (c, _) = trunc(2, 0, KeepEnd).apply(&[1], &[2, 3, 4], &[5]).unwrap();
+        assert_eq!(c, side(&[], &[3, 4]));
+        // max_prompt_length keeps the prompt's end before max_length applies.
+        let (c, r) = trunc(0, 2, KeepStart)
+            .apply(&[1, 2, 3], &[4, 5], &[6])
+            .unwrap();
+        assert_eq!((c, r), (side(&[2, 3], &[4, 5]), side(&[2, 3], &[6])));
+        // No limits: unchanged.
+        let (c, _) = trunc(0, 0, KeepStart).apply(&[1], &[2, 3], &[4]).unwrap();
+        assert_eq!(c, side(&[1], &[2, 3]));
+    }
+
+    fn tiny_captioner() -> Captioner {
+        let files = DecoderFiles::from_dir(&crate::hf_tiny_fixture("gpt2-tiny")).unwrap();
+        let cfg = CaptionerConfig {
+            prefix_length: 2,
+            freeze_decoder: true,
+            ..CaptionerConfig::default()
+        };
+        let mut m = Captioner::build(&cfg, 8, &files, &VarMap::new(), &Device::Cpu).unwrap();
+        m.decoder.set_differentiable(false);
+        m
+    }
+
+    #[test]
+    fn pairs_tokenize_as_trl_does() {
+        let m = tiny_captioner();
+        let (p, c, r) = tokenize_pair(
+            &m.tokenizer,
+            m.eos,
+            "Caption:",
+            " a red circle above a blue square.",
+            " two shapes.",
+        )
+        .unwrap();
+        // The ids HF's GPT-2 tokenizer gives (the fixture's reference), end-of-text appended.
+        assert_eq!(p, [24334, 1159, 25]);
+        assert_eq!(c, [257, 2266, 9197, 2029, 257, 4171, 6616, 13, m.eos]);
+        assert_eq!(r.last(), Some(&m.eos));
+        // A prompt ending mid-word: the completion starts where prompt+completion leave the
+        // prompt's tokens, so prompt + completion is exactly the joint tokenization.
+        let (p, c, _) = tokenize_pair(&m.tokenizer, m.eos, "Capt", "ion: yes", "ion: no").unwrap();
+        let joint = m.tokenizer.encode("Caption: yes", false).unwrap();
+        let mut both = p.clone();
+        both.extend(&c[..c.len() - 1]);
+        assert_eq!(both, joint.get_ids());
+        let alone = m.tokenizer.encode("Capt", false).unwrap();
+        assert!(alone.get_ids().starts_with(&p));
+    }
+
+    #[test]
+    fn text_only_completion_logprob_matches_transformers() {
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(crate::hf_tiny_fixture("reference/gpt2-logprobs.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let want = reference["completion_logprob_sum"].as_f64().unwrap();
+        let m = tiny_captioner();
+        let (p, c, _) = tokenize_pair(
+            &m.tokenizer,
+            m.eos,
+            "Caption:",
+            " a red circle above a blue square.",
+            " two shapes.",
+        )
+        .unwrap();
+        // The reference scores no end-of-text; a second, longer row pads the first.
+        let row = |prompt: Vec<u32>, completion: Vec<u32>| PairRow {
+            pair_id: String::new(),
+            clip: None,
+            chosen: side(&prompt, &completion),
+            rejected: side(&prompt, &completion),
+        };
+        let rows = [
+            row(p.clone(), c[..c.len() - 1].to_vec()),
+            row([p.clone(), p.clone()].concat(), c.clone()),
+        ];
+        let b = SideBatch::new(&rows.iter().collect::<Vec<_>>(), true, m.eos);
+        assert_eq!(b.len, 2 * p.len() + c.len());
+        assert_eq!(b.clip, None);
+        let (sum, n) = side_logps(&m, &b).unwrap();
+        let (sum, n) = (sum.to_vec1::<f32>().unwrap(), n.to_vec1::<f32>().unwrap());
+        assert_eq!(n, [c.len() as f32 - 1.0, c.len() as f32]);
+        assert!(
+            (f64::from(sum[0]) - want).abs() < 1e-4,
+            "{} vs transformers {want}",
+            sum[0]
+        );
+    }
+
+    #[test]
+    fn mixed_batches_group_by_kind_and_keep_reference_order() {
+        let row = |id: &str, clip: bool| PairRow {
+            pair_id: id.into(),
+            clip: clip.then(|| vec![1.0; 8]),
+            chosen: side(&[1, 2], &[3]),
+            rejected: side(&[], &[4, 5]),
+        };
+        let rows = [row("a", false), row("b", true), row("c", false)];
+        let refs: HashMap<String, (f32, f32)> = [("a", 1.0), ("b", 2.0), ("c", 3.0)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), (v, -v)))
+            .collect();
+        let b = PairBatch::new(&rows, 0, &refs);
+        assert_eq!(b.rows(), 3);
+        assert_eq!(b.groups.len(), 2);
+        let (image, text) = (&b.groups[0], &b.groups[1]);
+        assert_eq!(image.pair_ids, ["b"]);
+        assert_eq!(image.chosen.clip.as_deref(), Some(&[1.0; 8][..]));
+        assert_eq!(text.pair_ids, ["a", "c"]);
+        assert_eq!(text.ref_chosen, [1.0, 3.0]);
+        assert_eq!(text.ref_rejected, [-1.0, -3.0]);
+        // [prompt | completion | pad]: only completions supervised, padding not attended.
+        assert_eq!(text.rejected.ids, [4, 5, 4, 5]);
+        assert_eq!(text.chosen.ids, [1, 2, 3, 1, 2, 3]);
+        assert_eq!(text.chosen.supervised, [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
+        assert_eq!(image.rejected.attention, [1.0, 1.0]);
+        let mut long = row("d", false);
+        long.chosen = side(&[7], &[8, 9, 10]);
+        let padded = SideBatch::new(&[&rows[0], &long], true, 0);
+        assert_eq!(padded.ids, [1, 2, 3, 0, 7, 8, 9, 10]);
+        assert_eq!(padded.supervised, [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+        assert_eq!(padded.attention, [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+    }
 }

@@ -164,12 +164,131 @@ pub fn layer_norm_diff(x: &Tensor, ln: &LayerNorm) -> candle_core::Result<Tensor
     }
 }
 
-/// Applies `ln` with the fused kernel, or with differentiable primitives when training.
+/// Applies `ln` with the fused kernel, or differentiably when training: on the CPU one fused
+/// op whose backward keeps only its input (the primitive composition keeps five tensors of
+/// the input's size per norm), elsewhere the primitives.
 fn norm(x: &Tensor, ln: &LayerNorm, differentiable: bool) -> candle_core::Result<Tensor> {
-    if differentiable {
-        layer_norm_diff(x, ln)
-    } else {
-        ln.forward(x)
+    if !differentiable {
+        return ln.forward(x);
+    }
+    match ln.bias() {
+        Some(bias) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            let d = x.dim(D::Minus1)?;
+            let rows = x.elem_count() / d.max(1);
+            x.contiguous()?
+                .reshape((rows, d))?
+                .apply_op3(
+                    ln.weight(),
+                    bias,
+                    LayerNormOp {
+                        eps: ln.eps() as f32,
+                    },
+                )?
+                .reshape(x.shape())
+        }
+        _ => layer_norm_diff(x, ln),
+    }
+}
+
+/// Mean and 1/σ of one row.
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// LayerNorm over the last dimension of `(rows, d)` with weight and bias `(d,)`.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (x, w, b) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (n, d) = l1.shape().dims2()?;
+        let mut out = vec![0f32; n * d];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let (mean, rstd) = row_stats(row, self.eps);
+                for i in 0..d {
+                    o[i] = (row[i] - mean) * rstd * w[i] + b[i];
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), (n, d).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let (n, d) = x.dims2()?;
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.to_vec1::<f32>()?;
+        let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; n * d];
+        // Per-chunk partial sums of dy·x̂ (weight) and dy (bias), added up after.
+        let rows_per_chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(rows_per_chunk * d)
+            .zip(
+                xs.par_chunks(rows_per_chunk * d)
+                    .zip(gs.par_chunks(rows_per_chunk * d)),
+            )
+            .map(|(dxc, (xc, gc))| {
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                let mut xhat = vec![0f32; d];
+                for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    for i in 0..d {
+                        xhat[i] = (xr[i] - mean) * rstd;
+                        let g = gr[i] * ws[i];
+                        sum_g += g;
+                        sum_gx += g * xhat[i];
+                        dw[i] += gr[i] * xhat[i];
+                        db[i] += gr[i];
+                    }
+                    let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
+                    for i in 0..d {
+                        dxr[i] = rstd * (gr[i] * ws[i] - mg - xhat[i] * mgx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pw, pb) in partial {
+            for i in 0..d {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, d), dev)?),
+            Some(Tensor::from_vec(dw, d, dev)?),
+            Some(Tensor::from_vec(db, d, dev)?),
+        ))
     }
 }
 
@@ -311,6 +430,16 @@ impl Gpt2 {
         embeds: &Tensor,
         keep: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        self.lm_logits(&self.forward_hidden(embeds, keep)?)
+    }
+
+    /// Final hidden states `(b, t, d)` (after `ln_f`) of input embeddings, before the LM
+    /// head: callers that need logits at some positions only apply [`Self::lm_logits`] there.
+    pub fn forward_hidden(
+        &self,
+        embeds: &Tensor,
+        keep: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         if t > self.config.n_positions {
             candle_core::bail!(
@@ -324,7 +453,7 @@ impl Gpt2 {
         for block in &self.blocks {
             x = block.forward(&x, &mask, None, self.differentiable)?;
         }
-        self.lm_logits(&norm(&x, &self.ln_f, self.differentiable)?)
+        norm(&x, &self.ln_f, self.differentiable)
     }
 
     /// Incremental decoding: final hidden states `(b, t, d)` (after `ln_f`) of new input
@@ -365,6 +494,11 @@ impl Gpt2 {
     /// last position of a sequence).
     pub fn lm_logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         matmul_rows(hidden, &self.wte.t()?)
+    }
+
+    /// Longest sequence (prefix included) the position table covers.
+    pub fn max_positions(&self) -> usize {
+        self.config.n_positions
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -431,10 +565,132 @@ fn attention_mask(
 /// Per-position log-probabilities of the next token: `out[b][i] = log p(ids[b][i+1] | ids[b][..=i])`.
 pub fn next_token_logprobs(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
     let (_, t, _) = logits.dims3()?;
-    let lp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1)?, D::Minus1)?;
-    let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?;
-    lp.gather(&targets.contiguous()?, D::Minus1)?
+    token_logprobs(&logits.narrow(1, 0, t - 1)?, &ids.narrow(1, 1, t - 1)?)
+}
+
+/// `log softmax(logits)[.., target]` for logits `(b, t, V)` and targets `(b, t)` u32: `(b, t)`.
+///
+/// On the CPU this is one fused pass per row (max, log-sum-exp, gather) whose backward
+/// needs only the logits: the `(b, t, V)` log-softmax is never materialised, which is most
+/// of a language-model step's memory at GPT-2's vocabulary. Elsewhere it is the tensor-op
+/// composition.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        let flat = logits.reshape((b * t, v))?.contiguous()?;
+        let ids = targets.reshape(b * t)?.to_dtype(DType::U32)?.contiguous()?;
+        return flat.apply_op2(&ids, TokenLogprob)?.reshape((b, t));
+    }
+    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    lp.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
         .squeeze(D::Minus1)
+}
+
+/// The contiguous f32 / u32 elements of CPU storages.
+fn cpu_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("token_logprobs: expected contiguous f32"),
+    }
+}
+
+fn cpu_u32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [u32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::U32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("token_logprobs: expected contiguous u32 targets"),
+    }
+}
+
+/// Row maximum and log-sum-exp of one row of logits.
+fn row_lse(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    (max, max + sum.ln())
+}
+
+/// `(n, V)` logits, `(n,)` targets → `(n,)` target log-probabilities.
+struct TokenLogprob;
+
+impl candle_core::CustomOp2 for TokenLogprob {
+    fn name(&self) -> &'static str {
+        "token-logprob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (logits, ids) = (cpu_f32(s1, l1)?, cpu_u32(s2, l2)?);
+        let (n, v) = l1.shape().dims2()?;
+        if ids.len() != n || ids.iter().any(|&i| i as usize >= v) {
+            candle_core::bail!("token_logprobs: {} targets for {n} rows of {v}", ids.len());
+        }
+        let out: Vec<f32> = logits
+            .par_chunks(v)
+            .zip(ids.par_iter())
+            .map(|(row, &id)| row[id as usize] - row_lse(row).1)
+            .collect();
+        Ok((candle_core::CpuStorage::F32(out), n.into()))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.apply_op3_no_bwd(ids, &grad.contiguous()?, &TokenLogprobGrad)?;
+        Ok((Some(g), None))
+    }
+}
+
+/// Gradient of [`TokenLogprob`]: `g · (onehot(target) − softmax(logits))` per row.
+struct TokenLogprobGrad;
+
+impl candle_core::CustomOp3 for TokenLogprobGrad {
+    fn name(&self) -> &'static str {
+        "token-logprob-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (logits, ids, grad) = (cpu_f32(s1, l1)?, cpu_u32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (n, v) = l1.shape().dims2()?;
+        let mut out = vec![0f32; n * v];
+        out.par_chunks_mut(v)
+            .zip(logits.par_chunks(v))
+            .zip(ids.par_iter().zip(grad.par_iter()))
+            .for_each(|((o, row), (&id, &g))| {
+                if g == 0.0 {
+                    return;
+                }
+                let lse = row_lse(row).1;
+                for (o, &x) in o.iter_mut().zip(row) {
+                    *o = -g * (x - lse).exp();
+                }
+                o[id as usize] += g;
+            });
+        Ok((candle_core::CpuStorage::F32(out), (n, v).into()))
+    }
 }
 
 #[cfg(test)]
@@ -450,6 +706,87 @@ mod tests {
     fn reference(name: &str) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(fixture(&format!("reference/{name}"))).unwrap())
             .unwrap()
+    }
+
+    #[test]
+    fn fused_layer_norm_and_its_gradients_equal_the_primitive_composition() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], std: f32| {
+            candle_core::Var::from_tensor(&Tensor::randn(0f32, std, shape, &dev).unwrap()).unwrap()
+        };
+        let (x, w, b) = (var(&[3, 5, 16], 2.0), var(&[16], 1.0), var(&[16], 1.0));
+        let ln = LayerNorm::new(w.as_tensor().clone(), b.as_tensor().clone(), 1e-5);
+        let up = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+        let run = |y: Tensor| {
+            let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |v: &candle_core::Var| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            (
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                g(&x),
+                g(&w),
+                g(&b),
+            )
+        };
+        let fused = run(norm(x.as_tensor(), &ln, true).unwrap());
+        let plain = run(layer_norm_diff(x.as_tensor(), &ln).unwrap());
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-4);
+        assert!(close(&fused.0, &plain.0), "forward");
+        assert!(close(&fused.1, &plain.1), "d/dx");
+        assert!(close(&fused.2, &plain.2), "d/dweight");
+        assert!(close(&fused.3, &plain.3), "d/dbias");
+    }
+
+    #[test]
+    fn fused_token_logprobs_and_gradient_equal_log_softmax_and_gather() {
+        let dev = Device::Cpu;
+        let logits =
+            candle_core::Var::from_tensor(&(Tensor::randn(0f32, 3.0, (2, 5, 37), &dev).unwrap()))
+                .unwrap();
+        let ids = Tensor::from_vec(vec![0u32, 36, 5, 7, 9, 1, 2, 3, 30, 11], (2, 5), &dev).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (2, 5), &dev).unwrap();
+        let fused = token_logprobs(logits.as_tensor(), &ids).unwrap();
+        let plain = candle_nn::ops::log_softmax(logits.as_tensor(), D::Minus1)
+            .unwrap()
+            .gather(&ids.unsqueeze(D::Minus1).unwrap(), D::Minus1)
+            .unwrap()
+            .squeeze(D::Minus1)
+            .unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&fused, &plain) < 1e-5);
+        let grad = |t: &Tensor| {
+            (t * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(logits.as_tensor())
+                .unwrap()
+                .clone()
+        };
+        assert!(diff(&grad(&fused), &grad(&plain)) < 1e-5);
+        // Out-of-range targets are an error, not a read past the row.
+        let bad = Tensor::from_vec(vec![37u32; 10], (2, 5), &dev).unwrap();
+        assert!(token_logprobs(logits.as_tensor(), &bad).is_err());
     }
 
     fn ids_of(r: &serde_json::Value) -> Vec<u32> {

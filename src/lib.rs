@@ -4,6 +4,7 @@
 //! pipelines (`pipelines/*.toml`) are validated as a whole before any stage runs.
 
 pub mod bench;
+pub mod bench_dpo;
 pub mod bench_embed;
 pub mod bench_score;
 pub mod bench_train;
@@ -31,6 +32,7 @@ pub mod records;
 pub mod report;
 pub mod rng;
 pub mod runner;
+pub mod sample_pairs;
 pub mod score;
 pub mod sft;
 pub mod shard;

@@ -45,6 +45,13 @@ pub const STAGES: &[StageInfo] = &[
         uses_gpu: true,
     },
     StageInfo {
+        name: "sample-pairs",
+        description:
+            "image-grounded pairs: SFT samples per image ranked by CLIPScore (best vs worst)",
+        built: true,
+        uses_gpu: true,
+    },
+    StageInfo {
         name: "train-dpo",
         description: "direct preference optimisation (sigmoid/hinge/IPO/robust) from the SFT model",
         built: true,
@@ -84,6 +91,14 @@ pub fn stage(name: &str) -> Option<&'static StageInfo> {
 pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
     ("default", include_str!("../pipelines/default.toml")),
     ("ingest-real", include_str!("../pipelines/ingest-real.toml")),
+    (
+        "cc-ultrafeedback-dpo",
+        include_str!("../pipelines/cc-ultrafeedback-dpo.toml"),
+    ),
+    (
+        "cc-ultrafeedback-orpo",
+        include_str!("../pipelines/cc-ultrafeedback-orpo.toml"),
+    ),
 ];
 
 /// A pipeline file.

@@ -150,6 +150,7 @@ fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions, ctx: &StageContext) ->
         }
         "embed" => Ok(crate::embed::run(&plan.config, &opts.workdir, opts.gpu)?.to_string()),
         "train-sft" => crate::sft::run(&plan.config, ctx),
+        "sample-pairs" => crate::sample_pairs::run(&plan.config, ctx),
         "train-dpo" => crate::dpo::run(
             &plan.config,
             ctx,

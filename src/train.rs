@@ -523,6 +523,12 @@ pub fn fit<O: Objective>(
     out: &FitOutput,
 ) -> Result<FitSummary> {
     let accum = cfg.grad_accum.max(1);
+    if steps_per_epoch == 0 {
+        return Err(Error::Stage {
+            stage: out.stage.into(),
+            message: "the training split has no batches".into(),
+        });
+    }
     let total_steps = (cfg.epochs * steps_per_epoch).div_ceil(accum).max(1);
     let mut opt = AdamW::new(obj.vars()).map_err(stage_err)?;
     let last_dir = out.checkpoint_dir.join("last");

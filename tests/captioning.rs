@@ -30,6 +30,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         "embed",
         "train-sft",
         "train-dpo",
+        "train-orpo",
         "generate",
         "score",
     ] {
@@ -62,8 +63,8 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     let gens: Vec<GenerationRow> = read_parquet(&run.join("generations.parquet")).unwrap();
     assert_eq!(
         gens.len(),
-        3 * 2 * 64,
-        "untrained, train-sft and train-dpo; greedy and beam; 64 val images"
+        4 * 2 * 64,
+        "untrained, train-sft, train-dpo and train-orpo; greedy and beam; 64 val images"
     );
     assert!(gens
         .iter()
@@ -117,13 +118,31 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
             .contains("attribute_accuracy"),
         "{scores}"
     );
-    assert_eq!(
-        scores
-            .lines()
-            .filter(|l| l.contains("untrained") || l.contains("train-"))
-            .count(),
-        6,
-        "{scores}"
+    // SFT, DPO and ORPO side by side: one row per model and method, every metric filled.
+    let header: Vec<&str> = scores.lines().next().unwrap().split(',').collect();
+    let rows: Vec<Vec<&str>> = scores
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let model_col = header.iter().position(|c| *c == "model").unwrap();
+    for model in ["untrained", "train-sft", "train-dpo", "train-orpo"] {
+        let of_model: Vec<&Vec<&str>> = rows.iter().filter(|r| r[model_col] == model).collect();
+        assert_eq!(of_model.len(), 2, "{model}: greedy and beam rows\n{scores}");
+        for metric in ["attribute_accuracy", "CIDEr", "CLIPScore", "METEOR"] {
+            let c = header.iter().position(|h| *h == metric).unwrap();
+            assert!(
+                of_model
+                    .iter()
+                    .all(|r| r[c].parse::<f64>().is_ok_and(f64::is_finite)),
+                "{model} {metric}\n{scores}"
+            );
+        }
+    }
+    assert!(
+        training.lines().any(|l| l.contains("train-dpo"))
+            && training.lines().any(|l| l.contains("train-orpo")),
+        "{training}"
     );
     assert!(report.join("training.parquet").is_file() && report.join("scores.parquet").is_file());
     let png = report.join(format!(

@@ -105,7 +105,7 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
     assert!(log.contains("step ingest: done"), "{log}");
     assert!(log.contains("step embed: done"), "{log}");
     assert!(log.contains("step train-sft: done"), "{log}");
-    for step in ["train-dpo", "generate", "score", "report"] {
+    for step in ["train-dpo", "train-orpo", "generate", "score", "report"] {
         assert!(log.contains(&format!("step {step}: done")), "{log}");
     }
     assert!(!log.contains("NOT BUILT"), "{log}");
@@ -148,7 +148,15 @@ fn validate_reports_all_plan_errors_at_once() {
     let (out, log) = pipeline(&["validate", "default"], dir.path());
     assert!(out.status.success(), "{log}");
     assert!(log.contains("train-dpo <- train-sft\n"), "{log}");
-    assert!(log.contains("generate <- train-sft, train-dpo\n"), "{log}");
+    assert!(
+        log.contains("generate <- train-sft, train-dpo, train-orpo\n"),
+        "{log}"
+    );
+    for real in ["cc-ultrafeedback-dpo", "cc-ultrafeedback-orpo"] {
+        let (out, log) = pipeline(&["validate", real], dir.path());
+        assert!(out.status.success(), "{real}: {log}");
+        assert!(log.contains("sample-pairs <- train-sft\n"), "{log}");
+    }
     assert!(!log.contains("[not built yet]"), "{log}");
     assert!(log.contains("embed <- ingest\n"), "{log}");
     assert!(log.contains("train-sft <- embed\n"), "{log}");
@@ -197,7 +205,14 @@ fn list_names_every_stage_and_pipeline() {
         assert!(log.contains(s.name), "{log}");
     }
     assert!(
-        log.contains("default") && log.contains("ingest-real"),
+        [
+            "default",
+            "ingest-real",
+            "cc-ultrafeedback-dpo",
+            "cc-ultrafeedback-orpo"
+        ]
+        .iter()
+        .all(|p| log.contains(p)),
         "{log}"
     );
 }

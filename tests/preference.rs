@@ -243,3 +243,191 @@ fn a_nan_in_a_training_batch_is_skipped_and_counted_and_no_parameter_becomes_nan
         }
     }
 }
+
+/// Writes text-only pairs (UltraFeedback's shape: a prompt, no image) as one finished shard.
+fn write_text_pairs(work: &Path, split: &str, n: usize) -> Vec<PreferencePair> {
+    let pairs: Vec<PreferencePair> = (0..n)
+        .map(|i| PreferencePair {
+            pair_id: format!("uf:{split}:{i}"),
+            source: "ultrafeedback_binarized".into(),
+            // Every third prompt is long: it fills a small max_length on its own.
+            prompt: if i % 3 == 0 {
+                "Describe the picture with its colours, its shapes and where each shape is:".into()
+            } else {
+                "Caption:".into()
+            },
+            chosen: " a red circle above a blue square".into(),
+            rejected: " two shapes".into(),
+            score_chosen: 8.0,
+            score_rejected: 3.0,
+            image_key: None,
+        })
+        .collect();
+    let set = ShardSet::new(work, "ultrafeedback", split);
+    set.prepare().unwrap();
+    let stats = prefcap::shard::ShardStats {
+        count: n as u64,
+        successes: n as u64,
+        ..Default::default()
+    };
+    set.write(0, &pairs, &stats).unwrap();
+    pairs
+}
+
+#[test]
+fn text_only_pairs_train_beside_image_pairs_and_truncate_as_trl() {
+    let tmp = trained_workdir();
+    let work = tmp.path();
+    write_text_pairs(work, "train_prefs", 24);
+    write_text_pairs(work, "test_prefs", 6);
+    let text = [
+        "--set",
+        "preference.text_pairs_dataset=ultrafeedback",
+        "--set",
+        "train_dpo.epochs=2",
+    ];
+
+    // Text-only alone: the decoder is conditioned on the prompt, no image needed.
+    let mut args = with_small(&["run", "train-dpo", "--set", "preference.pairs_dataset=\"\""]);
+    args.extend(text);
+    let (out, log) = pipeline(&args, work);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("over 24 pairs"), "{log}");
+    let metrics: Vec<MetricRow> = read_parquet(&newest_run(work).join("metrics.parquet")).unwrap();
+    assert!(metrics
+        .iter()
+        .any(|m| m.stage == "train-dpo" && m.split == "val" && m.name == "rewards/accuracies"));
+    assert!(metrics.iter().all(|m| m.value.is_finite()));
+
+    // Mixed with the image-grounded synthetic pairs (64 images × 2).
+    let mut args = with_small(&["run", "train-dpo"]);
+    args.extend(text);
+    let (out, log) = pipeline(&args, work);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains(&format!("over {} pairs", 24 + 128)), "{log}");
+
+    // keep_start truncation: with max_length two tokens past the short prompt, the long
+    // prompts alone fill it, so TRL drops those pairs (8 of 24); the rest train on cut
+    // completions.
+    let tok =
+        tokenizers::Tokenizer::from_file(work.join("cache/models/tiny-gpt2-v1/tokenizer.json"))
+            .unwrap();
+    let tokens = |s: &str| tok.encode(s, false).unwrap().get_ids().len();
+    let short = tokens("Caption:");
+    let long = tokens(&write_text_pairs(work, "train_prefs", 24)[0].prompt);
+    let max_length = short + 2;
+    assert!(long >= max_length);
+    let set_max = format!("preference.max_length={max_length}");
+    let mut args = with_small(&[
+        "run",
+        "train-dpo",
+        "--set",
+        "preference.pairs_dataset=\"\"",
+        "--set",
+        &set_max,
+    ]);
+    args.extend(text);
+    let (out, log) = pipeline(&args, work);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "over 16 pairs (8 dropped: prompt fills max_length {max_length})"
+        )),
+        "{log}"
+    );
+    // keep_end keeps every pair.
+    let mut keep_end = args.clone();
+    keep_end.extend(["--set", "preference.truncation_mode=\"keep_end\""]);
+    let (out, log) = pipeline(&keep_end, work);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("over 24 pairs from"), "{log}");
+    // A max_length no prompt fits: a clear error, not a stage without batches.
+    let mut none_fit = args.clone();
+    none_fit.extend(["--set", "preference.max_length=1"]);
+    let (out, log) = pipeline(&none_fit, work);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("no training pairs left: all 24"), "{log}");
+
+    // Text-only pairs named as the image-grounded dataset: a clear error naming the pair.
+    write_text_pairs(work, "train", 4);
+    write_text_pairs(work, "val", 2);
+    let (out, log) = pipeline(
+        &with_small(&[
+            "run",
+            "train-dpo",
+            "--set",
+            "preference.pairs_dataset=ultrafeedback",
+        ]),
+        work,
+    );
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains("uf:train:0") && log.contains("no image_key") && log.contains("part-00000"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sample_pairs_ranks_sft_samples_by_clipscore_into_pair_shards_dpo_can_train_on() {
+    let tmp = trained_workdir();
+    let work = tmp.path();
+    let args = [
+        "run",
+        "sample-pairs",
+        "--set",
+        "sample_pairs.dataset=synthetic",
+        "--set",
+        "sample_pairs.shard_size=10",
+        "--set",
+        "sample_pairs.max_images=24",
+    ];
+    let (out, log) = pipeline(&args, work);
+    assert!(out.status.success(), "{log}");
+    for split in ["train", "val"] {
+        let set = ShardSet::new(work, "synthetic_sampled_prefs", split);
+        let shards = set.finished().unwrap();
+        let images = if split == "train" { 24 } else { 16 };
+        assert_eq!(shards.len(), (images as usize).div_ceil(10), "{split}");
+        let pairs: Vec<PreferencePair> = set.read_all().unwrap();
+        let stats: Vec<_> = shards.iter().map(|&s| set.read_stats(s).unwrap()).collect();
+        assert_eq!(stats.iter().map(|s| s.count).sum::<u64>(), images);
+        assert_eq!(
+            stats.iter().map(|s| s.successes).sum::<u64>(),
+            pairs.len() as u64
+        );
+        assert!(
+            pairs.len() as u64 > images / 2,
+            "{split}: {} pairs",
+            pairs.len()
+        );
+        let keys: std::collections::HashSet<String> = ShardSet::new(work, "synthetic", split)
+            .read_all::<prefcap::records::ImageTextSample>()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.key)
+            .collect();
+        for p in &pairs {
+            assert!(keys.contains(p.image_key.as_deref().unwrap()), "{p:?}");
+            assert_ne!(p.chosen.trim(), p.rejected.trim());
+            assert!(p.score_chosen >= p.score_rejected, "{p:?}");
+            assert!((0.0..=2.5).contains(&p.score_rejected) && p.score_chosen <= 2.5);
+            assert_eq!(p.source, "sft_samples_clipscore");
+        }
+    }
+    // Resumable: nothing is redone.
+    let (out, log) = pipeline(&args, work);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("0 shard(s) written, 3 already done"), "{log}");
+
+    // DPO trains on them.
+    let (out, log) = pipeline(
+        &with_small(&[
+            "run",
+            "train-dpo",
+            "--set",
+            "preference.pairs_dataset=synthetic_sampled_prefs",
+        ]),
+        work,
+    );
+    assert!(out.status.success(), "{log}");
+}
