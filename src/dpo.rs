@@ -164,6 +164,9 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// A pair's token ids: the prompt, and each completion ending with end-of-text.
+pub type PairIds = (Vec<u32>, Vec<u32>, Vec<u32>);
+
 /// Tokenizes a pair as TRL does: the prompt alone and prompt + completion (joint, so merges
 /// across the boundary are the tokenizer's); the completion starts where both sides leave
 /// the prompt's tokens, and ends with end-of-text.
@@ -173,7 +176,7 @@ pub fn tokenize_pair(
     prompt: &str,
     chosen: &str,
     rejected: &str,
-) -> std::result::Result<(Vec<u32>, Vec<u32>, Vec<u32>), String> {
+) -> std::result::Result<PairIds, String> {
     let ids = |text: &str| {
         tok.encode(text, false)
             .map(|e| e.get_ids().to_vec())
@@ -897,17 +900,22 @@ mod tests {
         m
     }
 
-    #[test]
-    fn pairs_tokenize_as_trl_does() {
-        let m = tiny_captioner();
-        let (p, c, r) = tokenize_pair(
+    /// The fixture reference's prompt and completion (and a shorter rejected one), tokenized.
+    fn fixture_pair(m: &Captioner) -> PairIds {
+        tokenize_pair(
             &m.tokenizer,
             m.eos,
             "Caption:",
             " a red circle above a blue square.",
             " two shapes.",
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn pairs_tokenize_as_trl_does() {
+        let m = tiny_captioner();
+        let (p, c, r) = fixture_pair(&m);
         // The ids HF's GPT-2 tokenizer gives (the fixture's reference), end-of-text appended.
         assert_eq!(p, [24334, 1159, 25]);
         assert_eq!(c, [257, 2266, 9197, 2029, 257, 4171, 6616, 13, m.eos]);
@@ -932,14 +940,7 @@ mod tests {
         .unwrap();
         let want = reference["completion_logprob_sum"].as_f64().unwrap();
         let m = tiny_captioner();
-        let (p, c, _) = tokenize_pair(
-            &m.tokenizer,
-            m.eos,
-            "Caption:",
-            " a red circle above a blue square.",
-            " two shapes.",
-        )
-        .unwrap();
+        let (p, c, _) = fixture_pair(&m);
         // The reference scores no end-of-text; a second, longer row pads the first.
         let row = |prompt: Vec<u32>, completion: Vec<u32>| PairRow {
             pair_id: String::new(),
