@@ -18,13 +18,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::captioner::{CaptionerManifest, DecodeMethod};
-use crate::clip::model::{l2_normalize, ClipEmbedder};
+use crate::clip::model::ClipEmbedder;
 use crate::config::Config;
 use crate::embed::{self, device_for, sha256_file, ModelIdentity};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::find_stage_dir;
 use crate::progress::Progress;
 use crate::records::PreferencePair;
+use crate::score::{cosine, embed_texts};
 use crate::sft::StageContext;
 use crate::shard::{write_atomic, ShardSet, ShardStats};
 
@@ -119,20 +120,9 @@ fn stage_err(e: impl std::fmt::Display) -> Error {
     }
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    f64::from(dot / (na * nb).max(1e-12))
-}
-
-/// CLIPScores of `texts` against `image` (one embedding).
+/// CLIPScores (2.5·max(cos, 0)) of `texts` against `image` (one embedding).
 fn clip_scores(clip: &ClipEmbedder, image: &[f32], texts: &[String]) -> Result<Vec<f64>> {
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let emb = l2_normalize(&clip.embed_texts(&refs)?)
-        .and_then(|t| t.to_vec2::<f32>())
-        .map_err(stage_err)?;
-    Ok(emb
+    Ok(embed_texts(clip, texts)?
         .iter()
         .map(|t| 2.5 * cosine(image, t).max(0.0))
         .collect())

@@ -147,15 +147,16 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// Cosines of L2-normalised rows.
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
+/// Cosine of two vectors.
+pub(crate) fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
     let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     f64::from(dot / (na * nb).max(1e-12))
 }
 
-fn embed_texts(clip: &ClipEmbedder, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+/// L2-normalised CLIP text embeddings of `texts`.
+pub(crate) fn embed_texts(clip: &ClipEmbedder, texts: &[String]) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(256) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
