@@ -190,6 +190,54 @@ fn norm(x: &Tensor, ln: &LayerNorm, differentiable: bool) -> candle_core::Result
     }
 }
 
+/// Softmax over the last dimension, differentiably: on the CPU one op whose backward needs
+/// only its output (`y · (g − Σ g·y)`), elsewhere the primitive composition.
+fn softmax_train(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(SoftmaxOp)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+struct SoftmaxOp;
+
+impl candle_core::CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "softmax-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let x = cpu_f32(s, l)?;
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, row)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                for o in o.iter_mut() {
+                    *o /= sum;
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((g.broadcast_sub(&dot)? * y)?))
+    }
+}
+
 /// Mean and 1/σ of one row.
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
@@ -344,9 +392,10 @@ impl Block {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let att = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(mask)?;
+        // The scale on q (`(b, h, t, hd)`) rather than on the scores (`(b, h, t, t)`).
+        let att = (q * self.scale)?.matmul(&k.t()?)?.broadcast_add(mask)?;
         let att = if diff {
-            candle_nn::ops::softmax(&att, D::Minus1)?
+            softmax_train(&att)?
         } else {
             candle_nn::ops::softmax_last_dim(&att)?
         };
@@ -742,6 +791,24 @@ mod tests {
         assert!(close(&fused.1, &plain.1), "d/dx");
         assert!(close(&fused.2, &plain.2), "d/dweight");
         assert!(close(&fused.3, &plain.3), "d/dbias");
+    }
+
+    #[test]
+    fn fused_softmax_and_its_gradient_equal_the_primitive_composition() {
+        let dev = Device::Cpu;
+        let x =
+            candle_core::Var::from_tensor(&Tensor::randn(0f32, 3.0, (2, 3, 4, 7), &dev).unwrap())
+                .unwrap();
+        let up = Tensor::randn(0f32, 1.0, (2, 3, 4, 7), &dev).unwrap();
+        let run = |y: Tensor| {
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (flat(&y), flat(g.get(x.as_tensor()).unwrap()))
+        };
+        let (fy, fg) = run(softmax_train(x.as_tensor()).unwrap());
+        let (py, pg) = run(candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap());
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-5);
+        assert!(close(&fy, &py) && close(&fg, &pg));
     }
 
     #[test]
