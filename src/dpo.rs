@@ -59,6 +59,9 @@ pub struct PreferenceConfig {
     pub loss: DpoLoss,
     pub beta: f64,
     pub label_smoothing: f64,
+    /// Weight of an SFT term (mean NLL of the chosen completion tokens) added to the DPO loss:
+    /// TRL's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, sft_weight]` (RPO); 0 = off.
+    pub sft_weight: f64,
     /// ORPO's λ.
     pub orpo_lambda: f64,
     /// Training stage whose best checkpoint initialises the policy (and is DPO's reference).
@@ -81,6 +84,7 @@ impl Default for PreferenceConfig {
             loss: DpoLoss::Sigmoid,
             beta: 0.1,
             label_smoothing: 0.0,
+            sft_weight: 0.0,
             orpo_lambda: 0.1,
             init_from: "train-sft".into(),
         }
@@ -657,6 +661,9 @@ pub(crate) fn preference_loss(
     let ((lc, nc, lr, nr), (rc, rr)) = batch_logps(model, b)?;
     match method {
         Method::Dpo => {
+            // The SFT term's token-mean NLL of the chosen completions, as TRL's `sft` loss.
+            let lc_sum = lc.sum_all()?;
+            let n_chosen = f64::from(nc.sum_all()?.to_scalar::<f32>()?.max(1.0));
             let (pc, pr) = if cfg.loss.averages_tokens() {
                 ((&lc / &nc)?, (&lr / &nr)?)
             } else {
@@ -665,7 +672,14 @@ pub(crate) fn preference_loss(
             let dev = model.device();
             let rc = Tensor::from_slice(&rc, rc.len(), dev)?;
             let rr = Tensor::from_slice(&rr, rr.len(), dev)?;
-            dpo_loss(cfg.loss, cfg.beta, cfg.label_smoothing, &pc, &pr, &rc, &rr)
+            let mut out = dpo_loss(cfg.loss, cfg.beta, cfg.label_smoothing, &pc, &pr, &rc, &rr)?;
+            if cfg.sft_weight > 0.0 {
+                let nll = (lc_sum.neg()? / n_chosen)?;
+                out.scalars
+                    .push(("nll_loss".into(), f64::from(nll.to_scalar::<f32>()?)));
+                out.loss = (out.loss + (nll * cfg.sft_weight)?)?;
+            }
+            Ok(out)
         }
         Method::Orpo => {
             let nll =
@@ -962,6 +976,44 @@ mod tests {
             (f64::from(sum[0]) - want).abs() < 1e-4,
             "{} vs transformers {want}",
             sum[0]
+        );
+    }
+
+    #[test]
+    fn the_sft_term_adds_the_chosen_token_mean_nll_times_its_weight() {
+        let m = tiny_captioner();
+        let (p, c, r) = fixture_pair(&m);
+        let row = PairRow {
+            pair_id: "a".into(),
+            clip: None,
+            chosen: side(&p, &c),
+            rejected: side(&p, &r),
+        };
+        let refs: HashMap<String, (f32, f32)> = [("a".to_string(), (-90.0, -40.0))].into();
+        let batch = PairBatch::new(&[row.clone(), row], m.eos, &refs);
+        let loss = |w: f64| {
+            let cfg = PreferenceConfig {
+                sft_weight: w,
+                ..PreferenceConfig::default()
+            };
+            let out = preference_loss(Method::Dpo, &cfg, &m, &batch).unwrap();
+            let nll = out
+                .scalars
+                .iter()
+                .find(|(k, _)| k == "nll_loss")
+                .map(|s| s.1);
+            (f64::from(out.loss.to_scalar::<f32>().unwrap()), nll)
+        };
+        let (plain, none) = loss(0.0);
+        let (with, nll) = loss(0.5);
+        assert_eq!(none, None);
+        let (sum, n) = side_logps(&m, &batch.groups[0].chosen).unwrap();
+        let want = -f64::from(sum.sum_all().unwrap().to_scalar::<f32>().unwrap())
+            / f64::from(n.sum_all().unwrap().to_scalar::<f32>().unwrap());
+        assert!((nll.unwrap() - want).abs() < 1e-4, "{nll:?} vs {want}");
+        assert!(
+            (with - plain - 0.5 * want).abs() < 1e-3,
+            "{with} vs {plain} + 0.5·{want}"
         );
     }
 

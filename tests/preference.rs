@@ -299,12 +299,20 @@ fn text_only_pairs_train_beside_image_pairs_and_truncate_as_trl() {
         .any(|m| m.stage == "train-dpo" && m.split == "val" && m.name == "rewards/accuracies"));
     assert!(metrics.iter().all(|m| m.value.is_finite()));
 
-    // Mixed with the image-grounded synthetic pairs (64 images × 2).
+    // Mixed with the image-grounded synthetic pairs.
+    let image_pairs = ShardSet::new(work, "synthetic_prefs", "train")
+        .read_all::<PreferencePair>()
+        .unwrap()
+        .len();
+    assert!(image_pairs >= 128);
     let mut args = with_small(&["run", "train-dpo"]);
     args.extend(text);
     let (out, log) = pipeline(&args, work);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains(&format!("over {} pairs", 24 + 128)), "{log}");
+    assert!(
+        log.contains(&format!("over {} pairs", 24 + image_pairs)),
+        "{log}"
+    );
 
     // keep_start truncation: with max_length two tokens past the short prompt, the long
     // prompts alone fill it, so TRL drops those pairs (8 of 24); the rest train on cut
