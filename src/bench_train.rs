@@ -5,7 +5,9 @@
 //!
 //! One step is what train-sft does per batch: prefix from the CLIP embedding, teacher-forced
 //! GPT-2, masked mean NLL, backward, global-norm clipping at 1.0, AdamW. Dropout is off in
-//! both (prefcap's GPT-2 has none).
+//! both (prefcap's GPT-2 has none). prefcap's side runs in a child process, so that on a GPU
+//! all its device memory (CUDA's pool keeps freed memory for the process) is released before
+//! PyTorch starts.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -21,7 +23,7 @@ use crate::embed::device_for;
 use crate::rng::SplitMix64;
 use crate::train::{clip_and_step, grad_norm, AdamW, TrainConfig};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct BenchTrainSftArgs {
     /// Captions per step.
     #[arg(long, default_value_t = 8)]
@@ -50,6 +52,19 @@ pub struct BenchTrainSftArgs {
     /// Virtual environment for the Python peer (torch, transformers).
     #[arg(long, default_value = ".bench/venv")]
     pub venv: PathBuf,
+    /// Internal: run prefcap's side in this process and write its figures here.
+    #[arg(long, hide = true)]
+    pub worker_out: Option<PathBuf>,
+}
+
+/// prefcap's figures, from the worker process.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Ours {
+    params: usize,
+    steps_per_s: f64,
+    first_loss: f64,
+    /// Seconds per timed step: forward, backward, gradient norm, optimizer.
+    phases: [f64; 4],
 }
 
 const CLIP_DIM: usize = 512;
@@ -99,11 +114,8 @@ if device.type == "cuda":
 print(json.dumps({"steps_per_s": steps / (time.perf_counter() - t0), "first_loss": first}))
 "#;
 
-pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
-    let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
-    eprintln!("writing a random GPT-2-small-size checkpoint (HF format) ...");
-    let ckpt = ensure_random_gpt2(&dir.join("gpt2-small-random"), &Gpt2Spec::SMALL, 0)?;
-
+/// prefcap's side: `steps` timed optimizer steps after two untimed ones.
+fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Result<Ours> {
     let device = device_for(args.gpu, false)?;
     let vars = VarMap::new();
     let cfg = CaptionerConfig {
@@ -172,11 +184,50 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
     for _ in 0..args.steps {
         step(&mut phases)?;
     }
-    let ours = args.steps as f64 / start.elapsed().as_secs_f64();
-    // Free the device memory (model, optimizer state, gradients) before the peer starts on
-    // the same GPU.
-    drop(step);
-    drop((model, opt, vars, clip, ids, mask, vars_sorted));
+    let steps_per_s = args.steps as f64 / start.elapsed().as_secs_f64();
+    Ok(Ours {
+        params,
+        steps_per_s,
+        first_loss,
+        phases: phases.map(|p| p / args.steps as f64),
+    })
+}
+
+pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
+    let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
+    let ckpt = dir.join("gpt2-small-random");
+    if let Some(out) = &args.worker_out {
+        let ours = run_prefcap(args, &ckpt)?;
+        std::fs::write(out, serde_json::to_vec(&ours)?)?;
+        return Ok(());
+    }
+    eprintln!("writing a random GPT-2-small-size checkpoint (HF format) ...");
+    ensure_random_gpt2(&ckpt, &Gpt2Spec::SMALL, 0)?;
+    let out = dir.join("prefcap-sft.json");
+    let _ = std::fs::remove_file(&out);
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["bench", "train-sft"])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--tokens", &args.tokens.to_string()])
+        .args(["--prefix", &args.prefix.to_string()])
+        .args(["--steps", &args.steps.to_string()])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--worker-out")
+        .arg(&out)
+        .env("RAYON_NUM_THREADS", threads.to_string());
+    if let Some(g) = args.gpu {
+        cmd.args(["--gpu", &g.to_string()]);
+    }
+    if !cmd.status().context("running prefcap's side")?.success() {
+        bail!("prefcap's side failed");
+    }
+    let Ours {
+        params,
+        steps_per_s: ours,
+        first_loss,
+        phases,
+    } = serde_json::from_slice(&std::fs::read(&out).context("prefcap wrote no result")?)?;
 
     let peer = if args.no_peer {
         None
@@ -235,10 +286,10 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
     );
     println!(
         "prefcap per step: forward {:.0} ms, backward {:.0} ms, gradient norm {:.0} ms, AdamW {:.0} ms",
-        1e3 * phases[0] / args.steps as f64,
-        1e3 * phases[1] / args.steps as f64,
-        1e3 * phases[2] / args.steps as f64,
-        1e3 * phases[3] / args.steps as f64
+        1e3 * phases[0],
+        1e3 * phases[1],
+        1e3 * phases[2],
+        1e3 * phases[3]
     );
     if let Some((theirs, their_loss)) = peer {
         println!(
