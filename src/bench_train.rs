@@ -125,7 +125,7 @@ fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Resu
     let model = Captioner::build(
         &cfg,
         CLIP_DIM,
-        &DecoderFiles::from_dir(&ckpt)?,
+        &DecoderFiles::from_dir(ckpt)?,
         &vars,
         &device,
     )?;
