@@ -83,6 +83,34 @@ pub(crate) fn scratch_and_threads(dir: &Path, threads: usize) -> anyhow::Result<
     Ok((dir.canonicalize()?, threads))
 }
 
+/// This binary re-run as `pipeline bench <bench> <flags> --dir DIR --worker-out OUT` (with
+/// `--gpu` when given), on `threads` threads: a bench's prefcap side in its own process, so
+/// its memory (host RSS, the GPU's pool) is its own and gone before the peer starts.
+pub(crate) fn worker_command(
+    bench: &str,
+    flags: &[(&str, usize)],
+    dir: &Path,
+    out: &Path,
+    threads: usize,
+    gpu: Option<usize>,
+) -> anyhow::Result<Command> {
+    let _ = std::fs::remove_file(out);
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["bench", bench]);
+    for (flag, value) in flags {
+        cmd.arg(flag).arg(value.to_string());
+    }
+    cmd.arg("--dir")
+        .arg(dir)
+        .arg("--worker-out")
+        .arg(out)
+        .env("RAYON_NUM_THREADS", threads.to_string());
+    if let Some(g) = gpu {
+        cmd.args(["--gpu", &g.to_string()]);
+    }
+    Ok(cmd)
+}
+
 /// `--source-size WIDTHxHEIGHT`.
 pub(crate) fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
     s.split_once('x')

@@ -294,20 +294,18 @@ pub fn bench_train_dpo(args: &BenchTrainDpoArgs) -> anyhow::Result<()> {
         args.pairs, args.batch, args.max_length
     );
     let ours_out = dir.join("prefcap.json");
-    let _ = std::fs::remove_file(&ours_out);
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["bench", "train-dpo"])
-        .args(["--pairs", &args.pairs.to_string()])
-        .args(["--batch", &args.batch.to_string()])
-        .args(["--max-length", &args.max_length.to_string()])
-        .arg("--dir")
-        .arg(&dir)
-        .arg("--worker-out")
-        .arg(&ours_out)
-        .env("RAYON_NUM_THREADS", threads.to_string());
-    if let Some(g) = args.gpu {
-        cmd.args(["--gpu", &g.to_string()]);
-    }
+    let cmd = crate::bench::worker_command(
+        "train-dpo",
+        &[
+            ("--pairs", args.pairs),
+            ("--batch", args.batch),
+            ("--max-length", args.max_length),
+        ],
+        &dir,
+        &ours_out,
+        threads,
+        args.gpu,
+    )?;
     let ours_mem = crate::bench::measure(cmd, "prefcap train-dpo")?;
     let ours = read_result(&ours_out, "prefcap")?;
 

@@ -204,21 +204,19 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
     eprintln!("writing a random GPT-2-small-size checkpoint (HF format) ...");
     ensure_random_gpt2(&ckpt, &Gpt2Spec::SMALL, 0)?;
     let out = dir.join("prefcap-sft.json");
-    let _ = std::fs::remove_file(&out);
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["bench", "train-sft"])
-        .args(["--batch", &args.batch.to_string()])
-        .args(["--tokens", &args.tokens.to_string()])
-        .args(["--prefix", &args.prefix.to_string()])
-        .args(["--steps", &args.steps.to_string()])
-        .arg("--dir")
-        .arg(&dir)
-        .arg("--worker-out")
-        .arg(&out)
-        .env("RAYON_NUM_THREADS", threads.to_string());
-    if let Some(g) = args.gpu {
-        cmd.args(["--gpu", &g.to_string()]);
-    }
+    let mut cmd = crate::bench::worker_command(
+        "train-sft",
+        &[
+            ("--batch", args.batch),
+            ("--tokens", args.tokens),
+            ("--prefix", args.prefix),
+            ("--steps", args.steps),
+        ],
+        &dir,
+        &out,
+        threads,
+        args.gpu,
+    )?;
     if !cmd.status().context("running prefcap's side")?.success() {
         bail!("prefcap's side failed");
     }

@@ -19,7 +19,7 @@ use tokenizers::Tokenizer;
 
 use crate::clip::tiny::{normal_samples, save_safetensors, train_bpe};
 use crate::error::{Error, IoContext, Result};
-use crate::gpt2::{layer_norm_diff, Gpt2, Gpt2Config, KvCache};
+use crate::gpt2::{softmax_train, train_norm, Gpt2, Gpt2Config, KvCache};
 use crate::hub::HubClient;
 use crate::rng::SplitMix64;
 use crate::shard::write_atomic;
@@ -290,7 +290,7 @@ impl MapperLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.heads;
-        let qkv = self.qkv.forward(&layer_norm_diff(x, &self.ln1)?)?;
+        let qkv = self.qkv.forward(&train_norm(x, &self.ln1)?)?;
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(D::Minus1, i * d, d)?
                 .reshape((b, t, self.heads, hd))?
@@ -299,10 +299,10 @@ impl MapperLayer {
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = softmax_train(&att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + self.proj.forward(&y)?)?;
-        let h = self.fc1.forward(&layer_norm_diff(&x, &self.ln2)?)?.relu()?;
+        let h = self.fc1.forward(&train_norm(&x, &self.ln2)?)?.relu()?;
         x + self.fc2.forward(&h)?
     }
 }

@@ -8,8 +8,9 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
@@ -192,7 +193,7 @@ fn norm(x: &Tensor, ln: &LayerNorm, differentiable: bool) -> candle_core::Result
 
 /// Softmax over the last dimension, differentiably: on the CPU one op whose backward needs
 /// only its output (`y · (g − Σ g·y)`), elsewhere the primitive composition.
-fn softmax_train(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn softmax_train(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(SoftmaxOp)
     } else {
@@ -207,35 +208,29 @@ impl candle_core::CustomOp1 for SoftmaxOp {
         "softmax-train"
     }
 
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l)?;
         let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in o.iter_mut().zip(row) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                for o in o.iter_mut() {
-                    *o /= sum;
-                }
-            });
-        Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
+        let out = par_rows(x.len() / d, d, |i, o| {
+            let row = &x[i * d..(i + 1) * d];
+            let lse = row_lse(row).1;
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = (v - lse).exp();
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
         Ok(Some((g.broadcast_sub(&dot)? * y)?))
     }
+}
+
+/// A differentiable LayerNorm for other trained modules (the captioner's mapper): the fused
+/// op on the CPU.
+pub(crate) fn train_norm(x: &Tensor, ln: &LayerNorm) -> candle_core::Result<Tensor> {
+    norm(x, ln, true)
 }
 
 /// Mean and 1/σ of one row.
@@ -258,26 +253,23 @@ impl candle_core::CustomOp3 for LayerNormOp {
 
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
         let (n, d) = l1.shape().dims2()?;
-        let mut out = vec![0f32; n * d];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, row)| {
-                let (mean, rstd) = row_stats(row, self.eps);
-                for i in 0..d {
-                    o[i] = (row[i] - mean) * rstd * w[i] + b[i];
-                }
-            });
-        Ok((candle_core::CpuStorage::F32(out), (n, d).into()))
+        let out = par_rows(n, d, |r, o| {
+            let row = &x[r * d..(r + 1) * d];
+            let (mean, rstd) = row_stats(row, self.eps);
+            for i in 0..d {
+                o[i] = (row[i] - mean) * rstd * w[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(out), (n, d).into()))
     }
 
     fn bwd(
@@ -288,7 +280,6 @@ impl candle_core::CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use rayon::prelude::*;
         let (n, d) = x.dims2()?;
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let ws = w.to_vec1::<f32>()?;
@@ -635,23 +626,26 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<
         .squeeze(D::Minus1)
 }
 
+/// `n` rows of `d` values, row `i` filled by `fill(i, row)` (rows in parallel).
+fn par_rows(n: usize, d: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; n * d];
+    out.par_chunks_mut(d.max(1))
+        .enumerate()
+        .for_each(|(i, row)| fill(i, row));
+    out
+}
+
 /// The contiguous f32 / u32 elements of CPU storages.
-fn cpu_f32<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
         _ => candle_core::bail!("token_logprobs: expected contiguous f32"),
     }
 }
 
-fn cpu_u32<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [u32]> {
+fn cpu_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
     match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::U32(v), Some((a, z))) => Ok(&v[a..z]),
+        (CpuStorage::U32(v), Some((a, z))) => Ok(&v[a..z]),
         _ => candle_core::bail!("token_logprobs: expected contiguous u32 targets"),
     }
 }
@@ -673,12 +667,11 @@ impl candle_core::CustomOp2 for TokenLogprob {
 
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (logits, ids) = (cpu_f32(s1, l1)?, cpu_u32(s2, l2)?);
         let (n, v) = l1.shape().dims2()?;
         if ids.len() != n || ids.iter().any(|&i| i as usize >= v) {
@@ -689,7 +682,7 @@ impl candle_core::CustomOp2 for TokenLogprob {
             .zip(ids.par_iter())
             .map(|(row, &id)| row[id as usize] - row_lse(row).1)
             .collect();
-        Ok((candle_core::CpuStorage::F32(out), n.into()))
+        Ok((CpuStorage::F32(out), n.into()))
     }
 
     fn bwd(
@@ -714,31 +707,28 @@ impl candle_core::CustomOp3 for TokenLogprobGrad {
 
     fn cpu_fwd(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (logits, ids, grad) = (cpu_f32(s1, l1)?, cpu_u32(s2, l2)?, cpu_f32(s3, l3)?);
         let (n, v) = l1.shape().dims2()?;
-        let mut out = vec![0f32; n * v];
-        out.par_chunks_mut(v)
-            .zip(logits.par_chunks(v))
-            .zip(ids.par_iter().zip(grad.par_iter()))
-            .for_each(|((o, row), (&id, &g))| {
-                if g == 0.0 {
-                    return;
-                }
-                let lse = row_lse(row).1;
-                for (o, &x) in o.iter_mut().zip(row) {
-                    *o = -g * (x - lse).exp();
-                }
-                o[id as usize] += g;
-            });
-        Ok((candle_core::CpuStorage::F32(out), (n, v).into()))
+        let out = par_rows(n, v, |r, o| {
+            let g = grad[r];
+            if g == 0.0 {
+                return;
+            }
+            let row = &logits[r * v..(r + 1) * v];
+            let lse = row_lse(row).1;
+            for (o, &x) in o.iter_mut().zip(row) {
+                *o = -g * (x - lse).exp();
+            }
+            o[ids[r] as usize] += g;
+        });
+        Ok((CpuStorage::F32(out), (n, v).into()))
     }
 }
 
