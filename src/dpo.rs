@@ -28,9 +28,9 @@ use crate::embed::{self, device_for, sha256_file};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::find_stage_dir;
 use crate::preference::{dpo_loss, orpo_loss, DpoLoss};
-use crate::records::PreferencePair;
+use crate::records::{MetricRow, PreferencePair};
 use crate::sft::{shard_batches, StageContext};
-use crate::shard::{read_parquet, ShardSet};
+use crate::shard::{read_parquet, write_parquet, ShardSet};
 use crate::train::{fit, FitOutput, Objective, StepOutput, TrainConfig};
 
 /// `[preference]`: the data and losses of train-dpo and train-orpo.
@@ -204,6 +204,8 @@ pub fn tokenize_pair(
 #[derive(Clone)]
 struct PairRow {
     pair_id: String,
+    /// The pair's `source` (`synthetic:colour`, `ultrafeedback_binarized`, ...).
+    source: String,
     /// The image's CLIP embedding (image-grounded pairs) or `None` (text-only).
     clip: Option<Vec<f32>>,
     chosen: Side,
@@ -270,6 +272,7 @@ impl SideBatch {
 /// reference log-probabilities (DPO) of each row.
 pub struct PairGroup {
     pub pair_ids: Vec<String>,
+    pub sources: Vec<String>,
     pub chosen: SideBatch,
     pub rejected: SideBatch,
     pub ref_chosen: Vec<f32>,
@@ -292,6 +295,7 @@ impl PairBatch {
                 let lookup = |r: &&PairRow| refs.get(&r.pair_id).copied().unwrap_or((0.0, 0.0));
                 PairGroup {
                     pair_ids: g.iter().map(|r| r.pair_id.clone()).collect(),
+                    sources: g.iter().map(|r| r.source.clone()).collect(),
                     chosen: SideBatch::new(&g, true, pad),
                     rejected: SideBatch::new(&g, false, pad),
                     ref_chosen: g.iter().map(|r| lookup(r).0).collect(),
@@ -434,6 +438,7 @@ impl PairSplit {
             match t.truncation.apply(&prompt, &chosen, &rejected) {
                 Some((chosen, rejected)) => out.rows.push(PairRow {
                     pair_id: p.pair_id,
+                    source: p.source,
                     clip,
                     chosen,
                     rejected,
@@ -689,6 +694,87 @@ pub(crate) fn preference_loss(
     }
 }
 
+/// Held-out preference accuracy of one pair source: which kinds of preference the model
+/// learned (`synthetic:relation` needs the image, `synthetic:vague` only the text).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceAccuracy {
+    pub source: String,
+    pub pairs: usize,
+    /// Share of pairs whose chosen reward beats the rejected one (TRL's `rewards/accuracies`).
+    pub accuracy: f64,
+    /// Mean chosen minus rejected reward (TRL's `rewards/margins`).
+    pub margin: f64,
+}
+
+/// Per-row implicit rewards `(chosen, rejected)` of a batch, rows in group order, as TRL
+/// defines them: DPO β·(policy − reference) sequence log-probabilities (token-averaged for
+/// IPO); ORPO λ·(token-averaged policy log-probability).
+fn row_rewards(
+    method: Method,
+    cfg: &PreferenceConfig,
+    model: &Captioner,
+    b: &PairBatch,
+) -> candle_core::Result<Vec<(f64, f64)>> {
+    let ((lc, nc, lr, nr), (rc, rr)) = batch_logps(model, b)?;
+    let [lc, nc, lr, nr] = [lc, nc, lr, nr].map(|t| t.to_vec1::<f32>());
+    let (lc, nc, lr, nr) = (lc?, nc?, lr?, nr?);
+    let mean = |sum: f32, n: f32| f64::from(sum) / f64::from(n.max(1.0));
+    Ok((0..lc.len())
+        .map(|i| match method {
+            Method::Dpo => {
+                let (pc, pr) = if cfg.loss.averages_tokens() {
+                    (mean(lc[i], nc[i]), mean(lr[i], nr[i]))
+                } else {
+                    (f64::from(lc[i]), f64::from(lr[i]))
+                };
+                (
+                    cfg.beta * (pc - f64::from(rc[i])),
+                    cfg.beta * (pr - f64::from(rr[i])),
+                )
+            }
+            Method::Orpo => (
+                cfg.orpo_lambda * mean(lc[i], nc[i]),
+                cfg.orpo_lambda * mean(lr[i], nr[i]),
+            ),
+        })
+        .collect())
+}
+
+/// [`SourceAccuracy`] of every pair source of `split` under `model`, sorted by source.
+pub(crate) fn accuracy_by_source(
+    method: Method,
+    cfg: &PreferenceConfig,
+    model: &Captioner,
+    split: &PairSplit,
+    refs: Arc<HashMap<String, (f32, f32)>>,
+    batch_size: usize,
+) -> Result<Vec<SourceAccuracy>> {
+    let mut tally: std::collections::BTreeMap<String, (usize, usize, f64)> = Default::default();
+    for batch in split.batches(batch_size, refs, None) {
+        let batch = batch?;
+        let rewards = row_rewards(method, cfg, model, &batch).map_err(|e| Error::Stage {
+            stage: method.stage().into(),
+            message: format!("validation by pair source: {e}"),
+        })?;
+        let sources = batch.groups.iter().flat_map(|g| g.sources.iter());
+        for (source, (chosen, rejected)) in sources.zip(rewards) {
+            let t = tally.entry(source.clone()).or_default();
+            t.0 += 1;
+            t.1 += usize::from(chosen > rejected);
+            t.2 += chosen - rejected;
+        }
+    }
+    Ok(tally
+        .into_iter()
+        .map(|(source, (pairs, right, margin))| SourceAccuracy {
+            source,
+            pairs,
+            accuracy: right as f64 / pairs as f64,
+            margin: margin / pairs as f64,
+        })
+        .collect())
+}
+
 impl Objective for PreferenceObjective {
     type Batch = PairBatch;
 
@@ -838,13 +924,49 @@ pub fn run(
             stage: method.stage(),
         },
     )?;
+    // The selected checkpoint's held-out accuracy per pair source, logged next to the
+    // overall validation metrics as `by_source/<source>/rewards/accuracies` (and margins).
+    let (selected, _) = manifest.captioner(Some(&summary.best_dir.join("model.safetensors")), &device)?;
+    let by_source = accuracy_by_source(
+        method,
+        p,
+        &selected,
+        &objective.val,
+        objective.refs.clone(),
+        train_cfg.batch_size,
+    )?;
+    let mut logged: Vec<MetricRow> = read_parquet(&metrics)?;
+    let step = summary.state.best_step.unwrap_or(summary.state.step);
+    for s in &by_source {
+        for (name, value) in [
+            ("rewards/accuracies", s.accuracy),
+            ("rewards/margins", s.margin),
+            ("pairs", s.pairs as f64),
+        ] {
+            logged.push(MetricRow {
+                run_id: ctx.run_id.clone(),
+                stage: method.stage().into(),
+                step: step as i64,
+                epoch: summary.state.epoch as i64,
+                split: "val".into(),
+                name: format!("by_source/{}/{name}", s.source),
+                value,
+            });
+        }
+    }
+    write_parquet(&metrics, &logged)?;
+    let by_source = by_source
+        .iter()
+        .map(|s| format!("{} {:.2}", s.source, s.accuracy))
+        .collect::<Vec<_>>()
+        .join(", ");
     let dropped = if dropped > 0 {
         format!(" ({dropped} dropped: prompt fills max_length {max_length})")
     } else {
         String::new()
     };
     Ok(format!(
-        "{} optimizer steps over {rows} pairs{dropped} from {}; best val {} {:.4} at step {}; {} non-finite batches skipped; checkpoints in {}",
+        "{} optimizer steps over {rows} pairs{dropped} from {}; best val {} {:.4} at step {} (by source: {by_source}); {} non-finite batches skipped; checkpoints in {}",
         summary.state.step,
         p.init_from,
         objective.selection().0,
@@ -958,6 +1080,7 @@ mod tests {
         // The reference scores no end-of-text; a second, longer row pads the first.
         let row = |prompt: Vec<u32>, completion: Vec<u32>| PairRow {
             pair_id: String::new(),
+            source: String::new(),
             clip: None,
             chosen: side(&prompt, &completion),
             rejected: side(&prompt, &completion),
@@ -985,6 +1108,7 @@ mod tests {
         let (p, c, r) = fixture_pair(&m);
         let row = PairRow {
             pair_id: "a".into(),
+            source: "test".into(),
             clip: None,
             chosen: side(&p, &c),
             rejected: side(&p, &r),
@@ -1021,6 +1145,7 @@ mod tests {
     fn mixed_batches_group_by_kind_and_keep_reference_order() {
         let row = |id: &str, clip: bool| PairRow {
             pair_id: id.into(),
+            source: if clip { "image" } else { "text" }.into(),
             clip: clip.then(|| vec![1.0; 8]),
             chosen: side(&[1, 2], &[3]),
             rejected: side(&[], &[4, 5]),

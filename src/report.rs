@@ -3,7 +3,9 @@
 //!
 //! Reads all `runs/*/metrics.parquet` and `runs/*/scores_summary.parquet`, and writes to
 //! `<out>/`: `training.parquet`/`.csv` (per run and training stage: steps, final and best
-//! validation loss, final train loss, skipped non-finite batches), `scores.parquet`/`.csv`
+//! validation loss, final train loss, skipped non-finite batches), `preference.parquet`/`.csv`
+//! (per run, preference stage and pair source: held-out pairs, accuracy and margin),
+//! `scores.parquet`/`.csv`
 //! (per run, model and decoding method: one column per metric), and one PNG of train/val loss
 //! curves per run and stage. The tables are printed too.
 
@@ -55,6 +57,8 @@ fn read_all(files: &[PathBuf]) -> Result<Option<DataFrame>> {
 #[derive(Debug, Clone, Default)]
 pub struct ReportSummary {
     pub training: Option<DataFrame>,
+    /// Held-out preference accuracy per pair source (when a preference stage ran).
+    pub preference: Option<DataFrame>,
     pub scores: Option<DataFrame>,
     pub charts: Vec<PathBuf>,
 }
@@ -118,6 +122,62 @@ pub fn training_table(metrics: DataFrame) -> Result<DataFrame> {
         .sort(["run_id", "stage"], SortMultipleOptions::default())
         .collect()
         .map_err(perr("training table"))
+}
+
+/// Per run, preference stage and pair source: held-out pairs, `rewards/accuracies` and
+/// `rewards/margins` of the selected checkpoint (the `by_source/<source>/...` metrics).
+pub fn preference_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
+    let val = metrics
+        .clone()
+        .lazy()
+        .filter(col("split").eq(lit("val")))
+        .collect()
+        .map_err(perr("preference table"))?;
+    let text = |name: &str| -> Result<Vec<String>> {
+        let c = val.column(name).map_err(perr("preference table"))?;
+        let c = c.str().map_err(perr("preference table"))?;
+        Ok((0..c.len())
+            .map(|i| c.get(i).unwrap_or_default().to_string())
+            .collect())
+    };
+    let (runs, stages, names) = (text("run_id")?, text("stage")?, text("name")?);
+    let values = val.column("value").map_err(perr("preference table"))?;
+    let values = values.f64().map_err(perr("preference table"))?;
+    let values: Vec<f64> = (0..values.len())
+        .map(|i| values.get(i).unwrap_or(f64::NAN))
+        .collect();
+    let mut table: std::collections::BTreeMap<(String, String, String), [f64; 3]> =
+        Default::default();
+    for i in 0..names.len() {
+        let Some(rest) = names[i].strip_prefix("by_source/") else {
+            continue;
+        };
+        let found = ["/pairs", "/rewards/accuracies", "/rewards/margins"]
+            .iter()
+            .enumerate()
+            .find_map(|(j, m)| rest.strip_suffix(m).map(|source| (j, source)));
+        if let Some((j, source)) = found {
+            let key = (runs[i].clone(), stages[i].clone(), source.to_string());
+            table.entry(key).or_insert([f64::NAN; 3])[j] = values[i];
+        }
+    }
+    if table.is_empty() {
+        return Ok(None);
+    }
+    let column = |j: usize| table.values().map(|v| v[j]).collect::<Vec<f64>>();
+    let key = |f: fn(&(String, String, String)) -> &String| {
+        table.keys().map(|k| f(k).clone()).collect::<Vec<String>>()
+    };
+    df!(
+        "run_id" => key(|k| &k.0),
+        "stage" => key(|k| &k.1),
+        "source" => key(|k| &k.2),
+        "pairs" => column(0),
+        "rewards/accuracies" => column(1),
+        "rewards/margins" => column(2),
+    )
+    .map(Some)
+    .map_err(perr("preference table"))
 }
 
 /// Per run, model and method: one column per metric.
@@ -238,6 +298,10 @@ pub fn report(workdir: &Path, out: &Path) -> Result<ReportSummary> {
         write_table(&mut t, out, "training")?;
         summary.charts = charts(&metrics, out)?;
         summary.training = Some(t);
+        if let Some(mut t) = preference_table(&metrics)? {
+            write_table(&mut t, out, "preference")?;
+            summary.preference = Some(t);
+        }
     }
     if let Some(scores) = read_all(&run_files(workdir, "scores_summary.parquet"))? {
         let mut t = scores_table(scores)?;
@@ -260,6 +324,9 @@ pub fn run(ctx: &crate::sft::StageContext) -> Result<String> {
     let mut text = String::new();
     if let Some(t) = &s.training {
         text.push_str(&format!("training:\n{t}\n"));
+    }
+    if let Some(t) = &s.preference {
+        text.push_str(&format!("preference pairs by source (val):\n{t}\n"));
     }
     if let Some(t) = &s.scores {
         text.push_str(&format!("scores:\n{t}\n"));

@@ -144,6 +144,18 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
             && training.lines().any(|l| l.contains("train-orpo")),
         "{training}"
     );
+    // Held-out preference accuracy per corruption kind, for DPO and ORPO.
+    let preference = std::fs::read_to_string(report.join("preference.csv")).unwrap();
+    for stage in ["train-dpo", "train-orpo"] {
+        for kind in ["colour", "shape", "relation", "vague"] {
+            assert!(
+                preference
+                    .lines()
+                    .any(|l| l.contains(stage) && l.contains(&format!("synthetic:{kind},"))),
+                "{stage} {kind}\n{preference}"
+            );
+        }
+    }
     assert!(report.join("training.parquet").is_file() && report.join("scores.parquet").is_file());
     let png = report.join(format!(
         "curves-{}-train-sft.png",

@@ -89,6 +89,38 @@ fn dpo_learns_preferences_and_caches_reference_logps() {
             "no val {name}"
         );
     }
+    // The selected checkpoint's held-out accuracy per corruption kind: every kind present,
+    // and together (weighted by pairs) they give the best overall validation accuracy.
+    let best_step = dpo
+        .iter()
+        .filter(|m| m.split == "val" && m.name.starts_with("by_source/"))
+        .map(|m| m.step)
+        .next()
+        .expect("by_source metrics");
+    let overall = dpo
+        .iter()
+        .find(|m| m.split == "val" && m.name == "rewards/accuracies" && m.step == best_step)
+        .expect("val accuracy at the selected step")
+        .value;
+    let by = |source: &str, name: &str| {
+        dpo.iter()
+            .find(|m| m.name == format!("by_source/synthetic:{source}/{name}"))
+            .unwrap_or_else(|| panic!("no by_source {source} {name}"))
+            .value
+    };
+    let (mut pairs, mut right) = (0.0, 0.0);
+    for kind in ["colour", "shape", "relation", "vague"] {
+        let (n, acc) = (by(kind, "pairs"), by(kind, "rewards/accuracies"));
+        assert!(n >= 1.0 && (0.0..=1.0).contains(&acc), "{kind}: {n} {acc}");
+        assert!(by(kind, "rewards/margins").is_finite());
+        pairs += n;
+        right += n * acc;
+    }
+    assert!(
+        (right / pairs - overall).abs() <= 1.0 / pairs + 1e-9,
+        "by source {} vs overall {overall}",
+        right / pairs
+    );
     let acc: Vec<f64> = dpo
         .iter()
         .filter(|m| m.split == "train" && m.name == "rewards/accuracies")
