@@ -227,6 +227,66 @@ impl candle_core::CustomOp1 for SoftmaxOp {
     }
 }
 
+/// `softmax(q·kᵀ + mask)·v` for `(b, h, t, hd)` inputs and an additive `(b|1, 1, t, t)` mask,
+/// differentiable, on the CPU. Its backward recomputes the attention weights from q and k, so
+/// the graph keeps q, k, v and the output per layer instead of the three `(b, h, t, t)`
+/// score-sized tensors the primitive composition keeps (most of a long batch's memory).
+struct AttentionOp {
+    mask: Tensor,
+}
+
+impl AttentionOp {
+    /// The attention weights `(b, h, t, t)`, outside any graph.
+    fn weights(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?.broadcast_add(&self.mask)?)
+    }
+}
+
+impl candle_core::CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let tensor = |s: &CpuStorage, l: &Layout| {
+            Tensor::from_slice(cpu_f32(s, l)?, l.shape(), &Device::Cpu)
+        };
+        let (q, k, v) = (tensor(s1, l1)?, tensor(s2, l2)?, tensor(s3, l3)?);
+        let out = self.weights(&q, &k)?.matmul(&v)?;
+        let shape = out.shape().clone();
+        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (out, g) = (out.detach(), grad.detach().contiguous()?);
+        let p = self.weights(&q, &k)?;
+        let dv = p.t()?.matmul(&g)?;
+        // Softmax backward: p · (dp − Σ dp·p), where Σ_j dp_j·p_j = g·out per row.
+        let dp = g.matmul(&v.t()?)?;
+        let dot = (&g * &out)?.sum_keepdim(D::Minus1)?;
+        let ds = (dp.broadcast_sub(&dot)? * &p)?;
+        let dq = ds.matmul(&k)?;
+        let dk = ds.t()?.matmul(&q)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
 /// A differentiable LayerNorm for other trained modules (the captioner's mapper): the fused
 /// op on the CPU.
 pub(crate) fn train_norm(x: &Tensor, ln: &LayerNorm) -> candle_core::Result<Tensor> {
@@ -384,13 +444,19 @@ impl Block {
             *cache = Some((k.clone(), v.clone()));
         }
         // The scale on q (`(b, h, t, hd)`) rather than on the scores (`(b, h, t, t)`).
-        let att = (q * self.scale)?.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let att = if diff {
-            softmax_train(&att)?
+        let q = (q * self.scale)?;
+        let y = if diff && x.device().is_cpu() && x.dtype() == DType::F32 {
+            q.apply_op3(&k, &v, AttentionOp { mask: mask.clone() })?
         } else {
-            candle_nn::ops::softmax_last_dim(&att)?
+            let att = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+            let att = if diff {
+                softmax_train(&att)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&att)?
+            };
+            att.matmul(&v)?
         };
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = y.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + self.attn_proj.forward(&y)?)?;
         let h = self.c_fc.forward(&norm(&x, &self.ln_2, diff)?)?;
         let h = if self.exact_gelu {
@@ -799,6 +865,45 @@ mod tests {
         let (py, pg) = run(candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap());
         let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-5);
         assert!(close(&fy, &py) && close(&fg, &pg));
+    }
+
+    #[test]
+    fn fused_attention_and_its_gradients_equal_the_primitive_composition() {
+        let dev = Device::Cpu;
+        let (b, h, t, hd) = (2, 3, 5, 4);
+        let var = |seed: f32| {
+            let x = Tensor::randn(seed, 1.0, (b, h, t, hd), &dev).unwrap();
+            candle_core::Var::from_tensor(&x).unwrap()
+        };
+        let (q, k, v) = (var(0.0), var(0.1), var(-0.1));
+        // The second row's last two positions are padding.
+        let keep = Tensor::from_vec(
+            vec![1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.],
+            (b, t),
+            &dev,
+        )
+        .unwrap();
+        let mask = attention_mask(b, t, Some(&keep), &dev, DType::F32).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+        let run = |y: Tensor| {
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let grads = [&q, &k, &v].map(|x| flat(g.get(x.as_tensor()).unwrap()));
+            (flat(&y), grads)
+        };
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let fused = run(qt
+            .apply_op3(kt, vt, AttentionOp { mask: mask.clone() })
+            .unwrap());
+        let att = qt.matmul(&kt.t().unwrap()).unwrap();
+        let att = candle_nn::ops::softmax(&att.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+        let plain = run(att.matmul(vt).unwrap());
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-5);
+        assert!(close(&fused.0, &plain.0), "outputs");
+        for (i, name) in ["q", "k", "v"].iter().enumerate() {
+            assert!(close(&fused.1[i], &plain.1[i]), "d{name}");
+            assert!(fused.1[i].iter().any(|g| g.abs() > 1e-4), "d{name} is zero");
+        }
     }
 
     #[test]
