@@ -122,6 +122,66 @@ impl Conv1D {
     }
 }
 
+impl Conv1D {
+    /// `forward`, or when training on the CPU one op (product plus bias) whose graph node
+    /// keeps only its input: the primitive pair also keeps the product before the bias.
+    fn apply(&self, x: &Tensor, diff: bool) -> candle_core::Result<Tensor> {
+        if !(diff && x.device().is_cpu() && x.dtype() == DType::F32) {
+            return self.forward(x);
+        }
+        let dims = x.dims();
+        let k = dims[dims.len() - 1];
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("rank ≥ 1") = self.weight.dim(1)?;
+        x.contiguous()?
+            .reshape((x.elem_count() / k.max(1), k))?
+            .apply_op3(&self.weight, &self.bias, LinearOp)?
+            .reshape(out)
+    }
+}
+
+/// `x (rows, k) · w (k, n) + b (n,)`, differentiable, on the CPU.
+struct LinearOp;
+
+impl candle_core::CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let tensor = |s: &CpuStorage, l: &Layout| {
+            Tensor::from_slice(cpu_f32(s, l)?, l.shape(), &Device::Cpu)
+        };
+        let (x, w, b) = (tensor(s1, l1)?, tensor(s2, l2)?, tensor(s3, l3)?);
+        let out = x.matmul(&w)?.broadcast_add(&b)?;
+        let shape = out.shape().clone();
+        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), grad.detach().contiguous()?);
+        let dx = g.matmul(&w.t()?)?;
+        let dw = x.t()?.matmul(&g)?;
+        let db = g.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
 impl Module for Conv1D {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         matmul_rows(x, &self.weight)?.broadcast_add(&self.bias)
@@ -428,7 +488,7 @@ impl Block {
     ) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.n_head;
-        let qkv = self.c_attn.forward(&norm(x, &self.ln_1, diff)?)?;
+        let qkv = self.c_attn.apply(&norm(x, &self.ln_1, diff)?, diff)?;
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(D::Minus1, i * d, d)?
                 .reshape((b, t, self.n_head, hd))?
@@ -457,14 +517,14 @@ impl Block {
             att.matmul(&v)?
         };
         let y = y.transpose(1, 2)?.reshape((b, t, d))?;
-        let x = (x + self.attn_proj.forward(&y)?)?;
-        let h = self.c_fc.forward(&norm(&x, &self.ln_2, diff)?)?;
+        let x = (x + self.attn_proj.apply(&y, diff)?)?;
+        let h = self.c_fc.apply(&norm(&x, &self.ln_2, diff)?, diff)?;
         let h = if self.exact_gelu {
             h.gelu_erf()?
         } else {
             h.gelu()?
         };
-        x + self.mlp_proj.forward(&h)?
+        x + self.mlp_proj.apply(&h, diff)?
     }
 }
 
@@ -903,6 +963,34 @@ mod tests {
         for (i, name) in ["q", "k", "v"].iter().enumerate() {
             assert!(close(&fused.1[i], &plain.1[i]), "d{name}");
             assert!(fused.1[i].iter().any(|g| g.abs() > 1e-4), "d{name} is zero");
+        }
+    }
+
+    #[test]
+    fn fused_linear_and_its_gradients_equal_the_primitive_composition() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize]| {
+            let x = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            candle_core::Var::from_tensor(&x).unwrap()
+        };
+        let (x, w, b) = (var(&[2, 3, 5]), var(&[5, 4]), var(&[4]));
+        let conv = Conv1D {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+        };
+        let up = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
+        let run = |y: Tensor| {
+            let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let grads = [&x, &w, &b].map(|v| flat(g.get(v.as_tensor()).unwrap()));
+            (flat(&y), grads)
+        };
+        let fused = run(conv.apply(x.as_tensor(), true).unwrap());
+        let plain = run(conv.forward(x.as_tensor()).unwrap());
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-5);
+        assert!(close(&fused.0, &plain.0), "outputs");
+        for (i, name) in ["x", "w", "b"].iter().enumerate() {
+            assert!(close(&fused.1[i], &plain.1[i]), "d{name}");
         }
     }
 
