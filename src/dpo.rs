@@ -926,7 +926,8 @@ pub fn run(
     )?;
     // The selected checkpoint's held-out accuracy per pair source, logged next to the
     // overall validation metrics as `by_source/<source>/rewards/accuracies` (and margins).
-    let (selected, _) = manifest.captioner(Some(&summary.best_dir.join("model.safetensors")), &device)?;
+    let (selected, _) =
+        manifest.captioner(Some(&summary.best_dir.join("model.safetensors")), &device)?;
     let by_source = accuracy_by_source(
         method,
         p,

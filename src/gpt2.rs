@@ -937,12 +937,8 @@ mod tests {
         };
         let (q, k, v) = (var(0.0), var(0.1), var(-0.1));
         // The second row's last two positions are padding.
-        let keep = Tensor::from_vec(
-            vec![1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.],
-            (b, t),
-            &dev,
-        )
-        .unwrap();
+        let keep =
+            Tensor::from_vec(vec![1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], (b, t), &dev).unwrap();
         let mask = attention_mask(b, t, Some(&keep), &dev, DType::F32).unwrap();
         let up = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
         let run = |y: Tensor| {
