@@ -157,13 +157,13 @@ impl candle_core::CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let tensor = |s: &CpuStorage, l: &Layout| {
-            Tensor::from_slice(cpu_f32(s, l)?, l.shape(), &Device::Cpu)
-        };
-        let (x, w, b) = (tensor(s1, l1)?, tensor(s2, l2)?, tensor(s3, l3)?);
+        let (x, w, b) = (
+            cpu_tensor(s1, l1)?,
+            cpu_tensor(s2, l2)?,
+            cpu_tensor(s3, l3)?,
+        );
         let out = x.matmul(&w)?.broadcast_add(&b)?;
-        let shape = out.shape().clone();
-        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1::<f32>()?), shape))
+        into_storage(&out)
     }
 
     fn bwd(
@@ -290,7 +290,8 @@ impl candle_core::CustomOp1 for SoftmaxOp {
 /// `softmax(q·kᵀ + mask)·v` for `(b, h, t, hd)` inputs and an additive `(b|1, 1, t, t)` mask,
 /// differentiable, on the CPU. Its backward recomputes the attention weights from q and k, so
 /// the graph keeps q, k, v and the output per layer instead of the three `(b, h, t, t)`
-/// score-sized tensors the primitive composition keeps (most of a long batch's memory).
+/// score-sized tensors the primitive composition keeps (the largest activations of long
+/// sequences).
 struct AttentionOp {
     mask: Tensor,
 }
@@ -316,13 +317,13 @@ impl candle_core::CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let tensor = |s: &CpuStorage, l: &Layout| {
-            Tensor::from_slice(cpu_f32(s, l)?, l.shape(), &Device::Cpu)
-        };
-        let (q, k, v) = (tensor(s1, l1)?, tensor(s2, l2)?, tensor(s3, l3)?);
+        let (q, k, v) = (
+            cpu_tensor(s1, l1)?,
+            cpu_tensor(s2, l2)?,
+            cpu_tensor(s3, l3)?,
+        );
         let out = self.weights(&q, &k)?.matmul(&v)?;
-        let shape = out.shape().clone();
-        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1::<f32>()?), shape))
+        into_storage(&out)
     }
 
     fn bwd(
@@ -765,8 +766,21 @@ fn par_rows(n: usize, d: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
-        _ => candle_core::bail!("token_logprobs: expected contiguous f32"),
+        _ => candle_core::bail!("fused op: expected a contiguous f32 input"),
     }
+}
+
+/// A tensor holding a copy of an op's f32 input, for ops computed with candle's own kernels.
+fn cpu_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+    Tensor::from_slice(cpu_f32(s, l)?, l.shape(), &Device::Cpu)
+}
+
+/// An op's result from a tensor computed with candle's own kernels.
+fn into_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    Ok((
+        CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?),
+        t.shape().clone(),
+    ))
 }
 
 fn cpu_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
