@@ -706,40 +706,6 @@ pub struct SourceAccuracy {
     pub margin: f64,
 }
 
-/// Per-row implicit rewards `(chosen, rejected)` of a batch, rows in group order, as TRL
-/// defines them: DPO β·(policy − reference) sequence log-probabilities (token-averaged for
-/// IPO); ORPO λ·(token-averaged policy log-probability).
-fn row_rewards(
-    method: Method,
-    cfg: &PreferenceConfig,
-    model: &Captioner,
-    b: &PairBatch,
-) -> candle_core::Result<Vec<(f64, f64)>> {
-    let ((lc, nc, lr, nr), (rc, rr)) = batch_logps(model, b)?;
-    let [lc, nc, lr, nr] = [lc, nc, lr, nr].map(|t| t.to_vec1::<f32>());
-    let (lc, nc, lr, nr) = (lc?, nc?, lr?, nr?);
-    let mean = |sum: f32, n: f32| f64::from(sum) / f64::from(n.max(1.0));
-    Ok((0..lc.len())
-        .map(|i| match method {
-            Method::Dpo => {
-                let (pc, pr) = if cfg.loss.averages_tokens() {
-                    (mean(lc[i], nc[i]), mean(lr[i], nr[i]))
-                } else {
-                    (f64::from(lc[i]), f64::from(lr[i]))
-                };
-                (
-                    cfg.beta * (pc - f64::from(rc[i])),
-                    cfg.beta * (pr - f64::from(rr[i])),
-                )
-            }
-            Method::Orpo => (
-                cfg.orpo_lambda * mean(lc[i], nc[i]),
-                cfg.orpo_lambda * mean(lr[i], nr[i]),
-            ),
-        })
-        .collect())
-}
-
 /// [`SourceAccuracy`] of every pair source of `split` under `model`, sorted by source.
 pub(crate) fn accuracy_by_source(
     method: Method,
@@ -752,16 +718,24 @@ pub(crate) fn accuracy_by_source(
     let mut tally: std::collections::BTreeMap<String, (usize, usize, f64)> = Default::default();
     for batch in split.batches(batch_size, refs, None) {
         let batch = batch?;
-        let rewards = row_rewards(method, cfg, model, &batch).map_err(|e| Error::Stage {
-            stage: method.stage().into(),
-            message: format!("validation by pair source: {e}"),
-        })?;
+        let rewards = preference_loss(method, cfg, model, &batch)
+            .and_then(|out| {
+                Ok((
+                    out.rewards.0.to_vec1::<f32>()?,
+                    out.rewards.1.to_vec1::<f32>()?,
+                ))
+            })
+            .map_err(|e| Error::Stage {
+                stage: method.stage().into(),
+                message: format!("validation by pair source: {e}"),
+            })?;
+        let rewards = rewards.0.into_iter().zip(rewards.1);
         let sources = batch.groups.iter().flat_map(|g| g.sources.iter());
         for (source, (chosen, rejected)) in sources.zip(rewards) {
             let t = tally.entry(source.clone()).or_default();
             t.0 += 1;
             t.1 += usize::from(chosen > rejected);
-            t.2 += chosen - rejected;
+            t.2 += f64::from(chosen - rejected);
         }
     }
     Ok(tally

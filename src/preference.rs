@@ -29,6 +29,22 @@ pub enum DpoLoss {
 pub struct PreferenceOutput {
     pub loss: Tensor,
     pub scalars: Vec<(String, f64)>,
+    /// Per-row implicit rewards `(chosen, rejected)`, `(b,)` each, detached.
+    pub rewards: (Tensor, Tensor),
+}
+
+/// TRL's reward scalars of per-row chosen and rejected rewards.
+fn reward_scalars(chosen: &Tensor, rejected: &Tensor) -> Result<Vec<(String, f64)>> {
+    let accuracies = chosen.gt(rejected)?.to_dtype(candle_core::DType::F32)?;
+    Ok(vec![
+        ("rewards/chosen".to_string(), mean_scalar(chosen)?),
+        ("rewards/rejected".to_string(), mean_scalar(rejected)?),
+        ("rewards/accuracies".to_string(), mean_scalar(&accuracies)?),
+        (
+            "rewards/margins".to_string(),
+            mean_scalar(&(chosen - rejected)?)?,
+        ),
+    ])
 }
 
 fn mean_scalar(t: &Tensor) -> Result<f64> {
@@ -70,32 +86,19 @@ pub fn dpo_loss(
     };
     let chosen_rewards = ((policy_chosen - ref_chosen)? * beta)?.detach();
     let rejected_rewards = ((policy_rejected - ref_rejected)? * beta)?.detach();
-    let accuracies = chosen_rewards
-        .gt(&rejected_rewards)?
-        .to_dtype(candle_core::DType::F32)?;
-    let scalars = vec![
-        ("rewards/chosen".to_string(), mean_scalar(&chosen_rewards)?),
-        (
-            "rewards/rejected".to_string(),
-            mean_scalar(&rejected_rewards)?,
-        ),
-        ("rewards/accuracies".to_string(), mean_scalar(&accuracies)?),
-        (
-            "rewards/margins".to_string(),
-            mean_scalar(&(&chosen_rewards - &rejected_rewards)?)?,
-        ),
-        (
-            "logps/chosen".to_string(),
-            mean_scalar(&policy_chosen.detach())?,
-        ),
-        (
-            "logps/rejected".to_string(),
-            mean_scalar(&policy_rejected.detach())?,
-        ),
-    ];
+    let mut scalars = reward_scalars(&chosen_rewards, &rejected_rewards)?;
+    scalars.push((
+        "logps/chosen".to_string(),
+        mean_scalar(&policy_chosen.detach())?,
+    ));
+    scalars.push((
+        "logps/rejected".to_string(),
+        mean_scalar(&policy_rejected.detach())?,
+    ));
     Ok(PreferenceOutput {
         loss: losses.mean_all()?,
         scalars,
+        rewards: (chosen_rewards, rejected_rewards),
     })
 }
 
@@ -122,7 +125,11 @@ pub fn orpo_loss(
         ((avg_chosen - avg_rejected)? - (log1m_exp(avg_chosen)? - log1m_exp(avg_rejected)?)?)?;
     let ratio = log_sigmoid(&log_odds)?;
     let loss = (nll_chosen - (ratio.mean_all()? * lambda)?)?;
-    let scalars = vec![
+    // TRL's ORPO rewards: λ times the average log-probabilities.
+    let chosen_rewards = (avg_chosen.detach() * lambda)?;
+    let rejected_rewards = (avg_rejected.detach() * lambda)?;
+    let mut scalars = reward_scalars(&chosen_rewards, &rejected_rewards)?;
+    scalars.extend([
         (
             "nll_loss".to_string(),
             f64::from(nll_chosen.to_scalar::<f32>()?),
@@ -131,8 +138,12 @@ pub fn orpo_loss(
         ("log_odds_chosen".to_string(), mean_scalar(&log_odds)?),
         ("logps/chosen".to_string(), mean_scalar(avg_chosen)?),
         ("logps/rejected".to_string(), mean_scalar(avg_rejected)?),
-    ];
-    Ok(PreferenceOutput { loss, scalars })
+    ]);
+    Ok(PreferenceOutput {
+        loss,
+        scalars,
+        rewards: (chosen_rewards, rejected_rewards),
+    })
 }
 
 #[cfg(test)]

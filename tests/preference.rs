@@ -163,7 +163,14 @@ fn dpo_learns_preferences_and_caches_reference_logps() {
     let (out, log) = pipeline(&with_small(&["run", "train-orpo"]), work);
     assert!(out.status.success(), "{log}");
     let metrics: Vec<MetricRow> = read_parquet(&newest_run(work).join("metrics.parquet")).unwrap();
-    for name in ["nll_loss", "log_odds_ratio", "log_odds_chosen"] {
+    for name in [
+        "nll_loss",
+        "log_odds_ratio",
+        "log_odds_chosen",
+        "rewards/chosen",
+        "rewards/accuracies",
+        "rewards/margins",
+    ] {
         assert!(
             metrics
                 .iter()
