@@ -389,25 +389,167 @@ impl candle_core::CustomOp2 for GeluNewGrad {
     }
 }
 
-/// `softmax(q·kᵀ + mask)·v` for `(b, h, t, hd)` inputs and an additive `(b|1, 1, t, t)` mask,
-/// differentiable, on the CPU. Its backward recomputes the attention weights from q and k, so
-/// the graph keeps q, k, v and the output per layer instead of the three `(b, h, t, t)`
-/// score-sized tensors the primitive composition keeps (the largest activations of long
-/// sequences).
-struct AttentionOp {
-    mask: Tensor,
+/// Causal self-attention straight from the fused projection: `qkv` `(b, t, 3·d)` (queries,
+/// keys, values side by side, heads `hd` wide within each) → `(b, t, d)` with the heads merged,
+/// on the CPU. Each (sequence, head) is a few small GEMMs on strided views of `qkv`, so the
+/// per-head copies (split, scale, merge) of the tensor-op composition are never made, and the
+/// backward recomputes the attention weights: a training graph keeps `qkv` and the output per
+/// layer instead of three more `(b, t, d)`-sized copies and the `(b, h, t, t)` weights.
+struct QkvAttention {
+    heads: usize,
+    scale: f32,
+    /// Additive mask `(b, 1, t, t)`, row-major.
+    mask: Vec<f32>,
 }
 
-impl AttentionOp {
-    /// The attention weights `(b, h, t, t)`, outside any graph.
-    fn weights(&self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?.broadcast_add(&self.mask)?)
+/// A strided f32 matrix for `gemm`: element `(i, j)` at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl View {
+    /// Row-major rows of `stride` elements starting at `at`.
+    fn rows(data: &[f32], at: usize, stride: usize) -> Self {
+        Self {
+            ptr: data[at..].as_ptr(),
+            rs: stride as isize,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
 }
 
-impl candle_core::CustomOp3 for AttentionOp {
+/// `dst (m × n, rows dst_rs apart) = beta · a (m × k) · b (k × n)`, single-threaded (callers
+/// run many of these in parallel).
+///
+/// # Safety
+/// The views must address `m × k` and `k × n` valid elements, and `dst` `m × n` writable ones
+/// that no other thread touches.
+unsafe fn small_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    a: View,
+    b: View,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl QkvAttention {
+    /// The attention weights of sequence `bi`, head `h` into `p` (`t × t`).
+    fn weights(&self, qkv: &[f32], bi: usize, h: usize, t: usize, d: usize, p: &mut [f32]) {
+        let hd = d / self.heads;
+        let base = bi * t * 3 * d;
+        let q = View::rows(qkv, base + h * hd, 3 * d);
+        let k = View::rows(qkv, base + d + h * hd, 3 * d);
+        // SAFETY: q and k address t rows of hd elements inside qkv; p holds t × t.
+        unsafe { small_gemm(t, t, hd, p.as_mut_ptr(), t, q, k.t(), self.scale) };
+        let mask = &self.mask[bi * t * t..(bi + 1) * t * t];
+        for (row, mrow) in p.chunks_mut(t).zip(mask.chunks(t)) {
+            let mut max = f32::NEG_INFINITY;
+            for (x, &m) in row.iter_mut().zip(mrow) {
+                *x += m;
+                max = max.max(*x);
+            }
+            let mut sum = 0.0;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+
+    /// `(b, t, d)` from the `(b, t, 3·d)` layout of `shape`.
+    fn dims(&self, shape: &Shape) -> candle_core::Result<(usize, usize, usize)> {
+        let (b, t, d3) = shape.dims3()?;
+        let d = d3 / 3;
+        if d3 % 3 != 0 || d % self.heads != 0 || self.mask.len() != b * t * t {
+            candle_core::bail!(
+                "qkv attention: bad shape {shape:?} for {} heads",
+                self.heads
+            );
+        }
+        Ok((b, t, d))
+    }
+}
+
+impl candle_core::CustomOp1 for QkvAttention {
     fn name(&self) -> &'static str {
-        "attention"
+        "qkv-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = cpu_f32(s, l)?;
+        let (b, t, d) = self.dims(l.shape())?;
+        let hd = d / self.heads;
+        let mut out = vec![0f32; b * t * d];
+        out.par_chunks_mut(t * d).enumerate().for_each(|(bi, out)| {
+            let mut p = vec![0f32; t * t];
+            for h in 0..self.heads {
+                self.weights(qkv, bi, h, t, d, &mut p);
+                let v = View::rows(qkv, bi * t * 3 * d + 2 * d + h * hd, 3 * d);
+                let pv = View::rows(&p, 0, t);
+                // SAFETY: this task owns `out` (sequence bi); head h writes its hd columns.
+                unsafe { small_gemm(t, hd, t, out[h * hd..].as_mut_ptr(), d, pv, v, 1.0) };
+            }
+        });
+        Ok((CpuStorage::F32(out), (b, t, d).into()))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let g = qkv.apply_op3_no_bwd(out, &grad, &QkvAttentionGrad(self))?;
+        Ok(Some(g))
+    }
+}
+
+/// The gradient of [`QkvAttention`] with respect to `qkv`, from `qkv`, the output and its
+/// gradient.
+struct QkvAttentionGrad<'a>(&'a QkvAttention);
+
+impl candle_core::CustomOp3 for QkvAttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "qkv-attention-grad"
     }
 
     fn cpu_fwd(
@@ -419,34 +561,83 @@ impl candle_core::CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            cpu_tensor(s1, l1)?,
-            cpu_tensor(s2, l2)?,
-            cpu_tensor(s3, l3)?,
-        );
-        let out = self.weights(&q, &k)?.matmul(&v)?;
-        into_storage(&out)
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (out, g) = (out.detach(), grad.detach().contiguous()?);
-        let p = self.weights(&q, &k)?;
-        let dv = p.t()?.matmul(&g)?;
-        // Softmax backward: p · (dp − Σ dp·p), where Σ_j dp_j·p_j = g·out per row.
-        let dp = g.matmul(&v.t()?)?;
-        let dot = (&g * &out)?.sum_keepdim(D::Minus1)?;
-        let ds = (dp.broadcast_sub(&dot)? * &p)?;
-        let dq = ds.matmul(&k)?;
-        let dk = ds.t()?.matmul(&q)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        let att = self.0;
+        let (qkv, out, grad) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (b, t, d) = att.dims(l1.shape())?;
+        if out.len() != b * t * d || grad.len() != out.len() {
+            candle_core::bail!("qkv attention backward: output or gradient of the wrong size");
+        }
+        let hd = d / att.heads;
+        let mut dqkv = vec![0f32; b * t * 3 * d];
+        dqkv.par_chunks_mut(t * 3 * d)
+            .enumerate()
+            .for_each(|(bi, dqkv)| {
+                let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
+                let base = bi * t * 3 * d;
+                for h in 0..att.heads {
+                    att.weights(qkv, bi, h, t, d, &mut p);
+                    let at = bi * t * d + h * hd;
+                    let g = View::rows(grad, at, d);
+                    let q = View::rows(qkv, base + h * hd, 3 * d);
+                    let k = View::rows(qkv, base + d + h * hd, 3 * d);
+                    let v = View::rows(qkv, base + 2 * d + h * hd, 3 * d);
+                    let (pv, dsv) = (View::rows(&p, 0, t), View::rows(&ds, 0, t));
+                    // SAFETY: all views lie inside their buffers; this task owns `dqkv` (sequence
+                    // bi) and head h writes only its hd columns of each third.
+                    unsafe {
+                        small_gemm(
+                            t,
+                            hd,
+                            t,
+                            dqkv[2 * d + h * hd..].as_mut_ptr(),
+                            3 * d,
+                            pv.t(),
+                            g,
+                            1.0,
+                        );
+                        small_gemm(t, t, hd, ds.as_mut_ptr(), t, g, v.t(), 1.0);
+                    }
+                    // Softmax backward: ds = p ⊙ (dp − Σ_j dp_j·p_j), where Σ_j dp_j·p_j = g·out.
+                    for i in 0..t {
+                        let row = at + i * d;
+                        let dot: f32 = grad[row..row + hd]
+                            .iter()
+                            .zip(&out[row..row + hd])
+                            .map(|(g, o)| g * o)
+                            .sum();
+                        for (x, &pp) in ds[i * t..(i + 1) * t]
+                            .iter_mut()
+                            .zip(&p[i * t..(i + 1) * t])
+                        {
+                            *x = pp * (*x - dot);
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe {
+                        small_gemm(
+                            t,
+                            hd,
+                            t,
+                            dqkv[h * hd..].as_mut_ptr(),
+                            3 * d,
+                            dsv,
+                            k,
+                            att.scale,
+                        );
+                        small_gemm(
+                            t,
+                            hd,
+                            t,
+                            dqkv[d + h * hd..].as_mut_ptr(),
+                            3 * d,
+                            dsv.t(),
+                            q,
+                            att.scale,
+                        );
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }
 }
 
@@ -592,6 +783,20 @@ impl Block {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.n_head;
         let qkv = self.c_attn.apply(&norm(x, &self.ln_1, diff)?, diff)?;
+        if cache.is_none() && x.device().is_cpu() && x.dtype() == DType::F32 {
+            let op = QkvAttention {
+                heads: self.n_head,
+                scale: self.scale as f32,
+                mask: mask.broadcast_as((b, 1, t, t))?.flatten_all()?.to_vec1()?,
+            };
+            let qkv = qkv.contiguous()?;
+            let y = if diff {
+                qkv.apply_op1(op)?
+            } else {
+                qkv.apply_op1_no_bwd(&op)?
+            };
+            return self.finish(x, &y, diff);
+        }
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(D::Minus1, i * d, d)?
                 .reshape((b, t, self.n_head, hd))?
@@ -608,19 +813,19 @@ impl Block {
         }
         // The scale on q (`(b, h, t, hd)`) rather than on the scores (`(b, h, t, t)`).
         let q = (q * self.scale)?;
-        let y = if diff && x.device().is_cpu() && x.dtype() == DType::F32 {
-            q.apply_op3(&k, &v, AttentionOp { mask: mask.clone() })?
+        let att = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let att = if diff {
+            softmax_train(&att)?
         } else {
-            let att = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-            let att = if diff {
-                softmax_train(&att)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&att)?
-            };
-            att.matmul(&v)?
+            candle_nn::ops::softmax_last_dim(&att)?
         };
-        let y = y.transpose(1, 2)?.reshape((b, t, d))?;
-        let x = (x + self.attn_proj.apply(&y, diff)?)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.finish(x, &y, diff)
+    }
+
+    /// The rest of the block after attention: `y` `(b, t, d)`, heads merged.
+    fn finish(&self, x: &Tensor, y: &Tensor, diff: bool) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn_proj.apply(y, diff)?)?;
         let h = self.c_fc.apply(&norm(&x, &self.ln_2, diff)?, diff)?;
         let h = if self.exact_gelu {
             h.gelu_erf()?
@@ -1059,37 +1264,51 @@ mod tests {
     }
 
     #[test]
-    fn fused_attention_and_its_gradients_equal_the_primitive_composition() {
+    fn qkv_attention_and_its_gradient_equal_the_primitive_composition() {
         let dev = Device::Cpu;
-        let (b, h, t, hd) = (2, 3, 5, 4);
-        let var = |seed: f32| {
-            let x = Tensor::randn(seed, 1.0, (b, h, t, hd), &dev).unwrap();
-            candle_core::Var::from_tensor(&x).unwrap()
-        };
-        let (q, k, v) = (var(0.0), var(0.1), var(-0.1));
+        let (b, heads, t, hd) = (2, 3, 5, 4);
+        let d = heads * hd;
+        let scale = 0.5f32;
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &dev).unwrap();
+        let qkv = candle_core::Var::from_tensor(&qkv).unwrap();
         // The second row's last two positions are padding.
         let keep =
             Tensor::from_vec(vec![1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], (b, t), &dev).unwrap();
         let mask = attention_mask(b, t, Some(&keep), &dev, DType::F32).unwrap();
-        let up = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap();
         let run = |y: Tensor| {
             let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let grads = [&q, &k, &v].map(|x| flat(g.get(x.as_tensor()).unwrap()));
-            (flat(&y), grads)
+            (flat(&y), flat(g.get(qkv.as_tensor()).unwrap()))
         };
-        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-        let fused = run(qt
-            .apply_op3(kt, vt, AttentionOp { mask: mask.clone() })
-            .unwrap());
-        let att = qt.matmul(&kt.t().unwrap()).unwrap();
+        let op = QkvAttention {
+            heads,
+            scale,
+            mask: mask.flatten_all().unwrap().to_vec1().unwrap(),
+        };
+        let fused = run(qkv.as_tensor().apply_op1(op).unwrap());
+        let split = |i: usize| {
+            qkv.as_tensor()
+                .narrow(2, i * d, d)
+                .unwrap()
+                .reshape((b, t, heads, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(0), split(1), split(2));
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * f64::from(scale)).unwrap();
         let att = candle_nn::ops::softmax(&att.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
-        let plain = run(att.matmul(vt).unwrap());
+        let y = att.matmul(&v).unwrap().transpose(1, 2).unwrap();
+        let plain = run(y.reshape((b, t, d)).unwrap());
         let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-5);
         assert!(close(&fused.0, &plain.0), "outputs");
-        for (i, name) in ["q", "k", "v"].iter().enumerate() {
-            assert!(close(&fused.1[i], &plain.1[i]), "d{name}");
-            assert!(fused.1[i].iter().any(|g| g.abs() > 1e-4), "d{name} is zero");
+        assert!(close(&fused.1, &plain.1), "dqkv");
+        for (third, name) in ["q", "k", "v"].iter().enumerate() {
+            let part = fused.1.chunks(d).skip(third).step_by(3).flatten();
+            assert!(part.into_iter().any(|g| g.abs() > 1e-4), "d{name} is zero");
         }
     }
 
