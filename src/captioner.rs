@@ -525,7 +525,7 @@ impl Captioner {
         };
         let hidden = self.decoder.forward_hidden(&x, Some(&keep))?;
         // Position j of `pred` predicts `targets` column j. The LM head runs on those
-        // positions only, so the `(b, t, vocab)` logits are made once, contiguous.
+        // positions only.
         let (pred, targets, weight) = if p > 0 {
             (hidden.narrow(1, p - 1, t)?, ids.clone(), supervised.clone())
         } else {
@@ -535,8 +535,7 @@ impl Captioner {
                 supervised.narrow(1, 1, t - 1)?,
             )
         };
-        let logits = self.decoder.lm_logits(&pred.contiguous()?)?;
-        let tok_lp = crate::gpt2::token_logprobs(&logits, &targets)?;
+        let tok_lp = self.decoder.target_logprobs(&pred, &targets)?;
         let masked = (tok_lp * &weight)?;
         Ok((masked.sum(1)?, weight.sum(1)?))
     }

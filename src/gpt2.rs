@@ -970,6 +970,29 @@ impl Gpt2 {
         matmul_rows(hidden, &self.wte.t()?)
     }
 
+    /// `log p(target | position)` `(b, t)` of final hidden states `(b, t, d)` under the tied
+    /// LM head. On the CPU one op ([`LmHeadLogprob`]) whose `(b·t, vocab)` logits never enter
+    /// the autograd graph; elsewhere [`Self::lm_logits`] then [`token_logprobs`].
+    pub fn target_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        if !(hidden.device().is_cpu() && hidden.dtype() == DType::F32) {
+            return token_logprobs(&self.lm_logits(hidden)?, targets);
+        }
+        let rows = hidden.contiguous()?.reshape((b * t, d))?;
+        let ids = targets.reshape(b * t)?.to_dtype(DType::U32)?.contiguous()?;
+        let op = LmHeadLogprob::default();
+        let lp = if self.differentiable {
+            rows.apply_op3(&self.wte, &ids, op)?
+        } else {
+            rows.apply_op3_no_bwd(&self.wte, &ids, &op)?
+        };
+        lp.reshape((b, t))
+    }
+
     /// Longest sequence (prefix included) the position table covers.
     pub fn max_positions(&self) -> usize {
         self.config.n_positions
@@ -1058,6 +1081,122 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<
     let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     lp.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
         .squeeze(D::Minus1)
+}
+
+/// The tied LM head and the target token's log-probability in one CPU op: hidden `(n, d)`,
+/// `wte` `(V, d)`, targets `(n,)` u32 → `(n,)`. The forward keeps its `(n, V)` logits for its
+/// own backward, which turns them in place into their gradient and applies the two products
+/// to it. Through candle's graph the same computation would hold the logits, their gradient,
+/// a zeroed accumulator and the accumulated sum (four `(n, V)` buffers, 370 MB each for a
+/// GPT-2 batch of 1,900 tokens) at the peak of the backward pass.
+#[derive(Default)]
+struct LmHeadLogprob {
+    /// Logits and per-row log-sum-exp of the forward pass, taken by the backward pass.
+    saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl candle_core::CustomOp3 for LmHeadLogprob {
+    fn name(&self) -> &'static str {
+        "lm-head-logprob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (hidden, wte, ids) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_u32(s3, l3)?);
+        let ((n, d), (v, dw)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if d != dw || ids.len() != n || ids.iter().any(|&i| i as usize >= v) {
+            candle_core::bail!(
+                "lm head: hidden {n}x{d}, wte {v}x{dw}, {} targets",
+                ids.len()
+            );
+        }
+        let mut logits = vec![0f32; n * v];
+        let threads = candle_core::utils::get_num_threads();
+        // SAFETY: hidden is n × d, wte is v × d (read transposed), logits n × v.
+        unsafe {
+            gemm::gemm(
+                n,
+                v,
+                d,
+                logits.as_mut_ptr(),
+                1,
+                v as isize,
+                false,
+                hidden.as_ptr(),
+                1,
+                d as isize,
+                wte.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            )
+        };
+        let lse: Vec<f32> = logits.par_chunks(v).map(|row| row_lse(row).1).collect();
+        let out = ids
+            .iter()
+            .enumerate()
+            .map(|(r, &id)| logits[r * v + id as usize] - lse[r])
+            .collect();
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lm head: lock poisoned".into()))? =
+            Some((logits, lse));
+        Ok((CpuStorage::F32(out), n.into()))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        wte: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("lm head: lock poisoned".into()))?
+            .take();
+        let Some((mut logits, lse)) = saved else {
+            candle_core::bail!("lm head: backward ran twice or without its forward")
+        };
+        let (n, v) = (lse.len(), wte.dim(0)?);
+        let g = grad.flatten_all()?.to_vec1::<f32>()?;
+        let ids = ids.to_vec1::<u32>()?;
+        // d logit_j = g · (onehot(target)_j − softmax_j), in place.
+        logits.par_chunks_mut(v).enumerate().for_each(|(r, row)| {
+            let (g, lse) = (g[r], lse[r]);
+            if g == 0.0 {
+                row.fill(0.0);
+                return;
+            }
+            for x in row.iter_mut() {
+                *x = -g * (*x - lse).exp();
+            }
+            row[ids[r] as usize] += g;
+        });
+        let dlogits = Tensor::from_vec(logits, (n, v), &Device::Cpu)?;
+        let dhidden = dlogits.matmul(&wte.detach())?;
+        let dwte = dlogits.t()?.matmul(&hidden.detach())?;
+        Ok((Some(dhidden), Some(dwte), None))
+    }
 }
 
 /// `n` rows of `d` values, row `i` filled by `fill(i, row)` (rows in parallel).
@@ -1446,6 +1585,69 @@ mod tests {
         // Out-of-range targets are an error, not a read past the row.
         let bad = Tensor::from_vec(vec![37u32; 10], (2, 5), &dev).unwrap();
         assert!(token_logprobs(logits.as_tensor(), &bad).is_err());
+    }
+
+    #[test]
+    fn fused_lm_head_logprobs_and_gradients_equal_logits_then_token_logprobs() {
+        let dev = Device::Cpu;
+        let var = |shape: (usize, usize, usize)| {
+            candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (hidden, wte) = (var((2, 5, 8)), var((1, 37, 8)));
+        let cfg = Gpt2Config {
+            vocab_size: 37,
+            n_embd: 8,
+            n_positions: 8,
+            n_layer: 0,
+            n_head: 2,
+            ..Gpt2Config::gpt2_small()
+        };
+        let mut model = Gpt2 {
+            wte: wte.as_tensor().squeeze(0).unwrap(),
+            wpe: Tensor::zeros((8, 8), DType::F32, &dev).unwrap(),
+            blocks: vec![],
+            ln_f: candle_nn::layer_norm(8, 1e-5, candle_nn::VarBuilder::zeros(DType::F32, &dev))
+                .unwrap(),
+            config: cfg,
+            differentiable: true,
+        };
+        let ids = Tensor::from_vec(vec![0u32, 36, 5, 7, 9, 1, 2, 3, 30, 11], (2, 5), &dev).unwrap();
+        // Zero weights stand for padded positions.
+        let weight = Tensor::from_vec(
+            vec![1f32, -0.5, 2.0, 0.0, 1.0, 0.3, 0.0, 0.0, 1.5, 1.0],
+            (2, 5),
+            &dev,
+        )
+        .unwrap();
+        let run = |lp: Tensor| {
+            let g = (&lp * &weight)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let grads = [&hidden, &wte].map(|x| flat(g.get(x.as_tensor()).unwrap()));
+            (flat(&lp), grads)
+        };
+        let fused = run(model.target_logprobs(hidden.as_tensor(), &ids).unwrap());
+        let logits = model.lm_logits(hidden.as_tensor()).unwrap();
+        let plain = run(token_logprobs(&logits, &ids).unwrap());
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-5);
+        assert!(close(&fused.0, &plain.0), "log-probs");
+        for (i, name) in ["hidden", "wte"].iter().enumerate() {
+            assert!(close(&fused.1[i], &plain.1[i]), "d{name}");
+            assert!(fused.1[i].iter().any(|g| g.abs() > 1e-3), "d{name} is zero");
+        }
+        // Inference mode: the same values, no graph.
+        model.set_differentiable(false);
+        let lp = model.target_logprobs(hidden.as_tensor(), &ids).unwrap();
+        assert!(close(
+            &lp.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &plain.0
+        ));
+        let bad = Tensor::from_vec(vec![37u32; 10], (2, 5), &dev).unwrap();
+        assert!(model.target_logprobs(hidden.as_tensor(), &bad).is_err());
     }
 
     fn ids_of(r: &serde_json::Value) -> Vec<u32> {
