@@ -21,6 +21,7 @@ pub mod generate;
 pub mod gpt2;
 pub mod hub;
 pub mod ingest;
+pub mod kernels;
 pub mod loopback;
 pub mod meteor;
 pub mod metrics;

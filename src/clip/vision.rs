@@ -12,11 +12,14 @@
 //!   weights the bias as the matching column, so no separate broadcast pass runs.
 //! - quick_gelu `x·σ(1.702·x)` becomes one SiLU: fc1 is scaled by 1.702 at load time
 //!   (`z = 1.702·x`, `x·σ(1.702·x) = silu(z) / 1.702`) and fc2 by 1 / 1.702.
+//! - On the CPU, attention reads the heads straight from the QKV activations and writes them
+//!   merged ([`QkvAttention`]), and the SiLU runs in parallel ([`kernels::silu`]).
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::clip::model::HfClipConfig;
+use crate::kernels::{self, QkvAttention};
 
 struct EncoderLayer {
     norm1: LayerNorm,
@@ -208,9 +211,45 @@ impl VisionTower {
         observe: &mut dyn FnMut(&'static str) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let hidden = x.dim(1)?;
-        let (heads, head_dim) = (self.heads, hidden / self.heads);
         let qkv = self.linear_with_bias_column(&l.norm1.forward(x)?, &l.qkv_weight)?;
         observe("layer norm + qkv")?;
+        let cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+        let attended = if cpu {
+            let op = QkvAttention {
+                heads: self.heads,
+                scale: 1.0,
+                mask: None,
+            };
+            let attended = qkv
+                .reshape((n, tokens, 3 * hidden))?
+                .apply_op1_no_bwd(&op)?;
+            observe("attention")?;
+            attended.reshape((n * tokens, hidden))?
+        } else {
+            self.attention(&qkv, n, tokens, observe)?
+        };
+        let x = (x + linear(&attended, &l.out_weight, &l.out_bias)?)?;
+        observe("out proj + residual")?;
+        let z = self.linear_with_bias_column(&l.norm2.forward(&x)?, &l.fc1_weight)?;
+        observe("layer norm + fc1")?;
+        let h = if cpu { kernels::silu(&z)? } else { z.silu()? };
+        observe("quick_gelu (as silu)")?;
+        let out = (x + linear(&h, &l.fc2_weight, &l.fc2_bias)?)?;
+        observe("fc2 + residual")?;
+        Ok(out)
+    }
+
+    /// Multi-head attention of `qkv` `[n·tokens, 3·hidden]` (queries pre-scaled) with tensor
+    /// ops: heads split out, attended, merged back to `[n·tokens, hidden]`.
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        n: usize,
+        tokens: usize,
+        observe: &mut dyn FnMut(&'static str) -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = qkv.dim(1)? / 3;
+        let (heads, head_dim) = (self.heads, hidden / self.heads);
         let qkv = qkv
             .reshape((n, tokens, 3, heads, head_dim))?
             .permute((2, 0, 3, 1, 4))?;
@@ -226,15 +265,7 @@ impl VisionTower {
             .contiguous()?
             .reshape((n * tokens, hidden))?;
         observe("merge heads")?;
-        let x = (x + linear(&attended, &l.out_weight, &l.out_bias)?)?;
-        observe("out proj + residual")?;
-        let z = self.linear_with_bias_column(&l.norm2.forward(&x)?, &l.fc1_weight)?;
-        observe("layer norm + fc1")?;
-        let h = z.silu()?;
-        observe("quick_gelu (as silu)")?;
-        let out = (x + linear(&h, &l.fc2_weight, &l.fc2_bias)?)?;
-        observe("fc2 + residual")?;
-        Ok(out)
+        Ok(attended)
     }
 
     /// `x · wᵀ` for weights built by [`with_bias_column`]: the bias is added inside the GEMM.

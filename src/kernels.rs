@@ -1,0 +1,377 @@
+//! CPU kernels for what candle runs serially or through many full-size temporaries: parallel
+//! elementwise activations and attention computed straight from a fused QKV projection
+//! (GPT-2 training and inference, CLIP's vision tower), as candle custom ops.
+
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task of an elementwise op: large enough to amortise scheduling.
+pub(crate) const ELEMENTWISE_GRAIN: usize = 1 << 14;
+
+/// `f(a[i], b[i])` for equally long `a` and `b`, in parallel chunks of plain loops (which
+/// vectorise, unlike an element-wise parallel iterator).
+pub(crate) fn par_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(ELEMENTWISE_GRAIN)
+        .zip(a.par_chunks(ELEMENTWISE_GRAIN))
+        .zip(b.par_chunks(ELEMENTWISE_GRAIN))
+        .for_each(|((o, a), b)| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    out
+}
+
+/// The contiguous f32 elements of a CPU storage.
+pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("fused op: expected a contiguous f32 input"),
+    }
+}
+
+/// The contiguous u32 elements of a CPU storage.
+pub(crate) fn cpu_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::U32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("fused op: expected a contiguous u32 input"),
+    }
+}
+
+/// `x·σ(x)` (SiLU) of a contiguous f32 CPU tensor in one parallel pass, the same expression
+/// as candle's serial kernel; inference only.
+pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Silu)
+}
+
+struct Silu;
+
+impl candle_core::CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l)?;
+        let out = par_map(x, x, |v, _| v / (1.0 + (-v).exp()));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Causal self-attention straight from the fused projection: `qkv` `(b, t, 3·d)` (queries,
+/// keys, values side by side, heads `hd` wide within each) → `(b, t, d)` with the heads merged,
+/// on the CPU. Each (sequence, head) is a few small GEMMs on strided views of `qkv`, so the
+/// per-head copies (split, scale, merge) of the tensor-op composition are never made, and the
+/// backward recomputes the attention weights: a training graph keeps `qkv` and the output per
+/// layer instead of three more `(b, t, d)`-sized copies and the `(b, h, t, t)` weights.
+pub struct QkvAttention {
+    pub heads: usize,
+    /// Applied to the scores `q·kᵀ`.
+    pub scale: f32,
+    /// Additive mask `(b, 1, t, t)`, row-major; `None` lets every position see every other.
+    pub mask: Option<Vec<f32>>,
+}
+
+/// A strided f32 matrix for `gemm`: element `(i, j)` at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl View {
+    /// Row-major rows of `stride` elements starting at `at`.
+    pub(crate) fn rows(data: &[f32], at: usize, stride: usize) -> Self {
+        Self {
+            ptr: data[at..].as_ptr(),
+            rs: stride as isize,
+            cs: 1,
+        }
+    }
+
+    pub(crate) fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst (m × n, rows dst_rs apart) = beta · a (m × k) · b (k × n)`, single-threaded (callers
+/// run many of these in parallel).
+///
+/// # Safety
+/// The views must address `m × k` and `k × n` valid elements, and `dst` `m × n` writable ones
+/// that no other thread touches.
+pub(crate) unsafe fn small_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    a: View,
+    b: View,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl QkvAttention {
+    /// The attention weights of sequence `bi`, head `h` into `p` (`t × t`).
+    fn weights(&self, qkv: &[f32], bi: usize, h: usize, t: usize, d: usize, p: &mut [f32]) {
+        let hd = d / self.heads;
+        let base = bi * t * 3 * d;
+        let q = View::rows(qkv, base + h * hd, 3 * d);
+        let k = View::rows(qkv, base + d + h * hd, 3 * d);
+        // SAFETY: q and k address t rows of hd elements inside qkv; p holds t × t.
+        unsafe { small_gemm(t, t, hd, p.as_mut_ptr(), t, q, k.t(), self.scale) };
+        if let Some(mask) = &self.mask {
+            let mask = &mask[bi * t * t..(bi + 1) * t * t];
+            p.iter_mut().zip(mask).for_each(|(x, &m)| *x += m);
+        }
+        for row in p.chunks_mut(t) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+
+    /// `(b, t, d)` from the `(b, t, 3·d)` layout of `shape`.
+    fn dims(&self, shape: &Shape) -> candle_core::Result<(usize, usize, usize)> {
+        let (b, t, d3) = shape.dims3()?;
+        let d = d3 / 3;
+        let masked = self.mask.as_ref().map_or(b * t * t, Vec::len);
+        if d3 % 3 != 0 || d % self.heads != 0 || masked != b * t * t {
+            candle_core::bail!(
+                "qkv attention: bad shape {shape:?} for {} heads",
+                self.heads
+            );
+        }
+        Ok((b, t, d))
+    }
+}
+
+impl candle_core::CustomOp1 for QkvAttention {
+    fn name(&self) -> &'static str {
+        "qkv-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = cpu_f32(s, l)?;
+        let (b, t, d) = self.dims(l.shape())?;
+        let hd = d / self.heads;
+        let mut out = vec![0f32; b * t * d];
+        out.par_chunks_mut(t * d).enumerate().for_each(|(bi, out)| {
+            let mut p = vec![0f32; t * t];
+            for h in 0..self.heads {
+                self.weights(qkv, bi, h, t, d, &mut p);
+                let v = View::rows(qkv, bi * t * 3 * d + 2 * d + h * hd, 3 * d);
+                let pv = View::rows(&p, 0, t);
+                // SAFETY: this task owns `out` (sequence bi); head h writes its hd columns.
+                unsafe { small_gemm(t, hd, t, out[h * hd..].as_mut_ptr(), d, pv, v, 1.0) };
+            }
+        });
+        Ok((CpuStorage::F32(out), (b, t, d).into()))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let g = qkv.apply_op3_no_bwd(out, &grad, &QkvAttentionGrad(self))?;
+        Ok(Some(g))
+    }
+}
+
+/// The gradient of [`QkvAttention`] with respect to `qkv`, from `qkv`, the output and its
+/// gradient.
+struct QkvAttentionGrad<'a>(&'a QkvAttention);
+
+impl candle_core::CustomOp3 for QkvAttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "qkv-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let att = self.0;
+        let (qkv, out, grad) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (b, t, d) = att.dims(l1.shape())?;
+        if out.len() != b * t * d || grad.len() != out.len() {
+            candle_core::bail!("qkv attention backward: output or gradient of the wrong size");
+        }
+        let hd = d / att.heads;
+        let mut dqkv = vec![0f32; b * t * 3 * d];
+        dqkv.par_chunks_mut(t * 3 * d)
+            .enumerate()
+            .for_each(|(bi, dqkv)| {
+                let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
+                let base = bi * t * 3 * d;
+                for h in 0..att.heads {
+                    att.weights(qkv, bi, h, t, d, &mut p);
+                    let at = bi * t * d + h * hd;
+                    let g = View::rows(grad, at, d);
+                    let q = View::rows(qkv, base + h * hd, 3 * d);
+                    let k = View::rows(qkv, base + d + h * hd, 3 * d);
+                    let v = View::rows(qkv, base + 2 * d + h * hd, 3 * d);
+                    let (pv, dsv) = (View::rows(&p, 0, t), View::rows(&ds, 0, t));
+                    // SAFETY: all views lie inside their buffers; this task owns `dqkv` (sequence
+                    // bi) and head h writes only its hd columns of each third.
+                    unsafe {
+                        small_gemm(
+                            t,
+                            hd,
+                            t,
+                            dqkv[2 * d + h * hd..].as_mut_ptr(),
+                            3 * d,
+                            pv.t(),
+                            g,
+                            1.0,
+                        );
+                        small_gemm(t, t, hd, ds.as_mut_ptr(), t, g, v.t(), 1.0);
+                    }
+                    // Softmax backward: ds = p ⊙ (dp − Σ_j dp_j·p_j), where Σ_j dp_j·p_j = g·out.
+                    for i in 0..t {
+                        let row = at + i * d;
+                        let dot: f32 = grad[row..row + hd]
+                            .iter()
+                            .zip(&out[row..row + hd])
+                            .map(|(g, o)| g * o)
+                            .sum();
+                        for (x, &pp) in ds[i * t..(i + 1) * t]
+                            .iter_mut()
+                            .zip(&p[i * t..(i + 1) * t])
+                        {
+                            *x = pp * (*x - dot);
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe {
+                        small_gemm(
+                            t,
+                            hd,
+                            t,
+                            dqkv[h * hd..].as_mut_ptr(),
+                            3 * d,
+                            dsv,
+                            k,
+                            att.scale,
+                        );
+                        small_gemm(
+                            t,
+                            hd,
+                            t,
+                            dqkv[d + h * hd..].as_mut_ptr(),
+                            3 * d,
+                            dsv.t(),
+                            q,
+                            att.scale,
+                        );
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    #[test]
+    fn parallel_silu_equals_candles() {
+        let x = (Tensor::randn(0f32, 1.0, (3, 40_000), &Device::Cpu).unwrap() * 6.0).unwrap();
+        let ours = silu(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let theirs = x
+            .silu()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn unmasked_qkv_attention_equals_softmax_attention() {
+        let (b, heads, t, hd) = (3, 2, 7, 4);
+        let d = heads * hd;
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &Device::Cpu).unwrap();
+        let op = QkvAttention {
+            heads,
+            scale: 0.3,
+            mask: None,
+        };
+        let ours = qkv.apply_op1_no_bwd(&op).unwrap();
+        let split = |i: usize| {
+            qkv.narrow(2, i * d, d)
+                .unwrap()
+                .reshape((b, t, heads, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(0), split(1), split(2));
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * 0.3).unwrap();
+        let att = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
+        let theirs = att.matmul(&v).unwrap().transpose(1, 2).unwrap();
+        let theirs = theirs.reshape((b, t, d)).unwrap();
+        let worst = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(worst < 1e-5, "max abs difference {worst}");
+    }
+}
