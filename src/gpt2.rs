@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
-use crate::kernels::{cpu_f32, cpu_u32, par_map, QkvAttention};
+use crate::kernels::{cpu_f32, cpu_u32, exp_fast, par_map, QkvAttention};
 
 /// `config.json` of a Hugging Face GPT-2 (the keys that change the computation).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -934,7 +934,7 @@ impl candle_core::CustomOp3 for LmHeadLogprob {
                 return;
             }
             for x in row.iter_mut() {
-                *x = -g * (*x - lse).exp();
+                *x = -g * exp_fast(*x - lse);
             }
             row[ids[r] as usize] += g;
         });
@@ -970,7 +970,7 @@ fn into_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
 /// Row maximum and log-sum-exp of one row of logits.
 fn row_lse(row: &[f32]) -> (f32, f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    let sum: f32 = row.iter().map(|&x| exp_fast(x - max)).sum();
     (max, max + sum.ln())
 }
 
