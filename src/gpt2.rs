@@ -307,6 +307,7 @@ const GELU_CUBIC: f32 = 0.044_715;
 /// tanh is 1 within f32 rounding), with the minimax coefficients Eigen uses for its float
 /// tanh. Branch-free, so loops over it vectorise; NaN stays NaN.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // the coefficients as published
 fn tanh_rational(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;
     const P: [f32; 7] = [

@@ -142,6 +142,7 @@ impl View {
 /// # Safety
 /// The views must address `m × k` and `k × n` valid elements, and `dst` `m × n` writable ones
 /// that no other thread touches.
+#[allow(clippy::too_many_arguments)] // a BLAS call's shape, strides and scale
 pub(crate) unsafe fn small_gemm(
     m: usize,
     n: usize,
