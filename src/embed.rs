@@ -531,14 +531,23 @@ pub fn embed_images_into(
     let cap = cfg.run.channel_capacity.max(1);
     let batch = cfg.embed.batch_size.max(1);
     let dim = model.dim();
-    let (job_tx, job_rx) = bounded::<(usize, usize, Vec<u8>)>(cap);
+    // Image `i` of the stream goes to worker `i mod w` and the model thread takes results back
+    // in the same rotation: batches are then the same whatever order the workers finish in
+    // (a GEMM's rounding can depend on how many rows it is given), with no reorder buffer.
+    let workers = cfg.run.worker_threads().max(1);
+    let (job_txs, job_rxs): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| bounded::<(usize, usize, Vec<u8>)>(cap.div_ceil(workers)))
+        .unzip();
     let (meta_tx, meta_rx) = bounded::<(usize, Vec<String>, u64)>(cap);
     // Preprocessed pixels are large (600 KiB at 224 px): keep about two batches in flight.
-    let (prep_tx, prep_rx) = bounded::<Prepared>(cap.min(2 * batch));
+    let in_flight = cap.min(2 * batch).div_ceil(workers);
+    let (prep_txs, prep_rxs): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| bounded::<Prepared>(in_flight)).unzip();
     let (out_tx, out_rx) = bounded::<Embedded>(cap);
     let preprocess = model.preprocess.clone();
     let outcome = std::thread::scope(|scope| -> Result<(u64, u64)> {
         let reader = scope.spawn(move || -> Result<()> {
+            let mut next_worker = (0..workers).cycle();
             for unit in 0..units.len() {
                 let (rows, skipped) = units.load(unit)?;
                 let keys = rows.iter().map(|(k, _)| k.clone()).collect();
@@ -546,15 +555,16 @@ pub fn embed_images_into(
                     return Ok(());
                 }
                 for (row, (_, bytes)) in rows.into_iter().enumerate() {
-                    if job_tx.send((unit, row, bytes)).is_err() {
+                    let w = next_worker.next().unwrap_or(0);
+                    if job_txs[w].send((unit, row, bytes)).is_err() {
                         return Ok(());
                     }
                 }
             }
             Ok(())
         });
-        for _ in 0..cfg.run.worker_threads() {
-            let (rx, tx, pre) = (job_rx.clone(), prep_tx.clone(), preprocess.clone());
+        for (rx, tx) in job_rxs.into_iter().zip(prep_txs) {
+            let pre = preprocess.clone();
             scope.spawn(move || {
                 for (unit, row, bytes) in rx {
                     let pixels = preprocess_bytes(&bytes, &pre).map_err(|e| e.to_string());
@@ -564,9 +574,8 @@ pub fn embed_images_into(
                 }
             });
         }
-        drop((job_rx, prep_tx));
         let writer = scope.spawn(move || write_entries(cache, units, meta_rx, out_rx, dim));
-        let computed = run_model(model, prep_rx, out_tx, batch, &progress);
+        let computed = run_model(model, &prep_rxs, out_tx, batch, &progress);
         let panicked = |what: &str| Error::Stage {
             stage: "embed".into(),
             message: format!("the {what} thread panicked"),
@@ -585,26 +594,26 @@ pub fn embed_images_into(
     outcome
 }
 
-/// The model thread: gathers up to `batch` prepared images (without waiting once some are
-/// ready), runs them through CLIP, and passes each embedding on.
+/// The model thread: takes the prepared images back from the workers in stream order (image
+/// `i` from worker `i mod w`), runs them through CLIP `batch` at a time, and passes each
+/// embedding on.
 fn run_model(
     model: &ClipEmbedder,
-    prepared: Receiver<Prepared>,
+    prepared: &[Receiver<Prepared>],
     out: Sender<Embedded>,
     batch: usize,
     progress: &Progress,
 ) -> Result<()> {
     let dim = model.dim();
+    let mut from = prepared.iter().cycle();
     loop {
-        let Ok(first) = prepared.recv() else {
+        let items: Vec<Prepared> = from
+            .by_ref()
+            .take(batch)
+            .map_while(|rx| rx.recv().ok())
+            .collect();
+        if items.is_empty() {
             return Ok(());
-        };
-        let mut items = vec![first];
-        while items.len() < batch {
-            match prepared.try_recv() {
-                Ok(p) => items.push(p),
-                Err(_) => break,
-            }
         }
         let per_image = items
             .iter()

@@ -239,6 +239,50 @@ fn cached_rows_are_the_model_outputs_of_their_keys() {
     assert_eq!(rows as u64, images[0].manifest.rows);
 }
 
+/// Image batches are fixed by stream position, not by which decode worker finishes first, so
+/// the cached numbers are bit-identical whatever the worker count and timing (a GEMM's
+/// rounding can depend on its row count).
+#[test]
+fn image_embeddings_are_bit_identical_across_worker_counts() {
+    let embed_with = |workers: usize| {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = small_config();
+        cfg.run.workers = workers;
+        cfg.embed.batch_size = 64;
+        cfg.ingest.synthetic.train_images = 192;
+        cfg.ingest.synthetic.shard_size = 64;
+        ingest::run(&cfg, tmp.path(), &IngestOptions::default()).unwrap();
+        embed::run(&cfg, tmp.path(), None).unwrap();
+        let mut all = Vec::new();
+        for (ds, split) in [
+            ("synthetic", "train"),
+            ("synthetic", "val"),
+            ("synthetic_stories", "train"),
+        ] {
+            for entry in embed::split_features(&cfg, tmp.path(), ds, split, "image").unwrap() {
+                let table = entry.open().unwrap();
+                all.push((table.keys(), table.embeddings()));
+            }
+        }
+        all
+    };
+    let one = embed_with(1);
+    assert!(one.iter().map(|(k, _)| k.len()).sum::<usize>() >= 40);
+    for workers in [2, 3] {
+        let other = embed_with(workers);
+        assert_eq!(one.len(), other.len());
+        for ((ka, ea), (kb, eb)) in one.iter().zip(&other) {
+            assert_eq!(ka, kb);
+            let same = ea.iter().zip(eb).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{workers} workers changed the embeddings of {:?}",
+                ka[0]
+            );
+        }
+    }
+}
+
 #[test]
 fn trainers_get_a_clear_error_when_features_are_missing_or_stale() {
     let tmp = tempfile::tempdir().unwrap();
