@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clip::model::{ClipEmbedder, ClipModelFiles, HfClipConfig};
 use crate::clip::preprocess::{preprocess_bytes, ClipPreprocessConfig};
+use crate::clip::pretrain::PretrainConfig;
 use crate::clip::tiny::{ensure_tiny_clip, TinyClipSpec};
 use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
@@ -61,6 +62,8 @@ pub struct EmbedConfig {
     pub batch_size: usize,
     /// With `--gpu` on a binary without CUDA: run on the CPU instead of failing.
     pub cpu_fallback: bool,
+    /// Contrastive pretraining of the embedded tiny CLIP (`model = "tiny"` only).
+    pub tiny_pretrain: PretrainConfig,
 }
 
 impl Default for EmbedConfig {
@@ -79,6 +82,7 @@ impl Default for EmbedConfig {
             cache_dtype: CacheDtype::F32,
             batch_size: 64,
             cpu_fallback: false,
+            tiny_pretrain: PretrainConfig::default(),
         }
     }
 }
@@ -161,6 +165,7 @@ pub fn model_files(cfg: &Config, workdir: &Path) -> Result<ClipModelFiles> {
         let dir = workdir.join("cache").join("models").join("tiny-clip-v1");
         let spec = TinyClipSpec {
             seed: cfg.run.seed,
+            pretrain: cfg.embed.tiny_pretrain.clone(),
             ..TinyClipSpec::default()
         };
         return ClipModelFiles::from_dir(&ensure_tiny_clip(&dir, &spec)?);

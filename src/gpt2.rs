@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
-use crate::kernels::{cpu_f32, cpu_u32, exp_fast, par_map, QkvAttention};
+use crate::kernels::{activate, cpu_f32, cpu_u32, exp_fast, Activation, QkvAttention};
 
 /// `config.json` of a Hugging Face GPT-2 (the keys that change the computation).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -294,7 +294,7 @@ impl candle_core::CustomOp1 for SoftmaxOp {
 /// serial `powf` and `tanh`, together about a sixth of a GPT-2 training step on two cores.
 fn gelu_new(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(GeluNewOp)
+        activate::<GeluNew>(x)
     } else {
         x.gelu()
     }
@@ -332,59 +332,21 @@ fn tanh_rational(x: f32) -> f32 {
     x * p / q
 }
 
-fn gelu_new_value(x: f32) -> f32 {
-    0.5 * x * (1.0 + tanh_rational(SQRT_TWO_OVER_PI * x * (1.0 + GELU_CUBIC * x * x)))
-}
+/// `gelu_new` for [`kernels::activate`].
+struct GeluNew;
 
-/// d gelu_new / dx = ½(1 + t) + ½·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²), t the tanh above.
-fn gelu_new_slope(x: f32) -> f32 {
-    let t = tanh_rational(SQRT_TWO_OVER_PI * x * (1.0 + GELU_CUBIC * x * x));
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
-}
+impl Activation for GeluNew {
+    const NAME: &'static str = "gelu-new";
 
-struct GeluNewOp;
-
-impl candle_core::CustomOp1 for GeluNewOp {
-    fn name(&self) -> &'static str {
-        "gelu-new"
+    fn value(x: f32) -> f32 {
+        0.5 * x * (1.0 + tanh_rational(SQRT_TWO_OVER_PI * x * (1.0 + GELU_CUBIC * x * x)))
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s, l)?;
-        let out = par_map(x, x, |v, _| gelu_new_value(v));
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluNewGrad)?))
-    }
-}
-
-/// `g · gelu_new'(x)` in one pass.
-struct GeluNewGrad;
-
-impl candle_core::CustomOp2 for GeluNewGrad {
-    fn name(&self) -> &'static str {
-        "gelu-new-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, g) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?);
-        if x.len() != g.len() {
-            candle_core::bail!(
-                "gelu_new backward: {} inputs, {} gradients",
-                x.len(),
-                g.len()
-            );
-        }
-        let out = par_map(x, g, |v, g| g * gelu_new_slope(v));
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    /// ½(1 + t) + ½·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²), t the tanh above.
+    fn slope(x: f32) -> f32 {
+        let t = tanh_rational(SQRT_TWO_OVER_PI * x * (1.0 + GELU_CUBIC * x * x));
+        0.5 * (1.0 + t)
+            + 0.5 * x * (1.0 - t * t) * SQRT_TWO_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
     }
 }
 

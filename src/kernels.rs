@@ -2,6 +2,8 @@
 //! elementwise activations and attention computed straight from a fused QKV projection
 //! (GPT-2 training and inference, CLIP's vision tower), as candle custom ops.
 
+use std::marker::PhantomData;
+
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -72,6 +74,88 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
         0.0
     } else {
         p * scale
+    }
+}
+
+/// An elementwise activation with its derivative, for [`activate`].
+pub(crate) trait Activation: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn value(x: f32) -> f32;
+    /// `d value / dx` at `x`.
+    fn slope(x: f32) -> f32;
+}
+
+/// `A` applied to a contiguous f32 CPU tensor in one parallel, vectorised pass, with a
+/// one-pass backward that needs only the input.
+pub(crate) fn activate<A: Activation>(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Pointwise::<A>(PhantomData))
+}
+
+struct Pointwise<A>(PhantomData<A>);
+
+impl<A: Activation> candle_core::CustomOp1 for Pointwise<A> {
+    fn name(&self) -> &'static str {
+        A::NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l)?;
+        let out = par_map(x, x, |v, _| A::value(v));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = PointwiseGrad::<A>(PhantomData);
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &grad)?))
+    }
+}
+
+/// `g · A'(x)` in one pass.
+struct PointwiseGrad<A>(PhantomData<A>);
+
+impl<A: Activation> candle_core::CustomOp2 for PointwiseGrad<A> {
+    fn name(&self) -> &'static str {
+        "activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, g) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?);
+        if x.len() != g.len() {
+            candle_core::bail!(
+                "{} backward: {} inputs, {} gradients",
+                A::NAME,
+                x.len(),
+                g.len()
+            );
+        }
+        let out = par_map(x, g, |v, g| g * A::slope(v));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// CLIP's `quick_gelu`, `x·σ(1.702·x)`.
+pub(crate) struct QuickGelu;
+
+/// quick_gelu's sigmoid slope.
+pub(crate) const QUICK_GELU_SLOPE: f32 = 1.702;
+
+impl Activation for QuickGelu {
+    const NAME: &'static str = "quick-gelu";
+
+    fn value(x: f32) -> f32 {
+        x / (1.0 + exp_fast(-QUICK_GELU_SLOPE * x))
+    }
+
+    /// `σ + 1.702·x·σ·(1 − σ)` with `σ = σ(1.702·x)`.
+    fn slope(x: f32) -> f32 {
+        let s = 1.0 / (1.0 + exp_fast(-QUICK_GELU_SLOPE * x));
+        s + QUICK_GELU_SLOPE * x * s * (1.0 - s)
     }
 }
 

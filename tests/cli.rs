@@ -98,6 +98,10 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
             "ingest.synthetic.train_images=16",
             "--set",
             "ingest.synthetic.val_images=8",
+            "--set",
+            "embed.tiny_pretrain.steps=3",
+            "--set",
+            "embed.tiny_pretrain.batch_size=8",
         ],
         dir.path(),
     );

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use prefcap::records::{MetricRow, PreferencePair};
 use prefcap::shard::{read_parquet, write_parquet, ShardSet};
 
-const SMALL: [&str; 10] = [
+const SMALL: [&str; 12] = [
     "--set",
     "ingest.synthetic.train_images=64",
     "--set",
@@ -22,6 +22,8 @@ const SMALL: [&str; 10] = [
     "train_dpo.epochs=6",
     "--set",
     "train_orpo.epochs=2",
+    "--set",
+    "embed.tiny_pretrain.steps=0",
 ];
 
 fn reference_files(work: &Path) -> Vec<PathBuf> {

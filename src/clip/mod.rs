@@ -3,5 +3,6 @@
 
 pub mod model;
 pub mod preprocess;
+pub mod pretrain;
 pub mod tiny;
 pub mod vision;

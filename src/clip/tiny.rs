@@ -17,6 +17,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer, TokenizerImpl};
 
+use crate::clip::model::ClipModelFiles;
+use crate::clip::pretrain::{pretrain, PretrainConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::ingest::synthetic::{
     self, Change, Colour, Direction, Relation, Scene, Shape, ShapeKind,
@@ -43,6 +45,8 @@ pub struct TinyClipSpec {
     pub vocab_size: usize,
     /// Rows of the token embedding when larger than the trained vocabulary (real-size shapes).
     pub text_vocab_rows: Option<usize>,
+    /// Contrastive pretraining on rendered scenes after the random initialisation.
+    pub pretrain: PretrainConfig,
 }
 
 impl TinyClipSpec {
@@ -62,6 +66,7 @@ impl TinyClipSpec {
             max_positions: 77,
             vocab_size: 400,
             text_vocab_rows: Some(49408),
+            pretrain: PretrainConfig::default(),
         }
     }
 }
@@ -82,6 +87,7 @@ impl Default for TinyClipSpec {
             max_positions: 32,
             vocab_size: 400,
             text_vocab_rows: None,
+            pretrain: PretrainConfig::default(),
         }
     }
 }
@@ -156,6 +162,15 @@ pub fn ensure_tiny_clip(dir: &Path, spec: &TinyClipSpec) -> Result<PathBuf> {
     });
     write_json(&dir.join("preprocessor_config.json"), &preprocessor)?;
     write_weights(&dir.join("model.safetensors"), spec, vocab)?;
+    let summary_path = dir.join("pretrain.json");
+    if spec.pretrain.steps > 0 {
+        let summary = pretrain(&ClipModelFiles::from_dir(dir)?, &spec.pretrain, spec.seed)?;
+        let value = serde_json::to_value(&summary)
+            .map_err(|e| Error::Config(format!("pretraining summary: {e}")))?;
+        write_json(&summary_path, &value)?;
+    } else if summary_path.exists() {
+        std::fs::remove_file(&summary_path).at(&summary_path)?;
+    }
     write_atomic(&stamp_path, stamp.as_bytes())?;
     Ok(dir.to_path_buf())
 }
@@ -418,7 +433,7 @@ pub fn save_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clip::model::{ClipEmbedder, ClipModelFiles};
+    use crate::clip::model::ClipEmbedder;
     use candle_core::{DType, Device};
 
     fn small() -> TinyClipSpec {

@@ -38,7 +38,7 @@ struct EncoderLayer {
 /// Width of the constant column block that carries the biases through the GEMMs.
 const BIAS_BLOCK: usize = 8;
 /// quick_gelu's sigmoid slope.
-const QUICK_GELU: f64 = 1.702;
+const QUICK_GELU: f64 = kernels::QUICK_GELU_SLOPE as f64;
 
 /// `[w | b | 0 …]`: `w` `[out, in]` with the bias as column `in`, zero-padded to
 /// `in + BIAS_BLOCK` columns.

@@ -743,7 +743,8 @@ fn random_scene(rng: &mut SplitMix64) -> Scene {
     }
 }
 
-fn random_layout(rng: &mut SplitMix64) -> Layout {
+/// A random scene placed at random (the generator of every training image).
+pub fn random_layout(rng: &mut SplitMix64) -> Layout {
     let scene = random_scene(rng);
     let near_far = (uniform(rng, NEAR), uniform(rng, FAR));
     let across = (uniform(rng, ACROSS), uniform(rng, ACROSS));
