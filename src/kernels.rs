@@ -77,6 +77,93 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     }
 }
 
+/// `x · wᵀ + b` for `x` `(n, k)`, `w` `(m, k)` (`nn.Linear`'s layout) and `b` `(m,)`,
+/// differentiably. On the CPU one GEMM accumulates onto the broadcast bias, and the backward
+/// is three GEMMs (`dx = g·w`, `dw = gᵀ·x`, `db = 1ᵀ·g`); the composition's bias gradient is a
+/// strided, serial column sum over all `n` rows.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == candle_core::DType::F32) {
+        return x.matmul(&w.t()?)?.broadcast_add(b);
+    }
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearT)
+}
+
+struct LinearT;
+
+impl candle_core::CustomOp3 for LinearT {
+    fn name(&self) -> &'static str {
+        "linear-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let ((n, k), (m, kw)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != kw || b.len() != m {
+            candle_core::bail!("linear: x {n}x{k}, w {m}x{kw}, b {}", b.len());
+        }
+        let mut out = vec![0f32; n * m];
+        out.par_chunks_mut(m.max(1))
+            .for_each(|row| row.copy_from_slice(b));
+        let threads = candle_core::utils::get_num_threads();
+        // SAFETY: x is n × k row-major, w is m × k read transposed (k × m), out n × m.
+        unsafe {
+            gemm::gemm(
+                n,
+                m,
+                k,
+                out.as_mut_ptr(),
+                1,
+                m as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            )
+        };
+        Ok((CpuStorage::F32(out), (n, m).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), grad.detach().contiguous()?);
+        let n = g.dim(0)?;
+        let dx = g.matmul(&w)?;
+        let dw = g.t()?.matmul(&x)?;
+        let db = Tensor::ones((1, n), g.dtype(), g.device())?
+            .matmul(&g)?
+            .squeeze(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
 /// An elementwise activation with its derivative, for [`activate`].
 pub(crate) trait Activation: Send + Sync + 'static {
     const NAME: &'static str;
@@ -501,5 +588,71 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(worst < 1e-5, "max abs difference {worst}");
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The fused linear op and its three gradients equal candle's `x·wᵀ + b` composition.
+    #[test]
+    fn fused_linear_and_its_gradients_equal_the_composition() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::randn(0f32, 1.0, (37, 12), &dev).unwrap();
+        let w = candle_core::Var::randn(0f32, 1.0, (9, 12), &dev).unwrap();
+        let b = candle_core::Var::randn(0f32, 1.0, 9, &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (37, 9), &dev).unwrap();
+        let ours = linear(x.as_tensor(), w.as_tensor(), &b).unwrap();
+        let theirs = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(max_abs(&ours, &theirs) < 1e-5);
+        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let (a, c) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert_eq!(a.dims(), c.dims());
+            assert!(
+                max_abs(a, c) < 1e-4,
+                "gradient differs by {}",
+                max_abs(a, c)
+            );
+        }
+    }
+
+    /// quick_gelu's value and slope against `x·σ(1.702·x)` and a central difference.
+    #[test]
+    fn quick_gelu_value_and_slope() {
+        for i in -400..=400 {
+            let x = i as f32 * 0.025;
+            let want = f64::from(x) / (1.0 + (-1.702 * f64::from(x)).exp());
+            assert!(
+                (f64::from(QuickGelu::value(x)) - want).abs() < 1e-6,
+                "value at {x}"
+            );
+            let h = 1e-3f64;
+            let f = |x: f64| x / (1.0 + (-1.702 * x).exp());
+            let slope = (f(f64::from(x) + h) - f(f64::from(x) - h)) / (2.0 * h);
+            assert!(
+                (f64::from(QuickGelu::slope(x)) - slope).abs() < 1e-5,
+                "slope at {x}"
+            );
+        }
     }
 }

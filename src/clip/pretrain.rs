@@ -27,7 +27,7 @@ use crate::clip::tiny::save_safetensors;
 use crate::error::{Error, Result};
 use crate::gpt2::train_norm;
 use crate::ingest::synthetic::{self, Scene};
-use crate::kernels::{activate, QkvAttention, QuickGelu};
+use crate::kernels::{self, activate, QkvAttention, QuickGelu};
 use crate::progress::Progress;
 use crate::rng::SplitMix64;
 use crate::train::{clip_and_step, grad_norm, lr_at, AdamW, TrainConfig};
@@ -121,8 +121,11 @@ impl Params {
 
     /// `x · wᵀ + b` on 2-D activations, with `name.weight` and `name.bias`.
     fn linear(&self, x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
-        x.matmul(&self.get(&format!("{name}.weight"))?.t()?)?
-            .broadcast_add(&self.get(&format!("{name}.bias"))?)
+        kernels::linear(
+            x,
+            &self.get(&format!("{name}.weight"))?,
+            &self.get(&format!("{name}.bias"))?,
+        )
     }
 }
 
@@ -157,10 +160,7 @@ fn encoder(
         )?;
         let normed = train_norm(&x, &layer_norm(params, &format!("{p}.layer_norm1"), eps)?)?
             .reshape((b * t, h))?;
-        let qkv = normed
-            .matmul(&qkv_w.t()?)?
-            .broadcast_add(&qkv_b)?
-            .reshape((b, t, 3 * h))?;
+        let qkv = kernels::linear(&normed, &qkv_w, &qkv_b)?.reshape((b, t, 3 * h))?;
         let heads_out = qkv.contiguous()?.apply_op1(QkvAttention {
             heads,
             scale,
