@@ -14,7 +14,10 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
-use crate::kernels::{activate, cpu_f32, cpu_u32, exp_fast, Activation, QkvAttention};
+use crate::kernels::{
+    activate, cpu_f32, cpu_u32, exp_fast, linear, par_gemm, Activation, QkvAttention, View,
+    WeightLayout,
+};
 
 /// `config.json` of a Hugging Face GPT-2 (the keys that change the computation).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -134,52 +137,8 @@ impl Conv1D {
         let k = dims[dims.len() - 1];
         let mut out = dims.to_vec();
         *out.last_mut().expect("rank ≥ 1") = self.weight.dim(1)?;
-        x.contiguous()?
-            .reshape((x.elem_count() / k.max(1), k))?
-            .apply_op3(&self.weight, &self.bias, LinearOp)?
-            .reshape(out)
-    }
-}
-
-/// `x (rows, k) · w (k, n) + b (n,)`, differentiable, on the CPU.
-struct LinearOp;
-
-impl candle_core::CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            cpu_tensor(s1, l1)?,
-            cpu_tensor(s2, l2)?,
-            cpu_tensor(s3, l3)?,
-        );
-        let out = x.matmul(&w)?.broadcast_add(&b)?;
-        into_storage(&out)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, w, g) = (x.detach(), w.detach(), grad.detach().contiguous()?);
-        let dx = g.matmul(&w.t()?)?;
-        let dw = x.t()?.matmul(&g)?;
-        let db = g.sum(0)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let rows = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
+        linear(&rows, &self.weight, &self.bias, WeightLayout::InOut)?.reshape(out)
     }
 }
 
@@ -827,33 +786,17 @@ impl candle_core::CustomOp3 for LmHeadLogprob {
             );
         }
         let mut logits = vec![0f32; n * v];
-        let threads = candle_core::utils::get_num_threads();
         // SAFETY: hidden is n × d, wte is v × d (read transposed), logits n × v.
         unsafe {
-            gemm::gemm(
+            par_gemm(
                 n,
                 v,
                 d,
                 logits.as_mut_ptr(),
-                1,
-                v as isize,
+                v,
                 false,
-                hidden.as_ptr(),
-                1,
-                d as isize,
-                wte.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                if threads > 1 {
-                    gemm::Parallelism::Rayon(threads)
-                } else {
-                    gemm::Parallelism::None
-                },
+                View::rows(hidden, 0, d),
+                View::rows(wte, 0, d).t(),
             )
         };
         let lse: Vec<f32> = logits.par_chunks(v).map(|row| row_lse(row).1).collect();
@@ -915,19 +858,6 @@ fn par_rows(n: usize, d: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<
         .enumerate()
         .for_each(|(i, row)| fill(i, row));
     out
-}
-
-/// A tensor holding a copy of an op's f32 input, for ops computed with candle's own kernels.
-fn cpu_tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    Tensor::from_slice(cpu_f32(s, l)?, l.shape(), &Device::Cpu)
-}
-
-/// An op's result from a tensor computed with candle's own kernels.
-fn into_storage(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
-    Ok((
-        CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?),
-        t.shape().clone(),
-    ))
 }
 
 /// Row maximum and log-sum-exp of one row of logits.

@@ -77,19 +77,37 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     }
 }
 
-/// `x · wᵀ + b` for `x` `(n, k)`, `w` `(m, k)` (`nn.Linear`'s layout) and `b` `(m,)`,
-/// differentiably. On the CPU one GEMM accumulates onto the broadcast bias, and the backward
-/// is three GEMMs (`dx = g·w`, `dw = gᵀ·x`, `db = 1ᵀ·g`); the composition's bias gradient is a
-/// strided, serial column sum over all `n` rows.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == candle_core::DType::F32) {
-        return x.matmul(&w.t()?)?.broadcast_add(b);
-    }
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearT)
+/// How a linear layer stores its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `(out, in)`, as `nn.Linear` (CLIP).
+    OutIn,
+    /// `(in, out)`, as GPT-2's `Conv1D`.
+    InOut,
 }
 
-struct LinearT;
+/// `x · W + b` for `x` `(n, k)`, the weight `w` stored as `layout` says and `b` `(m,)`,
+/// differentiably. On the CPU one GEMM accumulates onto the broadcast bias, and the backward
+/// is three GEMMs (`dx`, `dw`, and `db = 1ᵀ·g`); the composition keeps the product before the
+/// bias too, and its bias gradient is a strided, serial column sum over all `n` rows.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    layout: WeightLayout,
+) -> candle_core::Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == candle_core::DType::F32) {
+        let w = match layout {
+            WeightLayout::OutIn => w.t()?,
+            WeightLayout::InOut => w.clone(),
+        };
+        return x.matmul(&w)?.broadcast_add(b);
+    }
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearT(layout))
+}
+
+struct LinearT(WeightLayout);
 
 impl candle_core::CustomOp3 for LinearT {
     fn name(&self) -> &'static str {
@@ -106,42 +124,28 @@ impl candle_core::CustomOp3 for LinearT {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
-        let ((n, k), (m, kw)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (n, k) = l1.shape().dims2()?;
+        let (m, kw) = match (self.0, l2.shape().dims2()?) {
+            (WeightLayout::OutIn, (m, kw)) | (WeightLayout::InOut, (kw, m)) => (m, kw),
+        };
         if k != kw || b.len() != m {
-            candle_core::bail!("linear: x {n}x{k}, w {m}x{kw}, b {}", b.len());
+            candle_core::bail!(
+                "linear: x {n}x{k}, w {:?} {:?}, b {}",
+                self.0,
+                l2.dims(),
+                b.len()
+            );
         }
+        // The weight as the k × m right-hand side.
+        let rhs = match self.0 {
+            WeightLayout::OutIn => View::rows(w, 0, k).t(),
+            WeightLayout::InOut => View::rows(w, 0, m),
+        };
         let mut out = vec![0f32; n * m];
         out.par_chunks_mut(m.max(1))
             .for_each(|row| row.copy_from_slice(b));
-        let threads = candle_core::utils::get_num_threads();
-        // SAFETY: x is n × k row-major, w is m × k read transposed (k × m), out n × m.
-        unsafe {
-            gemm::gemm(
-                n,
-                m,
-                k,
-                out.as_mut_ptr(),
-                1,
-                m as isize,
-                true,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                if threads > 1 {
-                    gemm::Parallelism::Rayon(threads)
-                } else {
-                    gemm::Parallelism::None
-                },
-            )
-        };
+        // SAFETY: x is n × k row-major, rhs addresses k × m elements of w, out is n × m.
+        unsafe { par_gemm(n, m, k, out.as_mut_ptr(), m, true, View::rows(x, 0, k), rhs) };
         Ok((CpuStorage::F32(out), (n, m).into()))
     }
 
@@ -155,8 +159,10 @@ impl candle_core::CustomOp3 for LinearT {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, w, g) = (x.detach(), w.detach(), grad.detach().contiguous()?);
         let n = g.dim(0)?;
-        let dx = g.matmul(&w)?;
-        let dw = g.t()?.matmul(&x)?;
+        let (dx, dw) = match self.0 {
+            WeightLayout::OutIn => (g.matmul(&w)?, g.t()?.matmul(&x)?),
+            WeightLayout::InOut => (g.matmul(&w.t()?)?, x.t()?.matmul(&g)?),
+        };
         let db = Tensor::ones((1, n), g.dtype(), g.device())?
             .matmul(&g)?
             .squeeze(0)?;
@@ -344,6 +350,49 @@ pub(crate) unsafe fn small_gemm(
         false,
         false,
         gemm::Parallelism::None,
+    )
+}
+
+/// `dst (m × n, rows dst_rs apart) = [dst +] a (m × k) · b (k × n)` on candle's thread count.
+///
+/// # Safety
+/// As [`small_gemm`], with `dst` touched by no other thread during the call.
+#[allow(clippy::too_many_arguments)] // a BLAS call's shape and strides
+pub(crate) unsafe fn par_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+) {
+    let threads = candle_core::utils::get_num_threads();
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        },
     )
 }
 
@@ -611,7 +660,7 @@ mod tests {
         let w = candle_core::Var::randn(0f32, 1.0, (9, 12), &dev).unwrap();
         let b = candle_core::Var::randn(0f32, 1.0, 9, &dev).unwrap();
         let up = Tensor::randn(0f32, 1.0, (37, 9), &dev).unwrap();
-        let ours = linear(x.as_tensor(), w.as_tensor(), &b).unwrap();
+        let ours = linear(x.as_tensor(), w.as_tensor(), &b, WeightLayout::OutIn).unwrap();
         let theirs = x
             .matmul(&w.t().unwrap())
             .unwrap()

@@ -90,6 +90,10 @@ pub fn stage(name: &str) -> Option<&'static StageInfo> {
 /// Built-in pipelines, used when `pipelines/<name>.toml` is not found beside the workdir.
 pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
     ("default", include_str!("../pipelines/default.toml")),
+    (
+        "synthetic-grounded",
+        include_str!("../pipelines/synthetic-grounded.toml"),
+    ),
     ("ingest-real", include_str!("../pipelines/ingest-real.toml")),
     (
         "cc-ultrafeedback-dpo",

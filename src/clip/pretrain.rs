@@ -27,7 +27,7 @@ use crate::clip::tiny::save_safetensors;
 use crate::error::{Error, Result};
 use crate::gpt2::train_norm;
 use crate::ingest::synthetic::{self, Scene};
-use crate::kernels::{self, activate, QkvAttention, QuickGelu};
+use crate::kernels::{self, activate, QkvAttention, QuickGelu, WeightLayout};
 use crate::progress::Progress;
 use crate::rng::SplitMix64;
 use crate::train::{clip_and_step, grad_norm, lr_at, AdamW, TrainConfig};
@@ -125,6 +125,7 @@ impl Params {
             x,
             &self.get(&format!("{name}.weight"))?,
             &self.get(&format!("{name}.bias"))?,
+            WeightLayout::OutIn,
         )
     }
 }
@@ -160,7 +161,11 @@ fn encoder(
         )?;
         let normed = train_norm(&x, &layer_norm(params, &format!("{p}.layer_norm1"), eps)?)?
             .reshape((b * t, h))?;
-        let qkv = kernels::linear(&normed, &qkv_w, &qkv_b)?.reshape((b, t, 3 * h))?;
+        let qkv = kernels::linear(&normed, &qkv_w, &qkv_b, WeightLayout::OutIn)?.reshape((
+            b,
+            t,
+            3 * h,
+        ))?;
         let heads_out = qkv.contiguous()?.apply_op1(QkvAttention {
             heads,
             scale,
