@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::clip::model::{ClipEmbedder, ClipModelFiles, HfClipConfig};
 use crate::clip::preprocess::preprocess_rgb;
 use crate::clip::tiny::save_safetensors;
+use crate::clip::vision::patch_rows;
 use crate::error::{Error, Result};
 use crate::gpt2::train_norm;
 use crate::ingest::synthetic::{self, Scene};
@@ -194,11 +195,7 @@ fn image_features(
     let (n, c, s, _) = pixels.dims4()?;
     let (p, h) = (v.patch_size, v.hidden_size);
     let g = s / p;
-    let patches = pixels
-        .reshape((n, c, g, p, g, p))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .contiguous()?
-        .reshape((n * g * g, c * p * p))?;
+    let patches = patch_rows(pixels, p)?;
     let kernel = params
         .get("vision_model.embeddings.patch_embedding.weight")?
         .reshape((h, c * p * p))?;

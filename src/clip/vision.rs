@@ -79,6 +79,20 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)?.broadcast_add(b)
 }
 
+/// The `p × p` patches of pixels `[n, c, s, s]` as rows `[n·g·g, c·p·p]` (`g = s / p`), in
+/// the order of the flattened convolution kernel: the stride-`p` patch convolution is then
+/// one matrix product.
+pub(crate) fn patch_rows(pixels: &Tensor, p: usize) -> candle_core::Result<Tensor> {
+    let (n, c, s, _) = pixels.dims4()?;
+    let g = s / p;
+    // [n, c, g, p, g, p] → [n, g, g, c, p, p]
+    pixels
+        .reshape((n, c, g, p, g, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((n * g * g, c * p * p))
+}
+
 impl VisionTower {
     /// Reads `vision_model.*` and `visual_projection.weight` from `vb` (the model root).
     pub fn new(vb: VarBuilder, config: &HfClipConfig) -> candle_core::Result<Self> {
@@ -167,13 +181,7 @@ impl VisionTower {
         let (p, g) = (self.patch, s / self.patch);
         let hidden = self.class_embedding.dim(0)?;
         debug_assert_eq!(c, self.channels);
-        // [n, c, g, p, g, p] → [n, g, g, c, p, p]: one row per patch, in the kernel's order.
-        let patches = pixels
-            .reshape((n, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((n * g * g, c * p * p))?;
-        let patches = patches
+        let patches = patch_rows(pixels, p)?
             .matmul(&self.patch_weight.t()?)?
             .reshape((n, g * g, hidden))?;
         let class = self
