@@ -15,7 +15,8 @@
 //! result loads through the ordinary checkpoint path. A test checks that both forward passes
 //! agree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::MutexGuard;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{LayerNorm, VarMap};
@@ -86,6 +87,13 @@ fn layer_norm(params: &Params, name: &str, eps: f64) -> candle_core::Result<Laye
     ))
 }
 
+/// The variables of `map`, by name.
+fn lock(map: &VarMap) -> candle_core::Result<MutexGuard<'_, HashMap<String, Var>>> {
+    map.data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))
+}
+
 /// The checkpoint's tensors as trainable variables, by their Hugging Face names.
 struct Params {
     map: VarMap,
@@ -97,10 +105,7 @@ impl Params {
         let map = VarMap::new();
         let loaded =
             candle_core::safetensors::load(&files.weights, &Device::Cpu).map_err(candle)?;
-        let mut data = map
-            .data()
-            .lock()
-            .map_err(|_| candle(candle_core::Error::Msg("var map lock poisoned".into())))?;
+        let mut data = lock(&map).map_err(candle)?;
         for (name, t) in loaded {
             let var = t.to_dtype(DType::F32).and_then(|t| Var::from_tensor(&t));
             data.insert(name, var.map_err(candle)?);
@@ -110,12 +115,8 @@ impl Params {
     }
 
     fn get(&self, name: &str) -> candle_core::Result<Tensor> {
-        let data = self
-            .map
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))?;
-        data.get(name)
+        lock(&self.map)?
+            .get(name)
             .map(|v| v.as_tensor().clone())
             .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no tensor {name}")))
     }
@@ -400,12 +401,7 @@ pub fn pretrain(
     ));
     let mut tensors = BTreeMap::new();
     {
-        let data = params
-            .map
-            .data()
-            .lock()
-            .map_err(|_| candle(candle_core::Error::Msg("var map lock poisoned".into())))?;
-        for (name, var) in data.iter() {
+        for (name, var) in lock(&params.map).map_err(candle)?.iter() {
             let t = var.as_tensor();
             let values = t
                 .flatten_all()
@@ -458,12 +454,7 @@ fn evaluate(
 
 /// Keeps `logit_scale` at or below ln 100, as CLIP's training does.
 fn clamp_logit_scale(params: &Params) -> candle_core::Result<()> {
-    let data = params
-        .map
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))?;
-    if let Some(var) = data.get("logit_scale") {
+    if let Some(var) = lock(&params.map)?.get("logit_scale") {
         let value = var.as_tensor().to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if value > MAX_LOGIT_SCALE {
             var.set(&Tensor::new(MAX_LOGIT_SCALE as f32, &Device::Cpu)?)?;
