@@ -53,6 +53,10 @@ pub struct CaptionerConfig {
     pub dataset: String,
     pub train_split: String,
     pub val_split: String,
+    /// Images of `train_split` that train-sft learns from: the first N in shard order
+    /// (Hugging Face's `max_train_samples`); 0 = all. The rest stay for the preference
+    /// stages, whose pairs may cover more images than the captions SFT saw.
+    pub max_train_samples: usize,
 }
 
 impl Default for CaptionerConfig {
@@ -68,6 +72,7 @@ impl Default for CaptionerConfig {
             dataset: "cc".into(),
             train_split: "train".into(),
             val_split: "val".into(),
+            max_train_samples: 0,
         }
     }
 }

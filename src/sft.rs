@@ -97,19 +97,31 @@ pub fn pad_batch(rows: Vec<(Vec<f32>, Vec<u32>)>, eos: u32) -> CaptionBatch {
 #[derive(Clone)]
 pub struct CaptionedSplit {
     pub entries: Vec<FeatureEntry>,
+    /// Rows used of each entry: all of them, or a prefix after [`CaptionedSplit::first`].
+    kept: Vec<u64>,
     workdir: PathBuf,
 }
 
 impl CaptionedSplit {
     pub fn new(cfg: &Config, workdir: &Path, dataset: &str, split: &str) -> Result<Self> {
+        let entries = embed::split_features(cfg, workdir, dataset, split, "image")?;
         Ok(Self {
-            entries: embed::split_features(cfg, workdir, dataset, split, "image")?,
+            kept: entries.iter().map(|e| e.manifest.rows).collect(),
+            entries,
             workdir: workdir.to_path_buf(),
         })
     }
 
+    /// The first `n` rows in shard order (all when `n` is 0 or covers the split): entries
+    /// past them are dropped and the last one kept is cut.
+    pub fn first(mut self, n: u64) -> Self {
+        self.kept = first_rows(&self.kept, n);
+        self.entries.truncate(self.kept.len());
+        self
+    }
+
     pub fn rows(&self) -> u64 {
-        self.entries.iter().map(|e| e.manifest.rows).sum()
+        self.kept.iter().sum()
     }
 
     /// `(key, embedding, caption)` of entry `i`, in file order.
@@ -125,6 +137,7 @@ impl CaptionedSplit {
         table
             .keys()
             .into_iter()
+            .take(self.kept[i] as usize)
             .enumerate()
             .map(|(r, key)| {
                 let caption = captions.get(&key).cloned().ok_or_else(|| Error::BadFile {
@@ -169,11 +182,31 @@ impl CaptionedSplit {
 
     /// Batches per pass at `batch_size` (each shard's last batch may be short).
     pub fn batches_per_pass(&self, batch_size: usize) -> usize {
-        self.entries
+        self.kept
             .iter()
-            .map(|e| (e.manifest.rows as usize).div_ceil(batch_size.max(1)))
+            .map(|&rows| (rows as usize).div_ceil(batch_size.max(1)))
             .sum()
     }
+}
+
+/// Rows kept of shards holding `rows` rows when only the first `n` count (0 = all):
+/// whole shards, then part of one; shards past the `n`th row are left out.
+fn first_rows(rows: &[u64], n: u64) -> Vec<u64> {
+    if n == 0 {
+        return rows.to_vec();
+    }
+    let mut left = n;
+    let mut kept: Vec<u64> = rows
+        .iter()
+        .map(|&r| {
+            let k = r.min(left);
+            left -= k;
+            k
+        })
+        .collect();
+    let used = kept.iter().rposition(|k| *k > 0).map_or(0, |last| last + 1);
+    kept.truncate(used);
+    kept
 }
 
 /// The one batch loader of the trainers: a thread walks `shards` shards (in a seeded order
@@ -295,7 +328,8 @@ pub fn stage_dir(ctx: &StageContext, stage: &str) -> PathBuf {
 /// Runs train-sft; returns the one-line summary for the run log.
 pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
     let cap = &cfg.captioner;
-    let train = CaptionedSplit::new(cfg, &ctx.workdir, &cap.dataset, &cap.train_split)?;
+    let train = CaptionedSplit::new(cfg, &ctx.workdir, &cap.dataset, &cap.train_split)?
+        .first(cap.max_train_samples as u64);
     let val = CaptionedSplit::new(cfg, &ctx.workdir, &cap.dataset, &cap.val_split)?;
     let clip_dim = train.entries.first().map_or(0, |e| e.manifest.key.dim);
     let device = device_for(ctx.gpu, cfg.embed.cpu_fallback)?;
@@ -350,4 +384,24 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
         100.0 * summary.data_wait_fraction,
         dir.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_rows;
+
+    #[test]
+    fn the_first_n_rows_take_whole_shards_then_part_of_one() {
+        let rows = [128, 128, 0, 128, 64];
+        assert_eq!(first_rows(&rows, 0), rows.to_vec(), "0 = all");
+        assert_eq!(first_rows(&rows, 100), vec![100]);
+        assert_eq!(first_rows(&rows, 128), vec![128]);
+        assert_eq!(first_rows(&rows, 300), vec![128, 128, 0, 44]);
+        assert_eq!(first_rows(&rows, 10_000), rows.to_vec());
+        assert_eq!(
+            first_rows(&[0, 5], 3),
+            vec![0, 3],
+            "an empty shard is skipped"
+        );
+    }
 }

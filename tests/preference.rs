@@ -484,4 +484,24 @@ fn sample_pairs_ranks_sft_samples_by_clipscore_into_pair_shards_dpo_can_train_on
         work,
     );
     assert!(out.status.success(), "{log}");
+
+    // SFT on the first 40 of the 64 training images only (the pairs above cover all 64); a
+    // lone stage reads configs/default.toml, so the embedded models are named.
+    let (out, log) = pipeline(
+        &with_small(&[
+            "run",
+            "train-sft",
+            "--set",
+            "captioner.max_train_samples=40",
+            "--set",
+            "captioner.dataset=synthetic",
+            "--set",
+            "captioner.decoder=tiny",
+            "--set",
+            "embed.model=tiny",
+        ]),
+        work,
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("optimizer steps over 40 rows"), "{log}");
 }
