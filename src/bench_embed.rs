@@ -6,6 +6,7 @@
 //! files to stored embeddings (decode, preprocess, model, write), the latter with peak RSS
 //! of the whole process at 1× and N× the images to show memory stays flat.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -33,6 +34,10 @@ pub struct BenchEmbedArgs {
     /// CPU threads for both tools; 0 = all cores.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Model-only measurements per tool, taken in turns (prefcap, transformers, prefcap, …)
+    /// so that a noisy machine slows both alike; the medians are compared.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Run both tools on this CUDA device (prefcap needs `--features cuda`).
     #[arg(long)]
     pub gpu: Option<usize>,
@@ -163,15 +168,34 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
     }
     // At least eight batches, so short end-to-end runs still time the model steadily.
     let model_images = args.images.max(8 * args.batch);
-    let (mut done, start) = (0, Instant::now());
-    while done < model_images {
-        let out = model.embed_pixel_tensor(&x)?;
-        done += args.batch;
-        if done >= model_images {
-            out.to_vec2::<f32>()?;
+    let time_ours = || -> anyhow::Result<f64> {
+        let (mut done, start) = (0, Instant::now());
+        while done < model_images {
+            let out = model.embed_pixel_tensor(&x)?;
+            done += args.batch;
+            if done >= model_images {
+                out.to_vec2::<f32>()?;
+            }
+        }
+        Ok(done as f64 / start.elapsed().as_secs_f64())
+    };
+    let peer = if args.no_peer {
+        None
+    } else {
+        Some(Peer::prepare(args, &dir, &ckpt, threads, &probe)?)
+    };
+    let (mut ours_rounds, mut peer_rounds) = (Vec::new(), Vec::new());
+    let mut peer_probe = None;
+    for round in 1..=args.rounds.max(1) {
+        eprintln!("model only, round {round} of {} ...", args.rounds.max(1));
+        ours_rounds.push(time_ours()?);
+        if let Some(peer) = &peer {
+            let (rate, probe_out) = peer.model_only(args, model_images)?;
+            peer_rounds.push(rate);
+            peer_probe.get_or_insert(probe_out);
         }
     }
-    let ours_model = done as f64 / start.elapsed().as_secs_f64();
+    let ours_model = median(&ours_rounds);
     let flops = model.image_flops();
     let profile = if args.profile {
         Some(model.profile_pixel_tensor(&x, 4)?)
@@ -218,69 +242,23 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
         None
     };
 
-    let mut peer = None;
-    if !args.no_peer {
-        let python = crate::bench::ensure_venv(
-            &args.venv,
-            &["torch", "transformers", "pillow", "numpy", "safetensors"],
-            "import torch, transformers, PIL, numpy",
-        )?;
-        let script = dir.join("peer_clip.py");
-        std::fs::write(&script, PEER_SCRIPT)?;
-        let probe_path = dir.join("probe.f32");
-        std::fs::write(
-            &probe_path,
-            probe
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        )?;
-        let peer_probe = dir.join("peer_probe.f32");
-        eprintln!("transformers, model only ...");
-        let out = Command::new(&python)
-            .arg(&script)
-            .args([
-                "model",
-                ckpt.to_str().context("path")?,
-                &threads.to_string(),
-                &args.batch.to_string(),
-            ])
-            .arg(args.images.max(8 * args.batch).to_string())
-            .arg(&probe_path)
-            .arg(&peer_probe)
-            .env("OMP_NUM_THREADS", threads.to_string())
-            .envs(peer_env(args))
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "transformers failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+    let peer = match (&peer, peer_probe) {
+        (Some(p), Some(theirs)) => {
+            let diff = max_abs_diff(&ours_probe, &theirs);
+            let scale = theirs.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            eprintln!("transformers end to end on {} JPEGs ...", args.images);
+            let peer_e2e = measure(
+                p.command(
+                    args,
+                    "e2e",
+                    &[folder.as_os_str(), dir.join("peer_e2e.npy").as_os_str()],
+                ),
+                "transformers",
+            )?;
+            Some((median(&peer_rounds), peer_e2e, diff, scale))
         }
-        let rate: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let peer_model = rate["images_per_s"].as_f64().context("peer output")?;
-        let theirs: Vec<f32> = std::fs::read(&peer_probe)?
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let diff = max_abs_diff(&ours_probe, &theirs);
-        let scale = theirs.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        eprintln!("transformers end to end on {} JPEGs ...", args.images);
-        let mut cmd = Command::new(&python);
-        cmd.arg(&script)
-            .args([
-                "e2e",
-                ckpt.to_str().context("path")?,
-                &threads.to_string(),
-                &args.batch.to_string(),
-            ])
-            .arg(&folder)
-            .arg(dir.join("peer_e2e.npy"))
-            .env("OMP_NUM_THREADS", threads.to_string())
-            .envs(peer_env(args));
-        let peer_e2e = measure(cmd, "transformers")?;
-        peer = Some((peer_model, peer_e2e, diff, scale));
-    }
+        _ => None,
+    };
 
     let on = match args.gpu {
         Some(g) => format!("CUDA device {g}, {}", args.dtype),
@@ -295,8 +273,12 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
         "measurement", "images/s", "img/s per core", "peak RSS MiB"
     );
     println!(
-        "{:<26} {:>12.1} {:>16} {:>14}",
-        "prefcap model only", ours_model, "", ""
+        "{:<26} {:>12.1} {:>16} {:>14}   rounds: {}",
+        "prefcap model only",
+        ours_model,
+        "",
+        "",
+        rates(&ours_rounds)
     );
     let tflops = ours_model * flops / 1e12;
     print!(
@@ -345,11 +327,24 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
         );
     }
     if let Some((peer_model, peer_e2e, diff, scale)) = &peer {
-        println!("{:<26} {:>12.1}", "transformers model only", peer_model);
-        row("transformers end to end", args.images, peer_e2e);
         println!(
-            "\nratio prefcap / transformers: model only {:.2}x, end to end {:.2}x",
+            "{:<26} {:>12.1} {:>16} {:>14}   rounds: {}",
+            "transformers model only",
+            peer_model,
+            "",
+            "",
+            rates(&peer_rounds)
+        );
+        row("transformers end to end", args.images, peer_e2e);
+        let per_round: Vec<String> = ours_rounds
+            .iter()
+            .zip(&peer_rounds)
+            .map(|(o, p)| format!("{:.2}", o / p))
+            .collect();
+        println!(
+            "\nratio prefcap / transformers: model only {:.2}x (medians; round by round {}), end to end {:.2}x",
             ours_model / peer_model,
+            per_round.join(", "),
             (args.images as f64 / ours_e2e.wall) / (args.images as f64 / peer_e2e.wall)
         );
         println!("same checkpoint, same pixels: max abs diff of image embeddings {diff:.2e} (max |value| {scale:.2})");
@@ -361,6 +356,106 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The Python peer: its interpreter (in the benchmark's virtual environment), the script,
+/// the checkpoint and the probe pixels both tools embed.
+struct Peer {
+    python: PathBuf,
+    script: PathBuf,
+    ckpt: PathBuf,
+    threads: usize,
+    probe: PathBuf,
+    probe_out: PathBuf,
+}
+
+impl Peer {
+    fn prepare(
+        args: &BenchEmbedArgs,
+        dir: &Path,
+        ckpt: &Path,
+        threads: usize,
+        probe: &[f32],
+    ) -> anyhow::Result<Self> {
+        let python = crate::bench::ensure_venv(
+            &args.venv,
+            &["torch", "transformers", "pillow", "numpy", "safetensors"],
+            "import torch, transformers, PIL, numpy",
+        )?;
+        let script = dir.join("peer_clip.py");
+        std::fs::write(&script, PEER_SCRIPT)?;
+        let probe_path = dir.join("probe.f32");
+        let bytes: Vec<u8> = probe.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(&probe_path, bytes)?;
+        Ok(Self {
+            python,
+            script,
+            ckpt: ckpt.to_path_buf(),
+            threads,
+            probe: probe_path,
+            probe_out: dir.join("peer_probe.f32"),
+        })
+    }
+
+    /// The script in `mode` with the common arguments, then `rest`.
+    fn command(&self, args: &BenchEmbedArgs, mode: &str, rest: &[&OsStr]) -> Command {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(&self.script)
+            .arg(mode)
+            .arg(&self.ckpt)
+            .arg(self.threads.to_string())
+            .arg(args.batch.to_string())
+            .args(rest)
+            .env("OMP_NUM_THREADS", self.threads.to_string())
+            .envs(peer_env(args));
+        cmd
+    }
+
+    /// One model-only measurement (images/s) and the peer's embeddings of the probe.
+    fn model_only(&self, args: &BenchEmbedArgs, images: usize) -> anyhow::Result<(f64, Vec<f32>)> {
+        let n = images.to_string();
+        let rest = [
+            n.as_ref(),
+            self.probe.as_os_str(),
+            self.probe_out.as_os_str(),
+        ];
+        let out = self.command(args, "model", &rest).output()?;
+        if !out.status.success() {
+            bail!(
+                "transformers failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let rate: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let theirs = std::fs::read(&self.probe_out)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok((
+            rate["images_per_s"].as_f64().context("peer output")?,
+            theirs,
+        ))
+    }
+}
+
+/// The median of a non-empty sample.
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// `a, b, c` with one decimal.
+fn rates(v: &[f64]) -> String {
+    v.iter()
+        .map(|r| format!("{r:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Where and in which precision the peer runs: the same as prefcap.

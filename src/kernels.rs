@@ -13,15 +13,20 @@ pub(crate) const ELEMENTWISE_GRAIN: usize = 1 << 14;
 /// `f(a[i], b[i])` for equally long `a` and `b`, in parallel chunks of plain loops (which
 /// vectorise, unlike an element-wise parallel iterator).
 pub(crate) fn par_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(ELEMENTWISE_GRAIN)
-        .zip(a.par_chunks(ELEMENTWISE_GRAIN))
-        .zip(b.par_chunks(ELEMENTWISE_GRAIN))
+    let n = a.len().min(b.len());
+    // Written once, in parallel, without a serial zero fill first.
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(ELEMENTWISE_GRAIN)
+        .zip(a[..n].par_chunks(ELEMENTWISE_GRAIN))
+        .zip(b[..n].par_chunks(ELEMENTWISE_GRAIN))
         .for_each(|((o, a), b)| {
             for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
+                o.write(f(a, b));
             }
         });
+    // SAFETY: the chunks above cover all n elements.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -141,9 +146,7 @@ impl candle_core::CustomOp3 for LinearT {
             WeightLayout::OutIn => View::rows(w, 0, k).t(),
             WeightLayout::InOut => View::rows(w, 0, m),
         };
-        let mut out = vec![0f32; n * m];
-        out.par_chunks_mut(m.max(1))
-            .for_each(|row| row.copy_from_slice(b));
+        let mut out = bias_rows(n, b, None);
         // SAFETY: x is n × k row-major, rhs addresses k × m elements of w, out is n × m.
         unsafe { par_gemm(n, m, k, out.as_mut_ptr(), m, true, View::rows(x, 0, k), rhs) };
         Ok((CpuStorage::F32(out), (n, m).into()))
@@ -168,6 +171,104 @@ impl candle_core::CustomOp3 for LinearT {
             .squeeze(0)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// Rows of output handed to one task by [`bias_rows`].
+const BIAS_ROWS_PER_TASK: usize = 64;
+
+/// `n` rows of `b` (plus the matching row of `residual` `(n, len b)` when given), row-major:
+/// the start of a GEMM that accumulates onto its bias. Written once, in parallel, without the
+/// serial zero fill of `vec![0; …]`.
+fn bias_rows(n: usize, b: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
+    let m = b.len();
+    let mut out: Vec<f32> = Vec::with_capacity(n * m);
+    out.spare_capacity_mut()[..n * m]
+        .par_chunks_mut(m.max(1) * BIAS_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (r, row) in chunk.chunks_mut(m.max(1)).enumerate() {
+                let i = task * BIAS_ROWS_PER_TASK + r;
+                match residual {
+                    Some(res) => {
+                        for ((o, &bv), &rv) in row.iter_mut().zip(b).zip(&res[i * m..(i + 1) * m]) {
+                            o.write(bv + rv);
+                        }
+                    }
+                    None => {
+                        for (o, &bv) in row.iter_mut().zip(b) {
+                            o.write(bv);
+                        }
+                    }
+                }
+            }
+        });
+    // SAFETY: the pass above wrote all n·m elements (every row of every chunk).
+    unsafe { out.set_len(n * m) };
+    out
+}
+
+/// Inference: `x · wᵀ + b`, plus `residual` when given, for `x` `(n, k)`, `w` `(m, k)` as
+/// nn.Linear stores it, `b` `(m,)` and `residual` `(n, m)`. On the CPU (f32) the output is
+/// allocated without zeroing, filled with the bias (and the residual) in one parallel pass,
+/// and one GEMM accumulates onto it: no zero fill, no bias or residual pass afterwards.
+pub fn dense(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == candle_core::DType::F32) {
+        let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
+        return match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        };
+    }
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let ((n, k), (m, kw)) = (x.dims2()?, w.dims2()?);
+    if k != kw || b.dims1()? != m || residual.as_ref().is_some_and(|r| r.dims() != [n, m]) {
+        candle_core::bail!(
+            "dense: x {n}x{k}, w {:?}, b {:?}, residual {:?}",
+            w.dims(),
+            b.dims(),
+            residual.as_ref().map(|r| r.dims().to_vec())
+        );
+    }
+    let guards = [Some(&x), Some(&w), Some(&b), residual.as_ref()]
+        .map(|t| t.map(Tensor::storage_and_layout));
+    let slice = |i: usize| -> candle_core::Result<Option<&[f32]>> {
+        match &guards[i] {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(cpu) => cpu_f32(cpu, layout).map(Some),
+                _ => candle_core::bail!("dense: expected CPU tensors"),
+            },
+            None => Ok(None),
+        }
+    };
+    let (xs, ws, bs, rs) = (slice(0)?, slice(1)?, slice(2)?, slice(3)?);
+    let (xs, ws, bs) = (
+        xs.unwrap_or_default(),
+        ws.unwrap_or_default(),
+        bs.unwrap_or_default(),
+    );
+    let mut out = bias_rows(n, bs, rs);
+    // SAFETY: x is n × k row-major, w is m × k row-major (read as its k × m transpose), out is
+    // n × m and owned here.
+    unsafe {
+        par_gemm(
+            n,
+            m,
+            k,
+            out.as_mut_ptr(),
+            m,
+            true,
+            View::rows(xs, 0, k),
+            View::rows(ws, 0, k).t(),
+        )
+    };
+    drop(guards);
+    Tensor::from_vec(out, (n, m), x.device())
 }
 
 /// An elementwise activation with its derivative, for [`activate`].
@@ -686,6 +787,40 @@ mod tests {
     }
 
     /// quick_gelu's value and slope against `x·σ(1.702·x)` and a central difference.
+    #[test]
+    fn dense_equals_matmul_plus_bias_plus_residual() {
+        // 150 rows: more than one fill task of BIAS_ROWS_PER_TASK, the last one short.
+        let (n, k, m) = (150, 33, 70);
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (m, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, m, &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (n, m), &dev).unwrap();
+        let plain = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let worst = |a: &Tensor, e: &Tensor| {
+            assert_eq!(a.dims(), e.dims());
+            flat(a)
+                .iter()
+                .zip(flat(e))
+                .map(|(a, e)| (a - e).abs())
+                .fold(0f32, f32::max)
+        };
+        let ours = dense(&x, &w, &b, None).unwrap();
+        assert!(worst(&ours, &plain) < 1e-5);
+        let ours = dense(&x, &w, &b, Some(&r)).unwrap();
+        assert!(worst(&ours, &(&plain + &r).unwrap()) < 1e-5);
+        // A transposed (non-contiguous) input is made contiguous, not misread.
+        let xt = x.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(worst(&dense(&xt, &w, &b, None).unwrap(), &plain) < 1e-5);
+        let err = dense(&x, &w, &b.narrow(0, 0, m - 1).unwrap(), None).unwrap_err();
+        assert!(err.to_string().contains("dense: x 150x33"), "{err}");
+    }
+
     #[test]
     fn quick_gelu_value_and_slope() {
         for i in -400..=400 {

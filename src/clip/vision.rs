@@ -7,9 +7,11 @@
 //!   large GEMM rather than one small GEMM per image.
 //! - Q, K and V are one fused projection, with the attention scale `head_dim^-0.5` folded
 //!   into the query weights and bias at load time.
-//! - The QKV and first MLP biases ride inside their GEMMs: the activations get a constant
-//!   `[1, 0, …, 0]` column block (8 wide, keeping K a multiple of 8 for tensor cores) and the
-//!   weights the bias as the matching column, so no separate broadcast pass runs.
+//! - Every bias rides inside its GEMM. On the CPU ([`kernels::dense`]) the output starts as
+//!   the bias (plus the residual, for the output projection and fc2) and the GEMM accumulates
+//!   onto it. On a GPU the QKV and fc1 activations get a constant `[1, 0, …, 0]` column block
+//!   (8 wide, keeping K a multiple of 8 for tensor cores) and the weights the bias as the
+//!   matching column, so no separate broadcast pass runs.
 //! - quick_gelu `x·σ(1.702·x)` becomes one SiLU: fc1 is scaled by 1.702 at load time
 //!   (`z = 1.702·x`, `x·σ(1.702·x) = silu(z) / 1.702`) and fc2 by 1 / 1.702.
 //! - On the CPU, attention reads the heads straight from the QKV activations and writes them
@@ -23,16 +25,24 @@ use crate::kernels::{self, QkvAttention};
 
 struct EncoderLayer {
     norm1: LayerNorm,
-    /// `[3·hidden, hidden + BIAS_BLOCK]`: query (pre-scaled), key, value, biases last.
-    qkv_weight: Tensor,
+    /// Query (pre-scaled), key, value: `[3·hidden, hidden]` with the bias apart on the CPU,
+    /// `[3·hidden, hidden + BIAS_BLOCK]` with the bias as a column elsewhere.
+    qkv: BiasedWeight,
     out_weight: Tensor,
     out_bias: Tensor,
     norm2: LayerNorm,
-    /// `[intermediate, hidden + BIAS_BLOCK]`, bias last, everything × 1.702.
-    fc1_weight: Tensor,
+    /// `[intermediate, hidden]` and its bias as `qkv`, everything × 1.702.
+    fc1: BiasedWeight,
     /// `[hidden, intermediate]`, ÷ 1.702.
     fc2_weight: Tensor,
     fc2_bias: Tensor,
+}
+
+/// A linear layer's weight `[out, in]` and bias: apart (the CPU's [`kernels::dense`] adds the
+/// bias inside its GEMM), or the bias as a column of the weight ([`with_bias_column`]).
+enum BiasedWeight {
+    Apart(Tensor, Tensor),
+    Column(Tensor),
 }
 
 /// Width of the constant column block that carries the biases through the GEMMs.
@@ -74,11 +84,6 @@ fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Laye
     ))
 }
 
-/// `x · wᵀ + b` on 2-D activations.
-fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)?.broadcast_add(b)
-}
-
 /// The `p × p` patches of pixels `[n, c, s, s]` as rows `[n·g·g, c·p·p]` (`g = s / p`), in
 /// the order of the flattened convolution kernel: the stride-`p` patch convolution is then
 /// one matrix product.
@@ -114,6 +119,7 @@ impl VisionTower {
             .reshape((h, c * p * p))?;
         let class_embedding = emb.get(h, "class_embedding")?;
         let position_embedding = emb.get((grid * grid + 1, h), "position_embedding.weight")?;
+        let cpu_dense = vb.device().is_cpu() && vb.dtype() == DType::F32;
         let mut layers = Vec::with_capacity(v.num_hidden_layers);
         for i in 0..v.num_hidden_layers {
             let lb = tower.pp(format!("encoder.layers.{i}"));
@@ -131,17 +137,28 @@ impl VisionTower {
             let (out_weight, out_bias) = proj("out_proj", h, h)?;
             let mlp = lb.pp("mlp");
             let im = v.intermediate_size;
-            let qkv_weight = Tensor::cat(&[(qw * scale)?, kw, vw], 0)?;
-            let qkv_bias = Tensor::cat(&[(qb * scale)?, kb, vbias], 0)?;
-            let fc1 =
-                with_bias_column(&mlp.get((im, h), "fc1.weight")?, &mlp.get(im, "fc1.bias")?)?;
+            let biased = |w: Tensor, b: Tensor| -> candle_core::Result<BiasedWeight> {
+                Ok(if cpu_dense {
+                    BiasedWeight::Apart(w, b)
+                } else {
+                    BiasedWeight::Column(with_bias_column(&w, &b)?)
+                })
+            };
+            let qkv = biased(
+                Tensor::cat(&[(qw * scale)?, kw, vw], 0)?,
+                Tensor::cat(&[(qb * scale)?, kb, vbias], 0)?,
+            )?;
+            let fc1 = biased(
+                (mlp.get((im, h), "fc1.weight")? * QUICK_GELU)?,
+                (mlp.get(im, "fc1.bias")? * QUICK_GELU)?,
+            )?;
             layers.push(EncoderLayer {
                 norm1: layer_norm(lb.pp("layer_norm1"), h, eps)?,
-                qkv_weight: with_bias_column(&qkv_weight, &qkv_bias)?,
+                qkv,
                 out_weight,
                 out_bias,
                 norm2: layer_norm(lb.pp("layer_norm2"), h, eps)?,
-                fc1_weight: (fc1 * QUICK_GELU)?,
+                fc1,
                 fc2_weight: (mlp.get((h, im), "fc2.weight")? / QUICK_GELU)?,
                 fc2_bias: mlp.get(h, "fc2.bias")?,
             });
@@ -219,7 +236,7 @@ impl VisionTower {
         observe: &mut dyn FnMut(&'static str) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let hidden = x.dim(1)?;
-        let qkv = self.linear_with_bias_column(&l.norm1.forward(x)?, &l.qkv_weight)?;
+        let qkv = self.project(&l.norm1.forward(x)?, &l.qkv)?;
         observe("layer norm + qkv")?;
         let cpu = x.device().is_cpu() && x.dtype() == DType::F32;
         let attended = if cpu {
@@ -236,13 +253,13 @@ impl VisionTower {
         } else {
             self.attention(&qkv, n, tokens, observe)?
         };
-        let x = (x + linear(&attended, &l.out_weight, &l.out_bias)?)?;
+        let x = kernels::dense(&attended, &l.out_weight, &l.out_bias, Some(x))?;
         observe("out proj + residual")?;
-        let z = self.linear_with_bias_column(&l.norm2.forward(&x)?, &l.fc1_weight)?;
+        let z = self.project(&l.norm2.forward(&x)?, &l.fc1)?;
         observe("layer norm + fc1")?;
         let h = if cpu { kernels::silu(&z)? } else { z.silu()? };
         observe("quick_gelu (as silu)")?;
-        let out = (x + linear(&h, &l.fc2_weight, &l.fc2_bias)?)?;
+        let out = kernels::dense(&h, &l.fc2_weight, &l.fc2_bias, Some(&x))?;
         observe("fc2 + residual")?;
         Ok(out)
     }
@@ -276,8 +293,12 @@ impl VisionTower {
         Ok(attended)
     }
 
-    /// `x · wᵀ` for weights built by [`with_bias_column`]: the bias is added inside the GEMM.
-    fn linear_with_bias_column(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x · wᵀ + b`, the bias added inside the GEMM either way.
+    fn project(&self, x: &Tensor, w: &BiasedWeight) -> candle_core::Result<Tensor> {
+        let w = match w {
+            BiasedWeight::Apart(w, b) => return kernels::dense(x, w, b, None),
+            BiasedWeight::Column(w) => w,
+        };
         let rows = x.dim(0)?;
         let block = self
             .bias_block
