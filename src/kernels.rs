@@ -141,14 +141,7 @@ impl candle_core::CustomOp3 for LinearT {
                 b.len()
             );
         }
-        // The weight as the k × m right-hand side.
-        let rhs = match self.0 {
-            WeightLayout::OutIn => View::rows(w, 0, k).t(),
-            WeightLayout::InOut => View::rows(w, 0, m),
-        };
-        let mut out = bias_rows(n, b, None);
-        // SAFETY: x is n × k row-major, rhs addresses k × m elements of w, out is n × m.
-        unsafe { par_gemm(n, m, k, out.as_mut_ptr(), m, true, View::rows(x, 0, k), rhs) };
+        let out = gemm_onto_bias(x, (n, k), w, self.0, b, None);
         Ok((CpuStorage::F32(out), (n, m).into()))
     }
 
@@ -207,6 +200,31 @@ fn bias_rows(n: usize, b: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
     out
 }
 
+/// `x · W + b (+ residual)` on the CPU for `x` `(n, k)` row-major, the weight `w` stored as
+/// `layout` says, `b` `(m,)` and `residual` `(n, m)`, shapes already checked by the caller:
+/// the output starts as [`bias_rows`] and one GEMM accumulates onto it. The one forward of
+/// [`linear`] and [`dense`].
+fn gemm_onto_bias(
+    x: &[f32],
+    (n, k): (usize, usize),
+    w: &[f32],
+    layout: WeightLayout,
+    b: &[f32],
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let m = b.len();
+    // The weight as the k × m right-hand side.
+    let rhs = match layout {
+        WeightLayout::OutIn => View::rows(w, 0, k).t(),
+        WeightLayout::InOut => View::rows(w, 0, m),
+    };
+    let mut out = bias_rows(n, b, residual);
+    // SAFETY: x is n × k row-major, rhs addresses k × m elements of w, out is n × m and
+    // owned here.
+    unsafe { par_gemm(n, m, k, out.as_mut_ptr(), m, true, View::rows(x, 0, k), rhs) };
+    out
+}
+
 /// Inference: `x · wᵀ + b`, plus `residual` when given, for `x` `(n, k)`, `w` `(m, k)` as
 /// nn.Linear stores it, `b` `(m,)` and `residual` `(n, m)`. On the CPU (f32) the output is
 /// allocated without zeroing, filled with the bias (and the residual) in one parallel pass,
@@ -252,21 +270,7 @@ pub fn dense(
         ws.unwrap_or_default(),
         bs.unwrap_or_default(),
     );
-    let mut out = bias_rows(n, bs, rs);
-    // SAFETY: x is n × k row-major, w is m × k row-major (read as its k × m transpose), out is
-    // n × m and owned here.
-    unsafe {
-        par_gemm(
-            n,
-            m,
-            k,
-            out.as_mut_ptr(),
-            m,
-            true,
-            View::rows(xs, 0, k),
-            View::rows(ws, 0, k).t(),
-        )
-    };
+    let out = gemm_onto_bias(xs, (n, k), ws, WeightLayout::OutIn, bs, rs);
     drop(guards);
     Tensor::from_vec(out, (n, m), x.device())
 }
