@@ -18,7 +18,7 @@
 //!   merged ([`QkvAttention`]), and the SiLU runs in parallel ([`kernels::silu`]).
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::clip::model::HfClipConfig;
 use crate::kernels::{self, QkvAttention};
@@ -76,12 +76,26 @@ pub struct VisionTower {
     channels: usize,
 }
 
+/// `nn.LayerNorm`'s parameters, applied by [`kernels::layer_norm`] (vectorised and parallel
+/// on the CPU, where candle's runs its sums serially).
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
 fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
-    Ok(LayerNorm::new(
-        vb.get(size, "weight")?,
-        vb.get(size, "bias")?,
-        eps,
-    ))
+    Ok(LayerNorm {
+        weight: vb.get(size, "weight")?,
+        bias: vb.get(size, "bias")?,
+        eps: eps as f32,
+    })
 }
 
 /// The `p × p` patches of pixels `[n, c, s, s]` as rows `[n·g·g, c·p·p]` (`g = s / p`), in
@@ -236,8 +250,10 @@ impl VisionTower {
         observe: &mut dyn FnMut(&'static str) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
         let hidden = x.dim(1)?;
-        let qkv = self.project(&l.norm1.forward(x)?, &l.qkv)?;
-        observe("layer norm + qkv")?;
+        let normed = l.norm1.forward(x)?;
+        observe("layer norms")?;
+        let qkv = self.project(&normed, &l.qkv)?;
+        observe("qkv")?;
         let cpu = x.device().is_cpu() && x.dtype() == DType::F32;
         let attended = if cpu {
             let op = QkvAttention {
@@ -255,8 +271,10 @@ impl VisionTower {
         };
         let x = kernels::dense(&attended, &l.out_weight, &l.out_bias, Some(x))?;
         observe("out proj + residual")?;
-        let z = self.project(&l.norm2.forward(&x)?, &l.fc1)?;
-        observe("layer norm + fc1")?;
+        let normed = l.norm2.forward(&x)?;
+        observe("layer norms")?;
+        let z = self.project(&normed, &l.fc1)?;
+        observe("fc1")?;
         let h = if cpu { kernels::silu(&z)? } else { z.silu()? };
         observe("quick_gelu (as silu)")?;
         let out = kernels::dense(&h, &l.fc2_weight, &l.fc2_bias, Some(&x))?;
