@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
 use crate::kernels::{
-    activate, cpu_f32, cpu_u32, exp_fast, linear, par_gemm, Activation, QkvAttention, View,
+    self, activate, cpu_f32, cpu_u32, exp_fast, linear, par_gemm, Activation, QkvAttention, View,
     WeightLayout,
 };
 
@@ -194,18 +194,7 @@ fn norm(x: &Tensor, ln: &LayerNorm, differentiable: bool) -> candle_core::Result
     }
     match ln.bias() {
         Some(bias) if x.device().is_cpu() && x.dtype() == DType::F32 => {
-            let d = x.dim(D::Minus1)?;
-            let rows = x.elem_count() / d.max(1);
-            x.contiguous()?
-                .reshape((rows, d))?
-                .apply_op3(
-                    ln.weight(),
-                    bias,
-                    LayerNormOp {
-                        eps: ln.eps() as f32,
-                    },
-                )?
-                .reshape(x.shape())
+            kernels::layer_norm(x, ln.weight(), bias, ln.eps() as f32)
         }
         _ => layer_norm_diff(x, ln),
     }
@@ -313,104 +302,6 @@ impl Activation for GeluNew {
 /// op on the CPU.
 pub(crate) fn train_norm(x: &Tensor, ln: &LayerNorm) -> candle_core::Result<Tensor> {
     norm(x, ln, true)
-}
-
-/// Mean and 1/σ of one row.
-fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
-    let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-/// LayerNorm over the last dimension of `(rows, d)` with weight and bias `(d,)`.
-struct LayerNormOp {
-    eps: f32,
-}
-
-impl candle_core::CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (cpu_f32(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
-        let (n, d) = l1.shape().dims2()?;
-        let out = par_rows(n, d, |r, o| {
-            let row = &x[r * d..(r + 1) * d];
-            let (mean, rstd) = row_stats(row, self.eps);
-            for i in 0..d {
-                o[i] = (row[i] - mean) * rstd * w[i] + b[i];
-            }
-        });
-        Ok((CpuStorage::F32(out), (n, d).into()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, d) = x.dims2()?;
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let ws = w.to_vec1::<f32>()?;
-        let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; n * d];
-        // Per-chunk partial sums of dy·x̂ (weight) and dy (bias), added up after.
-        let rows_per_chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(rows_per_chunk * d)
-            .zip(
-                xs.par_chunks(rows_per_chunk * d)
-                    .zip(gs.par_chunks(rows_per_chunk * d)),
-            )
-            .map(|(dxc, (xc, gc))| {
-                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-                let mut xhat = vec![0f32; d];
-                for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-                    for i in 0..d {
-                        xhat[i] = (xr[i] - mean) * rstd;
-                        let g = gr[i] * ws[i];
-                        sum_g += g;
-                        sum_gx += g * xhat[i];
-                        dw[i] += gr[i] * xhat[i];
-                        db[i] += gr[i];
-                    }
-                    let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
-                    for i in 0..d {
-                        dxr[i] = rstd * (gr[i] * ws[i] - mg - xhat[i] * mgx);
-                    }
-                }
-                (dw, db)
-            })
-            .collect();
-        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-        for (pw, pb) in partial {
-            for i in 0..d {
-                dw[i] += pw[i];
-                db[i] += pb[i];
-            }
-        }
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, (n, d), dev)?),
-            Some(Tensor::from_vec(dw, d, dev)?),
-            Some(Tensor::from_vec(db, d, dev)?),
-        ))
-    }
 }
 
 impl Block {

@@ -160,10 +160,12 @@ pub(crate) fn lane_max(xs: &[f32]) -> f32 {
 /// Rows per parallel task of [`layer_norm`].
 const NORM_ROWS_PER_TASK: usize = 32;
 
-/// Inference: layer normalisation of the last dimension of `x`, `(x − mean) / √(var + eps) ·
-/// weight + bias` (population variance, as `nn.LayerNorm`). On the CPU (f32) rows are
-/// normalised in parallel blocks with vectorised two-pass statistics, into an output that is
-/// not zero-filled first; elsewhere it is candle's `layer_norm`.
+/// Layer normalisation of the last dimension of `x`, `(x − mean) / √(var + eps) · weight +
+/// bias` (population variance, as `nn.LayerNorm`). On the CPU (f32) one op, differentiable,
+/// whose backward keeps only its input (the primitive composition keeps five tensors of the
+/// input's size); its forward normalises rows in parallel blocks with vectorised two-pass
+/// statistics into an output that is not zero-filled first. Elsewhere candle's fused kernel,
+/// which has no backward (trainers use `gpt2::layer_norm_diff` there).
 pub fn layer_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -171,20 +173,29 @@ pub fn layer_norm(
     eps: f32,
 ) -> candle_core::Result<Tensor> {
     if !(x.device().is_cpu() && x.dtype() == candle_core::DType::F32) {
-        return candle_nn::ops::layer_norm(x, weight, bias, eps);
+        return candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps);
     }
-    x.contiguous()?.apply_op3_no_bwd(
+    x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        &LayerNorm { eps },
+        LayerNormOp { eps },
     )
 }
 
-struct LayerNorm {
+/// Mean and 1/σ of one row (two passes, in lane-wise partial sums).
+#[inline(always)]
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = lane_sum(row, |v| v) / n;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNormOp {
     eps: f32,
 }
 
-impl candle_core::CustomOp3 for LayerNorm {
+impl candle_core::CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "layer-norm"
     }
@@ -215,11 +226,9 @@ impl candle_core::CustomOp3 for LayerNorm {
             .for_each(|(out, x)| {
                 vectorised(|| {
                     for (out, x) in out.chunks_mut(d).zip(x.chunks(d)) {
-                        let mean = lane_sum(x, |v| v) / d as f32;
-                        let var = lane_sum(x, |v| (v - mean) * (v - mean)) / d as f32;
-                        let inv = 1.0 / (var + self.eps).sqrt();
+                        let (mean, rstd) = row_stats(x, self.eps);
                         for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
-                            o.write((v - mean) * inv * w + b);
+                            o.write((v - mean) * rstd * w + b);
                         }
                     }
                 })
@@ -227,6 +236,65 @@ impl candle_core::CustomOp3 for LayerNorm {
         // SAFETY: the chunks above cover every row, and every row is written whole.
         unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let n = x.elem_count() / d;
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.to_vec1::<f32>()?;
+        let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; n * d];
+        // Per-chunk partial sums of dy·x̂ (weight) and dy (bias), added up after.
+        let rows_per_chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(rows_per_chunk * d)
+            .zip(
+                xs.par_chunks(rows_per_chunk * d)
+                    .zip(gs.par_chunks(rows_per_chunk * d)),
+            )
+            .map(|(dxc, (xc, gc))| {
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                let mut xhat = vec![0f32; d];
+                for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    for i in 0..d {
+                        xhat[i] = (xr[i] - mean) * rstd;
+                        let g = gr[i] * ws[i];
+                        sum_g += g;
+                        sum_gx += g * xhat[i];
+                        dw[i] += gr[i] * xhat[i];
+                        db[i] += gr[i];
+                    }
+                    let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
+                    for i in 0..d {
+                        dxr[i] = rstd * (gr[i] * ws[i] - mg - xhat[i] * mgx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pw, pb) in partial {
+            for i in 0..d {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, d, dev)?),
+            Some(Tensor::from_vec(db, d, dev)?),
+        ))
     }
 }
 
