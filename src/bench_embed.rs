@@ -16,6 +16,7 @@ use clap::Args;
 
 use crate::bench::{measure, parse_size, source_jpeg, Measured};
 use crate::clip::model::{ClipEmbedder, ClipModelFiles};
+use crate::clip::preprocess::{crop_rgb8, ClipPreprocessConfig, PixelTable};
 use crate::clip::tiny::{ensure_tiny_clip, TinyClipSpec};
 use crate::embed::{device_for, ComputeDtype};
 use crate::rng::SplitMix64;
@@ -154,6 +155,30 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
         let on_cpu: Vec<f32> = cpu.embed_pixels(&probe, 4)?.flatten_all()?.to_vec1()?;
         Some(max_abs_diff(&ours_probe, &on_cpu))
     };
+    // The embed stage's input path (byte pixels, normalised where the model runs) against
+    // f32 pixels normalised on the host, on the same device: they must agree to the bit.
+    let byte_path_diff = {
+        let mut bytes = vec![0u8; 4 * 3 * 224 * 224];
+        bytes
+            .iter_mut()
+            .for_each(|b| *b = (rng.next_u64() >> 56) as u8);
+        let table = PixelTable::new(&model.preprocess);
+        let host: Vec<f32> = bytes
+            .chunks(3 * 224 * 224)
+            .flat_map(|im| table.normalise(im))
+            .collect();
+        let want = candle_core::Tensor::from_vec(host, (4, 3, 224, 224), &device)?
+            .to_dtype(candle_dtype)?
+            .to_dtype(candle_core::DType::F32)?;
+        let got = model
+            .pixel_input(bytes, 4)?
+            .to_dtype(candle_core::DType::F32)?;
+        (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?
+    };
     // Model only: the pixels are already on the device, in the compute dtype, as for the peer.
     let pixels: Vec<f32> = probe
         .iter()
@@ -202,11 +227,13 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let preprocess = model.preprocess.clone();
     drop((model, x));
 
     // End to end from JPEG files.
     let size = parse_size(&args.source_size)?;
     let folder = write_jpegs(&dir, args.images, size)?;
+    let (decode_s, crop_s) = decode_crop_times(&folder, &preprocess)?;
     let e2e = |n: usize, tag: &str| -> anyhow::Result<Measured> {
         let images = if n == args.images {
             folder.clone()
@@ -304,6 +331,18 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
             );
         }
     }
+    println!(
+        "byte pixels normalised on the {} vs f32 pixels from the host: max abs diff {byte_path_diff:.1e}",
+        if device.is_cpu() { "CPU" } else { "GPU" }
+    );
+    println!(
+        "one embed worker on the {}x{} JPEGs: {:.0} images/s (decode {:.2} ms + resize and crop {:.2} ms per image)",
+        size.0,
+        size.1,
+        1.0 / (decode_s + crop_s),
+        1e3 * decode_s,
+        1e3 * crop_s
+    );
     if let Some(d) = cpu_diff {
         println!(
             "prefcap GPU ({}) vs prefcap CPU (f32), same pixels: max abs diff {d:.2e}",
@@ -477,6 +516,39 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `n` photo-like JPEGs of `w`×`h` in their own folder (32 distinct images, hard-linked).
+/// Time per image one thread spends decoding, and resizing and cropping (what each embed
+/// worker does), over up to 256 of the folder's files read into memory first: (decode
+/// seconds, resize-and-crop seconds), each the fastest of three passes.
+fn decode_crop_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Result<(f64, f64)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    files.truncate(256);
+    let encoded = files
+        .iter()
+        .map(std::fs::read)
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = encoded.len().max(1) as f64;
+    let (mut decode, mut crop) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..3 {
+        let start = Instant::now();
+        let decoded = encoded
+            .iter()
+            .map(|jpeg| Ok(image::load_from_memory(jpeg)?.into_rgb8()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        decode = decode.min(start.elapsed().as_secs_f64() / n);
+        let start = Instant::now();
+        for rgb in &decoded {
+            let (w, h) = rgb.dimensions();
+            let pixels = crop_rgb8(rgb.as_raw(), w as usize, h as usize, cfg)?;
+            anyhow::ensure!(pixels.len() == 3 * 224 * 224);
+        }
+        crop = crop.min(start.elapsed().as_secs_f64() / n);
+    }
+    Ok((decode, crop))
+}
+
 fn write_jpegs(dir: &Path, n: usize, (w, h): (u32, u32)) -> anyhow::Result<PathBuf> {
     let folder = dir.join(format!("jpegs-{w}x{h}-{n}"));
     if folder.is_dir() && std::fs::read_dir(&folder)?.count() == n {

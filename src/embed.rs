@@ -4,9 +4,9 @@
 //!
 //! Work is keyed per (input, column): an unchanged shard under an unchanged model and
 //! preprocessing is a cache hit that costs one hash and never loads the model; a changed shard
-//! or model recomputes only what changed. Images flow reader → decode/preprocess workers →
-//! model thread (batched) → writer over bounded channels, so the model thread never waits on
-//! I/O while work is queued.
+//! or model recomputes only what changed. Images flow reader → decode/resize/crop workers →
+//! batcher → model thread → writer over bounded channels, so the model thread never waits on
+//! I/O or decoding while work is queued.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clip::model::{ClipEmbedder, ClipModelFiles, HfClipConfig};
-use crate::clip::preprocess::{preprocess_bytes, ClipPreprocessConfig};
+use crate::clip::preprocess::{decode_crop, ClipPreprocessConfig};
 use crate::clip::pretrain::PretrainConfig;
 use crate::clip::tiny::{ensure_tiny_clip, TinyClipSpec};
 use crate::config::Config;
@@ -513,19 +513,27 @@ pub fn embed_texts_into(
     writer.finish()
 }
 
-/// One image on its way: which unit it belongs to, its row, and its pixels (or why not).
+/// One image on its way: which unit it belongs to, its row, and its resized and cropped CHW
+/// bytes (or why not).
 struct Prepared {
     unit: usize,
     row: usize,
-    pixels: std::result::Result<Vec<f32>, String>,
+    pixels: std::result::Result<Vec<u8>, String>,
+}
+
+/// A batch for the model: the (unit, row) of each image and their CHW bytes back to back.
+struct ByteBatch {
+    rows: Vec<(usize, usize)>,
+    bytes: Vec<u8>,
 }
 
 /// One embedding on its way to the writer: `None` for an undecodable image.
 type Embedded = (usize, usize, Option<Vec<f32>>);
 
 /// Embeds the images of every unit into its cache entry: a reader thread loads one unit at a
-/// time → decode/preprocess workers → batched model calls on this thread → a writer thread
-/// that finishes each entry once all its rows are in. Returns (embedded, skipped) counts.
+/// time → decode/resize/crop workers → a batcher that packs their bytes → batched model calls
+/// on this thread → a writer thread that finishes each entry once all its rows are in.
+/// Returns (embedded, skipped) counts.
 pub fn embed_images_into(
     model: &ClipEmbedder,
     cache: &FeatureCache,
@@ -536,18 +544,20 @@ pub fn embed_images_into(
     let cap = cfg.run.channel_capacity.max(1);
     let batch = cfg.embed.batch_size.max(1);
     let dim = model.dim();
-    // Image `i` of the stream goes to worker `i mod w` and the model thread takes results back
-    // in the same rotation: batches are then the same whatever order the workers finish in
-    // (a GEMM's rounding can depend on how many rows it is given), with no reorder buffer.
+    // Image `i` of the stream goes to worker `i mod w` and the batcher takes results back in
+    // the same rotation: batches are then the same whatever order the workers finish in (a
+    // GEMM's rounding can depend on how many rows it is given), with no reorder buffer.
     let workers = cfg.run.worker_threads().max(1);
     let (job_txs, job_rxs): (Vec<_>, Vec<_>) = (0..workers)
         .map(|_| bounded::<(usize, usize, Vec<u8>)>(cap.div_ceil(workers)))
         .unzip();
     let (meta_tx, meta_rx) = bounded::<(usize, Vec<String>, u64)>(cap);
-    // Preprocessed pixels are large (600 KiB at 224 px): keep about two batches in flight.
+    // About two batches of cropped images in flight (150 KiB each at 224 px), and one packed
+    // batch waiting while the model runs the previous one.
     let in_flight = cap.min(2 * batch).div_ceil(workers);
     let (prep_txs, prep_rxs): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| bounded::<Prepared>(in_flight)).unzip();
+    let (batch_tx, batch_rx) = bounded::<ByteBatch>(1);
     let (out_tx, out_rx) = bounded::<Embedded>(cap);
     let preprocess = model.preprocess.clone();
     let outcome = std::thread::scope(|scope| -> Result<(u64, u64)> {
@@ -572,15 +582,17 @@ pub fn embed_images_into(
             let pre = preprocess.clone();
             scope.spawn(move || {
                 for (unit, row, bytes) in rx {
-                    let pixels = preprocess_bytes(&bytes, &pre).map_err(|e| e.to_string());
+                    let pixels = decode_crop(&bytes, &pre).map_err(|e| e.to_string());
                     if tx.send(Prepared { unit, row, pixels }).is_err() {
                         break;
                     }
                 }
             });
         }
+        let skipped_tx = out_tx.clone();
+        scope.spawn(move || pack_batches(&prep_rxs, batch_tx, skipped_tx, batch));
         let writer = scope.spawn(move || write_entries(cache, units, meta_rx, out_rx, dim));
-        let computed = run_model(model, &prep_rxs, out_tx, batch, &progress);
+        let computed = run_model(model, batch_rx, out_tx, &progress);
         let panicked = |what: &str| Error::Stage {
             stage: "embed".into(),
             message: format!("the {what} thread panicked"),
@@ -599,17 +611,15 @@ pub fn embed_images_into(
     outcome
 }
 
-/// The model thread: takes the prepared images back from the workers in stream order (image
-/// `i` from worker `i mod w`), runs them through CLIP `batch` at a time, and passes each
-/// embedding on.
-fn run_model(
-    model: &ClipEmbedder,
+/// The batcher: takes the cropped images back from the workers in stream order (image `i`
+/// from worker `i mod w`), passes undecodable ones straight to the writer, and packs up to
+/// `batch` images into one buffer for the model thread.
+fn pack_batches(
     prepared: &[Receiver<Prepared>],
-    out: Sender<Embedded>,
+    batches: Sender<ByteBatch>,
+    skipped: Sender<Embedded>,
     batch: usize,
-    progress: &Progress,
-) -> Result<()> {
-    let dim = model.dim();
+) {
     let mut from = prepared.iter().cycle();
     loop {
         let items: Vec<Prepared> = from
@@ -618,47 +628,77 @@ fn run_model(
             .map_while(|rx| rx.recv().ok())
             .collect();
         if items.is_empty() {
-            return Ok(());
+            return;
         }
         let per_image = items
             .iter()
             .find_map(|p| p.pixels.as_ref().ok().map(Vec::len))
             .unwrap_or(0);
-        let mut pixels = Vec::with_capacity(per_image * items.len());
-        let mut ok = Vec::new();
+        let mut packed = ByteBatch {
+            rows: Vec::with_capacity(items.len()),
+            bytes: Vec::with_capacity(per_image * items.len()),
+        };
         for p in items {
             match p.pixels {
                 Ok(px) => {
-                    pixels.extend_from_slice(&px);
-                    ok.push((p.unit, p.row));
+                    packed.bytes.extend_from_slice(&px);
+                    packed.rows.push((p.unit, p.row));
                 }
                 Err(msg) => {
                     eprintln!(
                         "[embed] skipping an undecodable image (unit {}, row {}): {msg}",
                         p.unit, p.row
                     );
-                    if out.send((p.unit, p.row, None)).is_err() {
-                        return Ok(());
+                    if skipped.send((p.unit, p.row, None)).is_err() {
+                        return;
                     }
                 }
             }
         }
-        if ok.is_empty() {
-            continue;
+        if !packed.rows.is_empty() && batches.send(packed).is_err() {
+            return;
         }
-        let emb = model
-            .embed_pixel_batch(pixels, ok.len())
-            .map_err(stage_err)?;
-        let flat: Vec<f32> = emb
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(stage_err)?;
-        for ((unit, row), e) in ok.iter().zip(flat.chunks(dim)) {
-            if out.send((*unit, *row, Some(e.to_vec()))).is_err() {
-                return Ok(());
+    }
+}
+
+/// The model thread: runs each packed batch through CLIP and passes each embedding on. The
+/// next batch's input is made (on a GPU: its bytes uploaded) before the previous batch's
+/// embeddings are read back, and its forward pass is queued right after: between two
+/// forward passes the device waits only for that readback.
+fn run_model(
+    model: &ClipEmbedder,
+    batches: Receiver<ByteBatch>,
+    out: Sender<Embedded>,
+    progress: &Progress,
+) -> Result<()> {
+    let dim = model.dim();
+    let mut running: Option<(Vec<(usize, usize)>, Tensor)> = None;
+    loop {
+        let next = match batches.recv() {
+            Ok(b) => {
+                let n = b.rows.len();
+                Some((b.rows, model.pixel_input(b.bytes, n).map_err(stage_err)?))
             }
+            Err(_) => None,
+        };
+        if let Some((rows, emb)) = running.take() {
+            let flat: Vec<f32> = emb
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(stage_err)?;
+            for ((unit, row), e) in rows.iter().zip(flat.chunks(dim)) {
+                if out.send((*unit, *row, Some(e.to_vec()))).is_err() {
+                    return Ok(());
+                }
+            }
+            progress.inc(rows.len() as u64);
         }
-        progress.inc(ok.len() as u64);
+        match next {
+            Some((rows, x)) => {
+                running = Some((rows, model.embed_pixel_tensor(&x).map_err(stage_err)?));
+            }
+            None => return Ok(()),
+        }
     }
 }
 

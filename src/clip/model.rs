@@ -14,7 +14,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
-use crate::clip::preprocess::ClipPreprocessConfig;
+use crate::clip::preprocess::{ClipPreprocessConfig, PixelTable};
 use crate::clip::vision::VisionTower;
 use crate::error::{Error, IoContext, Result};
 use crate::hub::HubClient;
@@ -250,6 +250,8 @@ pub struct ClipEmbedder {
     tokenizer: Tokenizer,
     pub config: HfClipConfig,
     pub preprocess: ClipPreprocessConfig,
+    /// The normalised value of every byte per channel, on the CPU and (768 f32) on the device.
+    pixel_table: (PixelTable, Tensor),
     device: Device,
     dtype: DType,
 }
@@ -306,6 +308,8 @@ impl ClipEmbedder {
         )?;
         set_truncation(&mut tokenizer, config.text_config.max_position_embeddings)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let table = PixelTable::new(&preprocess);
+        let table_on_device = Tensor::new(table.values.as_slice(), device)?;
         Ok(Self {
             vision,
             text,
@@ -313,6 +317,7 @@ impl ClipEmbedder {
             tokenizer,
             config,
             preprocess,
+            pixel_table: (table, table_on_device),
             device: device.clone(),
             dtype,
         })
@@ -340,6 +345,45 @@ impl ClipEmbedder {
             .to_device(&self.device)?
             .to_dtype(self.dtype)?;
         self.embed_pixel_tensor(&x)
+    }
+
+    /// The model's input `[n, 3, size, size]` (on its device, in its dtype) from `n` images
+    /// of resized and cropped CHW bytes ([`decode_crop`](crate::clip::preprocess::decode_crop)).
+    /// On a GPU the bytes are uploaded, a quarter of the f32 pixels, and rescaled and
+    /// normalised there by table lookup; on the CPU the lookup runs on all threads. Either way
+    /// the pixels are bit for bit those of [`preprocess_bytes`](crate::clip::preprocess::preprocess_bytes).
+    pub fn pixel_input(&self, bytes: Vec<u8>, n: usize) -> candle_core::Result<Tensor> {
+        let s = self.config.vision_config.image_size;
+        if bytes.len() != n * 3 * s * s {
+            candle_core::bail!(
+                "{} bytes are not {n} images of 3×{s}×{s} pixels",
+                bytes.len()
+            );
+        }
+        if self.device.is_cpu() {
+            use rayon::prelude::*;
+            let table = &self.pixel_table.0;
+            let mut pixels = vec![0f32; bytes.len()];
+            pixels
+                .par_chunks_mut(3 * s * s)
+                .zip(bytes.par_chunks(3 * s * s))
+                .for_each(|(out, img)| table.normalise_planes(img, out, s * s));
+            return Tensor::from_vec(pixels, (n, 3, s, s), &self.device)?.to_dtype(self.dtype);
+        }
+        let x = Tensor::from_vec(bytes, (n, 3, s, s), &Device::Cpu)?.to_device(&self.device)?;
+        self.normalise_bytes(&x)?.to_dtype(self.dtype)
+    }
+
+    /// Table lookup of byte pixels `[n, 3, h, w]` (any device): entry `c·256 + v` for byte
+    /// `v` of channel `c`.
+    fn normalise_bytes(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let offsets = Tensor::new(&[0u32, 256, 512], x.device())?.reshape((1, 3, 1, 1))?;
+        let ids = x.to_dtype(DType::U32)?.broadcast_add(&offsets)?;
+        self.pixel_table
+            .1
+            .to_device(x.device())?
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(x.shape())
     }
 
     /// Image embeddings of a pixel tensor `[n, 3, size, size]` already on the model's
@@ -534,6 +578,41 @@ mod tests {
             .unwrap();
         let diff = max_abs_diff(&emb, &rows(&reference()["image_embeds"]));
         assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn byte_pixels_become_transformers_pixel_values_on_every_path() {
+        use crate::clip::preprocess::{decode_crop, preprocess_bytes};
+        let model = tiny();
+        let pv = read_npy(&fixture("reference/clip/pixel_values.npy")).unwrap();
+        let (mut bytes, mut floats) = (Vec::new(), Vec::new());
+        for i in 0..4 {
+            let png = std::fs::read(fixture(&format!("images/img{i}.png"))).unwrap();
+            bytes.extend(decode_crop(&png, &model.preprocess).unwrap());
+            floats.extend(preprocess_bytes(&png, &model.preprocess).unwrap());
+        }
+        // The PNGs (67×45, 50×80, 32×32, 300×200) are resized and cropped as transformers
+        // (PIL) does: the same pixel values, to f32 rounding.
+        let diff = floats
+            .iter()
+            .zip(&pv.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "max abs diff from pixel_values.npy {diff}");
+        // The CPU lookup and the tensor lookup a GPU runs give the same bits.
+        let on_cpu = model.pixel_input(bytes.clone(), 4).unwrap();
+        assert_eq!(
+            on_cpu.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            floats
+        );
+        let x = Tensor::from_vec(bytes.clone(), (4, 3, 32, 32), &Device::Cpu).unwrap();
+        let by_tensor = model.normalise_bytes(&x).unwrap();
+        assert_eq!(
+            by_tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            floats
+        );
+        let err = model.pixel_input(bytes[1..].to_vec(), 4).unwrap_err();
+        assert!(err.to_string().contains("not 4 images of 3×32×32"), "{err}");
     }
 
     #[test]

@@ -165,13 +165,21 @@ impl ClipPreprocessConfig {
 
 /// Decodes an encoded image (JPEG, PNG, ...) and preprocesses it into CHW f32 pixels.
 pub fn preprocess_bytes(bytes: &[u8], cfg: &ClipPreprocessConfig) -> Result<Vec<f32>> {
+    let crop = decode_crop(bytes, cfg)?;
+    Ok(PixelTable::new(cfg).normalise(&crop))
+}
+
+/// Decodes an encoded image and resizes and crops it into CHW bytes: the preprocessing up to
+/// the per-pixel rescale and normalisation, which [`PixelTable`] applies. A quarter of the
+/// f32 pixels' size, so the embed stage moves and uploads these.
+pub fn decode_crop(bytes: &[u8], cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> {
     let img = image::load_from_memory(bytes).map_err(|e| Error::Stage {
         stage: "embed".into(),
         message: format!("cannot decode image: {e}"),
     })?;
-    let rgb = img.to_rgb8();
+    let rgb = img.into_rgb8();
     let (w, h) = rgb.dimensions();
-    preprocess_rgb(rgb.as_raw(), w as usize, h as usize, cfg)
+    crop_rgb8(rgb.as_raw(), w as usize, h as usize, cfg)
 }
 
 /// Preprocesses packed RGB8 pixels (`w × h × 3`) into CHW f32.
@@ -181,6 +189,11 @@ pub fn preprocess_rgb(
     h: usize,
     cfg: &ClipPreprocessConfig,
 ) -> Result<Vec<f32>> {
+    Ok(PixelTable::new(cfg).normalise(&crop_rgb8(rgb, w, h, cfg)?))
+}
+
+/// Resizes (shortest side) and centre-crops packed RGB8 pixels (`w × h × 3`) into CHW bytes.
+pub fn crop_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> {
     if w == 0 || h == 0 || rgb.len() != w * h * 3 {
         return Err(Error::Stage {
             stage: "embed".into(),
@@ -202,19 +215,39 @@ pub fn preprocess_rgb(
     // is smaller than the crop.
     let top = (h as i64 - ch as i64).div_euclid(2);
     let left = (w as i64 - cw as i64).div_euclid(2);
-    let mut out = vec![0f32; 3 * ch * cw];
+    let mut out = vec![0u8; 3 * ch * cw];
     let plane = ch * cw;
+    let (x0, x1) = (left.max(0), (left + cw as i64).min(w as i64));
     for y in 0..ch {
         let sy = y as i64 + top;
-        for x in 0..cw {
-            let sx = x as i64 + left;
-            let inside = sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w;
-            for c in 0..3 {
-                let v = if inside {
-                    img[(sy as usize * w + sx as usize) * 3 + c]
-                } else {
-                    0
-                };
+        if sy < 0 || sy >= h as i64 || x0 >= x1 {
+            continue;
+        }
+        let src = &img[(sy as usize * w + x0 as usize) * 3..(sy as usize * w + x1 as usize) * 3];
+        let at = y * cw + (x0 - left) as usize;
+        for (c, dst) in out.chunks_exact_mut(plane).enumerate() {
+            for (d, px) in dst[at..].iter_mut().zip(src.chunks_exact(3)) {
+                *d = px[c];
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The rescaled, normalised value of every byte in every channel (rescale by
+/// `rescale_factor` in f64, then f32, then `(p - mean) / std` in f32, as transformers does):
+/// a table lookup gives the same bits as the arithmetic, on the CPU or on the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PixelTable {
+    /// `values[c * 256 + v]`: channel `c`, byte `v`.
+    pub values: Vec<f32>,
+}
+
+impl PixelTable {
+    pub fn new(cfg: &ClipPreprocessConfig) -> Self {
+        let mut values = Vec::with_capacity(3 * 256);
+        for c in 0..3 {
+            for v in 0..=255u8 {
                 let mut p = if cfg.do_rescale {
                     (f64::from(v) * cfg.rescale_factor) as f32
                 } else {
@@ -223,11 +256,33 @@ pub fn preprocess_rgb(
                 if cfg.do_normalize {
                     p = (p - cfg.image_mean[c]) / cfg.image_std[c];
                 }
-                out[c * plane + y * cw + x] = p;
+                values.push(p);
+            }
+        }
+        Self { values }
+    }
+
+    /// CHW bytes of one image into f32 pixels.
+    pub fn normalise(&self, chw: &[u8]) -> Vec<f32> {
+        let mut out = vec![0f32; chw.len()];
+        self.normalise_planes(chw, &mut out, chw.len() / 3);
+        out
+    }
+
+    /// CHW bytes of one or more images of `plane` pixels per channel into `out`, of the
+    /// same length.
+    pub fn normalise_planes(&self, chw: &[u8], out: &mut [f32], plane: usize) {
+        for (i, (src, dst)) in chw
+            .chunks(plane.max(1))
+            .zip(out.chunks_mut(plane.max(1)))
+            .enumerate()
+        {
+            let table = &self.values[(i % 3) * 256..(i % 3 + 1) * 256];
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = table[usize::from(v)];
             }
         }
     }
-    Ok(out)
 }
 
 /// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side
@@ -370,65 +425,88 @@ fn precompute_coeffs(in_size: usize, out_size: usize, f: Filter) -> Coeffs {
     }
 }
 
+/// Pillow's `clip8`: the fixed-point sum back to a byte, saturating (branch-free, so the
+/// row loops vectorise).
 #[inline]
 fn clip8(v: i32) -> u8 {
-    if v >= (1 << PRECISION_BITS << 8) {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
-    }
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// `PIL.Image.resize((nw, nh), filter)` of packed RGB8 pixels, bit for bit.
+///
+/// Pillow resamples horizontally (only the rows the vertical pass reads), rounds to bytes,
+/// then vertically. Both passes here run as [`resample_rows`], whole rows of vectorised
+/// integer multiply-adds: the horizontal one on the transposed image, then transposed back.
+/// The taps and their order are Pillow's, so the integer sums are the same.
 pub fn resize_rgb8(src: &[u8], w: usize, h: usize, nw: usize, nh: usize, f: Filter) -> Vec<u8> {
     let need_h = nw != w;
     let need_v = nh != h;
-    let horiz = precompute_coeffs(w, nw, f);
     let vert = precompute_coeffs(h, nh, f);
-    let round = 1i32 << (PRECISION_BITS - 1);
-    // Horizontal pass over the rows the vertical pass reads.
-    let (tmp, tw, row0) = if need_h {
-        let first = vert.bounds[0].0;
-        let (lb, ln) = vert.bounds[nh - 1];
-        let last = if need_v { lb + ln } else { h };
-        let first = if need_v { first } else { 0 };
-        let mut out = vec![0u8; (last - first) * nw * 3];
-        for (oy, y) in (first..last).enumerate() {
-            let row = &src[y * w * 3..(y + 1) * w * 3];
-            let orow = &mut out[oy * nw * 3..(oy + 1) * nw * 3];
-            for (xx, &(xmin, xmax)) in horiz.bounds.iter().enumerate() {
-                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + xmax];
-                let (mut r, mut g, mut b) = (round, round, round);
-                for (x, &kw) in k.iter().enumerate() {
-                    let p = (xmin + x) * 3;
-                    r += i32::from(row[p]) * kw;
-                    g += i32::from(row[p + 1]) * kw;
-                    b += i32::from(row[p + 2]) * kw;
-                }
-                orow[xx * 3] = clip8(r);
-                orow[xx * 3 + 1] = clip8(g);
-                orow[xx * 3 + 2] = clip8(b);
-            }
-        }
-        (std::borrow::Cow::Owned(out), nw, first)
+    let (tmp, row0) = if need_h {
+        let (first, last) = if need_v {
+            let (lb, ln) = vert.bounds[nh - 1];
+            (vert.bounds[0].0, lb + ln)
+        } else {
+            (0, h)
+        };
+        let rows = last - first;
+        let columns = transpose_rgb8(&src[first * w * 3..last * w * 3], w, rows);
+        let horiz = precompute_coeffs(w, nw, f);
+        let resized = resample_rows(&columns, rows * 3, 0, &horiz);
+        (
+            std::borrow::Cow::Owned(transpose_rgb8(&resized, rows, nw)),
+            first,
+        )
     } else {
-        (std::borrow::Cow::Borrowed(src), w, 0)
+        (std::borrow::Cow::Borrowed(src), 0)
     };
     if !need_v {
         return tmp.into_owned();
     }
-    let mut out = vec![0u8; nw * nh * 3];
-    for (yy, &(ymin, ymax)) in vert.bounds.iter().enumerate() {
-        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + ymax];
-        let orow = &mut out[yy * tw * 3..(yy + 1) * tw * 3];
-        for (x, o) in orow.iter_mut().enumerate() {
-            let mut acc = round;
-            for (y, &kw) in k.iter().enumerate() {
-                acc += i32::from(tmp[(ymin - row0 + y) * tw * 3 + x]) * kw;
+    resample_rows(&tmp, nw * 3, row0, &vert)
+}
+
+/// One resampling pass along the row direction: output row `i` is the sum over Pillow's taps
+/// of `weight · input row (start_i + t)`, rounded and saturated to bytes. Rows are `len`
+/// bytes; `src` begins at input row `row0`.
+fn resample_rows(src: &[u8], len: usize, row0: usize, c: &Coeffs) -> Vec<u8> {
+    let mut out = vec![0u8; c.bounds.len() * len];
+    let mut acc = vec![0i32; len];
+    for (i, (&(start, taps), o)) in c.bounds.iter().zip(out.chunks_mut(len)).enumerate() {
+        let rows = &src[(start - row0) * len..(start - row0 + taps) * len];
+        let k = &c.weights[i * c.ksize..i * c.ksize + taps];
+        // One call per output row, so the small body is inlined into the vector build.
+        crate::kernels::vectorised(|| weighted_row_sum(rows, k, &mut acc, o));
+    }
+    out
+}
+
+/// `out = clip8(round + Σ_t k[t] · rows[t])` for consecutive rows of `out.len()` bytes.
+#[inline(always)]
+fn weighted_row_sum(rows: &[u8], k: &[i32], acc: &mut [i32], out: &mut [u8]) {
+    acc.fill(1i32 << (PRECISION_BITS - 1));
+    for (row, &kw) in rows.chunks_exact(out.len()).zip(k) {
+        for (a, &p) in acc.iter_mut().zip(row) {
+            *a += i32::from(p) * kw;
+        }
+    }
+    for (o, &a) in out.iter_mut().zip(acc.iter()) {
+        *o = clip8(a);
+    }
+}
+
+/// `h` rows of `w` RGB pixels → `w` rows of `h` RGB pixels, in tiles of rows that stay in
+/// cache.
+fn transpose_rgb8(src: &[u8], w: usize, h: usize) -> Vec<u8> {
+    const TILE: usize = 32;
+    let mut out = vec![0u8; w * h * 3];
+    for x0 in (0..w).step_by(TILE) {
+        let x1 = (x0 + TILE).min(w);
+        for (y, row) in src.chunks_exact(w * 3).enumerate() {
+            for (x, px) in (x0..x1).zip(row[x0 * 3..x1 * 3].chunks_exact(3)) {
+                let d = (x * h + y) * 3;
+                out[d..d + 3].copy_from_slice(px);
             }
-            *o = clip8(acc);
         }
     }
     out
@@ -487,5 +565,127 @@ mod tests {
         // top = (4-2)//2 = 1, left = (5-3)//2 = 1; red plane first.
         assert_eq!(&px[..3], &[18.0, 21.0, 24.0]);
         assert_eq!(px.len(), 18);
+    }
+
+    #[test]
+    fn clip8_saturates_like_pillow() {
+        let pillow = |v: i32| {
+            if v >= (1 << PRECISION_BITS << 8) {
+                255
+            } else if v <= 0 {
+                0
+            } else {
+                (v >> PRECISION_BITS) as u8
+            }
+        };
+        let edges = [
+            i32::MIN,
+            -1,
+            0,
+            1,
+            (1 << 22) - 1,
+            1 << 22,
+            255 << 22,
+            (1 << 30) - 1,
+        ];
+        let more = [1 << 30, i32::MAX];
+        for v in edges
+            .into_iter()
+            .chain(more)
+            .chain((-5000..5000).map(|k| k * 300_007))
+        {
+            assert_eq!(clip8(v), pillow(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn a_crop_larger_than_the_image_is_zero_padded() {
+        let src: Vec<u8> = (1..=3 * 2 * 3).map(|i| i as u8).collect();
+        let cfg = ClipPreprocessConfig {
+            do_resize: false,
+            crop_height: 4,
+            crop_width: 4,
+            ..ClipPreprocessConfig::openai_clip(4)
+        };
+        let got = crop_rgb8(&src, 3, 2, &cfg).unwrap();
+        // top = (2-4)//2 = -1, left = (3-4)//2 = -1.
+        let mut want = vec![0u8; 3 * 16];
+        for c in 0..3 {
+            for y in 1..3 {
+                for x in 1..4 {
+                    want[c * 16 + y * 4 + x] = src[((y - 1) * 3 + x - 1) * 3 + c];
+                }
+            }
+        }
+        assert_eq!(got, want);
+        let table = PixelTable::new(&cfg);
+        let px = preprocess_rgb(&src, 3, 2, &cfg).unwrap();
+        assert_eq!(px[0], table.values[0], "padding is byte 0 normalised");
+        assert_eq!(px[16 + 5], table.values[256 + usize::from(src[1])]);
+        assert!(crop_rgb8(&src[1..], 3, 2, &cfg).is_err());
+    }
+
+    /// Pillow's `ImagingResample` for 8-bit RGB as written there: pixel by pixel, horizontal
+    /// pass over the rows the vertical pass needs, then vertical.
+    fn pillow_resize(src: &[u8], w: usize, h: usize, nw: usize, nh: usize, f: Filter) -> Vec<u8> {
+        let (horiz, vert) = (precompute_coeffs(w, nw, f), precompute_coeffs(h, nh, f));
+        let round = 1i32 << (PRECISION_BITS - 1);
+        let (first, last) = (
+            vert.bounds[0].0,
+            vert.bounds[nh - 1].0 + vert.bounds[nh - 1].1,
+        );
+        let mut tmp = vec![0u8; (last - first) * nw * 3];
+        for y in first..last {
+            for (xx, &(xmin, xmax)) in horiz.bounds.iter().enumerate() {
+                for c in 0..3 {
+                    let mut acc = round;
+                    for x in 0..xmax {
+                        let kw = horiz.weights[xx * horiz.ksize + x];
+                        acc += i32::from(src[(y * w + xmin + x) * 3 + c]) * kw;
+                    }
+                    tmp[((y - first) * nw + xx) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        let mut out = vec![0u8; nw * nh * 3];
+        for (yy, &(ymin, ymax)) in vert.bounds.iter().enumerate() {
+            for x in 0..nw * 3 {
+                let mut acc = round;
+                for y in 0..ymax {
+                    let kw = vert.weights[yy * vert.ksize + y];
+                    acc += i32::from(tmp[(ymin - first + y) * nw * 3 + x]) * kw;
+                }
+                out[yy * nw * 3 + x] = clip8(acc);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn row_passes_on_the_transposed_image_equal_pillows_pixel_loop() {
+        let mut rng = crate::rng::SplitMix64::new(3);
+        // Down- and upscaling, odd sizes, one side unchanged, every filter.
+        let cases = [
+            (256, 256, 224, 224),
+            (640, 480, 298, 224),
+            (67, 45, 47, 32),
+            (31, 77, 50, 80),
+            (40, 30, 40, 17),
+            (40, 30, 23, 30),
+        ];
+        for (i, &(w, h, nw, nh)) in cases.iter().enumerate() {
+            // Smooth gradients plus noise: sums that land near the byte boundaries and the
+            // saturation at 0 and 255.
+            let src: Vec<u8> = (0..w * h * 3)
+                .map(|k| ((k % (w * 3)) * 255 / (w * 3)) as u8 ^ (rng.next_u64() as u8 & 0x1f))
+                .collect();
+            let r = 1 + (i as u32 % 5);
+            let got = resize_rgb8(&src, w, h, nw, nh, filter(r));
+            assert_eq!(
+                got,
+                pillow_resize(&src, w, h, nw, nh, filter(r)),
+                "case {i}"
+            );
+        }
     }
 }
