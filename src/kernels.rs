@@ -10,11 +10,30 @@ use rayon::prelude::*;
 /// Elements per parallel task of an elementwise op: large enough to amortise scheduling.
 pub(crate) const ELEMENTWISE_GRAIN: usize = 1 << 14;
 
+/// Whether the CPU runs the AVX-512 (F, VL, DQ) builds of [`vectorised`] and
+/// [`multiversioned!`] functions.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512dq")
+}
+
+/// Whether the CPU runs the AVX2 + FMA builds.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
 /// Runs `f` compiled for the widest vector unit the CPU has: AVX-512, else AVX2 with FMA,
 /// else the build's baseline (SSE2 on x86-64, whose 4-lane loops run elementwise kernels
-/// such as [`exp_fast`] at a quarter of AVX-512's speed). `f`'s body is inlined into a
-/// function with those target features, so its loops vectorise for them; the code that
-/// rayon runs on other threads is not, so parallel kernels call this inside each task.
+/// such as [`exp_fast`] at a quarter of AVX-512's speed). This works when the compiler
+/// inlines `f` into the function with those target features, which it does for a small
+/// loop; the code that rayon runs on other threads is not, so parallel kernels call this
+/// inside each task. Loop nests are defined with [`multiversioned!`] instead, where the
+/// inlining is certain.
 #[inline(always)]
 pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -27,19 +46,51 @@ pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
         fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512dq")
-        {
+        if has_avx512() {
             // SAFETY: the CPU has every feature the function is compiled for.
             return unsafe { avx512(f) };
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if has_avx2() {
             // SAFETY: as above.
             return unsafe { avx2(f) };
         }
     }
     f()
+}
+
+/// Defines a function whose body is built three times, for AVX-512, for AVX2 + FMA and for
+/// the build's baseline, one of which is picked at run time as [`vectorised`] does. The body
+/// is an `#[inline(always)]` function called from each build, so it is compiled for that
+/// build's features whatever its size (a large closure handed to [`vectorised`] may stay a
+/// baseline function of its own: perf showed the attention softmax doing so).
+macro_rules! multiversioned {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if $crate::kernels::has_avx512() {
+                    // SAFETY: the CPU has every feature the function is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if $crate::kernels::has_avx2() {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
 }
 
 /// `f(a[i], b[i])` for equally long `a` and `b`, in parallel chunks of plain loops (which
@@ -191,6 +242,24 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+multiversioned! {
+    /// Rows of `x` (each `w.len()` long) normalised into `out`, with [`row_stats`].
+    fn normalise_rows(
+        out: &mut [std::mem::MaybeUninit<f32>],
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        eps: f32,
+    ) {
+        for (out, x) in out.chunks_mut(w.len()).zip(x.chunks(w.len())) {
+            let (mean, rstd) = row_stats(x, eps);
+            for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
+                o.write((v - mean) * rstd * w + b);
+            }
+        }
+    }
+}
+
 struct LayerNormOp {
     eps: f32,
 }
@@ -223,16 +292,7 @@ impl candle_core::CustomOp3 for LayerNormOp {
         out.spare_capacity_mut()[..x.len()]
             .par_chunks_mut(d * NORM_ROWS_PER_TASK)
             .zip(x.par_chunks(d * NORM_ROWS_PER_TASK))
-            .for_each(|(out, x)| {
-                vectorised(|| {
-                    for (out, x) in out.chunks_mut(d).zip(x.chunks(d)) {
-                        let (mean, rstd) = row_stats(x, self.eps);
-                        for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
-                            o.write((v - mean) * rstd * w + b);
-                        }
-                    }
-                })
-            });
+            .for_each(|(out, x)| normalise_rows(out, x, w, b, self.eps));
         // SAFETY: the chunks above cover every row, and every row is written whole.
         unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -717,6 +777,19 @@ pub(crate) unsafe fn par_gemm(
     )
 }
 
+multiversioned! {
+    /// Softmax of each `t`-long row of `p`, in place.
+    fn softmax_rows(p: &mut [f32], t: usize) {
+        for row in p.chunks_mut(t) {
+            let max = lane_max(row);
+            row.iter_mut().for_each(|x| *x = exp_fast(*x - max));
+            let sum = lane_sum(row, |v| v);
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
 impl QkvAttention {
     /// The attention weights of sequence `bi`, head `h` into `p` (`t × t`).
     fn weights(&self, qkv: &[f32], bi: usize, h: usize, t: usize, d: usize, p: &mut [f32]) {
@@ -730,15 +803,7 @@ impl QkvAttention {
             let mask = &mask[bi * t * t..(bi + 1) * t * t];
             p.iter_mut().zip(mask).for_each(|(x, &m)| *x += m);
         }
-        vectorised(|| {
-            for row in p.chunks_mut(t) {
-                let max = lane_max(row);
-                row.iter_mut().for_each(|x| *x = exp_fast(*x - max));
-                let sum = lane_sum(row, |v| v);
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
-        });
+        softmax_rows(p, t);
     }
 
     /// `(b, t, d)` from the `(b, t, 3·d)` layout of `shape`.
@@ -968,7 +1033,14 @@ mod tests {
 
     #[test]
     fn unmasked_qkv_attention_equals_softmax_attention() {
-        let (b, heads, t, hd) = (3, 2, 7, 4);
+        // Head widths and sequence lengths of the tiny test models and of ViT-B/32 (50 tokens
+        // of 64-wide heads).
+        for (b, heads, t, hd) in [(3, 2, 7, 4), (2, 3, 50, 64), (2, 2, 19, 32), (1, 1, 3, 16)] {
+            qkv_attention_equals_softmax_attention(b, heads, t, hd);
+        }
+    }
+
+    fn qkv_attention_equals_softmax_attention(b: usize, heads: usize, t: usize, hd: usize) {
         let d = heads * hd;
         let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &Device::Cpu).unwrap();
         let op = QkvAttention {
@@ -1002,7 +1074,10 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(worst < 1e-5, "max abs difference {worst}");
+        assert!(
+            worst < 1e-5,
+            "{b}×{heads}×{t}×{hd}: max abs difference {worst}"
+        );
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
