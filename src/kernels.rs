@@ -93,6 +93,8 @@ macro_rules! multiversioned {
     };
 }
 
+pub(crate) use multiversioned;
+
 /// `f(a[i], b[i])` for equally long `a` and `b`, in parallel chunks of plain loops (which
 /// vectorise, unlike an element-wise parallel iterator, and for the CPU's widest vectors).
 pub(crate) fn par_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {

@@ -475,23 +475,24 @@ fn resample_rows(src: &[u8], len: usize, row0: usize, c: &Coeffs) -> Vec<u8> {
     for (i, (&(start, taps), o)) in c.bounds.iter().zip(out.chunks_mut(len)).enumerate() {
         let rows = &src[(start - row0) * len..(start - row0 + taps) * len];
         let k = &c.weights[i * c.ksize..i * c.ksize + taps];
-        // One call per output row, so the small body is inlined into the vector build.
-        crate::kernels::vectorised(|| weighted_row_sum(rows, k, &mut acc, o));
+        weighted_row_sum(rows, k, &mut acc, o);
     }
     out
 }
 
-/// `out = clip8(round + Σ_t k[t] · rows[t])` for consecutive rows of `out.len()` bytes.
-#[inline(always)]
-fn weighted_row_sum(rows: &[u8], k: &[i32], acc: &mut [i32], out: &mut [u8]) {
-    acc.fill(1i32 << (PRECISION_BITS - 1));
-    for (row, &kw) in rows.chunks_exact(out.len()).zip(k) {
-        for (a, &p) in acc.iter_mut().zip(row) {
-            *a += i32::from(p) * kw;
+crate::kernels::multiversioned! {
+    /// `out = clip8(round + Σ_t k[t] · rows[t])` for consecutive rows of `out.len()` bytes,
+    /// built for the CPU's widest vectors.
+    fn weighted_row_sum(rows: &[u8], k: &[i32], acc: &mut [i32], out: &mut [u8]) {
+        acc.fill(1i32 << (PRECISION_BITS - 1));
+        for (row, &kw) in rows.chunks_exact(out.len()).zip(k) {
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += i32::from(p) * kw;
+            }
         }
-    }
-    for (o, &a) in out.iter_mut().zip(acc.iter()) {
-        *o = clip8(a);
+        for (o, &a) in out.iter_mut().zip(acc.iter()) {
+            *o = clip8(a);
+        }
     }
 }
 
