@@ -232,7 +232,7 @@ fn run_prefcap(args: &BenchTrainDpoArgs, ckpt: &Path, out: &Path) -> anyhow::Res
     let sorted = opt.var_list();
     let (mut steps, mut first_loss, mut tokens, mut sequences) = (0, f64::NAN, 0usize, 0usize);
     let shuffle = Some((0, "bench".to_string()));
-    for batch in split.batches(args.batch, Arc::new(refs), shuffle) {
+    for batch in split.batches(args.batch, Some(Arc::new(refs)), shuffle) {
         let batch = batch?;
         for g in &batch.groups {
             for s in [&g.chosen, &g.rejected] {

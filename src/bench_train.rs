@@ -18,7 +18,9 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use clap::Args;
 
-use crate::captioner::{ensure_random_gpt2, Captioner, CaptionerConfig, DecoderFiles, Gpt2Spec};
+use crate::captioner::{
+    ensure_random_gpt2, seed_mapper, Captioner, CaptionerConfig, DecoderFiles, Gpt2Spec,
+};
 use crate::embed::device_for;
 use crate::rng::SplitMix64;
 use crate::train::{clip_and_step, grad_norm, AdamW, TrainConfig};
@@ -129,6 +131,9 @@ fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Resu
         &vars,
         &device,
     )?;
+    // As train-sft does: candle's own initialisation cannot be seeded, so the first loss
+    // would change from run to run.
+    seed_mapper(&vars, 0)?;
     let params: usize = vars.all_vars().iter().map(|v| v.elem_count()).sum();
     let mut opt = AdamW::new(&vars)?;
     let train_cfg = TrainConfig {

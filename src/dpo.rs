@@ -284,26 +284,42 @@ pub struct PairBatch {
     pub groups: Vec<PairGroup>,
 }
 
+/// Reference log-probabilities (chosen, rejected) by pair id.
+pub(crate) type RefLogps = HashMap<String, (f32, f32)>;
+
 impl PairBatch {
-    fn new(rows: &[PairRow], pad: u32, refs: &HashMap<String, (f32, f32)>) -> Self {
+    /// `refs`: the reference log-probabilities, which must cover every row; `None` where no
+    /// reference is used (ORPO, the reference pass itself), which leaves them 0.
+    fn new(rows: &[PairRow], pad: u32, refs: Option<&RefLogps>) -> Result<Self> {
         let (image, text): (Vec<&PairRow>, Vec<&PairRow>) =
             rows.iter().partition(|r| r.clip.is_some());
+        let lookup = |r: &PairRow| -> Result<(f32, f32)> {
+            match refs {
+                None => Ok((0.0, 0.0)),
+                Some(refs) => refs.get(&r.pair_id).copied().ok_or_else(|| {
+                    Error::Config(format!(
+                        "pair {} ({}) has no cached reference log-probabilities",
+                        r.pair_id, r.source
+                    ))
+                }),
+            }
+        };
         let groups = [image, text]
             .into_iter()
             .filter(|g| !g.is_empty())
-            .map(|g| {
-                let lookup = |r: &&PairRow| refs.get(&r.pair_id).copied().unwrap_or((0.0, 0.0));
-                PairGroup {
+            .map(|g| -> Result<PairGroup> {
+                let refs = g.iter().map(|r| lookup(r)).collect::<Result<Vec<_>>>()?;
+                Ok(PairGroup {
                     pair_ids: g.iter().map(|r| r.pair_id.clone()).collect(),
                     sources: g.iter().map(|r| r.source.clone()).collect(),
                     chosen: SideBatch::new(&g, true, pad),
                     rejected: SideBatch::new(&g, false, pad),
-                    ref_chosen: g.iter().map(|r| lookup(r).0).collect(),
-                    ref_rejected: g.iter().map(|r| lookup(r).1).collect(),
-                }
+                    ref_chosen: refs.iter().map(|r| r.0).collect(),
+                    ref_rejected: refs.iter().map(|r| r.1).collect(),
+                })
             })
-            .collect();
-        Self { groups }
+            .collect::<Result<_>>()?;
+        Ok(Self { groups })
     }
 
     pub fn rows(&self) -> usize {
@@ -332,6 +348,8 @@ struct PairShard {
 pub(crate) struct PairSplit {
     shards: Vec<PairShard>,
     images: Arc<HashMap<String, Vec<f32>>>,
+    /// Digests of the feature-cache entries `images` came from.
+    feature_digests: Vec<String>,
     tokenizing: Arc<Tokenizing>,
 }
 
@@ -381,8 +399,10 @@ impl PairSplit {
             ));
         }
         let mut images = HashMap::new();
+        let mut feature_digests = Vec::new();
         if !p.pairs_dataset.is_empty() {
             for e in embed::split_features(cfg, workdir, &p.image_dataset, image_split, "image")? {
+                feature_digests.push(e.manifest.digest.clone());
                 let t = e.open()?;
                 let (dim, emb) = (t.dim, t.embeddings());
                 for (i, k) in t.keys().into_iter().enumerate() {
@@ -393,6 +413,7 @@ impl PairSplit {
         Ok(Self {
             shards,
             images: Arc::new(images),
+            feature_digests,
             tokenizing,
         })
     }
@@ -464,7 +485,7 @@ impl PairSplit {
     pub(crate) fn batches(
         &self,
         batch_size: usize,
-        refs: Arc<HashMap<String, (f32, f32)>>,
+        refs: Option<Arc<RefLogps>>,
         shuffle: Option<(u64, String)>,
     ) -> Receiver<Result<PairBatch>> {
         let loader = {
@@ -472,8 +493,9 @@ impl PairSplit {
             move |i: usize| split.load(i).map(|l| l.rows)
         };
         let pad = self.tokenizing.eos;
-        let make =
-            move |chunk: &[PairRow]| -> Result<PairBatch> { Ok(PairBatch::new(chunk, pad, &refs)) };
+        let make = move |chunk: &[PairRow]| -> Result<PairBatch> {
+            PairBatch::new(chunk, pad, refs.as_deref())
+        };
         shard_batches(self.shards.len(), loader, make, batch_size, shuffle, 4)
     }
 }
@@ -526,19 +548,24 @@ fn batch_logps(
 
 /// The reference log-probabilities of every pair of `split` under `reference` (the policy
 /// before any update: it is the SFT checkpoint), from the cache or computed and cached
-/// (Arrow IPC `pair_id, ref_chosen, ref_rejected`). The cache key covers the reference
-/// weights and tokenizer, the pair shards, the averaging and the truncation.
+/// (Arrow IPC `pair_id, ref_chosen, ref_rejected`). The cache key covers `files` (the
+/// reference's weights, settings and tokenizer), the pair shards, the image features, the
+/// averaging and the truncation.
 pub(crate) fn reference_logps(
     split: &PairSplit,
     reference: &Captioner,
     files: &[&Path],
     average: bool,
     workdir: &Path,
-) -> Result<HashMap<String, (f32, f32)>> {
+) -> Result<RefLogps> {
     let mut h = Sha256::new();
-    h.update(b"reflogps-v2\0");
+    h.update(b"reflogps-v3\0");
     for f in files {
         h.update(sha256_file(f)?.as_bytes());
+    }
+    // The image prefixes come from these features.
+    for d in &split.feature_digests {
+        h.update(d.as_bytes());
     }
     for s in &split.shards {
         h.update(sha256_file(&s.path)?.as_bytes());
@@ -575,12 +602,11 @@ pub(crate) fn reference_logps(
     }
     let mut ids = Vec::new();
     let (mut cs, mut rs) = (Vec::new(), Vec::new());
-    let none = Arc::new(HashMap::new());
     let err = |e: candle_core::Error| Error::Stage {
         stage: "train-dpo".into(),
         message: format!("reference log-probs: {e}"),
     };
-    for batch in split.batches(16, none, None) {
+    for batch in split.batches(16, None, None) {
         let batch = batch?;
         let ((lc, nc, lr, nr), _) = batch_logps(reference, &batch).map_err(err)?;
         let (lc, lr) = if average {
@@ -650,7 +676,8 @@ struct PreferenceObjective {
     vars: VarMap,
     train: PairSplit,
     val: PairSplit,
-    refs: Arc<HashMap<String, (f32, f32)>>,
+    /// DPO's reference log-probabilities; `None` for ORPO.
+    refs: Option<Arc<RefLogps>>,
     cfg: PreferenceConfig,
     batch_size: usize,
     seed: u64,
@@ -712,7 +739,7 @@ pub(crate) fn accuracy_by_source(
     cfg: &PreferenceConfig,
     model: &Captioner,
     split: &PairSplit,
-    refs: Arc<HashMap<String, (f32, f32)>>,
+    refs: Option<Arc<RefLogps>>,
     batch_size: usize,
 ) -> Result<Vec<SourceAccuracy>> {
     let mut tally: std::collections::BTreeMap<String, (usize, usize, f64)> = Default::default();
@@ -843,7 +870,15 @@ pub fn run(
     )?;
     let refs = if method == Method::Dpo {
         // The policy has not been updated yet: it is the reference. No second model.
-        let files = [best.as_path(), manifest.decoder_files.tokenizer.as_path()];
+        // The SFT weights (the mapper, and the decoder unless it was frozen), the decoder it
+        // started from, the captioner's settings and the tokenizer.
+        let captioner_json = init.join("captioner.json");
+        let files = [
+            best.as_path(),
+            manifest.decoder_files.weights.as_path(),
+            captioner_json.as_path(),
+            manifest.decoder_files.tokenizer.as_path(),
+        ];
         let average = p.loss.averages_tokens();
         let mut all = reference_logps(&train, &model, &files, average, &ctx.workdir)?;
         all.extend(reference_logps(
@@ -853,9 +888,9 @@ pub fn run(
             average,
             &ctx.workdir,
         )?);
-        all
+        Some(Arc::new(all))
     } else {
-        HashMap::new()
+        None
     };
     model.decoder.set_differentiable(true);
     let dir = ctx.run_dir.join(method.stage());
@@ -881,7 +916,7 @@ pub fn run(
         vars,
         train,
         val,
-        refs: Arc::new(refs),
+        refs,
         cfg: p.clone(),
         batch_size: train_cfg.batch_size,
         seed: train_cfg.seed,
@@ -1089,7 +1124,7 @@ mod tests {
             rejected: side(&p, &r),
         };
         let refs: HashMap<String, (f32, f32)> = [("a".to_string(), (-90.0, -40.0))].into();
-        let batch = PairBatch::new(&[row.clone(), row], m.eos, &refs);
+        let batch = PairBatch::new(&[row.clone(), row], m.eos, Some(&refs)).unwrap();
         let loss = |w: f64| {
             let cfg = PreferenceConfig {
                 sft_weight: w,
@@ -1130,7 +1165,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), (v, -v)))
             .collect();
-        let b = PairBatch::new(&rows, 0, &refs);
+        let b = PairBatch::new(&rows, 0, Some(&refs)).unwrap();
         assert_eq!(b.rows(), 3);
         assert_eq!(b.groups.len(), 2);
         let (image, text) = (&b.groups[0], &b.groups[1]);
@@ -1138,6 +1173,13 @@ mod tests {
         assert_eq!(image.chosen.clip.as_deref(), Some(&[1.0; 8][..]));
         assert_eq!(text.pair_ids, ["a", "c"]);
         assert_eq!(text.ref_chosen, [1.0, 3.0]);
+        // Without a reference (ORPO) the fields are 0; a pair the cache lacks is an error.
+        let free = PairBatch::new(&rows, 0, None).unwrap();
+        assert_eq!(free.groups[1].ref_chosen, [0.0, 0.0]);
+        let mut partial = refs.clone();
+        partial.remove("c");
+        let err = PairBatch::new(&rows, 0, Some(&partial)).err().unwrap();
+        assert!(err.to_string().contains("pair c"), "{err}");
         assert_eq!(text.ref_rejected, [-1.0, -3.0]);
         // [prompt | completion | pad]: only completions supervised, padding not attended.
         assert_eq!(text.rejected.ids, [4, 5, 4, 5]);

@@ -190,6 +190,8 @@ pub struct ModelIdentity {
     pub config: HfClipConfig,
     pub preprocess: ClipPreprocessConfig,
     weights_sha256: String,
+    config_sha256: String,
+    compute_dtype: ComputeDtype,
     /// sha256 of `tokenizer.json` and the position limit: what changes text token ids.
     text_fingerprint: String,
     cache_dtype: CacheDtype,
@@ -207,6 +209,8 @@ impl ModelIdentity {
         );
         Ok(Self {
             weights_sha256: files.weights_sha256()?,
+            config_sha256: sha256_file(&files.config)?,
+            compute_dtype: cfg.embed.dtype,
             files,
             config,
             preprocess,
@@ -231,6 +235,13 @@ impl ModelIdentity {
             model_id: self.files.model_id.clone(),
             model_revision: self.files.revision.clone(),
             weights_sha256: self.weights_sha256.clone(),
+            config_sha256: self.config_sha256.clone(),
+            compute_dtype: match self.compute_dtype {
+                ComputeDtype::F32 => "f32",
+                ComputeDtype::F16 => "f16",
+                ComputeDtype::Bf16 => "bf16",
+            }
+            .into(),
             preprocess: if modality == "image" {
                 self.preprocess.fingerprint()
             } else {
@@ -453,13 +464,17 @@ pub fn split_features(
         .collect()
 }
 
+/// A sample key and its encoded image.
+pub type KeyedImage = (String, Vec<u8>);
+
 /// Where the image pass gets its units' rows from. A unit becomes one cache entry.
 pub trait ImageUnits: Sync {
-    fn len(&self) -> usize;
+    /// How many units there are.
+    fn count(&self) -> usize;
     fn key(&self, unit: usize) -> &FeatureKey;
     /// Loads the rows of `unit`: its sample keys and encoded images; the count is of samples
     /// without an image.
-    fn load(&self, unit: usize) -> Result<(Vec<(String, Vec<u8>)>, u64)>;
+    fn load(&self, unit: usize) -> Result<(Vec<KeyedImage>, u64)>;
 }
 
 /// Image units that are ingest shards.
@@ -468,13 +483,13 @@ struct ShardImages {
 }
 
 impl ImageUnits for ShardImages {
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         self.units.len()
     }
     fn key(&self, unit: usize) -> &FeatureKey {
         &self.units[unit].1
     }
-    fn load(&self, unit: usize) -> Result<(Vec<(String, Vec<u8>)>, u64)> {
+    fn load(&self, unit: usize) -> Result<(Vec<KeyedImage>, u64)> {
         let (rows, skipped) = load_rows(&self.units[unit].0)?;
         let rows = rows
             .into_iter()
@@ -563,7 +578,7 @@ pub fn embed_images_into(
     let outcome = std::thread::scope(|scope| -> Result<(u64, u64)> {
         let reader = scope.spawn(move || -> Result<()> {
             let mut next_worker = (0..workers).cycle();
-            for unit in 0..units.len() {
+            for unit in 0..units.count() {
                 let (rows, skipped) = units.load(unit)?;
                 let keys = rows.iter().map(|(k, _)| k.clone()).collect();
                 if meta_tx.send((unit, keys, skipped)).is_err() {
@@ -702,6 +717,9 @@ fn run_model(
     }
 }
 
+/// A row's index within its unit and its embedding (`None`: the image did not decode).
+type RowEmbedding = (usize, Option<Vec<f32>>);
+
 /// Collects embeddings per unit and writes each unit's entry, in row order, once complete.
 /// Unit metadata (keys) and results come on separate channels, so results may arrive first.
 fn write_entries(
@@ -712,12 +730,12 @@ fn write_entries(
     dim: usize,
 ) -> Result<(u64, u64)> {
     let mut keys_of: HashMap<usize, Vec<String>> = HashMap::new();
-    let mut pending: HashMap<usize, Vec<(usize, Option<Vec<f32>>)>> = HashMap::new();
+    let mut pending: HashMap<usize, Vec<RowEmbedding>> = HashMap::new();
     // (embedded, skipped) so far.
     let mut counts = (0u64, 0u64);
     let finish = |unit: usize,
                   keys: &[String],
-                  mut done: Vec<(usize, Option<Vec<f32>>)>,
+                  mut done: Vec<RowEmbedding>,
                   counts: &mut (u64, u64)|
      -> Result<()> {
         done.sort_by_key(|(r, _)| *r);
@@ -870,13 +888,13 @@ struct FileImages {
 }
 
 impl ImageUnits for FileImages {
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         self.units.len()
     }
     fn key(&self, unit: usize) -> &FeatureKey {
         &self.units[unit].1
     }
-    fn load(&self, unit: usize) -> Result<(Vec<(String, Vec<u8>)>, u64)> {
+    fn load(&self, unit: usize) -> Result<(Vec<KeyedImage>, u64)> {
         let rows = self.units[unit]
             .0
             .iter()

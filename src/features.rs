@@ -60,6 +60,10 @@ pub struct FeatureKey {
     pub model_revision: String,
     /// sha256 of the weights file.
     pub weights_sha256: String,
+    /// sha256 of the model's `config.json` (heads, EOS id, ... with the same weights).
+    pub config_sha256: String,
+    /// Precision the model ran in: `f32`, `f16` or `bf16`.
+    pub compute_dtype: String,
     /// Fingerprint of the image preprocessing (images) or of the tokenizer (texts).
     pub preprocess: String,
     /// `image` or `text`.
@@ -81,6 +85,8 @@ impl FeatureKey {
         for part in [
             CACHE_VERSION,
             &self.weights_sha256,
+            &self.config_sha256,
+            &self.compute_dtype,
             &self.preprocess,
             &self.modality,
             &self.source_sha256,
@@ -119,7 +125,7 @@ pub struct FeatureEntry {
 /// Result of looking a key up.
 #[derive(Debug)]
 pub enum Lookup {
-    Hit(FeatureEntry),
+    Hit(Box<FeatureEntry>),
     Missing,
     /// The entry exists but does not verify; it must be recomputed.
     Corrupt {
@@ -196,7 +202,7 @@ impl FeatureCache {
             manifest,
         };
         Ok(match entry.verify(key, &digest) {
-            Ok(()) => Lookup::Hit(entry),
+            Ok(()) => Lookup::Hit(Box::new(entry)),
             Err(reason) => Lookup::Corrupt { reason },
         })
     }
@@ -204,7 +210,7 @@ impl FeatureCache {
     /// The verified entry of `key`, or an error saying how to produce it.
     pub fn get(&self, key: &FeatureKey) -> Result<FeatureEntry> {
         match self.lookup(key)? {
-            Lookup::Hit(entry) => Ok(entry),
+            Lookup::Hit(entry) => Ok(*entry),
             Lookup::Missing => Err(Error::Config(format!(
                 "no cached {} features of {} ({}); run `pipeline run embed` first",
                 key.modality, key.source, key.column
@@ -615,6 +621,8 @@ mod tests {
             model_id: "m".into(),
             model_revision: "local".into(),
             weights_sha256: "w".into(),
+            config_sha256: "c".into(),
+            compute_dtype: "f32".into(),
             preprocess: "p".into(),
             modality: "image".into(),
             source: "data/x/train/part-00000.parquet".into(),
@@ -643,6 +651,8 @@ mod tests {
         assert_eq!(a.digest(), b.digest());
         for change in [
             |k: &mut FeatureKey| k.weights_sha256.push('x'),
+            |k: &mut FeatureKey| k.config_sha256.push('x'),
+            |k: &mut FeatureKey| k.compute_dtype = "bf16".into(),
             |k: &mut FeatureKey| k.preprocess.push('x'),
             |k: &mut FeatureKey| k.source_sha256.push('x'),
             |k: &mut FeatureKey| k.column.push('x'),

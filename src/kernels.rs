@@ -64,19 +64,20 @@ pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
 /// build's features whatever its size (a large closure handed to [`vectorised`] may stay a
 /// baseline function of its own: perf showed the attention softmax doing so).
 macro_rules! multiversioned {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?)
+        $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
-                fn avx512($($arg: $ty),*) {
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 if $crate::kernels::has_avx512() {
@@ -190,6 +191,13 @@ pub(crate) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+multiversioned! {
+    /// `Σ x²` over `xs`, in [`LANES`] partial sums.
+    pub(crate) fn sum_squares(xs: &[f32]) -> f32 {
+        lane_sum(xs, |v| v * v)
+    }
 }
 
 /// The largest element of `xs` (−∞ when empty), in [`LANES`] partial maxima.

@@ -406,7 +406,7 @@ pub fn cider_d(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>)
             let mut score = [0f64; N];
             for rv in rs {
                 let delta = hyp.length - rv.length;
-                for n in 0..N {
+                for (n, s) in score.iter_mut().enumerate() {
                     let mut val = 0.0;
                     for (g, &h) in &hyp.vec[n] {
                         let rr = rv.vec[n].get(g).copied().unwrap_or(0.0);
@@ -415,7 +415,7 @@ pub fn cider_d(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>)
                     if hyp.norm[n] != 0.0 && rv.norm[n] != 0.0 {
                         val /= hyp.norm[n] * rv.norm[n];
                     }
-                    score[n] += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
+                    *s += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
                 }
             }
             mean(&score) / rs.len().max(1) as f64 * 10.0

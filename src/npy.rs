@@ -285,7 +285,7 @@ mod tests {
     fn npy(version: u8, header_dict: &str, data: &[u8]) -> Vec<u8> {
         let prefix_len = if version == 1 { 10 } else { 12 };
         let mut header = header_dict.to_string();
-        while (prefix_len + header.len() + 1) % 64 != 0 {
+        while !(prefix_len + header.len() + 1).is_multiple_of(64) {
             header.push(' ');
         }
         header.push('\n');

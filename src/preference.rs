@@ -51,11 +51,17 @@ fn mean_scalar(t: &Tensor) -> Result<f64> {
     Ok(f64::from(t.mean_all()?.to_scalar::<f32>()?))
 }
 
-/// log σ(x), computed stably as −softplus(−x) = −(max(−x, 0) + log(1 + e^{−|x|})).
+/// log σ(x), stably and with the gradient σ(−x) everywhere: −log(1 + e^{−x}) where x ≥ 0,
+/// x − log(1 + e^{x}) elsewhere. Each branch sees only its own side of 0 (so neither
+/// overflows, and the branch not taken gets no NaN gradient), and at exactly 0, where a policy
+/// equal to its reference puts every DPO logit, the gradient is 1/2: written with `|x|` and
+/// `max`, it is whatever the kinks' conventional slopes add up to (candle: 3/2).
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let neg = x.neg()?;
-    let softplus = (neg.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-    softplus.neg()
+    let upper = x.relu()?;
+    let lower = x.neg()?.relu()?.neg()?;
+    let when_upper = (upper.neg()?.exp()? + 1.0)?.log()?.neg()?;
+    let when_lower = (&lower - (lower.exp()? + 1.0)?.log()?)?;
+    x.ge(0f64)?.where_cond(&when_upper, &when_lower)
 }
 
 /// DPO loss over a batch. `policy_*`/`ref_*`: per-row sequence log-probabilities `(b,)`
@@ -254,6 +260,26 @@ mod tests {
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         assert!((scalar(&out, "log_odds_ratio") - (ratios[0] + ratios[1]) / 2.0).abs() < 1e-5);
         assert!((scalar(&out, "nll_loss") - 0.7).abs() < 1e-6);
+    }
+
+    #[test]
+    fn log_sigmoid_gradient_is_sigmoid_of_minus_x_also_at_zero() {
+        let xs = [-100.0f32, -3.0, -1e-3, 0.0, 1e-3, 3.0, 100.0];
+        let x = candle_core::Var::new(&xs[..], &Device::Cpu).unwrap();
+        let g = log_sigmoid(x.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<f32> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        for (&x, g) in xs.iter().zip(g) {
+            let expected = 1.0 / (1.0 + f64::from(x).exp());
+            assert!(
+                (f64::from(g) - expected).abs() < 1e-6,
+                "x {x}: {g} vs {expected}"
+            );
+        }
     }
 
     #[test]

@@ -396,12 +396,12 @@ pub fn read_captions(path: &Path) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Corpus-level metrics under pycocoevalcap's names, and each image id's caption scores.
+pub type FileScores = (BTreeMap<String, f64>, Vec<(String, TextScores)>);
+
 /// Scores the captions of `cands` (one per image) against `refs` (any number per image), as
 /// pycocoevalcap does; images without a candidate are an error naming one of them.
-pub fn score_files(
-    refs: &Path,
-    cands: &Path,
-) -> Result<(BTreeMap<String, f64>, Vec<(String, TextScores)>)> {
+pub fn score_files(refs: &Path, cands: &Path) -> Result<FileScores> {
     let mut by_image: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (id, c) in read_captions(refs)? {
         by_image.entry(id).or_default().push(c);

@@ -347,18 +347,36 @@ impl InplaceOp3 for ParamUpdate {
     }
 }
 
-/// Global L2 norm of `grads`.
+/// Global L2 norm of `grads`. Contiguous f32 gradients on the CPU are summed where they
+/// lie, in parallel chunks added in f64; elsewhere `sqr` makes a squared copy of each first.
 pub fn grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
     let mut sum = 0f64;
     for g in grads.iter().flatten() {
-        sum += f64::from(
-            g.sqr()?
-                .sum_all()?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?,
-        );
+        sum += match cpu_sum_squares(g) {
+            Some(s) => s,
+            None => f64::from(
+                g.sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?,
+            ),
+        };
     }
     Ok(sum.sqrt())
+}
+
+/// `Σ g²` of a contiguous f32 CPU tensor; `None` for any other.
+fn cpu_sum_squares(g: &Tensor) -> Option<f64> {
+    let (storage, layout) = g.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let xs = f32_slice(cpu, layout).ok()?;
+    Some(
+        xs.par_chunks(ADAMW_CHUNK)
+            .map(|c| f64::from(crate::kernels::sum_squares(c)))
+            .sum(),
+    )
 }
 
 /// The state saved beside a checkpoint's weights.
@@ -676,7 +694,7 @@ pub fn fit<O: Objective>(
             let step = state.step;
             let end_of_epoch = index == steps_per_epoch;
             let eval_now = if cfg.eval_every > 0 {
-                stepped && step % cfg.eval_every == 0
+                stepped && step.is_multiple_of(cfg.eval_every)
             } else {
                 end_of_epoch
             };
@@ -900,12 +918,47 @@ mod tests {
             ..TrainConfig::default()
         };
         let g = Some(Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
-        opt.step(&[g.clone()], 1.0, 0.1, &cfg).unwrap();
+        opt.step(std::slice::from_ref(&g), 1.0, 0.1, &cfg).unwrap();
         let v1 = p.to_vec1::<f32>().unwrap()[0];
         assert!((v1 - 0.899).abs() < 1e-6, "{v1}");
         opt.step(&[g], 1.0, 0.1, &cfg).unwrap();
         let v2 = p.to_vec1::<f32>().unwrap()[0];
         assert!((v2 - (0.899 * 0.999 - 0.1)).abs() < 1e-5, "{v2}");
+    }
+
+    #[test]
+    fn grad_norm_sums_every_gradient_in_place_or_not() {
+        let mut rng = crate::rng::SplitMix64::new(7);
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.unit_f64() * 4.0 - 2.0) as f32)
+                .collect()
+        };
+        // Several chunks and a tail; a transposed (non-contiguous) view; a gradient missing.
+        let big = values(2 * ADAMW_CHUNK + 37);
+        let small = values(6);
+        let expected = big
+            .iter()
+            .chain(&small)
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt();
+        let grads = [
+            Some(Tensor::new(big.as_slice(), &Device::Cpu).unwrap()),
+            None,
+            Some(
+                Tensor::from_vec(small, (2, 3), &Device::Cpu)
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            ),
+        ];
+        assert!(!grads[2].as_ref().unwrap().is_contiguous());
+        let norm = grad_norm(&grads).unwrap();
+        assert!(
+            (norm - expected).abs() < 1e-6 * expected,
+            "{norm} vs {expected}"
+        );
     }
 
     #[test]

@@ -82,7 +82,7 @@ fn all_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn manifests(workdir: &Path) -> Vec<PathBuf> {
-    all_files(&FeatureCache::new(workdir).root().to_path_buf())
+    all_files(FeatureCache::new(workdir).root())
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect()

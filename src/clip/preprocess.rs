@@ -75,7 +75,10 @@ fn rescale() -> f64 {
     1.0 / 255.0
 }
 
+// transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD as written there (f32 rounds them).
+#[allow(clippy::excessive_precision)]
 const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 impl ClipPreprocessConfig {
@@ -348,7 +351,8 @@ fn filter(resample: u32) -> Filter {
                     0.0
                 } else {
                     let x = x * std::f64::consts::PI;
-                    x.sin() / x * (0.54 + 0.46 * x.cos())
+                    // Pillow writes the window's constants as C floats (0.54f, 0.46f).
+                    x.sin() / x * (f64::from(0.54f32) + f64::from(0.46f32) * x.cos())
                 }
             },
             support: 1.0,
