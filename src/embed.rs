@@ -628,7 +628,9 @@ pub fn embed_images_into(
 
 /// The batcher: takes the cropped images back from the workers in stream order (image `i`
 /// from worker `i mod w`), passes undecodable ones straight to the writer, and packs up to
-/// `batch` images into one buffer for the model thread.
+/// `batch` images into one buffer for the model thread. A batch never spans two units: each
+/// unit is cut into the same batches whatever else the run embeds (a resumed run, one shard
+/// changed), so its cache entry gets the same bits.
 fn pack_batches(
     prepared: &[Receiver<Prepared>],
     batches: Sender<ByteBatch>,
@@ -636,12 +638,20 @@ fn pack_batches(
     batch: usize,
 ) {
     let mut from = prepared.iter().cycle();
+    // The first image of the next unit, read while filling the last batch of a unit.
+    let mut carried: Option<Prepared> = None;
     loop {
-        let items: Vec<Prepared> = from
-            .by_ref()
-            .take(batch)
-            .map_while(|rx| rx.recv().ok())
-            .collect();
+        let mut items: Vec<Prepared> = carried.take().into_iter().collect();
+        while items.len() < batch {
+            let Some(p) = from.next().and_then(|rx| rx.recv().ok()) else {
+                break;
+            };
+            if items.first().is_some_and(|first| first.unit != p.unit) {
+                carried = Some(p);
+                break;
+            }
+            items.push(p);
+        }
         if items.is_empty() {
             return;
         }
@@ -1060,4 +1070,46 @@ pub fn export(entries: &[FeatureEntry], out: &Path) -> Result<u64> {
     }
     std::fs::rename(&tmp, out).at(out)?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_end_at_each_unit_and_undecodable_images_go_to_the_writer() {
+        // Units of 3, 1 and 4 images over 2 workers, in stream order; unit 2's second image
+        // does not decode.
+        let images: Vec<(usize, usize, bool)> = [(0, 3), (1, 1), (2, 4)]
+            .into_iter()
+            .flat_map(|(unit, n)| (0..n).map(move |row| (unit, row, !(unit == 2 && row == 1))))
+            .collect();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..2).map(|_| bounded::<Prepared>(16)).unzip();
+        for (i, &(unit, row, ok)) in images.iter().enumerate() {
+            let pixels = if ok {
+                Ok(vec![i as u8; 2])
+            } else {
+                Err("bad".into())
+            };
+            txs[i % 2].send(Prepared { unit, row, pixels }).unwrap();
+        }
+        drop(txs);
+        let (batch_tx, batch_rx) = bounded::<ByteBatch>(16);
+        let (skip_tx, skip_rx) = bounded::<Embedded>(16);
+        pack_batches(&rxs, batch_tx, skip_tx, 2);
+        let got: Vec<(Vec<(usize, usize)>, Vec<u8>)> =
+            batch_rx.iter().map(|b| (b.rows, b.bytes)).collect();
+        assert_eq!(
+            got,
+            [
+                (vec![(0, 0), (0, 1)], vec![0, 0, 1, 1]),
+                (vec![(0, 2)], vec![2, 2]),
+                (vec![(1, 0)], vec![3, 3]),
+                (vec![(2, 0)], vec![4, 4]),
+                (vec![(2, 2), (2, 3)], vec![6, 6, 7, 7]),
+            ]
+        );
+        let skipped: Vec<(usize, usize)> = skip_rx.iter().map(|(u, r, _)| (u, r)).collect();
+        assert_eq!(skipped, [(2, 1)]);
+    }
 }

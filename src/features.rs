@@ -158,7 +158,7 @@ impl FeatureCache {
         )
     }
 
-    /// Removes temporary files left by killed runs.
+    /// Removes temporary files left by killed runs (not those of a run still going).
     pub fn sweep_temp(&self) -> Result<()> {
         let Ok(dirs) = fs::read_dir(&self.root) else {
             return Ok(());
@@ -174,7 +174,7 @@ impl FeatureCache {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                if name.starts_with('.') && name.contains(".tmp-") {
+                if crate::shard::is_abandoned_temp(&name) {
                     fs::remove_file(&path).at(&path)?;
                 }
             }
@@ -735,9 +735,17 @@ mod tests {
         w.push(&["a".into()], &[1.0, 2.0, 3.0]).unwrap();
         drop(w);
         assert!(matches!(cache.lookup(&k).unwrap(), Lookup::Missing));
+        // Another live process's temporary file (pid 1 always runs) stays; a dead one's goes.
+        let dir = walk(cache.root())[0].parent().unwrap().to_path_buf();
+        let (live, dead) = (
+            dir.join(".x.arrow.tmp-1"),
+            dir.join(".y.arrow.tmp-4294967294"),
+        );
+        fs::write(&live, b"busy").unwrap();
+        fs::write(&dead, b"left").unwrap();
         cache.sweep_temp().unwrap();
         let left: Vec<_> = walk(cache.root());
-        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(left, [live]);
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

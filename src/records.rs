@@ -337,7 +337,11 @@ impl Record for ImageTextSample {
                 let status =
                     SampleStatus::parse(status.value(i)).ok_or_else(|| Error::BadFile {
                         path: path.to_path_buf(),
-                        message: format!("row {i}: unknown status `{}`", status.value(i)),
+                        message: format!(
+                            "sample `{}`: unknown status `{}`",
+                            key.value(i),
+                            status.value(i)
+                        ),
                     })?;
                 Ok(ImageTextSample {
                     key: key.value(i).to_string(),

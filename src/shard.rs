@@ -48,6 +48,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).at(path)
 }
 
+/// Whether `name` is a temporary file ([`temp_path`]'s `.<name>.tmp-<pid>`) that no other
+/// running process is writing: its writer was killed (or is this process, whose sweeps run
+/// before it writes). Another process working in the same directory keeps its own.
+pub(crate) fn is_abandoned_temp(name: &str) -> bool {
+    let Some(pid) = name
+        .strip_prefix('.')
+        .and_then(|rest| rest.rsplit_once(".tmp-"))
+        .map(|(_, pid)| pid)
+    else {
+        return false;
+    };
+    match pid.parse::<u32>() {
+        Ok(pid) if pid == std::process::id() => true,
+        Ok(pid) => !Path::new("/proc").join(pid.to_string()).exists(),
+        Err(_) => true,
+    }
+}
+
 /// Temporary sibling of `path`: hidden, and tagged with the pid so concurrent writers never collide.
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
@@ -153,7 +171,8 @@ impl ShardSet {
         self.dir.join(format!("part-{shard:05}.stats.json"))
     }
 
-    /// Creates the directory and removes temporary files a killed run left behind.
+    /// Creates the directory and removes temporary files a killed run left behind (not those
+    /// of a run still going).
     pub fn prepare(&self) -> Result<()> {
         fs::create_dir_all(&self.dir).at(&self.dir)?;
         for entry in fs::read_dir(&self.dir).at(&self.dir)? {
@@ -162,7 +181,7 @@ impl ShardSet {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if name.starts_with(".part-") && name.contains(".tmp-") {
+            if name.starts_with(".part-") && is_abandoned_temp(&name) {
                 fs::remove_file(&path).at(&path)?;
             }
         }
@@ -201,9 +220,16 @@ impl ShardSet {
         Ok(out)
     }
 
-    /// Writes shard `shard` (Parquet, then stats) atomically.
+    /// Writes shard `shard` (Parquet, then stats) atomically. A shard being rewritten stops
+    /// counting as finished first, so a kill between the two renames cannot pair new rows
+    /// with old stats.
     pub fn write<R: Record>(&self, shard: u32, rows: &[R], stats: &ShardStats) -> Result<()> {
         fs::create_dir_all(&self.dir).at(&self.dir)?;
+        let stats_path = self.stats_path(shard);
+        match fs::remove_file(&stats_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&stats_path),
+            _ => {}
+        }
         write_parquet(&self.parquet_path(shard), rows)?;
         let json = serde_json::to_vec_pretty(stats).map_err(|e| Error::BadFile {
             path: self.stats_path(shard),

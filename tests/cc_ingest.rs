@@ -385,3 +385,58 @@ fn retry_failed_fetches_only_the_failed_samples_again() {
         .iter()
         .all(|s| set.read_stats(*s).unwrap().failed() == 0));
 }
+
+#[test]
+fn more_rows_or_other_image_settings_redo_exactly_the_shards_they_change() {
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let server = {
+        let log = log.clone();
+        let body = Arc::new(png(40, 30, 3));
+        LoopbackServer::start(Arc::new(move |req| {
+            log.lock().unwrap().push(req.path.clone());
+            Reply::shared(body.clone(), "image/png")
+        }))
+        .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = dir.path().join("cc.tsv");
+    let urls: Vec<String> = (0..10).map(|i| server.url(&format!("/{i}"))).collect();
+    write_tsv(&tsv, &urls);
+    let requested = || {
+        let mut r = std::mem::take(&mut *log.lock().unwrap());
+        r.sort_by_key(|p| p[1..].parse::<u32>().unwrap());
+        r
+    };
+    let split = |cfg: &Config| {
+        let s = ingest::run(cfg, dir.path(), &IngestOptions::default()).unwrap();
+        let s = &s[0].splits[0];
+        (s.shards_written, s.shards_skipped, s.rows)
+    };
+
+    // Rows 0-5: shard 0 full, shard 1 with 2 of its 4 rows.
+    let first = cc_config(&tsv, &["ingest.cc.shard_size=4", "ingest.cc.max_rows=6"]);
+    assert_eq!(split(&first), (2, 0, 6));
+    assert_eq!(requested().len(), 6);
+
+    // All 10 rows: shard 0 is kept; shard 1 is refilled and shard 2 written.
+    let all = cc_config(&tsv, &["ingest.cc.shard_size=4"]);
+    assert_eq!(split(&all), (2, 1, 10));
+    assert_eq!(
+        requested(),
+        (4..10).map(|i| format!("/{i}")).collect::<Vec<_>>()
+    );
+    let keys: Vec<String> = all_rows(dir.path()).into_iter().map(|r| r.key).collect();
+    assert_eq!(keys, (0..10).map(|i| format!("{i:09}")).collect::<Vec<_>>());
+
+    // Another stored image size changes every shard, though none changes its row count.
+    let smaller = cc_config(&tsv, &["ingest.cc.shard_size=4", "ingest.cc.image_size=16"]);
+    assert_eq!(split(&smaller), (3, 0, 10));
+    assert_eq!(requested().len(), 10);
+    for row in all_rows(dir.path()) {
+        let img = image::load_from_memory(row.image.as_deref().unwrap()).unwrap();
+        assert_eq!(img.width().min(img.height()), 16, "{}", row.key);
+    }
+    // And the same settings again are a no-op.
+    assert_eq!(split(&smaller), (0, 3, 10));
+    assert!(requested().is_empty());
+}

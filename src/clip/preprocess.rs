@@ -180,9 +180,35 @@ pub fn decode_crop(bytes: &[u8], cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> 
         stage: "embed".into(),
         message: format!("cannot decode image: {e}"),
     })?;
-    let rgb = img.into_rgb8();
+    let rgb = rgb_over_white(img);
     let (w, h) = rgb.dimensions();
     crop_rgb8(rgb.as_raw(), w as usize, h as usize, cfg)
+}
+
+/// The RGB pixels of a decoded image as transformers' `convert_to_rgb` makes them: an image
+/// with transparency (RGBA, grey + alpha, a palette with a transparent index) is composited
+/// onto opaque white, so transparent pixels become white whatever colour they hold; any other
+/// converts directly.
+pub fn rgb_over_white(img: image::DynamicImage) -> image::RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+    for p in rgba.pixels() {
+        out.extend(p.0[..3].iter().map(|&v| over_white(v, p.0[3])));
+    }
+    image::RgbImage::from_raw(w, h, out).expect("3 bytes for each pixel")
+}
+
+/// One channel value `v` with alpha `a` composited onto white: `rint(a/255·v + 255 − a)`,
+/// which for every `(v, a)` equals Pillow's fixed-point `alpha_composite`.
+fn over_white(v: u8, a: u8) -> u8 {
+    let (v, a) = (f64::from(v), f64::from(a));
+    (a / 255.0 * v + 255.0 - a)
+        .round_ties_even()
+        .clamp(0.0, 255.0) as u8
 }
 
 /// Preprocesses packed RGB8 pixels (`w × h × 3`) into CHW f32.
@@ -195,6 +221,9 @@ pub fn preprocess_rgb(
     Ok(PixelTable::new(cfg).normalise(&crop_rgb8(rgb, w, h, cfg)?))
 }
 
+/// The most pixels an image may have after its shortest-side resize (and before the crop).
+const MAX_RESIZED_PIXELS: usize = 1 << 26;
+
 /// Resizes (shortest side) and centre-crops packed RGB8 pixels (`w × h × 3`) into CHW bytes.
 pub fn crop_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> {
     if w == 0 || h == 0 || rgb.len() != w * h * 3 {
@@ -206,6 +235,16 @@ pub fn crop_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ClipPreprocessConfig) -> 
     let (mut img, mut w, mut h) = (std::borrow::Cow::Borrowed(rgb), w, h);
     if cfg.do_resize {
         let (nw, nh) = shortest_edge_size(w, h, cfg.shortest_edge as usize);
+        if nw.saturating_mul(nh) > MAX_RESIZED_PIXELS {
+            // A sliver (1×100000 becomes 224×22,400,000: 15 GB) is refused like an
+            // undecodable image rather than taking the whole run down.
+            return Err(Error::Stage {
+                stage: "embed".into(),
+                message: format!(
+                    "a {w}×{h} image resizes to {nw}×{nh}, more than {MAX_RESIZED_PIXELS} pixels"
+                ),
+            });
+        }
         img = std::borrow::Cow::Owned(resize_rgb8(&img, w, h, nw, nh, filter(cfg.resample)));
         (w, h) = (nw, nh);
     }
@@ -520,6 +559,57 @@ fn transpose_rgb8(src: &[u8], w: usize, h: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn over_white_equals_pillows_fixed_point_alpha_composite() {
+        // Pillow's ImagingAlphaComposite for an opaque white destination, transcribed.
+        const BITS: u32 = 7;
+        let shift_div_255 = |x: u32| ((x >> 8) + x) >> 8;
+        for a in 0..=255u32 {
+            for v in 0..=255u32 {
+                let pillow = if a == 0 {
+                    255
+                } else {
+                    let out_a_255 = a * 255 + 255 * (255 - a);
+                    let coef1 = a * 255 * 255 * (1 << BITS) / out_a_255;
+                    let coef2 = 255 * (1 << BITS) - coef1;
+                    shift_div_255(v * coef1 + 255 * coef2 + (0x80 << BITS)) >> BITS
+                };
+                assert_eq!(
+                    u32::from(over_white(v as u8, a as u8)),
+                    pillow,
+                    "v {v} a {a}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn transparent_and_grey_images_preprocess_as_transformers_does() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/convert-rgb");
+        let cfg = ClipPreprocessConfig::from_file(&crate::hf_tiny_fixture(
+            "clip-tiny/preprocessor_config.json",
+        ))
+        .unwrap();
+        let expected = crate::npy::read_npy(&dir.join("pixel_values.npy")).unwrap();
+        let names = ["rgba.png", "la.png", "palette.png", "grey.png"];
+        let per = expected.data.len() / names.len();
+        for (i, name) in names.iter().enumerate() {
+            let png = std::fs::read(dir.join(name)).unwrap();
+            let ours = preprocess_bytes(&png, &cfg).unwrap();
+            let diff = ours
+                .iter()
+                .zip(&expected.data[i * per..(i + 1) * per])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-6, "{name}: max abs diff {diff}");
+        }
+        // Transparency matters here: dropping alpha instead gives other pixels.
+        let png = std::fs::read(dir.join("rgba.png")).unwrap();
+        let rgb = image::load_from_memory(&png).unwrap().into_rgb8();
+        let dropped = preprocess_rgb(rgb.as_raw(), 53, 41, &cfg).unwrap();
+        assert_ne!(dropped, expected.data[..per]);
+    }
 
     #[test]
     fn shortest_edge_truncates_the_long_side_like_transformers() {

@@ -10,8 +10,10 @@ use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 
+use sha2::{Digest, Sha256};
+
 use crate::config::RunConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::ingest::download::{FetchFailure, Fetcher};
 use crate::ingest::imageproc::{self, ImageSpec, ResizeMode};
 use crate::ingest::tsv::{self, TsvReader};
@@ -159,6 +161,12 @@ pub fn run(
             "ingest.cc.shard_size and ingest.cc.concurrency must be > 0".into(),
         ));
     }
+    if !(cfg.timeout_secs.is_finite() && cfg.timeout_secs > 0.0 && cfg.timeout_secs <= 86_400.0) {
+        return Err(Error::Config(format!(
+            "ingest.cc.timeout_secs = {}: give seconds in (0, 86400]",
+            cfg.timeout_secs
+        )));
+    }
     let input = resolve(workdir, &cfg.input);
     let total = tsv::validate(&input, cfg.max_rows)?;
     let set = ShardSet::new(workdir, "cc", &cfg.split);
@@ -166,17 +174,21 @@ pub fn run(
     let shard_size = cfg.shard_size as u64;
     let n_shards = u32::try_from(total.div_ceil(shard_size))
         .map_err(|_| Error::Config("too many shards: raise ingest.cc.shard_size".into()))?;
+    let source = provenance(&input, cfg)?;
     let finished: HashSet<u32> = set.finished()?.into_iter().collect();
     let mut plan = BTreeMap::new();
     for shard in 0..n_shards {
-        if !finished.contains(&shard) {
-            let start = u64::from(shard) * shard_size;
-            plan.insert(
-                shard,
-                ShardPlan::Fresh {
-                    expected: (total - start).min(shard_size) as usize,
-                },
-            );
+        let start = u64::from(shard) * shard_size;
+        let expected = (total - start).min(shard_size) as usize;
+        // A finished shard is kept only if this run would write the same rows the same way:
+        // same input bytes, shard size and image settings, and the same row count (a raised
+        // max_rows fills the last shard further).
+        let current = finished.contains(&shard)
+            && set
+                .read_stats(shard)
+                .is_ok_and(|s| s.source == source && s.count == expected as u64);
+        if !current {
+            plan.insert(shard, ShardPlan::Fresh { expected });
         } else if opts.retry_failed && set.read_stats(shard)?.failed() > 0 {
             let keys = set
                 .read::<ImageTextSample>(shard)?
@@ -197,6 +209,7 @@ pub fn run(
             set: &set,
             plan: &plan,
             input: &input,
+            source: &source,
             total,
             progress: &progress,
         }
@@ -231,6 +244,22 @@ pub fn run(
     })
 }
 
+/// What the shards of `input` are made from, recorded as their stats' `source`: the TSV
+/// (path and sha256), the shard size and every setting that changes a stored image.
+fn provenance(input: &Path, cfg: &CcConfig) -> Result<String> {
+    let mut file = std::fs::File::open(input).at(input)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).at(input)?;
+    let digest = hex::encode(hasher.finalize());
+    Ok(format!(
+        "{} sha256={} shard_size={} {:?}",
+        input.display(),
+        &digest[..16],
+        cfg.shard_size,
+        cfg.image_spec()
+    ))
+}
+
 fn resolve(workdir: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
@@ -247,6 +276,8 @@ struct Pipeline<'a> {
     set: &'a ShardSet,
     plan: &'a BTreeMap<u32, ShardPlan>,
     input: &'a Path,
+    /// The shards' provenance, see [`provenance`].
+    source: &'a str,
     total: u64,
     progress: &'a Progress,
 }
@@ -336,6 +367,19 @@ impl Pipeline<'_> {
                 written += 1;
             }
         }
+        // Every planned sample comes back (a failure is a sample too), so a shard still open
+        // means the input did not hold the rows the plan expected.
+        if let Some((shard, (_, rows))) = pending.iter().min_by_key(|(s, _)| **s) {
+            return Err(Error::Stage {
+                stage: "ingest".into(),
+                message: format!(
+                    "cc shard {shard} of {} got {} of its {} planned samples; nothing of it was written",
+                    self.input.display(),
+                    rows.len(),
+                    self.plan[shard].expected()
+                ),
+            });
+        }
         Ok(written)
     }
 
@@ -359,7 +403,7 @@ impl Pipeline<'_> {
             }
         };
         rows.sort_by(|a, b| a.key.cmp(&b.key));
-        let stats = shard_stats(shard, &rows, took, &format!("{}", self.input.display()));
+        let stats = shard_stats(shard, &rows, took, self.source);
         self.set.write(shard, &rows, &stats)
     }
 }

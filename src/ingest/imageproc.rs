@@ -72,9 +72,11 @@ pub fn prepare(bytes: &[u8], spec: &ImageSpec) -> Result<PreparedImage, String> 
     if ow == 0 || oh == 0 {
         return Err("image has zero size".into());
     }
-    let decoded = image::DynamicImage::from_decoder(decoder)
-        .map_err(|e| format!("cannot decode image: {e}"))?
-        .into_rgb8();
+    // Transparency onto white, as img2dataset (and transformers' convert_to_rgb) do.
+    let decoded = crate::clip::preprocess::rgb_over_white(
+        image::DynamicImage::from_decoder(decoder)
+            .map_err(|e| format!("cannot decode image: {e}"))?,
+    );
     let (w, h, rgb) = resize_rgb(decoded.into_raw(), ow, oh, spec)?;
     let jpeg = encode_jpeg(&rgb, w, h, spec.jpeg_quality, spec.subsample_chroma)?;
     let sha256 = hex::encode(Sha256::digest(&jpeg));
@@ -120,6 +122,14 @@ pub fn resize_rgb(
         ResizeMode::KeepRatio => {
             let f = scale_to(short);
             let (nw, nh) = (scaled(w, f), scaled(h, f));
+            // A sliver's long side grows with the short one: refuse what cannot be stored
+            // (a JPEG side is at most 65535) before allocating it.
+            if nw.max(nh) > 65_535 || u64::from(nw) * u64::from(nh) > spec.max_pixels {
+                return Err(format!(
+                    "a {w}x{h} image resizes to {nw}x{nh}: a side over 65535 or more than max_pixels={}",
+                    spec.max_pixels
+                ));
+            }
             Ok((nw, nh, resize(pixels, w, h, nw, nh, None, f)?))
         }
         ResizeMode::Border => {

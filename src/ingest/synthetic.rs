@@ -1175,6 +1175,15 @@ impl SplitWriter<'_> {
 /// it is held out. Preference pairs have an empty prompt (the image, `image_key`, is the
 /// prompt) and scores 1.0 (chosen, the true caption) / 0.0 (rejected, a corrupted or vaguer
 /// one); their `source` is `synthetic:<corruption>`.
+/// The shards' provenance: the seed and a digest of every setting, so that a finished shard
+/// is reused only when the same `(cfg, seed)` would write it again (image size, pairs per
+/// image, or the train set that val avoids, all change shards of the same count).
+fn source_of(cfg: &SyntheticConfig, seed: u64) -> String {
+    let settings = serde_json::to_vec(cfg).expect("the synthetic config serialises");
+    let digest = hex::encode(Sha256::digest(settings));
+    format!("synthetic seed={seed} config-sha256={}", &digest[..16])
+}
+
 pub fn run(cfg: &SyntheticConfig, seed: u64, workdir: &Path) -> Result<SourceSummary> {
     validate(cfg)?;
     let size = cfg.image_size;
@@ -1203,7 +1212,7 @@ pub fn run(cfg: &SyntheticConfig, seed: u64, workdir: &Path) -> Result<SourceSum
     let writer = SplitWriter {
         workdir,
         shard_size: cfg.shard_size,
-        source: format!("synthetic seed={seed}"),
+        source: source_of(cfg, seed),
         progress: &progress,
     };
 
@@ -1623,7 +1632,8 @@ mod tests {
             for shard in 0..s.shards_written as u32 {
                 assert!(set.parquet_path(shard).is_file() && set.stats_path(shard).is_file());
                 let stats = set.read_stats(shard).unwrap();
-                assert_eq!(stats.source, "synthetic seed=42");
+                assert_eq!(stats.source, source_of(&cfg, 42));
+                assert!(stats.source.starts_with("synthetic seed=42 config-sha256="));
                 assert_eq!(stats.successes, stats.count);
                 assert!(stats.failures.is_empty());
             }
@@ -1854,6 +1864,19 @@ mod tests {
         let set = ShardSet::new(tmp.path(), IMAGES_DATASET, "train");
         assert_eq!(set.finished().unwrap(), vec![0]);
         assert_eq!(set.read_all::<ImageTextSample>().unwrap().len(), 3);
+
+        // A setting that keeps every shard's row count (the image size) still redoes them.
+        let larger_images = SyntheticConfig {
+            image_size: smaller.image_size * 2,
+            ..smaller.clone()
+        };
+        let summary = run(&larger_images, 2, tmp.path()).unwrap();
+        assert!(
+            summary.splits.iter().all(|s| s.shards_skipped == 0),
+            "{summary:?}"
+        );
+        run(&larger_images, 2, fresh.path()).unwrap();
+        assert_eq!(parquet_files(tmp.path()), parquet_files(fresh.path()));
     }
 
     #[test]
