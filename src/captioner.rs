@@ -513,6 +513,20 @@ impl Captioner {
         supervised: &Tensor,
         attention: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut sums = self.masked_logprobs(clip, ids, attention, &[supervised])?;
+        Ok(sums.remove(0))
+    }
+
+    /// [`Self::completion_logprobs`] for several token masks from one forward pass: per mask,
+    /// the per-row sums of log p(token) over its tokens and their counts (a mask's token 0
+    /// counts only with `clip`, which predicts it).
+    pub fn masked_logprobs(
+        &self,
+        clip: Option<&Tensor>,
+        ids: &Tensor,
+        attention: &Tensor,
+        masks: &[&Tensor],
+    ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
         let (b, t) = ids.dims2()?;
         let tokens = self.decoder.embed_tokens(ids)?;
         let (x, keep, p) = match clip {
@@ -531,18 +545,23 @@ impl Captioner {
         let hidden = self.decoder.forward_hidden(&x, Some(&keep))?;
         // Position j of `pred` predicts `targets` column j. The LM head runs on those
         // positions only.
-        let (pred, targets, weight) = if p > 0 {
-            (hidden.narrow(1, p - 1, t)?, ids.clone(), supervised.clone())
+        let (pred, targets) = if p > 0 {
+            (hidden.narrow(1, p - 1, t)?, ids.clone())
         } else {
-            (
-                hidden.narrow(1, 0, t - 1)?,
-                ids.narrow(1, 1, t - 1)?,
-                supervised.narrow(1, 1, t - 1)?,
-            )
+            (hidden.narrow(1, 0, t - 1)?, ids.narrow(1, 1, t - 1)?)
         };
         let tok_lp = self.decoder.target_logprobs(&pred, &targets)?;
-        let masked = (tok_lp * &weight)?;
-        Ok((masked.sum(1)?, weight.sum(1)?))
+        masks
+            .iter()
+            .map(|mask| {
+                let weight = if p > 0 {
+                    (*mask).clone()
+                } else {
+                    mask.narrow(1, 1, t - 1)?
+                };
+                Ok(((&tok_lp * &weight)?.sum(1)?, weight.sum(1)?))
+            })
+            .collect()
     }
 
     /// Mean negative log-likelihood per supervised token of a batch.

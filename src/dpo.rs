@@ -500,8 +500,14 @@ impl PairSplit {
     }
 }
 
-/// Per-row sums of log-probabilities and completion-token counts of one padded side.
-fn side_logps(model: &Captioner, b: &SideBatch) -> candle_core::Result<(Tensor, Tensor)> {
+/// Per-row sums of log-probabilities and token counts of one padded side: over its
+/// completion tokens, and over every real token a position predicts, prompt included (TRL's
+/// ORPO takes its NLL over those).
+#[allow(clippy::type_complexity)]
+fn side_logps(
+    model: &Captioner,
+    b: &SideBatch,
+) -> candle_core::Result<((Tensor, Tensor), (Tensor, Tensor))> {
     let dev = model.device();
     let clip = b
         .clip
@@ -509,28 +515,41 @@ fn side_logps(model: &Captioner, b: &SideBatch) -> candle_core::Result<(Tensor, 
         .map(|c| Tensor::from_slice(c, (b.rows, model.clip_dim), dev))
         .transpose()?;
     let shape = (b.rows, b.len);
-    model.completion_logprobs(
+    let attention = Tensor::from_slice(&b.attention, shape, dev)?;
+    let mut sums = model.masked_logprobs(
         clip.as_ref(),
         &Tensor::from_slice(&b.ids, shape, dev)?,
-        &Tensor::from_slice(&b.supervised, shape, dev)?,
-        &Tensor::from_slice(&b.attention, shape, dev)?,
-    )
+        &attention,
+        &[&Tensor::from_slice(&b.supervised, shape, dev)?, &attention],
+    )?;
+    let all = sums.pop().expect("two masks");
+    Ok((sums.pop().expect("two masks"), all))
 }
 
-/// Per-row (chosen sum, chosen count, rejected sum, rejected count) over all groups of a
-/// batch, rows in group order, and the matching reference log-probabilities.
-#[allow(clippy::type_complexity)]
-fn batch_logps(
-    model: &Captioner,
-    b: &PairBatch,
-) -> candle_core::Result<((Tensor, Tensor, Tensor, Tensor), (Vec<f32>, Vec<f32>))> {
+/// Per-row log-probability sums and token counts of a batch, rows in group order, and the
+/// matching reference log-probabilities.
+struct BatchLogps {
+    /// Completion sums and counts, chosen and rejected.
+    chosen: (Tensor, Tensor),
+    rejected: (Tensor, Tensor),
+    /// The chosen side over every predicted real token, prompt included.
+    chosen_all: (Tensor, Tensor),
+    ref_chosen: Vec<f32>,
+    ref_rejected: Vec<f32>,
+}
+
+/// [`BatchLogps`] over all groups of a batch.
+fn batch_logps(model: &Captioner, b: &PairBatch) -> candle_core::Result<BatchLogps> {
     let (mut lc, mut nc, mut lr, mut nr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut la, mut na) = (Vec::new(), Vec::new());
     let (mut rc, mut rr) = (Vec::new(), Vec::new());
     for g in &b.groups {
-        let (a, n) = side_logps(model, &g.chosen)?;
+        let ((a, n), (all, all_n)) = side_logps(model, &g.chosen)?;
         lc.push(a);
         nc.push(n);
-        let (a, n) = side_logps(model, &g.rejected)?;
+        la.push(all);
+        na.push(all_n);
+        let ((a, n), _) = side_logps(model, &g.rejected)?;
         lr.push(a);
         nr.push(n);
         rc.extend(&g.ref_chosen);
@@ -543,7 +562,13 @@ fn batch_logps(
             Tensor::cat(&v, 0)
         }
     };
-    Ok(((cat(lc)?, cat(nc)?, cat(lr)?, cat(nr)?), (rc, rr)))
+    Ok(BatchLogps {
+        chosen: (cat(lc)?, cat(nc)?),
+        rejected: (cat(lr)?, cat(nr)?),
+        chosen_all: (cat(la)?, cat(na)?),
+        ref_chosen: rc,
+        ref_rejected: rr,
+    })
 }
 
 /// The reference log-probabilities of every pair of `split` under `reference` (the policy
@@ -608,7 +633,11 @@ pub(crate) fn reference_logps(
     };
     for batch in split.batches(16, None, None) {
         let batch = batch?;
-        let ((lc, nc, lr, nr), _) = batch_logps(reference, &batch).map_err(err)?;
+        let BatchLogps {
+            chosen: (lc, nc),
+            rejected: (lr, nr),
+            ..
+        } = batch_logps(reference, &batch).map_err(err)?;
         let (lc, lr) = if average {
             ((lc / nc).map_err(err)?, (lr / nr).map_err(err)?)
         } else {
@@ -690,7 +719,13 @@ pub(crate) fn preference_loss(
     model: &Captioner,
     b: &PairBatch,
 ) -> candle_core::Result<crate::preference::PreferenceOutput> {
-    let ((lc, nc, lr, nr), (rc, rr)) = batch_logps(model, b)?;
+    let BatchLogps {
+        chosen: (lc, nc),
+        rejected: (lr, nr),
+        chosen_all: (la, na),
+        ref_chosen: rc,
+        ref_rejected: rr,
+    } = batch_logps(model, b)?;
     match method {
         Method::Dpo => {
             // The SFT term's token-mean NLL of the chosen completions, as TRL's `sft` loss.
@@ -714,8 +749,9 @@ pub(crate) fn preference_loss(
             Ok(out)
         }
         Method::Orpo => {
+            // TRL's NLL: the token mean over the whole chosen sequence, prompt included.
             let nll =
-                (lc.sum_all()?.neg()? / f64::from(nc.sum_all()?.to_scalar::<f32>()?.max(1.0)))?;
+                (la.sum_all()?.neg()? / f64::from(na.sum_all()?.to_scalar::<f32>()?.max(1.0)))?;
             orpo_loss(cfg.orpo_lambda, &nll, &(&lc / &nc)?, &(&lr / &nr)?)
         }
     }
@@ -1102,8 +1138,20 @@ mod tests {
         let b = SideBatch::new(&rows.iter().collect::<Vec<_>>(), true, m.eos);
         assert_eq!(b.len, 2 * p.len() + c.len());
         assert_eq!(b.clip, None);
-        let (sum, n) = side_logps(&m, &b).unwrap();
+        let ((sum, n), (all, all_n)) = side_logps(&m, &b).unwrap();
         let (sum, n) = (sum.to_vec1::<f32>().unwrap(), n.to_vec1::<f32>().unwrap());
+        // ORPO's NLL counts every real token after the first, prompt and completion: for the
+        // first row, transformers' log-prob sum over the whole sequence.
+        assert_eq!(
+            all_n.to_vec1::<f32>().unwrap(),
+            [
+                (p.len() + c.len() - 2) as f32,
+                (2 * p.len() + c.len() - 1) as f32
+            ]
+        );
+        let whole = reference["sum_logprob"].as_f64().unwrap();
+        let all = f64::from(all.to_vec1::<f32>().unwrap()[0]);
+        assert!((all - whole).abs() < 1e-3, "{all} vs transformers {whole}");
         assert_eq!(n, [c.len() as f32 - 1.0, c.len() as f32]);
         assert!(
             (f64::from(sum[0]) - want).abs() < 1e-4,
@@ -1141,7 +1189,7 @@ mod tests {
         let (plain, none) = loss(0.0);
         let (with, nll) = loss(0.5);
         assert_eq!(none, None);
-        let (sum, n) = side_logps(&m, &batch.groups[0].chosen).unwrap();
+        let ((sum, n), _) = side_logps(&m, &batch.groups[0].chosen).unwrap();
         let want = -f64::from(sum.sum_all().unwrap().to_scalar::<f32>().unwrap())
             / f64::from(n.sum_all().unwrap().to_scalar::<f32>().unwrap());
         assert!((nll.unwrap() - want).abs() < 1e-4, "{nll:?} vs {want}");

@@ -1097,8 +1097,7 @@ mod tests {
         let (batch_tx, batch_rx) = bounded::<ByteBatch>(16);
         let (skip_tx, skip_rx) = bounded::<Embedded>(16);
         pack_batches(&rxs, batch_tx, skip_tx, 2);
-        let got: Vec<(Vec<(usize, usize)>, Vec<u8>)> =
-            batch_rx.iter().map(|b| (b.rows, b.bytes)).collect();
+        let got: Vec<_> = batch_rx.iter().map(|b| (b.rows, b.bytes)).collect();
         assert_eq!(
             got,
             [

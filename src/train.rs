@@ -102,7 +102,9 @@ pub struct AdamW {
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
-    t: u64,
+    /// Steps taken per variable: as PyTorch's per-parameter `step`, a variable without a
+    /// gradient (the mapper, in a batch of text-only pairs) is skipped and does not count.
+    t: Vec<u64>,
     /// Use the fused in-place kernels where they apply (always, outside tests).
     fused: bool,
 }
@@ -128,10 +130,10 @@ impl AdamW {
             .map(|(_, v)| zeros(v))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
+            t: vec![0; vars.len()],
             vars,
             m,
             v,
-            t: 0,
             fused: true,
         })
     }
@@ -151,17 +153,18 @@ impl AdamW {
         lr: f64,
         cfg: &TrainConfig,
     ) -> candle_core::Result<()> {
-        self.t += 1;
         let (b1, b2) = (cfg.beta1, cfg.beta2);
-        let update = ParamUpdate {
-            lr: lr as f32,
-            decay: (1.0 - lr * cfg.weight_decay) as f32,
-            bias1: (1.0 - b1.powi(self.t as i32)) as f32,
-            bias2_sqrt: (1.0 - b2.powi(self.t as i32)).sqrt() as f32,
-            eps: cfg.eps as f32,
-        };
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            self.t[i] += 1;
+            let t = self.t[i] as i32;
+            let update = ParamUpdate {
+                lr: lr as f32,
+                decay: (1.0 - lr * cfg.weight_decay) as f32,
+                bias1: (1.0 - b1.powi(t)) as f32,
+                bias2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+                eps: cfg.eps as f32,
+            };
             let p = var.as_tensor();
             let fused = self.fused
                 && p.device().is_cpu()
@@ -208,10 +211,14 @@ impl AdamW {
         for (i, (name, _)) in self.vars.iter().enumerate() {
             out.insert(format!("m.{name}"), self.m[i].clone());
             out.insert(format!("v.{name}"), self.v[i].clone());
+            let t = Tensor::new(&[self.t[i] as i64], &candle_core::Device::Cpu);
+            out.insert(format!("t.{name}"), t.expect("a one-element CPU tensor"));
         }
         out
     }
 
+    /// Restores the moments and step counts; `t` is the count for checkpoints written before
+    /// they were kept per variable (every variable stepped every time).
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> candle_core::Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
             let get = |k: String| {
@@ -223,8 +230,11 @@ impl AdamW {
             };
             self.m[i] = get(format!("m.{name}"))?;
             self.v[i] = get(format!("v.{name}"))?;
+            self.t[i] = match tensors.get(&format!("t.{name}")) {
+                Some(steps) => steps.flatten_all()?.to_vec1::<i64>()?[0] as u64,
+                None => t,
+            };
         }
-        self.t = t;
         Ok(())
     }
 }
@@ -924,6 +934,33 @@ mod tests {
         opt.step(&[g], 1.0, 0.1, &cfg).unwrap();
         let v2 = p.to_vec1::<f32>().unwrap()[0];
         assert!((v2 - (0.899 * 0.999 - 0.1)).abs() < 1e-5, "{v2}");
+    }
+
+    #[test]
+    fn a_variable_without_gradients_is_skipped_and_its_steps_counted_apart() {
+        // PyTorch keeps `step` per parameter: `q`, first updated at the third step, gets a
+        // first step's full update (m̂/√v̂ = 1), not one bias-corrected as a third.
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let a = vb.get_with_hints(1, "a", Init::Const(1.0)).unwrap();
+        let q = vb.get_with_hints(1, "q", Init::Const(1.0)).unwrap();
+        let mut opt = AdamW::new(&vars).unwrap();
+        let cfg = TrainConfig {
+            weight_decay: 0.01,
+            ..TrainConfig::default()
+        };
+        let g = || Some(Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
+        opt.step(&[g(), None], 1.0, 0.1, &cfg).unwrap();
+        opt.step(&[g(), None], 1.0, 0.1, &cfg).unwrap();
+        assert_eq!(q.to_vec1::<f32>().unwrap(), [1.0]);
+        opt.step(&[g(), g()], 1.0, 0.1, &cfg).unwrap();
+        let q1 = q.to_vec1::<f32>().unwrap()[0];
+        assert!((q1 - 0.899).abs() < 1e-6, "{q1}");
+        assert!(a.to_vec1::<f32>().unwrap()[0] < 0.8);
+        // The counts travel with the optimizer state.
+        let mut restored = AdamW::new(&vars).unwrap();
+        restored.load_state(&opt.state_tensors(), 99).unwrap();
+        assert_eq!(restored.t, [3, 1]);
     }
 
     #[test]
