@@ -515,9 +515,12 @@ fn scalar(t: &Tensor) -> candle_core::Result<f64> {
     Ok(f64::from(t.to_dtype(DType::F32)?.to_scalar::<f32>()?))
 }
 
-/// Runs the validation batches; returns mean loss and scalars.
+/// Runs the validation batches; returns mean loss and scalars, and how many batches with a
+/// non-finite loss were left out of them (`skipped_nonfinite_batches`), as in training: one
+/// would make every mean NaN, and no later validation could then count as an improvement.
 fn validate<O: Objective>(obj: &mut O) -> Result<Vec<(String, f64)>> {
     let mut means = Means::default();
+    let mut skipped = 0u64;
     for batch in obj.val_batches()? {
         let batch = batch?;
         let out = obj.step(&batch, false).map_err(stage_err)?;
@@ -526,12 +529,18 @@ fn validate<O: Objective>(obj: &mut O) -> Result<Vec<(String, f64)>> {
             continue;
         }
         let loss = scalar(&out.loss).map_err(stage_err)?;
+        if !loss.is_finite() {
+            skipped += 1;
+            continue;
+        }
         means.add("loss", loss, w);
         for (n, v) in &out.scalars {
             means.add(n, *v, w);
         }
     }
-    Ok(means.means())
+    let mut out = means.means();
+    out.push(("skipped_nonfinite_batches".into(), skipped as f64));
+    Ok(out)
 }
 
 fn stage_err(e: candle_core::Error) -> Error {
@@ -557,7 +566,9 @@ pub fn fit<O: Objective>(
             message: "the training split has no batches".into(),
         });
     }
-    let total_steps = (cfg.epochs * steps_per_epoch).div_ceil(accum).max(1);
+    // As transformers' Trainer, an epoch's last batches step even when fewer than `accum`:
+    // accumulation never spans two epochs (so an epoch-end checkpoint holds all of it).
+    let total_steps = (cfg.epochs * steps_per_epoch.div_ceil(accum)).max(1);
     let mut opt = AdamW::new(obj.vars()).map_err(stage_err)?;
     let last_dir = out.checkpoint_dir.join("last");
     let best_dir = out.checkpoint_dir.join("best");
@@ -618,6 +629,8 @@ pub fn fit<O: Objective>(
     let mut last_norm = 0f64;
     let mut train_means = Means::default();
     let vars_sorted = opt.var_list();
+    // The step last validated (a resumed run's checkpoint was written after a validation).
+    let mut validated_at = resumed_from_step;
     'epochs: while state.epoch < cfg.epochs && !state.finished {
         let rx = obj.train_batches(state.epoch)?;
         let mut index = 0usize;
@@ -631,49 +644,59 @@ pub fn fit<O: Objective>(
                 continue; // consumed before the checkpoint we resumed from
             }
             state.batches_done_in_epoch = index;
+            let end_of_epoch = index == steps_per_epoch;
             let out_step = obj.step(&batch, true).map_err(stage_err)?;
             // Whether this batch completed an optimizer step. A batch that does not (skipped,
             // empty, or still accumulating) still counts toward the end of the epoch.
             let stepped = 'update: {
-                if out_step.rows == 0 {
-                    break 'update false;
-                }
-                let loss_value = scalar(&out_step.loss).map_err(stage_err)?;
-                let grads = if loss_value.is_finite() {
-                    let store = out_step.loss.backward().map_err(stage_err)?;
-                    let grads: Vec<Option<Tensor>> = vars_sorted
-                        .iter()
-                        .map(|v| store.get(v.as_tensor()).cloned())
-                        .collect();
-                    last_norm = grad_norm(&grads).map_err(stage_err)?;
-                    last_norm.is_finite().then_some(grads)
-                } else {
+                let grads = if out_step.rows == 0 {
                     None
-                };
-                let Some(grads) = grads else {
-                    state.skipped_nonfinite += 1;
-                    eprintln!(
-                        "[{}] non-finite loss or gradient at step {}: batch skipped",
-                        out.stage, state.step
-                    );
-                    break 'update false;
-                };
-                train_means.add("loss", loss_value, out_step.rows as f64);
-                for (n, v) in &out_step.scalars {
-                    train_means.add(n, *v, out_step.rows as f64);
-                }
-                if pending.is_empty() {
-                    pending = grads;
                 } else {
-                    for (p, g) in pending.iter_mut().zip(grads) {
-                        *p = match (p.take(), g) {
-                            (Some(a), Some(b)) => Some((a + b).map_err(stage_err)?),
-                            (a, b) => a.or(b),
-                        };
+                    let loss_value = scalar(&out_step.loss).map_err(stage_err)?;
+                    let grads = if loss_value.is_finite() {
+                        let store = out_step.loss.backward().map_err(stage_err)?;
+                        let grads: Vec<Option<Tensor>> = vars_sorted
+                            .iter()
+                            .map(|v| store.get(v.as_tensor()).cloned())
+                            .collect();
+                        last_norm = grad_norm(&grads).map_err(stage_err)?;
+                        last_norm.is_finite().then_some(grads)
+                    } else {
+                        None
+                    };
+                    match grads {
+                        Some(grads) => {
+                            train_means.add("loss", loss_value, out_step.rows as f64);
+                            for (n, v) in &out_step.scalars {
+                                train_means.add(n, *v, out_step.rows as f64);
+                            }
+                            Some(grads)
+                        }
+                        None => {
+                            state.skipped_nonfinite += 1;
+                            eprintln!(
+                                "[{}] non-finite loss or gradient at step {}: batch skipped",
+                                out.stage, state.step
+                            );
+                            None
+                        }
                     }
+                };
+                if let Some(grads) = grads {
+                    if pending.is_empty() {
+                        pending = grads;
+                    } else {
+                        for (p, g) in pending.iter_mut().zip(grads) {
+                            *p = match (p.take(), g) {
+                                (Some(a), Some(b)) => Some((a + b).map_err(stage_err)?),
+                                (a, b) => a.or(b),
+                            };
+                        }
+                    }
+                    pending_batches += 1;
                 }
-                pending_batches += 1;
-                if pending_batches < accum {
+                // Step after `accum` batches, and at the end of the epoch with what there is.
+                if pending_batches == 0 || (pending_batches < accum && !end_of_epoch) {
                     break 'update false;
                 }
                 let mut grads = std::mem::take(&mut pending);
@@ -702,7 +725,6 @@ pub fn fit<O: Objective>(
                 true
             };
             let step = state.step;
-            let end_of_epoch = index == steps_per_epoch;
             let eval_now = if cfg.eval_every > 0 {
                 stepped && step.is_multiple_of(cfg.eval_every)
             } else {
@@ -726,6 +748,7 @@ pub fn fit<O: Objective>(
                 )? {
                     state.stopped_early = true;
                 }
+                validated_at = Some(step);
                 state.finished = state.stopped_early || step >= total_steps;
                 push(
                     &mut metrics,
@@ -749,6 +772,30 @@ pub fn fit<O: Objective>(
             state.epoch += 1;
             state.batches_done_in_epoch = 0;
         }
+    }
+    // Steps after the last validation (skipped batches left the run short of the step
+    // count that would have validated, or eval_every does not divide it) are validated and
+    // can become `best/` too.
+    if state.step > 0 && validated_at != Some(state.step) {
+        evaluate(
+            obj,
+            &mut state,
+            &mut metrics,
+            &mut push,
+            &select_name,
+            higher_better,
+            cfg,
+            &opt,
+            &best_dir,
+        )?;
+        push(
+            &mut metrics,
+            state.step,
+            state.epoch,
+            "train",
+            "skipped_nonfinite_batches",
+            state.skipped_nonfinite as f64,
+        );
     }
     state.finished = true;
     save_checkpoint(&last_dir, obj.vars(), &opt, &state)?;
@@ -1100,5 +1147,80 @@ mod tests {
         let ma: Vec<MetricRow> = crate::shard::read_parquet(&full.join("m.parquet")).unwrap();
         let mb: Vec<MetricRow> = crate::shard::read_parquet(&part.join("m.parquet")).unwrap();
         assert_eq!(ma, mb);
+    }
+
+    #[test]
+    fn an_epochs_last_batches_step_and_resuming_there_is_exact() {
+        // 7 batches, accumulation 2: each epoch steps 4 times, the last with one batch, and
+        // nothing accumulated crosses into the next epoch.
+        let tmp = tempfile::tempdir().unwrap();
+        let c = TrainConfig {
+            epochs: 3,
+            eval_every: 0,
+            grad_accum: 2,
+            ..cfg()
+        };
+        let run = |dir: &Path, fail_at: Option<(usize, usize)>| {
+            let mut obj = Regression::new(None);
+            obj.batches = 7;
+            obj.fail_at = fail_at;
+            let res = fit(&mut obj, &c, 7, &out(dir, &dir.join("m.parquet")));
+            (res, obj)
+        };
+        let full = tmp.path().join("full");
+        let (summary, a) = run(&full, None);
+        assert_eq!(summary.unwrap().state.step, 12);
+        let part = tmp.path().join("part");
+        assert!(run(&part, Some((1, 3))).0.is_err());
+        let (resumed, b) = run(&part, None);
+        assert_eq!(resumed.unwrap().resumed_from_step, Some(4));
+        for (x, y) in [(&a.w, &b.w), (&a.b, &b.b)] {
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        }
+        let ma: Vec<MetricRow> = crate::shard::read_parquet(&full.join("m.parquet")).unwrap();
+        let mb: Vec<MetricRow> = crate::shard::read_parquet(&part.join("m.parquet")).unwrap();
+        assert_eq!(ma, mb);
+    }
+
+    #[test]
+    fn the_last_step_is_validated_when_skipped_batches_leave_the_run_short() {
+        // 2 epochs of 7 batches, one NaN each: 12 steps, not the 14 whose multiple-of-5
+        // validations (5, 10) would otherwise leave steps 11 and 12 unvalidated.
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = tmp.path().join("m.parquet");
+        let mut obj = Regression::new(Some(2));
+        obj.batches = 7;
+        let c = TrainConfig {
+            epochs: 2,
+            eval_every: 5,
+            ..cfg()
+        };
+        let summary = fit(&mut obj, &c, 7, &out(&tmp.path().join("ckpt"), &metrics)).unwrap();
+        assert_eq!(summary.state.step, 12);
+        let rows: Vec<MetricRow> = crate::shard::read_parquet(&metrics).unwrap();
+        let validated: Vec<i64> = rows
+            .iter()
+            .filter(|r| r.split == "val" && r.name == "loss")
+            .map(|r| r.step)
+            .collect();
+        assert_eq!(validated, [5, 10, 12]);
+        let skipped = rows
+            .iter()
+            .filter(|r| r.split == "train" && r.name == "skipped_nonfinite_batches")
+            .map(|r| r.value)
+            .fold(0.0, f64::max);
+        assert_eq!(skipped, 2.0);
+    }
+
+    #[test]
+    fn a_validation_batch_with_a_nan_loss_is_left_out_and_counted() {
+        let mut obj = Regression::new(Some(usize::MAX));
+        let val = validate(&mut obj).unwrap();
+        let get = |name: &str| val.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        assert_eq!(get("skipped_nonfinite_batches"), Some(1.0));
+        assert_eq!(get("loss"), None);
+        let mut clean = Regression::new(None);
+        let val = validate(&mut clean).unwrap();
+        assert!(val.iter().all(|(_, v)| v.is_finite()), "{val:?}");
     }
 }
