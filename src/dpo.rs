@@ -451,7 +451,14 @@ impl PairSplit {
                         p.pair_id
                     )))
                 }
-                (_, false) => None,
+                (Some(key), false) => {
+                    return Err(bad(format!(
+                        "pair `{}` names image `{key}`, but preference.text_pairs_dataset is text-only; \
+                         image pairs belong in preference.pairs_dataset",
+                        p.pair_id
+                    )))
+                }
+                (None, false) => None,
             };
             let (prompt, chosen, rejected) =
                 tokenize_pair(&t.tokenizer, t.eos, &p.prompt, &p.chosen, &p.rejected)

@@ -43,7 +43,9 @@ impl HubClient {
 
     /// Downloads every file of dataset `repo` at `revision` whose path matches one of
     /// `patterns` (`*` matches any run of characters, including `/`), sorted by path.
-    /// No match is an error naming the repo, revision and patterns.
+    /// No match is an error naming the repo, revision and patterns. A download whose size
+    /// differs from the listed one (an error page or a cut-off body stored as the file) is
+    /// removed from the cache and fetched once more, then is an error naming the file.
     pub fn dataset_files(
         &self,
         repo: &str,
@@ -59,27 +61,42 @@ impl HubClient {
             .recursive(true)
             .send()
             .map_err(|e| hub_err(format!("listing files failed: {e}")))?;
-        let mut paths: Vec<String> = tree
+        let mut files: Vec<(String, u64)> = tree
             .into_iter()
             .filter_map(|entry| match entry {
-                RepoTreeEntry::File { path, .. } => Some(path),
+                RepoTreeEntry::File { path, size, .. } => Some((path, size)),
                 _ => None,
             })
-            .filter(|p| patterns.iter().any(|pat| glob_match(pat, p)))
+            .filter(|(p, _)| patterns.iter().any(|pat| glob_match(pat, p)))
             .collect();
-        paths.sort();
-        if paths.is_empty() {
+        files.sort();
+        if files.is_empty() {
             return Err(hub_err(format!("no file matches {patterns:?}")));
         }
-        paths
+        files
             .into_iter()
-            .map(|path| {
-                let local = handle
-                    .download_file()
-                    .filename(path.clone())
-                    .revision(revision.to_string())
-                    .send()
-                    .map_err(|e| hub_err(format!("downloading `{path}` failed: {e}")))?;
+            .map(|(path, size)| {
+                let fetch = |force: bool| {
+                    handle
+                        .download_file()
+                        .filename(path.clone())
+                        .revision(revision.to_string())
+                        .force_download(force)
+                        .send()
+                        .map_err(|e| hub_err(format!("downloading `{path}` failed: {e}")))
+                };
+                let mut local = fetch(false)?;
+                if file_len(&local) != Some(size) {
+                    forget(&local);
+                    local = fetch(true)?;
+                }
+                if let Some(got) = file_len(&local).filter(|&got| got != size) {
+                    forget(&local);
+                    return Err(hub_err(format!(
+                        "`{path}` downloaded as {got} bytes, but the hub lists {size} ({})",
+                        local.display()
+                    )));
+                }
                 let commit = commit_of(&local).unwrap_or_else(|| revision.to_string());
                 Ok(HubFile {
                     path_in_repo: path,
@@ -112,6 +129,19 @@ impl HubClient {
 }
 
 /// Errors about `repo` at `revision`.
+/// The size of the file `path` leads to (following the cache's snapshot link).
+fn file_len(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.len())
+}
+
+/// Removes a cached download: the blob behind the snapshot link, then the link.
+fn forget(path: &Path) {
+    if let Ok(blob) = std::fs::canonicalize(path) {
+        let _ = std::fs::remove_file(blob);
+    }
+    let _ = std::fs::remove_file(path);
+}
+
 fn hub_error<'a>(repo: &'a str, revision: &'a str) -> impl Fn(String) -> Error + 'a {
     move |message| Error::Hub {
         repo: repo.to_string(),
@@ -181,6 +211,50 @@ mod tests {
         assert!(!glob_match("a*b*c", "aXc"));
         assert!(!glob_match("ab*ba", "aba"));
         assert!(glob_match("exact.json", "exact.json"));
+    }
+
+    #[test]
+    fn a_download_of_the_wrong_size_is_fetched_again_then_refused() {
+        let hub = crate::loopback::MockHub::start().unwrap();
+        let bytes = b"PAR1 pretend parquet".repeat(50);
+        hub.add_dataset_file("o/n", "main", "data/x.parquet", bytes.clone());
+        let cache = tempfile::tempdir().unwrap();
+        let client = HubClient::new(&HubConfig {
+            endpoint: hub.endpoint(),
+            cache_dir: cache.path().display().to_string(),
+        })
+        .unwrap();
+        let patterns = ["data/*.parquet".to_string()];
+        let gets = || {
+            hub.request_log()
+                .iter()
+                .filter(|l| l.starts_with("GET /datasets/o/n/resolve/"))
+                .count()
+        };
+        // One error page: stored, caught by its size, fetched again.
+        hub.garble_downloads("data/x.parquet", 1);
+        let files = client.dataset_files("o/n", "main", &patterns).unwrap();
+        assert_eq!(std::fs::read(&files[0].local).unwrap(), bytes);
+        assert_eq!(gets(), 2);
+        // Every answer wrong: an error naming the file, and nothing wrong left in the cache.
+        let other = tempfile::tempdir().unwrap();
+        let client = HubClient::new(&HubConfig {
+            endpoint: hub.endpoint(),
+            cache_dir: other.path().display().to_string(),
+        })
+        .unwrap();
+        hub.garble_downloads("data/x.parquet", 5);
+        let err = client
+            .dataset_files("o/n", "main", &patterns)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`data/x.parquet` downloaded as 28 bytes, but the hub lists 1000"),
+            "{err}"
+        );
+        hub.garble_downloads("data/x.parquet", 0);
+        let files = client.dataset_files("o/n", "main", &patterns).unwrap();
+        assert_eq!(std::fs::read(&files[0].local).unwrap(), bytes);
     }
 
     #[test]

@@ -563,6 +563,9 @@ struct HubState {
     /// (kind, repo id) → revision name → contents at that revision.
     repos: BTreeMap<(RepoKind, String), BTreeMap<String, HubRevision>>,
     log: Vec<String>,
+    /// Repo path → how many more GETs of it are answered with an error page (see
+    /// [`MockHub::garble_downloads`]).
+    garbled: BTreeMap<String, u32>,
 }
 
 struct HubRevision {
@@ -588,7 +591,18 @@ impl MockHub {
                     line.push_str(&request.query);
                 }
                 state.log.push(line);
-                route_hub(&state, request)
+                let mut reply = route_hub(&state, request);
+                if request.method == "GET" && reply.status == 200 {
+                    let path = percent_decode(&request.path);
+                    let hit = state.garbled.iter_mut().find(|(p, n)| {
+                        **n > 0 && path.contains("/resolve/") && path.ends_with(&format!("/{p}"))
+                    });
+                    if let Some((_, left)) = hit {
+                        *left -= 1;
+                        reply.body = Arc::new(b"<html>502 Bad Gateway</html>".to_vec());
+                    }
+                }
+                reply
             })
         };
         Ok(Self {
@@ -618,6 +632,12 @@ impl MockHub {
     /// already a 40-hex commit, else a hash of repo and revision.
     pub fn commit_of(&self, repo: &str, revision: &str) -> String {
         fake_commit(repo, revision)
+    }
+
+    /// Answers the next `times` GETs of `path` (in any repo) with a proxy's error page under
+    /// status 200 and the file's own headers, as a misbehaving proxy or CDN would.
+    pub fn garble_downloads(&self, path: &str, times: u32) {
+        lock(&self.state).garbled.insert(path.to_string(), times);
     }
 
     /// "METHOD raw-path?query" of every request served, in order (for asserting what the client did).

@@ -55,13 +55,15 @@ fn mean_scalar(t: &Tensor) -> Result<f64> {
 /// x − log(1 + e^{x}) elsewhere. Each branch sees only its own side of 0 (so neither
 /// overflows, and the branch not taken gets no NaN gradient), and at exactly 0, where a policy
 /// equal to its reference puts every DPO logit, the gradient is 1/2: written with `|x|` and
-/// `max`, it is whatever the kinks' conventional slopes add up to (candle: 3/2).
+/// `max`, it is whatever the kinks' conventional slopes add up to (candle: 3/2). A NaN stays
+/// NaN (the branches' `relu` would turn it into 0), so the trainer's guard still sees it.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     let upper = x.relu()?;
     let lower = x.neg()?.relu()?.neg()?;
     let when_upper = (upper.neg()?.exp()? + 1.0)?.log()?.neg()?;
     let when_lower = (&lower - (lower.exp()? + 1.0)?.log()?)?;
-    x.ge(0f64)?.where_cond(&when_upper, &when_lower)
+    let value = x.ge(0f64)?.where_cond(&when_upper, &when_lower)?;
+    x.ne(x)?.where_cond(x, &value)
 }
 
 /// DPO loss over a batch. `policy_*`/`ref_*`: per-row sequence log-probabilities `(b,)`
@@ -283,15 +285,16 @@ mod tests {
     }
 
     #[test]
-    fn log_sigmoid_is_stable_for_large_inputs() {
-        let v: Vec<f32> = log_sigmoid(&t(&[-100.0, 0.0, 100.0]))
+    fn log_sigmoid_is_stable_for_large_inputs_and_keeps_nan() {
+        let v: Vec<f32> = log_sigmoid(&t(&[-100.0, 0.0, 100.0, f32::NAN]))
             .unwrap()
             .to_vec1()
             .unwrap();
         assert!(
             (v[0] + 100.0).abs() < 1e-4
                 && (v[1] + std::f32::consts::LN_2).abs() < 1e-6
-                && v[2].abs() < 1e-6,
+                && v[2].abs() < 1e-6
+                && v[3].is_nan(),
             "{v:?}"
         );
     }

@@ -183,12 +183,13 @@ fn dpo_learns_preferences_and_caches_reference_logps() {
 }
 
 #[test]
-fn a_pair_with_an_empty_completion_is_a_clear_error() {
+fn a_pair_with_an_empty_completion_or_no_image_is_a_clear_error() {
     let tmp = trained_workdir();
     let work = tmp.path();
     let set = ShardSet::new(work, "synthetic_prefs", "train");
     let path = set.parquet_path(0);
-    let mut pairs: Vec<PreferencePair> = read_parquet(&path).unwrap();
+    let original: Vec<PreferencePair> = read_parquet(&path).unwrap();
+    let mut pairs = original.clone();
     pairs[2].rejected = "  ".into();
     let id = pairs[2].pair_id.clone();
     write_parquet(&path, &pairs).unwrap();
@@ -196,6 +197,18 @@ fn a_pair_with_an_empty_completion_is_a_clear_error() {
     assert!(!out.status.success(), "{log}");
     assert!(
         log.contains("empty completion") && log.contains(&id) && log.contains("part-00000.parquet"),
+        "{log}"
+    );
+    // So is an image pair that names no image.
+    let mut pairs = original;
+    pairs[3].image_key = None;
+    let id = pairs[3].pair_id.clone();
+    write_parquet(&path, &pairs).unwrap();
+    let (out, log) = pipeline(&with_small(&["run", "train-dpo"]), work);
+    assert!(!out.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("pair `{id}` has no image_key"))
+            && log.contains("part-00000.parquet"),
         "{log}"
     );
 }
@@ -261,7 +274,7 @@ fn a_nan_in_a_training_batch_is_skipped_and_counted_and_no_parameter_becomes_nan
     // finite weights.
     let (out, log) = pipeline(&with_small(&["run", "train-dpo"]), work);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("non-finite"), "{log}");
+    assert!(log.contains("non-finite loss or gradient"), "{log}");
     let run = newest_run(work);
     let metrics: Vec<MetricRow> = read_parquet(&run.join("metrics.parquet")).unwrap();
     let skipped = metrics
