@@ -1141,11 +1141,17 @@ mod tests {
         let summary = fit(&mut resumed, &c, 8, &out(&part, &part.join("m.parquet"))).unwrap();
         let from = summary.resumed_from_step.expect("resumed");
         assert!(from > 0 && from < summary.state.step, "{from}");
-        for (x, y) in [(&a.w, &resumed.w), (&a.b, &resumed.b)] {
+        assert_same_run((&a, &full), (&resumed, &part));
+    }
+
+    /// Two runs (objective, checkpoint dir) ended with the same weights and logged the same
+    /// metrics (`m.parquet`).
+    fn assert_same_run(a: (&Regression, &Path), b: (&Regression, &Path)) {
+        for (x, y) in [(&a.0.w, &b.0.w), (&a.0.b, &b.0.b)] {
             assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
         }
-        let ma: Vec<MetricRow> = crate::shard::read_parquet(&full.join("m.parquet")).unwrap();
-        let mb: Vec<MetricRow> = crate::shard::read_parquet(&part.join("m.parquet")).unwrap();
+        let ma: Vec<MetricRow> = crate::shard::read_parquet(&a.1.join("m.parquet")).unwrap();
+        let mb: Vec<MetricRow> = crate::shard::read_parquet(&b.1.join("m.parquet")).unwrap();
         assert_eq!(ma, mb);
     }
 
@@ -1174,12 +1180,7 @@ mod tests {
         assert!(run(&part, Some((1, 3))).0.is_err());
         let (resumed, b) = run(&part, None);
         assert_eq!(resumed.unwrap().resumed_from_step, Some(4));
-        for (x, y) in [(&a.w, &b.w), (&a.b, &b.b)] {
-            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
-        }
-        let ma: Vec<MetricRow> = crate::shard::read_parquet(&full.join("m.parquet")).unwrap();
-        let mb: Vec<MetricRow> = crate::shard::read_parquet(&part.join("m.parquet")).unwrap();
-        assert_eq!(ma, mb);
+        assert_same_run((&a, &full), (&b, &part));
     }
 
     #[test]
