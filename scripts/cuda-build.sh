@@ -9,6 +9,8 @@
 #   declares. At run time the GPU machine's driver and PyTorch's CUDA 13 wheels provide the real
 #   ones (gpu-check.sh finds them). The stubs are never loaded: the binary has no rpath.
 # - The result is stripped and xz-compressed to .gpu/pipeline.xz (carry ".gpu" to the device).
+#   target/release/pipeline is then the CUDA build, which needs libcuda to start; a plain
+#   `cargo build --release` puts the CPU one back (its artifacts are kept beside).
 #
 # Usage (repo root or anywhere): bash scripts/cuda-build.sh   [PYTHON=python-with-pip]
 # CUDA_COMPUTE_CAP defaults to 90 (H100/H200). Set CARGO_TARGET_DIR as for any build.
