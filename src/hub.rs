@@ -41,8 +41,9 @@ impl HubClient {
         Ok(Self { client })
     }
 
-    /// Downloads every file of dataset `repo` at `revision` whose path matches one of
-    /// `patterns` (`*` matches any run of characters, including `/`), sorted by path.
+    /// Downloads every file of dataset `repo` at `revision` (resolved to its commit once, for
+    /// the listing and every download) whose path matches one of `patterns` (`*` matches any
+    /// run of characters, including `/`), sorted by path.
     /// No match is an error naming the repo, revision and patterns. A download whose size
     /// differs from the listed one (an error page or a cut-off body stored as the file) is
     /// removed from the cache and fetched once more, then is an error naming the file.
@@ -55,9 +56,18 @@ impl HubClient {
         let hub_err = hub_error(repo, revision);
         let (owner, name) = split_repo(repo, revision)?;
         let handle = self.client.dataset(owner, name);
+        // The revision is resolved to its commit once, and the listing and every download
+        // name that commit: a push to the branch during the run cannot mix two commits.
+        let commit = handle
+            .info()
+            .revision(revision.to_string())
+            .send()
+            .map_err(|e| hub_err(format!("resolving the revision failed: {e}")))?
+            .sha
+            .ok_or_else(|| hub_err("the hub named no commit for the revision".into()))?;
         let tree = handle
             .list_tree()
-            .revision(revision.to_string())
+            .revision(commit.clone())
             .recursive(true)
             .send()
             .map_err(|e| hub_err(format!("listing files failed: {e}")))?;
@@ -80,7 +90,7 @@ impl HubClient {
                     handle
                         .download_file()
                         .filename(path.clone())
-                        .revision(revision.to_string())
+                        .revision(commit.clone())
                         .force_download(force)
                         .send()
                         .map_err(|e| hub_err(format!("downloading `{path}` failed: {e}")))
@@ -97,11 +107,10 @@ impl HubClient {
                         local.display()
                     )));
                 }
-                let commit = commit_of(&local).unwrap_or_else(|| revision.to_string());
                 Ok(HubFile {
                     path_in_repo: path,
                     local,
-                    commit,
+                    commit: commit.clone(),
                 })
             })
             .collect()
@@ -211,6 +220,43 @@ mod tests {
         assert!(!glob_match("a*b*c", "aXc"));
         assert!(!glob_match("ab*ba", "aba"));
         assert!(glob_match("exact.json", "exact.json"));
+    }
+
+    #[test]
+    fn the_listing_and_downloads_name_the_commit_the_revision_resolved_to() {
+        let hub = crate::loopback::MockHub::start().unwrap();
+        hub.add_dataset_file("o/n", "main", "data/a.parquet", b"a".to_vec());
+        hub.add_dataset_file("o/n", "main", "data/b.parquet", b"bb".to_vec());
+        let cache = tempfile::tempdir().unwrap();
+        let client = HubClient::new(&HubConfig {
+            endpoint: hub.endpoint(),
+            cache_dir: cache.path().display().to_string(),
+        })
+        .unwrap();
+        let files = client
+            .dataset_files("o/n", "main", &["data/*".to_string()])
+            .unwrap();
+        let commit = hub.commit_of("o/n", "main");
+        assert!(files.iter().all(|f| f.commit == commit));
+        let log = hub.request_log();
+        // Only the first request names the branch; the tree and the files name the commit.
+        let named_main: Vec<&String> = log.iter().filter(|l| l.contains("main")).collect();
+        assert_eq!(named_main.len(), 1, "{log:?}");
+        assert!(
+            named_main[0].starts_with("GET /api/datasets/o/n/revision/main"),
+            "{log:?}"
+        );
+        assert!(
+            log.iter().any(|l| l.contains(&format!("/tree/{commit}"))),
+            "{log:?}"
+        );
+        for path in ["data/a.parquet", "data/b.parquet"] {
+            assert!(
+                log.iter()
+                    .any(|l| l == &format!("GET /datasets/o/n/resolve/{commit}/{path}")),
+                "{log:?}"
+            );
+        }
     }
 
     #[test]
