@@ -24,12 +24,13 @@ use tokenizers::Tokenizer;
 
 use crate::captioner::{Captioner, CaptionerManifest};
 use crate::config::Config;
-use crate::embed::{self, device_for, sha256_file};
+use crate::embed::{self, device_for};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::find_stage_dir;
 use crate::preference::{dpo_loss, orpo_loss, DpoLoss};
 use crate::records::{MetricRow, PreferencePair};
 use crate::sft::{shard_batches, StageContext};
+use crate::shard::sha256_file;
 use crate::shard::{read_parquet, write_parquet, ShardSet};
 use crate::train::{fit, FitOutput, Objective, StepOutput, TrainConfig};
 

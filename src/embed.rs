@@ -29,6 +29,7 @@ use crate::features::{CacheDtype, FeatureCache, FeatureEntry, FeatureKey, Lookup
 use crate::hub::HubClient;
 use crate::progress::Progress;
 use crate::records::{ImageTextSample, StoryFrame};
+use crate::shard::sha256_file;
 use crate::shard::{read_parquet, ShardSet};
 
 /// Compute precision of the model.
@@ -173,13 +174,6 @@ pub fn model_files(cfg: &Config, workdir: &Path) -> Result<ClipModelFiles> {
     ClipModelFiles::resolve(&cfg.embed.model, &cfg.embed.revision, || {
         HubClient::new(&cfg.hub)
     })
-}
-
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).at(path)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).at(path)?;
-    Ok(hex::encode(hasher.finalize()))
 }
 
 /// A model as the feature cache sees it, read from its files without building it: what a

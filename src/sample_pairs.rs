@@ -20,13 +20,14 @@ use sha2::{Digest, Sha256};
 use crate::captioner::{CaptionerManifest, DecodeMethod};
 use crate::clip::model::ClipEmbedder;
 use crate::config::Config;
-use crate::embed::{self, device_for, sha256_file, ModelIdentity};
+use crate::embed::{self, device_for, ModelIdentity};
 use crate::error::{Error, IoContext, Result};
 use crate::generate::find_stage_dir;
 use crate::progress::Progress;
 use crate::records::PreferencePair;
 use crate::score::{cosine, embed_texts};
 use crate::sft::StageContext;
+use crate::shard::sha256_file;
 use crate::shard::{write_atomic, ShardSet, ShardStats};
 
 /// `[sample_pairs]`.

@@ -16,6 +16,7 @@ use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::records::Record;
@@ -46,6 +47,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
     fs::write(&tmp, bytes).at(&tmp)?;
     fs::rename(&tmp, path).at(path)
+}
+
+/// sha256 of the file at `path`, hex, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = fs::File::open(path).at(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).at(path)?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Whether `name` is a temporary file ([`temp_path`]'s `.<name>.tmp-<pid>`) that no other

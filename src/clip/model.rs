@@ -11,7 +11,6 @@ use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
 use crate::clip::preprocess::{ClipPreprocessConfig, PixelTable};
@@ -235,10 +234,7 @@ impl ClipModelFiles {
     /// sha256 of the weights file: part of every feature-cache key, so changed weights
     /// never reuse old embeddings even under the same name.
     pub fn weights_sha256(&self) -> Result<String> {
-        let mut file = std::fs::File::open(&self.weights).at(&self.weights)?;
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut file, &mut hasher).at(&self.weights)?;
-        Ok(hex::encode(hasher.finalize()))
+        crate::shard::sha256_file(&self.weights)
     }
 }
 

@@ -10,17 +10,15 @@ use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use sha2::{Digest, Sha256};
-
 use crate::config::RunConfig;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::ingest::download::{FetchFailure, Fetcher};
 use crate::ingest::imageproc::{self, ImageSpec, ResizeMode};
 use crate::ingest::tsv::{self, TsvReader};
 use crate::ingest::{IngestOptions, SourceSummary, SplitSummary};
 use crate::progress::Progress;
 use crate::records::{ImageTextSample, SampleStatus};
-use crate::shard::{ShardSet, ShardStats};
+use crate::shard::{sha256_file, ShardSet, ShardStats};
 
 /// `[ingest.cc]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,10 +245,7 @@ pub fn run(
 /// What the shards of `input` are made from, recorded as their stats' `source`: the TSV
 /// (path and sha256), the shard size and every setting that changes a stored image.
 fn provenance(input: &Path, cfg: &CcConfig) -> Result<String> {
-    let mut file = std::fs::File::open(input).at(input)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).at(input)?;
-    let digest = hex::encode(hasher.finalize());
+    let digest = sha256_file(input)?;
     Ok(format!(
         "{} sha256={} shard_size={} {:?}",
         input.display(),
