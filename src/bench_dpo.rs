@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::Tensor;
 use candle_nn::VarMap;
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -30,7 +29,7 @@ use crate::embed::device_for;
 use crate::records::PreferencePair;
 use crate::rng::SplitMix64;
 use crate::shard::{ShardSet, ShardStats};
-use crate::train::{clip_and_step, grad_norm, AdamW, TrainConfig};
+use crate::train::{clip_and_step, grad_norm, gradients, AdamW, TrainConfig};
 
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct BenchTrainDpoArgs {
@@ -247,10 +246,7 @@ fn run_prefcap(args: &BenchTrainDpoArgs, ckpt: &Path, out: &Path) -> anyhow::Res
             first_loss = f64::from(out.loss.to_scalar::<f32>()?);
         }
         let store = out.loss.backward()?;
-        let grads: Vec<Option<Tensor>> = sorted
-            .iter()
-            .map(|v| store.get(v.as_tensor()).cloned())
-            .collect();
+        let grads = gradients(&store, &sorted);
         drop(store);
         rss("after backward");
         let norm = grad_norm(&grads)?;

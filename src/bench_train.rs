@@ -23,7 +23,7 @@ use crate::captioner::{
 };
 use crate::embed::device_for;
 use crate::rng::SplitMix64;
-use crate::train::{clip_and_step, grad_norm, AdamW, TrainConfig};
+use crate::train::{clip_and_step, grad_norm, gradients, AdamW, TrainConfig};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchTrainSftArgs {
@@ -162,10 +162,7 @@ fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Resu
         phases[0] += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let store = loss.backward()?;
-        let grads: Vec<Option<Tensor>> = vars_sorted
-            .iter()
-            .map(|v| store.get(v.as_tensor()).cloned())
-            .collect();
+        let grads = gradients(&store, &vars_sorted);
         drop(store);
         sync()?;
         phases[1] += t.elapsed().as_secs_f64();

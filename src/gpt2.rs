@@ -368,7 +368,10 @@ impl Block {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
             }
-            *cache = Some((k.clone(), v.clone()));
+            // Detached: cached decoding is inference only, and with trainable (variable)
+            // weights the keys and values record the ops that made them, so the cache would
+            // hold every earlier step's whole graph.
+            *cache = Some((k.detach(), v.detach()));
         }
         // The scale on q (`(b, h, t, hd)`) rather than on the scores (`(b, h, t, t)`).
         let q = (q * self.scale)?;
@@ -1295,6 +1298,33 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn the_cache_holds_no_graph_even_with_trainable_weights() {
+        let cfg = Gpt2Config::from_file(&fixture("gpt2-tiny/config.json")).unwrap();
+        let vars = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let mut model = Gpt2::new(&cfg, vb).unwrap();
+        // Variable weights and differentiable ops: every output records its graph, as the
+        // tensor-op path does on a GPU.
+        model.set_differentiable(true);
+        let ids = Tensor::new(&[[464u32, 2068, 7586]], &Device::Cpu).unwrap();
+        let emb = model.embed_tokens(&ids).unwrap();
+        let mut cache = KvCache::default();
+        let h = model.forward_cached(&emb, &mut cache).unwrap();
+        assert!(h.track_op(), "the step's output records its graph");
+        model
+            .forward_cached(&emb.narrow(1, 2, 1).unwrap(), &mut cache)
+            .unwrap();
+        assert_eq!(cache.layers.iter().flatten().count(), cfg.n_layer);
+        for (k, v) in cache.layers.iter().flatten() {
+            assert_eq!(k.dims(), &[1, cfg.n_head, 4, cfg.n_embd / cfg.n_head]);
+            assert!(
+                !k.track_op() && !v.track_op(),
+                "cached keys/values hold no graph"
+            );
+        }
     }
 
     #[test]

@@ -200,8 +200,12 @@ impl AdamW {
             let decayed = (p * f64::from(update.decay))?;
             let step = (m_hat / (v_hat.sqrt()? + cfg.eps)?)?;
             var.set(&(decayed - (step * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            // Detached: `m` and `v` are ops on the gradient, which candle records when it was
+            // computed from the model's variables or activations. Kept as they are, each
+            // step's moments would hold the previous step's and that step's graph (its
+            // activations and upstream gradients), so device memory grew with every step.
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -355,6 +359,17 @@ impl InplaceOp3 for ParamUpdate {
             });
         Ok(())
     }
+}
+
+/// The gradients of `vars` (in that order) from a backward pass, detached. candle records
+/// the ops that summed a variable's gradient when they involved tracked tensors (a linear
+/// layer's weight gradient is a product with its input activation), so an undetached gradient
+/// keeps that step's activations and upstream gradients alive for as long as it lives:
+/// through the optimizer step, and across every batch of an accumulation.
+pub fn gradients(store: &candle_core::backprop::GradStore, vars: &[Var]) -> Vec<Option<Tensor>> {
+    vars.iter()
+        .map(|v| store.get(v.as_tensor()).map(Tensor::detach))
+        .collect()
 }
 
 /// Global L2 norm of `grads`. Contiguous f32 gradients on the CPU are summed where they
@@ -655,10 +670,7 @@ pub fn fit<O: Objective>(
                     let loss_value = scalar(&out_step.loss).map_err(stage_err)?;
                     let grads = if loss_value.is_finite() {
                         let store = out_step.loss.backward().map_err(stage_err)?;
-                        let grads: Vec<Option<Tensor>> = vars_sorted
-                            .iter()
-                            .map(|v| store.get(v.as_tensor()).cloned())
-                            .collect();
+                        let grads = gradients(&store, &vars_sorted);
                         last_norm = grad_norm(&grads).map_err(stage_err)?;
                         last_norm.is_finite().then_some(grads)
                     } else {
@@ -1043,6 +1055,43 @@ mod tests {
             (norm - expected).abs() < 1e-6 * expected,
             "{norm} vs {expected}"
         );
+    }
+
+    #[test]
+    fn gradients_and_tensor_op_moments_hold_no_graph() {
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let w = vb.get_with_hints((3, 2), "w", Init::Const(0.5)).unwrap();
+        let input = vb
+            .get_with_hints((4, 3), "input", Init::Const(0.1))
+            .unwrap();
+        let mut opt = AdamW::new(&vars).unwrap();
+        opt.fused = false; // the path every non-CPU device takes
+        let sorted = opt.var_list();
+        for _ in 0..3 {
+            // An activation between the two variables: the weight's gradient is a product
+            // with it, which candle records.
+            let act = (&input * 2.0).unwrap().tanh().unwrap();
+            let loss = act.matmul(&w).unwrap().sqr().unwrap().sum_all().unwrap();
+            let store = loss.backward().unwrap();
+            let raw = store.get(&w).unwrap();
+            assert!(raw.track_op(), "candle's weight gradient records its graph");
+            let grads = gradients(&store, &sorted);
+            assert_eq!(
+                grads[1].as_ref().unwrap().to_vec2::<f32>().unwrap(),
+                raw.to_vec2::<f32>().unwrap()
+            );
+            assert!(grads.iter().flatten().all(|g| !g.track_op()));
+            // Moments made from undetached gradients hold no graph either.
+            let tracked: Vec<Option<Tensor>> = sorted
+                .iter()
+                .map(|v| store.get(v.as_tensor()).cloned())
+                .collect();
+            opt.step(&tracked, 1.0, 0.01, &TrainConfig::default())
+                .unwrap();
+            assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
+        }
+        assert_ne!(w.to_vec2::<f32>().unwrap(), vec![vec![0.5f32; 2]; 3]);
     }
 
     #[test]
