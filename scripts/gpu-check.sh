@@ -33,10 +33,10 @@ for s in $steps; do case $s in
   embed-f16) run embed-f16 90 $bin bench embed --gpu 0 --dtype f16 --images 4096 --batch 512 --scale 4 --no-peer --dir /tmp/be ;;
   embed-f32) run embed-f32 120 $bin bench embed --gpu 0 --dtype f32 --images 2048 --batch 256 --scale 1 --venv /tmp/pyenv --dir /tmp/be ;;
   train-sft) run train-sft 120 $bin bench train-sft --gpu 0 --batch 32 --tokens 32 --steps 10 --venv /tmp/pyenv --dir /tmp/bt
-       nvidia-smi --query-gpu=memory.used --format=csv ;;
+       ;;
   train-dpo) peer=--no-peer; python3 -c "import trl, datasets" 2>/dev/null && peer=""
        run train-dpo 240 $bin bench train-dpo --gpu 0 --pairs 256 --batch 16 $peer --venv /tmp/pyenv --dir /tmp/bd
-       nvidia-smi --query-gpu=memory.used --format=csv ;;
+       ;;
   run) mkdir -p /tmp/wd && run pipeline-run 150 $bin run --gpu 0 --workdir /tmp/wd
        cp /tmp/wd/runs/*/scores_summary.parquet "$OUT/" 2>/dev/null ;;
 esac; done

@@ -126,6 +126,75 @@ pub(crate) struct Measured {
     pub cpu: f64,
     /// Peak of the summed resident memory of the process tree, in MiB (sampled every 20 ms).
     pub peak_rss_mib: f64,
+    /// With a CUDA device: peak device memory in use above what was in use at the start,
+    /// in MiB ([`GpuPeak`]); `None` without a device or without `nvidia-smi`.
+    pub peak_gpu_mib: Option<f64>,
+}
+
+/// Peak memory in use on CUDA device `gpu` while something runs, above what was in use when
+/// sampling started: `nvidia-smi` every 50 ms, for the whole device (each tool's allocator
+/// pool included, PyTorch's cache as much as candle's), so nothing else should run on it.
+pub(crate) struct GpuPeak {
+    done: Arc<AtomicBool>,
+    sampler: std::thread::JoinHandle<f64>,
+    base: f64,
+}
+
+impl GpuPeak {
+    /// `None` without a device or when `nvidia-smi` cannot report it.
+    pub(crate) fn start(gpu: Option<usize>) -> Option<Self> {
+        let gpu = gpu?.to_string();
+        let read = move || -> Option<f64> {
+            let out = Command::new("nvidia-smi")
+                .args([
+                    "--query-gpu=memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-i",
+                    &gpu,
+                ])
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| parse_mib(&String::from_utf8_lossy(&out.stdout)))
+                .flatten()
+        };
+        let base = read()?;
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut peak = base;
+                while !done.load(Ordering::Relaxed) {
+                    peak = peak.max(read().unwrap_or(0.0));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                peak
+            })
+        };
+        Some(Self {
+            done,
+            sampler,
+            base,
+        })
+    }
+
+    /// Stops sampling: the peak in MiB above the starting level.
+    pub(crate) fn finish(self) -> Option<f64> {
+        self.done.store(true, Ordering::Relaxed);
+        let peak = self.sampler.join().ok()?;
+        Some(peak - self.base)
+    }
+}
+
+/// `nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits` output: MiB.
+fn parse_mib(out: &str) -> Option<f64> {
+    out.lines().next()?.trim().parse().ok()
+}
+
+/// The optional GPU figure of a table row: `-` without one.
+pub(crate) fn gpu_mib(m: Option<f64>) -> String {
+    m.map_or("-".into(), |v| format!("{v:.0}"))
 }
 
 fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
@@ -301,7 +370,7 @@ fn run_prefcap(
         cmd.arg("--set").arg(set);
     }
     eprintln!("prefcap ingest of {n} images ...");
-    measure(cmd, "prefcap")
+    measure(cmd, "prefcap", None)
 }
 
 fn run_img2dataset(
@@ -340,7 +409,7 @@ fn run_img2dataset(
         cmd.arg(k).arg(v);
     }
     eprintln!("img2dataset of {} images ...", args.images);
-    measure(cmd, "img2dataset")
+    measure(cmd, "img2dataset", None)
 }
 
 /// The Python of `venv` with `packages` installed from PyPI (creating the venv and
@@ -384,9 +453,15 @@ pub(crate) fn ensure_venv(venv: &Path, packages: &[&str], probe: &str) -> anyhow
     Ok(python)
 }
 
-/// Runs `cmd` to completion, sampling the resident memory of its whole process tree.
-pub(crate) fn measure(mut cmd: Command, what: &str) -> anyhow::Result<Measured> {
+/// Runs `cmd` to completion, sampling the resident memory of its whole process tree (and,
+/// with `gpu`, the device's memory in use).
+pub(crate) fn measure(
+    mut cmd: Command,
+    what: &str,
+    gpu: Option<usize>,
+) -> anyhow::Result<Measured> {
     cmd.stdout(std::process::Stdio::null());
+    let gpu_peak = GpuPeak::start(gpu);
     let start = Instant::now();
     let child = cmd
         .spawn()
@@ -411,6 +486,7 @@ pub(crate) fn measure(mut cmd: Command, what: &str) -> anyhow::Result<Measured> 
     let wall = start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let peak = sampler.join().unwrap_or(0);
+    let peak_gpu_mib = gpu_peak.and_then(GpuPeak::finish);
     if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         bail!("{what} failed (wait status {status})");
     }
@@ -423,6 +499,7 @@ pub(crate) fn measure(mut cmd: Command, what: &str) -> anyhow::Result<Measured> 
         wall,
         cpu,
         peak_rss_mib,
+        peak_gpu_mib,
     })
 }
 
@@ -472,4 +549,20 @@ fn tree_rss_bytes(root: i32) -> u64 {
         })
         .map(|pages| pages * page)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvidia_smi_memory_figures_parse_and_print() {
+        assert_eq!(parse_mib("1234\n"), Some(1234.0));
+        assert_eq!(parse_mib("  81559 \n17\n"), Some(81559.0));
+        assert_eq!(parse_mib("[N/A]\n"), None);
+        assert_eq!(parse_mib(""), None);
+        assert_eq!(gpu_mib(Some(1536.4)), "1536");
+        assert_eq!(gpu_mib(None), "-");
+        assert!(GpuPeak::start(None).is_none());
+    }
 }

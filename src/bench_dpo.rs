@@ -302,7 +302,7 @@ pub fn bench_train_dpo(args: &BenchTrainDpoArgs) -> anyhow::Result<()> {
         threads,
         args.gpu,
     )?;
-    let ours_mem = crate::bench::measure(cmd, "prefcap train-dpo")?;
+    let ours_mem = crate::bench::measure(cmd, "prefcap train-dpo", args.gpu)?;
     let ours = read_result(&ours_out, "prefcap")?;
 
     let peer = if args.no_peer {
@@ -329,7 +329,7 @@ pub fn bench_train_dpo(args: &BenchTrainDpoArgs) -> anyhow::Result<()> {
                 "PEER_DEVICE",
                 args.gpu.map_or("cpu".into(), |g| format!("cuda:{g}")),
             );
-        let mem = crate::bench::measure(cmd, "TRL")?;
+        let mem = crate::bench::measure(cmd, "TRL", args.gpu)?;
         Some((read_result(&theirs_out, "TRL")?, mem))
     };
 
@@ -384,6 +384,17 @@ pub fn bench_train_dpo(args: &BenchTrainDpoArgs) -> anyhow::Result<()> {
             "\nratio prefcap / TRL: {:.2}x pairs/s, peak RSS {:.0}% of TRL's",
             rate(&ours) / rate(&theirs),
             100.0 * ours_mem.peak_rss_mib / mem.peak_rss_mib
+        );
+        if let (Some(a), Some(b)) = (ours_mem.peak_gpu_mib, mem.peak_gpu_mib) {
+            println!(
+                "peak GPU memory above idle: prefcap {a:.0} MiB, TRL {b:.0} MiB ({:.0}% of TRL's)",
+                100.0 * a / b
+            );
+        }
+    } else if args.gpu.is_some() {
+        println!(
+            "peak GPU memory above idle: prefcap {} MiB",
+            crate::bench::gpu_mib(ours_mem.peak_gpu_mib)
         );
     }
     Ok(())

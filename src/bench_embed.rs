@@ -260,7 +260,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
             cmd.args(["--gpu", &g.to_string()]);
         }
         eprintln!("prefcap end to end on {n} JPEGs ({tag}) ...");
-        measure(cmd, "pipeline embed")
+        measure(cmd, "pipeline embed", args.gpu)
     };
     let ours_e2e = e2e(args.images, "x1")?;
     let ours_big = if args.scale > 1 {
@@ -281,6 +281,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
                     &[folder.as_os_str(), dir.join("peer_e2e.npy").as_os_str()],
                 ),
                 "transformers",
+                args.gpu,
             )?;
             Some((median(&peer_rounds), peer_e2e, diff, scale))
         }
@@ -393,6 +394,14 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
             "peak RSS x1 -> x{}: {:.1} -> {:.1} MiB",
             args.scale, ours_e2e.peak_rss_mib, big.peak_rss_mib
         );
+        if args.gpu.is_some() {
+            println!(
+                "peak GPU memory above idle x1 -> x{}: {} -> {} MiB",
+                args.scale,
+                crate::bench::gpu_mib(ours_e2e.peak_gpu_mib),
+                crate::bench::gpu_mib(big.peak_gpu_mib)
+            );
+        }
     }
     Ok(())
 }

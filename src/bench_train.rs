@@ -18,6 +18,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use clap::Args;
 
+use crate::bench::{gpu_mib, GpuPeak};
 use crate::captioner::{
     ensure_random_gpt2, seed_mapper, Captioner, CaptionerConfig, DecoderFiles, Gpt2Spec,
 };
@@ -219,9 +220,11 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         threads,
         args.gpu,
     )?;
+    let gpu_peak = GpuPeak::start(args.gpu);
     if !cmd.status().context("running prefcap's side")?.success() {
         bail!("prefcap's side failed");
     }
+    let ours_gpu = gpu_peak.and_then(GpuPeak::finish);
     let Ours {
         params,
         steps_per_s: ours,
@@ -251,7 +254,9 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
                 "PEER_DEVICE",
                 args.gpu.map_or("cpu".into(), |g| format!("cuda:{g}")),
             );
+        let gpu_peak = GpuPeak::start(args.gpu);
         let out = cmd.output().context("running the PyTorch peer")?;
+        let their_gpu = gpu_peak.and_then(GpuPeak::finish);
         if !out.status.success() {
             bail!("PyTorch failed:\n{}", String::from_utf8_lossy(&out.stderr));
         }
@@ -259,6 +264,7 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         Some((
             v["steps_per_s"].as_f64().context("peer output")?,
             v["first_loss"].as_f64().context("peer output")?,
+            their_gpu,
         ))
     };
 
@@ -291,13 +297,21 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         1e3 * phases[2],
         1e3 * phases[3]
     );
-    if let Some((theirs, their_loss)) = peer {
+    let their_gpu = peer.and_then(|p| p.2);
+    if let Some((theirs, their_loss, _)) = peer {
         println!(
             "{:<12} {theirs:>10.3} {:>14.0} {their_loss:>12.3}",
             "PyTorch",
             theirs * tokens
         );
         println!("\nratio prefcap / PyTorch: {:.2}x", ours / theirs);
+    }
+    if args.gpu.is_some() {
+        println!(
+            "peak GPU memory above idle: prefcap {} MiB, PyTorch {} MiB",
+            gpu_mib(ours_gpu),
+            gpu_mib(their_gpu)
+        );
     }
     Ok(())
 }
