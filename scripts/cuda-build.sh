@@ -8,7 +8,8 @@
 #   wheels, so the link uses stub libraries with the real sonames and every function name cudarc
 #   declares. At run time the GPU machine's driver and PyTorch's CUDA 13 wheels provide the real
 #   ones (gpu-check.sh finds them). The stubs are never loaded: the binary has no rpath.
-# - The result is stripped and xz-compressed to .gpu/pipeline.xz (carry ".gpu" to the device).
+# - The result is stripped and xz-compressed to .gpu/pipeline.xz, and the GPU tests
+#   (tests/gpu.rs) to .gpu/gpu-tests.xz (carry ".gpu" to the device).
 #   target/release/pipeline is then the CUDA build, which needs libcuda to start; a plain
 #   `cargo build --release` puts the CPU one back (its artifacts are kept beside).
 #
@@ -59,9 +60,22 @@ ln -sf libcudart.so.13 "$tk/lib/libcudart.so"
 export CUDA_HOME="$tk" PATH="$tk/bin:$PATH" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 cargo build --manifest-path "$root/Cargo.toml" --release --features cuda --bin pipeline
 target=${CARGO_TARGET_DIR:-$root/target}
+# The GPU tests (tests/gpu.rs), as one executable: cargo prints its path.
+tests=$(cargo test --manifest-path "$root/Cargo.toml" --release --features cuda --test gpu \
+  --no-run --message-format=json \
+  | "$py" -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$tests" ] || { echo "cuda-build: the GPU test executable was not built" >&2; exit 1; }
 mkdir -p "$root/.gpu"
-strip -o "$root/.gpu/pipeline" "$target/release/pipeline"
-xz -T2 -6 -c "$root/.gpu/pipeline" > "$root/.gpu/pipeline.xz.partial"
-mv "$root/.gpu/pipeline.xz.partial" "$root/.gpu/pipeline.xz"
-rm "$root/.gpu/pipeline"
-echo "cuda-build: $(du -h "$root/.gpu/pipeline.xz" | cut -f1) .gpu/pipeline.xz from $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet || echo ' + uncommitted changes')"
+pack() { # pack EXECUTABLE NAME: stripped and xz-compressed to .gpu/NAME.xz
+  strip -o "$root/.gpu/$2" "$1"
+  xz -T2 -6 -c "$root/.gpu/$2" > "$root/.gpu/$2.xz.partial"
+  mv "$root/.gpu/$2.xz.partial" "$root/.gpu/$2.xz"
+  rm "$root/.gpu/$2"
+  echo "cuda-build: $(du -h "$root/.gpu/$2.xz" | cut -f1) .gpu/$2.xz from $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet || echo ' + uncommitted changes')"
+}
+pack "$target/release/pipeline" pipeline
+pack "$tests" gpu-tests

@@ -2,11 +2,12 @@
 # GPU checks and benchmarks on a lent CUDA machine, from a prefcap binary built elsewhere with
 # `--features cuda` (CUDA_COMPUTE_CAP=90), stripped and xz-compressed to .gpu/pipeline.xz.
 # Usage (on the GPU machine, repo root): bash scripts/gpu-check.sh [steps...]
-# Steps: env embed-bf16 embed-bf16-256 embed-f32 train-sft train-dpo run embed-f16 (default:
-# all, in that order). Logs go to $OUT.
+# Steps: env tests embed-bf16 embed-bf16-256 embed-f32 train-sft train-dpo run embed-f16
+# (default: all, in that order). `tests` runs tests/gpu.rs (.gpu/gpu-tests.xz, built by
+# cuda-build.sh) from the repository root. Logs go to $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-steps=${*:-env embed-bf16 embed-bf16-256 embed-f32 train-sft train-dpo run embed-f16}
+steps=${*:-env tests embed-bf16 embed-bf16-256 embed-f32 train-sft train-dpo run embed-f16}
 # The CUDA libraries the binary links: the driver's libcuda and the toolkit's (PyTorch's wheels).
 libdirs=$(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu /usr/local/cuda* /opt \
   \( -name 'libcuda.so.1' -o -name 'libcublas.so.13' -o -name 'libcublasLt.so.13' \
@@ -28,6 +29,8 @@ for s in $steps; do case $s in
        echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; ldd $bin | grep -E "not found|cuda|cublas|curand|nvrtc"
        nproc; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
        python3 -c "import trl, datasets; print('trl', trl.__version__)" || echo "no TRL here" ;;
+  tests) python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" .gpu/gpu-tests.xz /tmp/gpu-tests \
+       && chmod +x /tmp/gpu-tests && run gpu-tests 240 /tmp/gpu-tests --test-threads=1 --nocapture ;;
   embed-bf16) run embed-bf16 150 $bin bench embed --gpu 0 --dtype bf16 --images 1024 --batch 512 --scale 16 --profile --venv /tmp/pyenv --dir /tmp/be ;;
   embed-bf16-256) run embed-bf16-256 90 $bin bench embed --gpu 0 --dtype bf16 --images 8192 --batch 512 --scale 2 --source-size 256x256 --no-peer --dir /tmp/be ;;
   embed-f16) run embed-f16 90 $bin bench embed --gpu 0 --dtype f16 --images 4096 --batch 512 --scale 4 --no-peer --dir /tmp/be ;;
