@@ -375,12 +375,7 @@ fn checkpoint_loads_through_hf_hub_from_a_mock_hub_and_matches_transformers() {
     );
     let model = ClipEmbedder::load(&files, &Device::Cpu, DType::F32).unwrap();
     let r = reference();
-    let texts: Vec<&str> = r["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let texts = common::strings(&r["texts"]);
     let emb = l2_normalize(&model.embed_texts(&texts).unwrap())
         .unwrap()
         .to_vec2::<f32>()
@@ -417,12 +412,7 @@ fn pipeline_embed_on_user_files_matches_transformers_and_exports() {
     }
     std::fs::write(images.join("notes.txt"), "not an image").unwrap();
     let r = reference();
-    let texts: Vec<&str> = r["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let texts = common::strings(&r["texts"]);
     std::fs::write(work.join("texts.txt"), texts.join("\n")).unwrap();
     let model = fixture("clip-tiny");
     let args = [

@@ -6,6 +6,9 @@
 //! and `scripts/gpu-check.sh tests` runs it there from the repository root.
 #![cfg(feature = "cuda")]
 
+#[allow(dead_code)] // the pipeline helpers: these tests call the library only
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -83,12 +86,7 @@ fn clip_on_the_gpu_matches_transformers_in_f32_and_closely_in_half_precision() {
     let r = json("reference/clip-embed.json");
     let want_images = floats(&r["image_embeds"]);
     let want_texts = floats(&r["text_embeds"]);
-    let texts: Vec<&str> = r["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let texts = common::strings(&r["texts"]);
     let files = ClipModelFiles::from_dir(&fixture("clip-tiny")).unwrap();
     let pv = read_npy(&fixture("reference/clip/pixel_values.npy")).unwrap();
     let device = gpu();

@@ -31,3 +31,13 @@ pub fn newest_run(work: &Path) -> std::path::PathBuf {
     runs.sort();
     runs.pop().unwrap()
 }
+
+/// The strings of a JSON array (a reference file's `texts`).
+#[allow(dead_code)] // not every test file reads references
+pub fn strings(v: &serde_json::Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect()
+}
