@@ -15,7 +15,7 @@ libdirs=$(find /usr/local/nvidia /usr/lib/x86_64-linux-gnu /usr/local/cuda* /opt
   2>/dev/null | grep -v /compat/ | xargs -r -n1 dirname | sort -u | tr '\n' ':')
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:-}"
 bin=/tmp/pipeline
-[ -x $bin ] || { python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" .gpu/pipeline.xz $bin && chmod +x $bin; }
+{ python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" .gpu/pipeline.xz $bin && chmod +x $bin; }
 # The machine's own Python (PyTorch, transformers) as the peers' "venv"; a wrapper, not a
 # symlink, so that Python still finds its own environment.
 mkdir -p /tmp/pyenv/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/pyenv/bin/python

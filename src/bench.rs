@@ -132,59 +132,66 @@ pub(crate) struct Measured {
 }
 
 /// Peak memory in use on CUDA device `gpu` while something runs, above what was in use when
-/// sampling started: `nvidia-smi` every 50 ms, for the whole device (each tool's allocator
-/// pool included, PyTorch's cache as much as candle's), so nothing else should run on it.
+/// sampling started: one `nvidia-smi` reporting every 50 ms, for the whole device. Each
+/// tool's allocator counts as it holds memory: PyTorch keeps freed blocks cached, candle's
+/// CUDA pool returns them at each synchronisation, so a short candle peak between two samples
+/// can be missed. Nothing else should run on the device.
 pub(crate) struct GpuPeak {
-    done: Arc<AtomicBool>,
-    sampler: std::thread::JoinHandle<f64>,
-    base: f64,
+    smi: std::process::Child,
+    reader: Option<std::thread::JoinHandle<Option<(f64, f64)>>>,
 }
 
 impl GpuPeak {
-    /// `None` without a device or when `nvidia-smi` cannot report it.
+    /// `None` without a device or when `nvidia-smi` cannot be started.
     pub(crate) fn start(gpu: Option<usize>) -> Option<Self> {
-        let gpu = gpu?.to_string();
-        let read = move || -> Option<f64> {
-            let out = Command::new("nvidia-smi")
-                .args([
-                    "--query-gpu=memory.used",
-                    "--format=csv,noheader,nounits",
-                    "-i",
-                    &gpu,
-                ])
-                .output()
-                .ok()?;
-            out.status
-                .success()
-                .then(|| parse_mib(&String::from_utf8_lossy(&out.stdout)))
-                .flatten()
-        };
-        let base = read()?;
-        let done = Arc::new(AtomicBool::new(false));
-        let sampler = {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let mut peak = base;
-                while !done.load(Ordering::Relaxed) {
-                    peak = peak.max(read().unwrap_or(0.0));
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                peak
-            })
-        };
+        use std::io::BufRead;
+        let mut smi = Command::new("nvidia-smi")
+            .args([
+                "--query-gpu=memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "50",
+                "-i",
+                &gpu?.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let out = smi.stdout.take()?;
+        // (first sample, peak): the first line arrives at once.
+        let reader = std::thread::spawn(move || {
+            base_and_peak(std::io::BufReader::new(out).lines().map_while(Result::ok))
+        });
         Some(Self {
-            done,
-            sampler,
-            base,
+            smi,
+            reader: Some(reader),
         })
     }
 
-    /// Stops sampling: the peak in MiB above the starting level.
-    pub(crate) fn finish(self) -> Option<f64> {
-        self.done.store(true, Ordering::Relaxed);
-        let peak = self.sampler.join().ok()?;
-        Some(peak - self.base)
+    /// Stops sampling: the peak in MiB above the first sample.
+    pub(crate) fn finish(mut self) -> Option<f64> {
+        let _ = self.smi.kill();
+        let _ = self.smi.wait();
+        let (base, peak) = self.reader.take()?.join().ok()??;
+        Some(peak - base)
     }
+}
+
+impl Drop for GpuPeak {
+    /// An early return (the measured side failed) stops `nvidia-smi` too.
+    fn drop(&mut self) {
+        let _ = self.smi.kill();
+        let _ = self.smi.wait();
+    }
+}
+
+/// The first and the largest figure of `nvidia-smi`'s samples (lines it cannot parse, such as
+/// `[N/A]`, skipped after the first, which must parse).
+fn base_and_peak(mut lines: impl Iterator<Item = String>) -> Option<(f64, f64)> {
+    let base = parse_mib(&lines.next()?)?;
+    let peak = lines.filter_map(|l| parse_mib(&l)).fold(base, f64::max);
+    Some((base, peak))
 }
 
 /// `nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits` output: MiB.
@@ -564,5 +571,18 @@ mod tests {
         assert_eq!(gpu_mib(Some(1536.4)), "1536");
         assert_eq!(gpu_mib(None), "-");
         assert!(GpuPeak::start(None).is_none());
+        let lines = |v: &[&str]| {
+            v.iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert_eq!(
+            base_and_peak(lines(&["500", "2600", "[N/A]", "1800"])),
+            Some((500.0, 2600.0))
+        );
+        assert_eq!(base_and_peak(lines(&["700"])), Some((700.0, 700.0)));
+        assert_eq!(base_and_peak(lines(&["No devices were found"])), None);
+        assert_eq!(base_and_peak(lines(&[])), None);
     }
 }

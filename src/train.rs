@@ -138,6 +138,12 @@ impl AdamW {
         })
     }
 
+    /// Whether to use the fused in-place kernels where they apply (the default), or the
+    /// tensor ops every other device runs: for comparing the two paths on one device.
+    pub fn use_fused_kernels(&mut self, on: bool) {
+        self.fused = on;
+    }
+
     /// The variables, in the order `step` expects their gradients.
     pub fn var_list(&self) -> Vec<Var> {
         self.vars.iter().map(|(_, v)| v.clone()).collect()
@@ -245,14 +251,15 @@ impl AdamW {
 }
 
 /// Whether AdamW's fused kernels run on `device`: always on the CPU; on a CUDA device when
-/// NVRTC compiled them (otherwise the tensor ops run, and the reason is printed once).
+/// NVRTC compiled them and the driver loaded them (otherwise the tensor ops run, and the
+/// reason is printed once).
 fn fused_kernels_on(device: &candle_core::Device) -> bool {
     if device.is_cpu() {
         return true;
     }
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return adamw_cuda::available();
+        return device.as_cuda_device().is_ok_and(adamw_cuda::available);
     }
     false
 }
@@ -431,16 +438,27 @@ extern "C" __global__ void adamw_param(float *p, const float *m, const float *v,
 }
 "#;
 
-    /// Whether the kernels compiled; the first time they did not, says why.
-    pub(super) fn available() -> bool {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        match ptx() {
-            Ok(_) => true,
-            Err(e) => {
-                WARNED.call_once(|| eprintln!("{e}; AdamW runs as tensor ops instead"));
-                false
+    /// Whether the kernels compiled and `device` loaded them, decided once per process (for
+    /// the first CUDA device it trains on); when not, says why.
+    pub(super) fn available(device: &candle_core::CudaDevice) -> bool {
+        static LOADED: OnceLock<bool> = OnceLock::new();
+        *LOADED.get_or_init(|| {
+            let loaded = ptx().and_then(|ptx| {
+                for f in ["adamw_moment", "adamw_param"] {
+                    device.get_or_load_custom_func(f, "prefcap_adamw", ptx)?;
+                }
+                Ok(())
+            });
+            match loaded {
+                Ok(()) => true,
+                Err(e) => {
+                    eprintln!(
+                        "adamw: fused CUDA kernels unavailable ({e}); AdamW runs as tensor ops"
+                    );
+                    false
+                }
             }
-        }
+        })
     }
 
     /// The kernels' PTX, compiled on first use (NVRTC only: no device needed).
@@ -477,8 +495,11 @@ extern "C" __global__ void adamw_param(float *p, const float *m, const float *v,
                 b.1 - b.0
             );
         }
+        // The kernels' element index is 32-bit, block offsets included.
         u32::try_from(a.1 - a.0)
-            .map_err(|_| candle_core::Error::Msg("adamw: tensor too large for one launch".into()))
+            .ok()
+            .filter(|&n| n <= i32::MAX as u32)
+            .ok_or_else(|| candle_core::Error::Msg("adamw: tensor too large for one launch".into()))
     }
 
     fn wrap(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {

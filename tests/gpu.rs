@@ -20,14 +20,15 @@ use prefcap::gpt2::{next_token_logprobs, Gpt2};
 use prefcap::npy::read_npy;
 use prefcap::train::{clip_and_step, grad_norm, gradients, AdamW, TrainConfig};
 
-/// The repository root: where this binary was built, or (on the GPU machine, which gets a
-/// copy of the tree elsewhere) the current directory.
+/// A fixture of the checkout the tests run from (the current directory: gpu-check.sh runs
+/// them from the root of the tree copied to the GPU machine), else of the one they were
+/// built in.
 fn fixture(p: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let root = if built.join("tests/fixtures").is_dir() {
-        built.to_path_buf()
+    let here = std::env::current_dir().unwrap();
+    let root = if here.join("tests/fixtures/hf-tiny").is_dir() {
+        here
     } else {
-        std::env::current_dir().unwrap()
+        Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
     };
     root.join("tests/fixtures/hf-tiny").join(p)
 }
@@ -245,8 +246,9 @@ fn one_step(
 
 #[test]
 fn a_training_step_on_the_gpu_equals_the_cpu_step() {
-    // The CPU runs prefcap's fused kernels (LM head + log-prob, attention, layer norm,
-    // AdamW); the GPU runs candle's tensor ops. Same weights, same batch.
+    // The CPU runs prefcap's fused kernels (LM head + log-prob, attention, layer norm);
+    // the GPU runs candle's tensor ops. Same weights, same batch. AdamW is fused in-place
+    // kernels on both (NVRTC-compiled on the GPU), here given the same gradients.
     let (gpu_loss, gpu_grads, gpu_after) = one_step(&gpu(), None);
     let (cpu_loss, cpu_grads, cpu_after) = one_step(&Device::Cpu, Some(&gpu_grads));
     eprintln!("loss: CPU {cpu_loss}, GPU {gpu_loss}");
@@ -273,28 +275,52 @@ fn a_training_step_on_the_gpu_equals_the_cpu_step() {
 #[test]
 fn training_steps_hold_device_memory_flat() {
     let device = gpu();
-    let (model, vars) = captioner(&device);
-    let (clip, ids, mask) = caption_batch(&model, 32, &device);
-    let mut opt = AdamW::new(&vars).unwrap();
-    let sorted = opt.var_list();
-    let cfg = TrainConfig::default();
-    let mut used = Vec::new();
-    let mut losses = Vec::new();
-    for _ in 0..12 {
-        let loss = model.nll(&clip, &ids, &mask).unwrap();
-        let grads = gradients(&loss.backward().unwrap(), &sorted);
-        let norm = grad_norm(&grads).unwrap();
-        clip_and_step(&mut opt, &grads, norm, 1e-3, &cfg).unwrap();
-        losses.push(loss.to_scalar::<f32>().unwrap());
-        drop((loss, grads));
-        device.synchronize().unwrap();
-        used.push(used_mib(&device));
+    // AdamW's fused kernels and its tensor ops (the path whose moments held every step's
+    // graph), each with two accumulated batches per step as `train.grad_accum = 2` does.
+    for fused in [true, false] {
+        let (model, vars) = captioner(&device);
+        let (clip, ids, mask) = caption_batch(&model, 32, &device);
+        let mut opt = AdamW::new(&vars).unwrap();
+        opt.use_fused_kernels(fused);
+        let sorted = opt.var_list();
+        let cfg = TrainConfig::default();
+        let mut used = Vec::new();
+        let mut losses = Vec::new();
+        for _ in 0..12 {
+            let mut pending: Vec<Option<Tensor>> = Vec::new();
+            for _ in 0..2 {
+                let loss = model.nll(&clip, &ids, &mask).unwrap();
+                let grads = gradients(&loss.backward().unwrap(), &sorted);
+                losses.push(loss.to_scalar::<f32>().unwrap());
+                pending = if pending.is_empty() {
+                    grads
+                } else {
+                    pending
+                        .iter()
+                        .zip(&grads)
+                        .map(|(a, b)| Some((a.as_ref().unwrap() + b.as_ref().unwrap()).unwrap()))
+                        .collect()
+                };
+            }
+            let grads: Vec<Option<Tensor>> = pending
+                .iter()
+                .map(|g| Some((g.as_ref().unwrap() / 2.0).unwrap()))
+                .collect();
+            let norm = grad_norm(&grads).unwrap();
+            clip_and_step(&mut opt, &grads, norm, 1e-3, &cfg).unwrap();
+            drop((grads, pending));
+            device.synchronize().unwrap();
+            used.push(used_mib(&device));
+        }
+        eprintln!("fused {fused}: losses {losses:?}");
+        eprintln!("fused {fused}: device memory in use after each step, MiB: {used:.0?}");
+        assert!(losses[23] < losses[0], "the steps train");
+        // One batch's graph here is hundreds of MiB (the logits alone are 32 × 16 × 50257
+        // f32): a step that kept it would grow the total by that much every time.
+        let growth = used[11] - used[3];
+        assert!(
+            growth < 64.0,
+            "fused {fused}: memory grew {growth:.0} MiB over 8 steps"
+        );
     }
-    eprintln!("losses {losses:?}");
-    eprintln!("device memory in use after each step, MiB: {used:.0?}");
-    assert!(losses[11] < losses[0], "the steps train");
-    // One step's graph here is hundreds of MiB (the logits alone are 32 × 16 × 50257 f32):
-    // a step that kept it would grow the total by that much every time.
-    let growth = used[11] - used[3];
-    assert!(growth < 64.0, "memory grew {growth:.0} MiB over 8 steps");
 }

@@ -32,7 +32,7 @@ use crate::ingest::synthetic::{self, Scene};
 use crate::kernels::{self, activate, QkvAttention, QuickGelu, WeightLayout};
 use crate::progress::Progress;
 use crate::rng::SplitMix64;
-use crate::train::{clip_and_step, grad_norm, lr_at, AdamW, TrainConfig};
+use crate::train::{clip_and_step, grad_norm, gradients, lr_at, AdamW, TrainConfig};
 
 /// How the tiny CLIP is pretrained (`[embed.tiny_pretrain]`); `steps = 0` keeps it random.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -385,10 +385,7 @@ pub fn pretrain(
         }
         summary.last_loss = value;
         let store = loss.backward().map_err(candle)?;
-        let grads: Vec<Option<Tensor>> = vars
-            .iter()
-            .map(|v| store.get(v.as_tensor()).cloned())
-            .collect();
+        let grads = gradients(&store, &vars);
         let norm = grad_norm(&grads).map_err(candle)?;
         let lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr);
         clip_and_step(&mut opt, &grads, norm, lr, &train).map_err(candle)?;
