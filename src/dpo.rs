@@ -30,8 +30,7 @@ use crate::generate::find_stage_dir;
 use crate::preference::{dpo_loss, orpo_loss, DpoLoss};
 use crate::records::{MetricRow, PreferencePair};
 use crate::sft::{shard_batches, StageContext};
-use crate::shard::sha256_file;
-use crate::shard::{read_parquet, write_parquet, ShardSet};
+use crate::shard::{read_parquet, sha256_file, write_parquet, ShardSet};
 use crate::train::{fit, FitOutput, Objective, StepOutput, TrainConfig};
 
 /// `[preference]`: the data and losses of train-dpo and train-orpo.

@@ -29,8 +29,7 @@ use crate::features::{CacheDtype, FeatureCache, FeatureEntry, FeatureKey, Lookup
 use crate::hub::HubClient;
 use crate::progress::Progress;
 use crate::records::{ImageTextSample, StoryFrame};
-use crate::shard::sha256_file;
-use crate::shard::{read_parquet, ShardSet};
+use crate::shard::{read_parquet, sha256_file, ShardSet};
 
 /// Compute precision of the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -137,7 +137,6 @@ impl HubClient {
     }
 }
 
-/// Errors about `repo` at `revision`.
 /// The size of the file `path` leads to (following the cache's snapshot link).
 fn file_len(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
@@ -151,6 +150,7 @@ fn forget(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
 
+/// Errors about `repo` at `revision`.
 fn hub_error<'a>(repo: &'a str, revision: &'a str) -> impl Fn(String) -> Error + 'a {
     move |message| Error::Hub {
         repo: repo.to_string(),

@@ -27,8 +27,7 @@ use crate::progress::Progress;
 use crate::records::PreferencePair;
 use crate::score::{cosine, embed_texts};
 use crate::sft::StageContext;
-use crate::shard::sha256_file;
-use crate::shard::{write_atomic, ShardSet, ShardStats};
+use crate::shard::{sha256_file, write_atomic, ShardSet, ShardStats};
 
 /// `[sample_pairs]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

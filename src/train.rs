@@ -1384,67 +1384,62 @@ mod tests {
 
     #[test]
     fn resuming_from_the_last_checkpoint_gives_identical_results() {
-        let tmp = tempfile::tempdir().unwrap();
         let c = TrainConfig {
             epochs: 6,
             eval_every: 5,
             grad_accum: 2,
             ..cfg()
         };
-        let full = tmp.path().join("full");
-        let mut a = Regression::new(None);
-        fit(&mut a, &c, 8, &out(&full, &full.join("m.parquet"))).unwrap();
-
-        // The same run dies in epoch 3 (its loader fails); the rerun resumes from the last
+        // The run dies in epoch 3 (its loader fails); the rerun resumes from the last
         // checkpoint and ends exactly where the uninterrupted run did.
-        let part = tmp.path().join("part");
-        let mut b = Regression::new(None);
-        b.fail_at = Some((3, 5));
-        assert!(fit(&mut b, &c, 8, &out(&part, &part.join("m.parquet"))).is_err());
-        let mut resumed = Regression::new(None);
-        let summary = fit(&mut resumed, &c, 8, &out(&part, &part.join("m.parquet"))).unwrap();
-        let from = summary.resumed_from_step.expect("resumed");
-        assert!(from > 0 && from < summary.state.step, "{from}");
-        assert_same_run((&a, &full), (&resumed, &part));
+        let (_, resumed) = killed_and_resumed(&c, 8, (3, 5));
+        let from = resumed.resumed_from_step.expect("resumed");
+        assert!(from > 0 && from < resumed.state.step, "{from}");
     }
 
-    /// Two runs (objective, checkpoint dir) ended with the same weights and logged the same
-    /// metrics (`m.parquet`).
-    fn assert_same_run(a: (&Regression, &Path), b: (&Regression, &Path)) {
-        for (x, y) in [(&a.0.w, &b.0.w), (&a.0.b, &b.0.b)] {
+    /// Trains `batches` batches per epoch under `c` uninterrupted, and again with the loader
+    /// failing at `fail_at` (epoch, batch) and then rerun in the same checkpoint directory;
+    /// asserts both ended with the same weights and logged the same metrics. Returns the
+    /// summaries of the uninterrupted run and of the rerun.
+    fn killed_and_resumed(
+        c: &TrainConfig,
+        batches: usize,
+        fail_at: (usize, usize),
+    ) -> (FitSummary, FitSummary) {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = |dir: &Path, fail_at: Option<(usize, usize)>| {
+            let mut obj = Regression::new(None);
+            obj.batches = batches;
+            obj.fail_at = fail_at;
+            let res = fit(&mut obj, c, batches, &out(dir, &dir.join("m.parquet")));
+            (res, obj)
+        };
+        let (full, part) = (tmp.path().join("full"), tmp.path().join("part"));
+        let (summary, a) = run(&full, None);
+        assert!(run(&part, Some(fail_at)).0.is_err());
+        let (resumed, b) = run(&part, None);
+        for (x, y) in [(&a.w, &b.w), (&a.b, &b.b)] {
             assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
         }
-        let ma: Vec<MetricRow> = crate::shard::read_parquet(&a.1.join("m.parquet")).unwrap();
-        let mb: Vec<MetricRow> = crate::shard::read_parquet(&b.1.join("m.parquet")).unwrap();
+        let ma: Vec<MetricRow> = crate::shard::read_parquet(&full.join("m.parquet")).unwrap();
+        let mb: Vec<MetricRow> = crate::shard::read_parquet(&part.join("m.parquet")).unwrap();
         assert_eq!(ma, mb);
+        (summary.unwrap(), resumed.unwrap())
     }
 
     #[test]
     fn an_epochs_last_batches_step_and_resuming_there_is_exact() {
         // 7 batches, accumulation 2: each epoch steps 4 times, the last with one batch, and
         // nothing accumulated crosses into the next epoch.
-        let tmp = tempfile::tempdir().unwrap();
         let c = TrainConfig {
             epochs: 3,
             eval_every: 0,
             grad_accum: 2,
             ..cfg()
         };
-        let run = |dir: &Path, fail_at: Option<(usize, usize)>| {
-            let mut obj = Regression::new(None);
-            obj.batches = 7;
-            obj.fail_at = fail_at;
-            let res = fit(&mut obj, &c, 7, &out(dir, &dir.join("m.parquet")));
-            (res, obj)
-        };
-        let full = tmp.path().join("full");
-        let (summary, a) = run(&full, None);
-        assert_eq!(summary.unwrap().state.step, 12);
-        let part = tmp.path().join("part");
-        assert!(run(&part, Some((1, 3))).0.is_err());
-        let (resumed, b) = run(&part, None);
-        assert_eq!(resumed.unwrap().resumed_from_step, Some(4));
-        assert_same_run((&a, &full), (&b, &part));
+        let (full, resumed) = killed_and_resumed(&c, 7, (1, 3));
+        assert_eq!(full.state.step, 12);
+        assert_eq!(resumed.resumed_from_step, Some(4));
     }
 
     #[test]
