@@ -977,14 +977,6 @@ pub fn fit<O: Objective>(
                 }
                 validated_at = Some(step);
                 state.finished = state.stopped_early || step >= total_steps;
-                push(
-                    &mut metrics,
-                    step,
-                    state.epoch,
-                    "train",
-                    "skipped_nonfinite_batches",
-                    state.skipped_nonfinite as f64,
-                );
                 save_checkpoint(&last_dir, obj.vars(), &opt, &state)?;
                 write_parquet(out.metrics_path, &metrics)?;
                 if state.finished {
@@ -1015,14 +1007,6 @@ pub fn fit<O: Objective>(
             &opt,
             &best_dir,
         )?;
-        push(
-            &mut metrics,
-            state.step,
-            state.epoch,
-            "train",
-            "skipped_nonfinite_batches",
-            state.skipped_nonfinite as f64,
-        );
     }
     state.finished = true;
     save_checkpoint(&last_dir, obj.vars(), &opt, &state)?;
@@ -1041,7 +1025,8 @@ pub fn fit<O: Objective>(
     })
 }
 
-/// Validates, logs, keeps the best checkpoint; returns whether patience ran out.
+/// Validates, logs (with training's count of skipped batches so far), keeps the best
+/// checkpoint; returns whether patience ran out.
 #[allow(clippy::too_many_arguments)]
 fn evaluate<O: Objective>(
     obj: &mut O,
@@ -1058,6 +1043,14 @@ fn evaluate<O: Objective>(
     for (n, v) in &val {
         push(metrics, state.step, state.epoch, "val", n, *v);
     }
+    push(
+        metrics,
+        state.step,
+        state.epoch,
+        "train",
+        "skipped_nonfinite_batches",
+        state.skipped_nonfinite as f64,
+    );
     let Some(value) = val.iter().find(|(n, _)| n == select_name).map(|(_, v)| *v) else {
         return Ok(false);
     };
