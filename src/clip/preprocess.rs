@@ -157,7 +157,7 @@ impl ClipPreprocessConfig {
     /// A string that changes whenever the preprocessed pixels could change: part of every
     /// image feature-cache key.
     pub fn fingerprint(&self) -> String {
-        format!("pil-v1:{self:?}")
+        format!("pil-v2:{self:?}")
     }
 
     /// Side of the square output; the model's `image_size` must equal it.
@@ -185,11 +185,13 @@ pub fn decode_crop(bytes: &[u8], cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> 
     crop_rgb8(rgb.as_raw(), w as usize, h as usize, cfg)
 }
 
-/// The RGB pixels of a decoded image as transformers' `convert_to_rgb` makes them: an image
-/// with transparency (RGBA, grey + alpha, a palette with a transparent index) is composited
-/// onto opaque white, so transparent pixels become white whatever colour they hold; any other
-/// converts directly.
+/// The RGB pixels of a decoded image as transformers' `convert_to_rgb` makes them from what
+/// Pillow decodes: an image with transparency (RGBA, grey + alpha, a palette with a
+/// transparent index) is composited onto opaque white, so transparent pixels become white
+/// whatever colour they hold; any other converts directly. 16-bit images first become 8-bit
+/// as Pillow reads them (see [`as_pillow_8bit`]).
 pub fn rgb_over_white(img: image::DynamicImage) -> image::RgbImage {
+    let img = as_pillow_8bit(img);
     if !img.color().has_alpha() {
         return img.into_rgb8();
     }
@@ -200,6 +202,30 @@ pub fn rgb_over_white(img: image::DynamicImage) -> image::RgbImage {
         out.extend(p.0[..3].iter().map(|&v| over_white(v, p.0[3])));
     }
     image::RgbImage::from_raw(w, h, out).expect("3 bytes for each pixel")
+}
+
+/// A 16-bit image as Pillow opens it: RGB, RGBA and grey + alpha keep each sample's high byte
+/// (Pillow truncates where the image crate would round), and plain 16-bit grey (Pillow's mode
+/// `I;16`) is clipped at 255 when converted, so all but its darkest values turn white. Other
+/// images pass through.
+fn as_pillow_8bit(img: image::DynamicImage) -> image::DynamicImage {
+    use image::{DynamicImage as D, ImageBuffer};
+    fn map<P: image::Pixel<Subpixel = u16>, Q: image::Pixel<Subpixel = u8>>(
+        buf: ImageBuffer<P, Vec<u16>>,
+        f: fn(u16) -> u8,
+    ) -> ImageBuffer<Q, Vec<u8>> {
+        let (w, h) = buf.dimensions();
+        let raw = buf.into_raw().into_iter().map(f).collect();
+        ImageBuffer::from_raw(w, h, raw).expect("one byte for each 16-bit sample")
+    }
+    let high = |v: u16| (v >> 8) as u8;
+    match img {
+        D::ImageLuma16(buf) => D::ImageLuma8(map(buf, |v| v.min(255) as u8)),
+        D::ImageLumaA16(buf) => D::ImageLumaA8(map(buf, high)),
+        D::ImageRgb16(buf) => D::ImageRgb8(map(buf, high)),
+        D::ImageRgba16(buf) => D::ImageRgba8(map(buf, high)),
+        other => other,
+    }
 }
 
 /// One channel value `v` with alpha `a` composited onto white: `rint(a/255·v + 255 − a)`,
@@ -592,7 +618,16 @@ mod tests {
         ))
         .unwrap();
         let expected = crate::npy::read_npy(&dir.join("pixel_values.npy")).unwrap();
-        let names = ["rgba.png", "la.png", "palette.png", "grey.png"];
+        let names = [
+            "rgba.png",
+            "la.png",
+            "palette.png",
+            "grey.png",
+            "grey16.png",
+            "rgb16.png",
+            "la16.png",
+            "rgba16.png",
+        ];
         let per = expected.data.len() / names.len();
         for (i, name) in names.iter().enumerate() {
             let png = std::fs::read(dir.join(name)).unwrap();
@@ -609,6 +644,31 @@ mod tests {
         let rgb = image::load_from_memory(&png).unwrap().into_rgb8();
         let dropped = preprocess_rgb(rgb.as_raw(), 53, 41, &cfg).unwrap();
         assert_ne!(dropped, expected.data[..per]);
+        // So does the 8-bit reduction: the image crate's own (rounding) gives other pixels.
+        let png = std::fs::read(dir.join("rgb16.png")).unwrap();
+        let rgb = image::load_from_memory(&png).unwrap().into_rgb8();
+        let rounded = preprocess_rgb(rgb.as_raw(), 51, 43, &cfg).unwrap();
+        assert_ne!(rounded, expected.data[5 * per..6 * per]);
+    }
+
+    #[test]
+    fn sixteen_bit_samples_become_bytes_as_pillow_reads_them() {
+        use image::{DynamicImage, ImageBuffer};
+        let samples = vec![0u16, 0x00ff, 0x0100, 0x017f, 0x7f80, 0x80ff, 0xff7f, 0xffff];
+        let rgb = DynamicImage::ImageRgb16(
+            ImageBuffer::from_raw(8, 1, samples.iter().flat_map(|&v| [v; 3]).collect()).unwrap(),
+        );
+        let got: Vec<u8> = rgb_over_white(rgb).pixels().map(|p| p.0[0]).collect();
+        assert_eq!(got, [0, 0, 1, 1, 127, 128, 255, 255]);
+        let grey = DynamicImage::ImageLuma16(ImageBuffer::from_raw(8, 1, samples).unwrap());
+        let got: Vec<u8> = rgb_over_white(grey).pixels().map(|p| p.0[1]).collect();
+        assert_eq!(got, [0, 255, 255, 255, 255, 255, 255, 255]);
+        // Alpha is truncated as well before compositing: 0x80ff is alpha 128, as in 8 bits.
+        let la = DynamicImage::ImageLumaA16(
+            ImageBuffer::from_raw(2, 1, vec![0x0000, 0x80ff, 0xffff, 0x00ff]).unwrap(),
+        );
+        let got: Vec<u8> = rgb_over_white(la).pixels().map(|p| p.0[2]).collect();
+        assert_eq!(got, [over_white(0, 128), 255]);
     }
 
     #[test]
