@@ -91,6 +91,10 @@ pub struct EmbedArgs {
     /// Hub revision of --model [default: embed.revision].
     #[arg(long)]
     pub revision: Option<String>,
+    /// Reproduce transformers' `pil` or `torchvision` image preprocessing [default:
+    /// embed.image_backend, else as the checkpoint's preprocessor_config.json says].
+    #[arg(long, value_name = "pil|torchvision")]
+    pub image_backend: Option<crate::clip::preprocess::ImageBackend>,
     /// Also write all embeddings to this file (`.parquet`, or Arrow IPC for any other name).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -202,6 +206,10 @@ pub fn main() -> anyhow::Result<()> {
             }
             if let Some(r) = &args.revision {
                 sets.push(format!("embed.revision={}", toml::Value::String(r.clone())));
+            }
+            if let Some(b) = args.image_backend {
+                let name = toml::Value::try_from(b).expect("a unit variant is a TOML string");
+                sets.push(format!("embed.image_backend={name}"));
             }
             let source = ConfigSource {
                 sets,

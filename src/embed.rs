@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clip::model::{ClipEmbedder, ClipModelFiles, HfClipConfig};
-use crate::clip::preprocess::{decode_crop, ClipPreprocessConfig};
+use crate::clip::preprocess::{decode_crop, ClipPreprocessConfig, ImageBackend};
 use crate::clip::pretrain::PretrainConfig;
 use crate::clip::tiny::{ensure_tiny_clip, TinyClipSpec};
 use crate::config::Config;
@@ -62,6 +62,10 @@ pub struct EmbedConfig {
     pub batch_size: usize,
     /// With `--gpu` on a binary without CUDA: run on the CPU instead of failing.
     pub cpu_fallback: bool,
+    /// Whose image preprocessing to reproduce: transformers' Pillow backend or its
+    /// torchvision one. Unset: torchvision's for a checkpoint whose
+    /// `preprocessor_config.json` names a `...Fast` processor, else Pillow's.
+    pub image_backend: Option<ImageBackend>,
     /// Contrastive pretraining of the embedded tiny CLIP (`model = "tiny"` only).
     pub tiny_pretrain: PretrainConfig,
 }
@@ -82,6 +86,7 @@ impl Default for EmbedConfig {
             cache_dtype: CacheDtype::F32,
             batch_size: 64,
             cpu_fallback: false,
+            image_backend: None,
             tiny_pretrain: PretrainConfig::default(),
         }
     }
@@ -194,7 +199,15 @@ impl ModelIdentity {
     pub fn resolve(cfg: &Config, workdir: &Path) -> Result<Self> {
         let files = model_files(cfg, workdir)?;
         let config = HfClipConfig::from_file(&files.config)?;
-        let preprocess = ClipPreprocessConfig::from_file(&files.preprocessor)?;
+        let mut preprocess = ClipPreprocessConfig::from_file(&files.preprocessor)?;
+        if let Some(backend) = cfg.embed.image_backend {
+            preprocess = preprocess.with_backend(backend).map_err(|message| {
+                Error::Config(format!(
+                    "embed.image_backend: {}: {message}",
+                    files.preprocessor.display()
+                ))
+            })?;
+        }
         let text_fingerprint = format!(
             "tokenizer-sha256:{}:max-positions:{}",
             sha256_file(&files.tokenizer)?,
@@ -253,7 +266,7 @@ impl ModelIdentity {
     pub fn load(&self, cfg: &Config, gpu: Option<usize>) -> Result<ClipEmbedder> {
         let device = device_for(gpu, cfg.embed.cpu_fallback)?;
         let dtype = candle_dtype(cfg.embed.dtype, &device)?;
-        ClipEmbedder::load(&self.files, &device, dtype)
+        ClipEmbedder::load_with(&self.files, self.preprocess.clone(), &device, dtype)
     }
 }
 

@@ -394,6 +394,47 @@ fn checkpoint_loads_through_hf_hub_from_a_mock_hub_and_matches_transformers() {
     );
 }
 
+/// The `modality, key, embedding` rows of a `pipeline embed --out` Parquet export.
+fn read_export(path: &Path) -> Vec<(String, String, Vec<f32>)> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut got: Vec<(String, String, Vec<f32>)> = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let modality = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap();
+        let keys = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap();
+        let emb = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<arrow::array::FixedSizeListArray>()
+            .expect("embedding is a fixed-size list");
+        for i in 0..batch.num_rows() {
+            let v = emb.value(i);
+            let v = v
+                .as_any()
+                .downcast_ref::<arrow::array::Float32Array>()
+                .unwrap();
+            got.push((
+                modality.value(i).into(),
+                keys.value(i).into(),
+                v.values().to_vec(),
+            ));
+        }
+    }
+    got
+}
+
 /// `pipeline embed` on the fixture PNGs and texts, exported to Parquet: the embeddings equal
 /// Hugging Face's (preprocessing included), and a second call is served from the cache.
 #[test]
@@ -430,42 +471,7 @@ fn pipeline_embed_on_user_files_matches_transformers_and_exports() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("2 entries computed"), "{log}");
 
-    let file = std::fs::File::open(work.join("emb.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut got: Vec<(String, String, Vec<f32>)> = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let modality = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<arrow::array::StringArray>()
-            .unwrap();
-        let keys = batch
-            .column(1)
-            .as_any()
-            .downcast_ref::<arrow::array::StringArray>()
-            .unwrap();
-        let emb = batch
-            .column(2)
-            .as_any()
-            .downcast_ref::<arrow::array::FixedSizeListArray>()
-            .expect("embedding is a fixed-size list");
-        for i in 0..batch.num_rows() {
-            let v = emb.value(i);
-            let v = v
-                .as_any()
-                .downcast_ref::<arrow::array::Float32Array>()
-                .unwrap();
-            got.push((
-                modality.value(i).into(),
-                keys.value(i).into(),
-                v.values().to_vec(),
-            ));
-        }
-    }
+    let got = read_export(&work.join("emb.parquet"));
     let keys: Vec<&str> = got.iter().map(|(_, k, _)| k.as_str()).collect();
     assert_eq!(
         keys,
@@ -509,6 +515,59 @@ fn pipeline_embed_on_user_files_matches_transformers_and_exports() {
     )
     .unwrap();
     assert_eq!(reader.map(|b| b.unwrap().num_rows()).sum::<usize>(), 7);
+
+    // transformers' torchvision backend: its preprocessing is part of the image entry's key,
+    // so that entry is recomputed and the texts' is reused; the embeddings are the model's
+    // output for the pixels transformers' torchvision processor makes of the same files.
+    let mut tv_args = args.to_vec();
+    tv_args[8] = "emb-tv.parquet";
+    tv_args.extend(["--image-backend", "torchvision"]);
+    let (out, log) = pipeline(&tv_args, work);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("1 entries computed"), "{log}");
+    let tv = read_export(&work.join("emb-tv.parquet"));
+    let tv_fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torchvision");
+    let pixels = prefcap::npy::read_npy(&tv_fixture.join("pixel_values.npy")).unwrap();
+    let versions: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tv_fixture.join("versions.json")).unwrap()).unwrap();
+    let first = common::strings(&versions["files"])
+        .iter()
+        .position(|f| f.ends_with("hf-tiny/images/img0.png"))
+        .unwrap();
+    let per = pixels.data.len() / pixels.shape[0];
+    let clip = ClipEmbedder::load(
+        &ClipModelFiles::from_dir(&model).unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let want = l2_normalize(
+        &clip
+            .embed_pixels(&pixels.data[first * per..(first + 4) * per], 4)
+            .unwrap(),
+    )
+    .unwrap()
+    .to_vec2::<f32>()
+    .unwrap();
+    let mut backend_gap = 0f32;
+    for i in 0..4 {
+        assert_eq!(
+            (tv[i].0.as_str(), tv[i].1.as_str()),
+            (got[i].0.as_str(), got[i].1.as_str())
+        );
+        let d = max_diff(&normalized(&tv[i].2), &want[i]);
+        assert!(
+            d < 1e-5,
+            "image {i}: max abs diff {d} vs the torchvision pixels"
+        );
+        backend_gap = backend_gap.max(max_diff(&normalized(&tv[i].2), &normalized(&got[i].2)));
+    }
+    assert!(backend_gap > 1e-6, "the backends gave the same embeddings");
+    assert_eq!(
+        tv[4..],
+        got[4..],
+        "texts do not depend on the image backend"
+    );
 
     let (out, log) = pipeline(
         &[

@@ -255,9 +255,19 @@ pub struct ClipEmbedder {
 impl ClipEmbedder {
     /// Loads a checkpoint; the weights are memory-mapped, not read into memory.
     pub fn load(files: &ClipModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let preprocess = ClipPreprocessConfig::from_file(&files.preprocessor)?;
+        Self::load_with(files, preprocess, device, dtype)
+    }
+
+    /// [`Self::load`] with the image preprocessing given (the checkpoint's, resolved).
+    pub fn load_with(
+        files: &ClipModelFiles,
+        preprocess: ClipPreprocessConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let config = HfClipConfig::from_file(&files.config)?;
         config.check_supported(&files.config.display().to_string())?;
-        let preprocess = ClipPreprocessConfig::from_file(&files.preprocessor)?;
         if preprocess.output_size() != Some(config.vision_config.image_size as u32) {
             return Err(Error::Config(format!(
                 "{}: preprocessing yields {}×{} pixels but the model's image_size is {}",

@@ -1,10 +1,15 @@
-//! Exact Hugging Face CLIPImageProcessor (PIL backend) preprocessing.
+//! Exact Hugging Face CLIPImageProcessor preprocessing, for both of transformers' backends.
 //!
-//! transformers converts to RGB, resizes the shortest side with `PIL.Image.resize` (8-bit
-//! fixed-point separable convolution, horizontal pass first, rounded to u8 in between), crops
-//! the centre, rescales by `rescale_factor` (in f64, then f32) and normalises in f32. Each step
-//! here follows Pillow's `Resample.c` and transformers' `image_transforms.py` to the bit, so
-//! the pixels equal HF's `pixel_values`.
+//! The Pillow backend converts to RGB, resizes the shortest side with `PIL.Image.resize`
+//! (8-bit fixed-point separable convolution, horizontal pass first, rounded to u8 in between),
+//! crops the centre, rescales by `rescale_factor` (in f64, then f32) and normalises in f32.
+//! The torchvision backend (transformers 5's default once torchvision is installed) resizes
+//! the same uint8 image with torch's antialiased kernel, which has Pillow's taps but weights
+//! rounded to 16 bits at a precision chosen per axis, and normalises with mean and std
+//! pre-multiplied by `1 / rescale_factor` in f32; its results differ from Pillow's by one
+//! level in about one pixel in a hundred. Each step here follows Pillow's `Resample.c`,
+//! ATen's `UpSampleKernel.cpp` and transformers' image processors to the bit, so the pixels
+//! equal HF's `pixel_values` for the chosen backend.
 
 use std::path::Path;
 
@@ -12,9 +17,22 @@ use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
 
+/// Which of transformers' image-processor backends the pixels reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageBackend {
+    /// `CLIPImageProcessorPil` (transformers 4's `CLIPImageProcessor`, and transformers 5's
+    /// without torchvision).
+    Pil,
+    /// The torchvision backend (`CLIPImageProcessor` in transformers 5 with torchvision
+    /// installed, `CLIPImageProcessorFast` in transformers 4), on the CPU.
+    Torchvision,
+}
+
 /// `preprocessor_config.json`, resolved to what the computation needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipPreprocessConfig {
+    pub backend: ImageBackend,
     pub do_convert_rgb: bool,
     pub do_resize: bool,
     /// Target of the shortest side.
@@ -45,6 +63,7 @@ enum SizeSpec {
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
+    image_processor_type: Option<String>,
     #[serde(default = "yes")]
     do_convert_rgb: bool,
     #[serde(default = "yes")]
@@ -85,6 +104,7 @@ impl ClipPreprocessConfig {
     /// openai/clip-vit-base-patch32's preprocessing at `size` pixels.
     pub fn openai_clip(size: u32) -> Self {
         Self {
+            backend: ImageBackend::Pil,
             do_convert_rgb: true,
             do_resize: true,
             shortest_edge: size,
@@ -108,7 +128,9 @@ impl ClipPreprocessConfig {
         })
     }
 
-    /// Parses `preprocessor_config.json` with transformers' defaults for CLIP.
+    /// Parses `preprocessor_config.json` with transformers' defaults for CLIP. The backend
+    /// is torchvision's for a `...Fast` `image_processor_type`, else Pillow's (see
+    /// [`Self::with_backend`]).
     pub fn from_json(bytes: &[u8]) -> std::result::Result<Self, String> {
         let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         let shortest_edge = match raw.size {
@@ -138,7 +160,12 @@ impl ClipPreprocessConfig {
                 raw.resample
             ));
         }
-        Ok(Self {
+        let fast = raw
+            .image_processor_type
+            .as_deref()
+            .is_some_and(|t| t.ends_with("Fast"));
+        Self {
+            backend: ImageBackend::Pil,
             do_convert_rgb: raw.do_convert_rgb,
             do_resize: raw.do_resize,
             shortest_edge,
@@ -151,13 +178,34 @@ impl ClipPreprocessConfig {
             do_normalize: raw.do_normalize,
             image_mean: raw.image_mean.unwrap_or(OPENAI_CLIP_MEAN),
             image_std: raw.image_std.unwrap_or(OPENAI_CLIP_STD),
+        }
+        .with_backend(if fast {
+            ImageBackend::Torchvision
+        } else {
+            ImageBackend::Pil
         })
+    }
+
+    /// The same preprocessing as `backend` computes it. torch resizes uint8 images only
+    /// with the bilinear and bicubic filters.
+    pub fn with_backend(self, backend: ImageBackend) -> std::result::Result<Self, String> {
+        if backend == ImageBackend::Torchvision
+            && self.do_resize
+            && ![2, 3].contains(&self.resample)
+        {
+            return Err(format!(
+                "resample {} has no torchvision equivalent for uint8 images (2 bilinear and \
+                 3 bicubic do)",
+                self.resample
+            ));
+        }
+        Ok(Self { backend, ..self })
     }
 
     /// A string that changes whenever the preprocessed pixels could change: part of every
     /// image feature-cache key.
     pub fn fingerprint(&self) -> String {
-        format!("pil-v2:{self:?}")
+        format!("image-v2:{self:?}")
     }
 
     /// Side of the square output; the model's `image_size` must equal it.
@@ -271,7 +319,8 @@ pub fn crop_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ClipPreprocessConfig) -> 
                 ),
             });
         }
-        img = std::borrow::Cow::Owned(resize_rgb8(&img, w, h, nw, nh, filter(cfg.resample)));
+        let f = filter(cfg.resample, cfg.backend);
+        img = std::borrow::Cow::Owned(resize_rgb8(&img, w, h, nw, nh, f));
         (w, h) = (nw, nh);
     }
     let (ch, cw) = if cfg.do_center_crop {
@@ -302,9 +351,11 @@ pub fn crop_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ClipPreprocessConfig) -> 
     Ok(out)
 }
 
-/// The rescaled, normalised value of every byte in every channel (rescale by
-/// `rescale_factor` in f64, then f32, then `(p - mean) / std` in f32, as transformers does):
-/// a table lookup gives the same bits as the arithmetic, on the CPU or on the device.
+/// The rescaled, normalised value of every byte in every channel, as transformers computes
+/// it: a table lookup gives the same bits as the arithmetic, on the CPU or on the device.
+/// Pillow backend: rescale by `rescale_factor` in f64, then f32, then `(p - mean) / std` in
+/// f32. torchvision backend: `(p - mean·s) / (std·s)` in f32 with `s = 1 / rescale_factor`
+/// (rescale fused into the normalisation), or `p · rescale_factor` in f32 alone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PixelTable {
     /// `values[c * 256 + v]`: channel `c`, byte `v`.
@@ -314,8 +365,22 @@ pub struct PixelTable {
 impl PixelTable {
     pub fn new(cfg: &ClipPreprocessConfig) -> Self {
         let mut values = Vec::with_capacity(3 * 256);
+        let torchvision = cfg.backend == ImageBackend::Torchvision;
         for c in 0..3 {
             for v in 0..=255u8 {
+                if torchvision {
+                    let p = f32::from(v);
+                    values.push(match (cfg.do_rescale, cfg.do_normalize) {
+                        (true, true) => {
+                            let s = (1.0 / cfg.rescale_factor) as f32;
+                            (p - cfg.image_mean[c] * s) / (cfg.image_std[c] * s)
+                        }
+                        (false, true) => (p - cfg.image_mean[c]) / cfg.image_std[c],
+                        (true, false) => p * cfg.rescale_factor as f32,
+                        (false, false) => p,
+                    });
+                    continue;
+                }
                 let mut p = if cfg.do_rescale {
                     (f64::from(v) * cfg.rescale_factor) as f32
                 } else {
@@ -365,14 +430,54 @@ pub fn shortest_edge_size(w: usize, h: usize, size: usize) -> (usize, usize) {
     }
 }
 
-/// A Pillow resampling filter: its kernel and support.
+/// A resampling filter: its kernel, support and how its weights become integers.
 #[derive(Clone, Copy)]
 pub struct Filter {
     kernel: fn(f64) -> f64,
     support: f64,
+    /// torch's int16 weights at a per-axis precision, instead of Pillow's 22-bit ones.
+    int16_weights: bool,
 }
 
-fn filter(resample: u32) -> Filter {
+/// The filter of PIL resample id `resample` as `backend` computes it: torch's cubic
+/// evaluates Keys' polynomial in another order than Pillow's, which can move a weight's
+/// last bit, so it is written as ATen writes it.
+fn filter(resample: u32, backend: ImageBackend) -> Filter {
+    if backend == ImageBackend::Torchvision {
+        let bilinear = Filter {
+            kernel: |x| {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            },
+            support: 1.0,
+            int16_weights: true,
+        };
+        let bicubic = Filter {
+            kernel: |x| {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+                } else {
+                    0.0
+                }
+            },
+            support: 2.0,
+            int16_weights: true,
+        };
+        // `with_backend` admits only these two.
+        return if resample == 2 { bilinear } else { bicubic };
+    }
+    pillow_filter(resample)
+}
+
+fn pillow_filter(resample: u32) -> Filter {
     fn sinc(x: f64) -> f64 {
         if x == 0.0 {
             1.0
@@ -391,6 +496,7 @@ fn filter(resample: u32) -> Filter {
                 }
             },
             support: 3.0,
+            int16_weights: false,
         },
         2 => Filter {
             kernel: |x| {
@@ -402,10 +508,12 @@ fn filter(resample: u32) -> Filter {
                 }
             },
             support: 1.0,
+            int16_weights: false,
         },
         4 => Filter {
             kernel: |x| if x > -0.5 && x <= 0.5 { 1.0 } else { 0.0 },
             support: 0.5,
+            int16_weights: false,
         },
         5 => Filter {
             kernel: |x| {
@@ -421,6 +529,7 @@ fn filter(resample: u32) -> Filter {
                 }
             },
             support: 1.0,
+            int16_weights: false,
         },
         _ => Filter {
             kernel: |x| {
@@ -435,6 +544,7 @@ fn filter(resample: u32) -> Filter {
                 }
             },
             support: 2.0,
+            int16_weights: false,
         },
     }
 }
@@ -443,11 +553,14 @@ fn filter(resample: u32) -> Filter {
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// Per output pixel: first input index and its fixed-point weights (Pillow's
-/// `precompute_coeffs` followed by `normalize_coeffs_8bpc`).
+/// `precompute_coeffs` followed by `normalize_coeffs_8bpc`, or ATen's
+/// `_compute_index_ranges_int16_weights`).
 struct Coeffs {
     bounds: Vec<(usize, usize)>,
     ksize: usize,
     weights: Vec<i32>,
+    /// Fractional bits of the weights.
+    precision: u32,
 }
 
 fn precompute_coeffs(in_size: usize, out_size: usize, f: Filter) -> Coeffs {
@@ -456,49 +569,61 @@ fn precompute_coeffs(in_size: usize, out_size: usize, f: Filter) -> Coeffs {
     let support = f.support * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
+    let mut normalised = vec![0f64; out_size * ksize];
+    // The largest normalised weight: torch picks its precision from it.
+    let mut largest = 0f64;
+    for (xx, k) in normalised.chunks_exact_mut(ksize).enumerate() {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) cast truncates toward zero; negatives clamp to 0 just after.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = (((center + support + 0.5) as i64) as usize).min(in_size) - xmin;
+        let xmax = ((((center + support + 0.5) as i64) as usize).min(in_size) - xmin).min(ksize);
         let mut ww = 0.0;
         for (x, kx) in k.iter_mut().enumerate().take(xmax) {
             let w = (f.kernel)((x as f64 + xmin as f64 - center + 0.5) * ss);
             *kx = w;
             ww += w;
         }
-        for x in 0..ksize {
-            let w = if x < xmax && ww != 0.0 {
-                k[x] / ww
-            } else if x < xmax {
-                k[x]
-            } else {
-                0.0
-            };
-            let fixed = w * f64::from(1u32 << PRECISION_BITS);
-            weights[xx * ksize + x] = if w < 0.0 {
-                (-0.5 + fixed) as i32
-            } else {
-                (0.5 + fixed) as i32
-            };
+        if ww != 0.0 {
+            for kx in &mut k[..xmax] {
+                *kx /= ww;
+                largest = largest.max(*kx);
+            }
         }
         bounds.push((xmin, xmax));
     }
+    let precision = if f.int16_weights {
+        // The most fractional bits under which twice the largest weight still fits in i16.
+        (0..22)
+            .find(|p| (0.5 + largest * f64::from(1u32 << (p + 1))) as i32 >= 1 << 15)
+            .unwrap_or(22)
+    } else {
+        PRECISION_BITS
+    };
+    let weights = normalised
+        .iter()
+        .map(|&w| {
+            let fixed = w * f64::from(1u32 << precision);
+            if w < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            }
+        })
+        .collect();
     Coeffs {
         bounds,
         ksize,
         weights,
+        precision,
     }
 }
 
-/// Pillow's `clip8`: the fixed-point sum back to a byte, saturating (branch-free, so the
-/// row loops vectorise).
+/// Pillow's `clip8` (and ATen's uint8 store): a fixed-point sum with `precision` fractional
+/// bits back to a byte, saturating (branch-free, so the row loops vectorise).
 #[inline]
-fn clip8(v: i32) -> u8 {
-    (v >> PRECISION_BITS).clamp(0, 255) as u8
+fn clip8(v: i32, precision: u32) -> u8 {
+    (v >> precision).clamp(0, 255) as u8
 }
 
 /// `PIL.Image.resize((nw, nh), filter)` of packed RGB8 pixels, bit for bit.
@@ -544,7 +669,7 @@ fn resample_rows(src: &[u8], len: usize, row0: usize, c: &Coeffs) -> Vec<u8> {
     for (i, (&(start, taps), o)) in c.bounds.iter().zip(out.chunks_mut(len)).enumerate() {
         let rows = &src[(start - row0) * len..(start - row0 + taps) * len];
         let k = &c.weights[i * c.ksize..i * c.ksize + taps];
-        weighted_row_sum(rows, k, &mut acc, o);
+        weighted_row_sum(rows, k, c.precision, &mut acc, o);
     }
     out
 }
@@ -552,15 +677,15 @@ fn resample_rows(src: &[u8], len: usize, row0: usize, c: &Coeffs) -> Vec<u8> {
 crate::kernels::multiversioned! {
     /// `out = clip8(round + Σ_t k[t] · rows[t])` for consecutive rows of `out.len()` bytes,
     /// built for the CPU's widest vectors.
-    fn weighted_row_sum(rows: &[u8], k: &[i32], acc: &mut [i32], out: &mut [u8]) {
-        acc.fill(1i32 << (PRECISION_BITS - 1));
+    fn weighted_row_sum(rows: &[u8], k: &[i32], precision: u32, acc: &mut [i32], out: &mut [u8]) {
+        acc.fill(1i32 << (precision - 1));
         for (row, &kw) in rows.chunks_exact(out.len()).zip(k) {
             for (a, &p) in acc.iter_mut().zip(row) {
                 *a += i32::from(p) * kw;
             }
         }
         for (o, &a) in out.iter_mut().zip(acc.iter()) {
-            *o = clip8(a);
+            *o = clip8(a, precision);
         }
     }
 }
@@ -652,6 +777,59 @@ mod tests {
     }
 
     #[test]
+    fn torchvision_backend_equals_transformers_torchvision_processor() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torchvision");
+        let versions: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("versions.json")).unwrap()).unwrap();
+        let files: Vec<&str> = versions["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let pil = ClipPreprocessConfig::from_file(&crate::hf_tiny_fixture(
+            "clip-tiny/preprocessor_config.json",
+        ))
+        .unwrap();
+        let bicubic = pil.clone().with_backend(ImageBackend::Torchvision).unwrap();
+        let bilinear = ClipPreprocessConfig {
+            resample: 2,
+            ..bicubic.clone()
+        };
+        let mut differs_from_pil = 0;
+        for (npy, cfg, count) in [
+            ("pixel_values.npy", &bicubic, files.len()),
+            ("pixel_values_bilinear.npy", &bilinear, 12),
+        ] {
+            let expected = crate::npy::read_npy(&dir.join(npy)).unwrap();
+            assert_eq!(expected.shape[0], count, "{npy}");
+            let per = expected.data.len() / count;
+            for (i, name) in files[..count].iter().enumerate() {
+                let bytes = std::fs::read(dir.join(name)).unwrap();
+                let ours = preprocess_bytes(&bytes, cfg).unwrap();
+                let want = &expected.data[i * per..(i + 1) * per];
+                let diff = ours
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff == 0.0, "{npy} {name}: max abs diff {diff}");
+                if cfg.resample == 3 && preprocess_bytes(&bytes, &pil).unwrap() != want {
+                    differs_from_pil += 1;
+                }
+            }
+        }
+        // The two backends do disagree, so this compares what it claims to.
+        assert!(differs_from_pil >= files.len() / 2, "{differs_from_pil}");
+        assert!(pil.clone().with_backend(ImageBackend::Torchvision).is_ok());
+        let lanczos = ClipPreprocessConfig { resample: 1, ..pil };
+        assert!(lanczos.with_backend(ImageBackend::Torchvision).is_err());
+        let fast = br#"{"image_processor_type": "CLIPImageProcessorFast"}"#;
+        let fast = ClipPreprocessConfig::from_json(fast).unwrap();
+        assert_eq!(fast.backend, ImageBackend::Torchvision);
+    }
+
+    #[test]
     fn sixteen_bit_samples_become_bytes_as_pillow_reads_them() {
         use image::{DynamicImage, ImageBuffer};
         let samples = vec![0u16, 0x00ff, 0x0100, 0x017f, 0x7f80, 0x80ff, 0xff7f, 0xffff];
@@ -697,9 +875,9 @@ mod tests {
     fn resizing_a_constant_image_keeps_it_constant() {
         let src = vec![77u8; 37 * 23 * 3];
         for r in 1..=5 {
-            let out = resize_rgb8(&src, 37, 23, 16, 11, filter(r));
+            let out = resize_rgb8(&src, 37, 23, 16, 11, filter(r, ImageBackend::Pil));
             assert!(out.iter().all(|&v| v == 77), "filter {r}");
-            let up = resize_rgb8(&src, 37, 23, 50, 40, filter(r));
+            let up = resize_rgb8(&src, 37, 23, 50, 40, filter(r, ImageBackend::Pil));
             assert!(up.iter().all(|&v| v == 77), "filter {r} upscaling");
         }
     }
@@ -707,7 +885,10 @@ mod tests {
     #[test]
     fn same_size_is_identity_and_crop_is_centred() {
         let src: Vec<u8> = (0..5 * 4 * 3).map(|i| i as u8).collect();
-        assert_eq!(resize_rgb8(&src, 5, 4, 5, 4, filter(3)), src);
+        assert_eq!(
+            resize_rgb8(&src, 5, 4, 5, 4, filter(3, ImageBackend::Pil)),
+            src
+        );
         let cfg = ClipPreprocessConfig {
             do_resize: false,
             do_rescale: false,
@@ -749,7 +930,7 @@ mod tests {
             .chain(more)
             .chain((-5000..5000).map(|k| k * 300_007))
         {
-            assert_eq!(clip8(v), pillow(v), "{v}");
+            assert_eq!(clip8(v, PRECISION_BITS), pillow(v), "{v}");
         }
     }
 
@@ -780,11 +961,11 @@ mod tests {
         assert!(crop_rgb8(&src[1..], 3, 2, &cfg).is_err());
     }
 
-    /// Pillow's `ImagingResample` for 8-bit RGB as written there: pixel by pixel, horizontal
-    /// pass over the rows the vertical pass needs, then vertical.
+    /// Pillow's `ImagingResample` for 8-bit RGB as written there (and ATen's uint8 loops, at
+    /// their precision): pixel by pixel, horizontal pass over the rows the vertical pass
+    /// needs, then vertical.
     fn pillow_resize(src: &[u8], w: usize, h: usize, nw: usize, nh: usize, f: Filter) -> Vec<u8> {
         let (horiz, vert) = (precompute_coeffs(w, nw, f), precompute_coeffs(h, nh, f));
-        let round = 1i32 << (PRECISION_BITS - 1);
         let (first, last) = (
             vert.bounds[0].0,
             vert.bounds[nh - 1].0 + vert.bounds[nh - 1].1,
@@ -793,24 +974,24 @@ mod tests {
         for y in first..last {
             for (xx, &(xmin, xmax)) in horiz.bounds.iter().enumerate() {
                 for c in 0..3 {
-                    let mut acc = round;
+                    let mut acc = 1i32 << (horiz.precision - 1);
                     for x in 0..xmax {
                         let kw = horiz.weights[xx * horiz.ksize + x];
                         acc += i32::from(src[(y * w + xmin + x) * 3 + c]) * kw;
                     }
-                    tmp[((y - first) * nw + xx) * 3 + c] = clip8(acc);
+                    tmp[((y - first) * nw + xx) * 3 + c] = clip8(acc, horiz.precision);
                 }
             }
         }
         let mut out = vec![0u8; nw * nh * 3];
         for (yy, &(ymin, ymax)) in vert.bounds.iter().enumerate() {
             for x in 0..nw * 3 {
-                let mut acc = round;
+                let mut acc = 1i32 << (vert.precision - 1);
                 for y in 0..ymax {
                     let kw = vert.weights[yy * vert.ksize + y];
                     acc += i32::from(tmp[(ymin - first + y) * nw * 3 + x]) * kw;
                 }
-                out[yy * nw * 3 + x] = clip8(acc);
+                out[yy * nw * 3 + x] = clip8(acc, vert.precision);
             }
         }
         out
@@ -835,12 +1016,13 @@ mod tests {
                 .map(|k| ((k % (w * 3)) * 255 / (w * 3)) as u8 ^ (rng.next_u64() as u8 & 0x1f))
                 .collect();
             let r = 1 + (i as u32 % 5);
-            let got = resize_rgb8(&src, w, h, nw, nh, filter(r));
-            assert_eq!(
-                got,
-                pillow_resize(&src, w, h, nw, nh, filter(r)),
-                "case {i}"
-            );
+            for f in [
+                filter(r, ImageBackend::Pil),
+                filter(2 + i as u32 % 2, ImageBackend::Torchvision),
+            ] {
+                let got = resize_rgb8(&src, w, h, nw, nh, f);
+                assert_eq!(got, pillow_resize(&src, w, h, nw, nh, f), "case {i}");
+            }
         }
     }
 }
