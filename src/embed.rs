@@ -201,13 +201,11 @@ impl ModelIdentity {
         let config = HfClipConfig::from_file(&files.config)?;
         let mut preprocess = ClipPreprocessConfig::from_file(&files.preprocessor)?;
         if let Some(backend) = cfg.embed.image_backend {
-            preprocess = preprocess.with_backend(backend).map_err(|message| {
-                Error::Config(format!(
-                    "embed.image_backend: {}: {message}",
-                    files.preprocessor.display()
-                ))
-            })?;
+            preprocess = preprocess.with_backend(backend);
         }
+        preprocess.check().map_err(|message| {
+            Error::Config(format!("{}: {message}", files.preprocessor.display()))
+        })?;
         let text_fingerprint = format!(
             "tokenizer-sha256:{}:max-positions:{}",
             sha256_file(&files.tokenizer)?,

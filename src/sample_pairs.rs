@@ -6,7 +6,8 @@
 //! for train-dpo and train-orpo.
 //!
 //! Shards are resumable: shard `i` holds the pairs of the split's images `i·shard_size..`,
-//! and a stamp (checkpoint, CLIP, settings) beside them throws stale shards away. An image
+//! and a stamp (checkpoint, CLIP, settings, the image features' cache keys) beside them
+//! throws stale shards away. An image
 //! whose candidates are all the same text, or whose best and worst differ by less than
 //! `min_margin`, gives no pair and is counted in the shard's stats.
 
@@ -167,14 +168,21 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
     let identity = ModelIdentity::resolve(cfg, &ctx.workdir)?;
     let clip = identity.load(cfg, ctx.gpu)?;
     let out_dataset = pairs_dataset(&dataset);
-    let mut stamp = Sha256::new();
-    stamp.update(sha256_file(&checkpoint)?.as_bytes());
-    stamp.update(sha256_file(&identity.files.weights)?.as_bytes());
-    stamp.update(format!("{s:?}").as_bytes());
-    let stamp = hex::encode(stamp.finalize());
+    let mut base_stamp = Sha256::new();
+    base_stamp.update(sha256_file(&checkpoint)?.as_bytes());
+    base_stamp.update(sha256_file(&identity.files.weights)?.as_bytes());
+    base_stamp.update(format!("{s:?}").as_bytes());
 
     let mut lines = Vec::new();
     for split in &splits {
+        let features = embed::split_features(cfg, &ctx.workdir, &dataset, split, "image")?;
+        // The image features' cache keys cover their shards and everything that changes
+        // their numbers (preprocessing included).
+        let mut stamp = base_stamp.clone();
+        for e in &features {
+            stamp.update(e.manifest.key.digest().as_bytes());
+        }
+        let stamp = hex::encode(stamp.finalize());
         let set = ShardSet::new(&ctx.workdir, &out_dataset, split);
         let stamp_path = set.dir().join("prefcap-stamp.txt");
         if set.dir().exists()
@@ -186,7 +194,7 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
         write_atomic(&stamp_path, stamp.as_bytes())?;
         let mut keys = Vec::new();
         let mut images = Vec::new();
-        for e in embed::split_features(cfg, &ctx.workdir, &dataset, split, "image")? {
+        for e in features {
             let t = e.open()?;
             keys.extend(t.keys());
             images.extend(t.embeddings());

@@ -505,8 +505,9 @@ fn pipeline_embed_on_user_files_matches_transformers_and_exports() {
     );
 
     // Arrow IPC export.
+    let out_at = args.iter().position(|a| *a == "emb.parquet").unwrap();
     let mut ipc_args = args.to_vec();
-    ipc_args[8] = "emb.arrow";
+    ipc_args[out_at] = "emb.arrow";
     let (out, log) = pipeline(&ipc_args, work);
     assert!(out.status.success(), "{log}");
     let reader = arrow::ipc::reader::FileReader::try_new(
@@ -520,7 +521,7 @@ fn pipeline_embed_on_user_files_matches_transformers_and_exports() {
     // so that entry is recomputed and the texts' is reused; the embeddings are the model's
     // output for the pixels transformers' torchvision processor makes of the same files.
     let mut tv_args = args.to_vec();
-    tv_args[8] = "emb-tv.parquet";
+    tv_args[out_at] = "emb-tv.parquet";
     tv_args.extend(["--image-backend", "torchvision"]);
     let (out, log) = pipeline(&tv_args, work);
     assert!(out.status.success(), "{log}");

@@ -485,6 +485,24 @@ fn sample_pairs_ranks_sft_samples_by_clipscore_into_pair_shards_dpo_can_train_on
     let (out, log) = pipeline(&args, work);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("0 shard(s) written, 3 already done"), "{log}");
+    // Image features preprocessed another way (transformers' torchvision backend) are other
+    // cache entries, and the pairs ranked with the old ones are redone.
+    let backend = ["--set", "embed.image_backend=\"torchvision\""];
+    let embed_again = [
+        "run",
+        "embed",
+        "--set",
+        "embed.model=\"tiny\"",
+        "--set",
+        "embed.datasets=[\"synthetic\"]",
+        "--set",
+        "embed.tiny_pretrain.steps=0",
+    ];
+    let (out, log) = pipeline(&[&embed_again[..], &backend].concat(), work);
+    assert!(out.status.success(), "{log}");
+    let (out, log) = pipeline(&[&args[..], &backend].concat(), work);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("3 shard(s) written, 0 already done"), "{log}");
 
     // DPO trains on them.
     let (out, log) = pipeline(

@@ -268,6 +268,10 @@ impl ClipEmbedder {
     ) -> Result<Self> {
         let config = HfClipConfig::from_file(&files.config)?;
         config.check_supported(&files.config.display().to_string())?;
+        preprocess.check().map_err(|message| Error::BadFile {
+            path: files.preprocessor.clone(),
+            message,
+        })?;
         if preprocess.output_size() != Some(config.vision_config.image_size as u32) {
             return Err(Error::Config(format!(
                 "{}: preprocessing yields {}×{} pixels but the model's image_size is {}",

@@ -7,7 +7,8 @@
 //! the same uint8 image with torch's antialiased kernel, which has Pillow's taps but weights
 //! rounded to 16 bits at a precision chosen per axis, and normalises with mean and std
 //! pre-multiplied by `1 / rescale_factor` in f32; its results differ from Pillow's by one
-//! level in about one pixel in a hundred. Each step here follows Pillow's `Resample.c`,
+//! level in a few pixels in a hundred (a quarter of them in a strongly upscaled image). Each
+//! step here follows Pillow's `Resample.c`,
 //! ATen's `UpSampleKernel.cpp` and transformers' image processors to the bit, so the pixels
 //! equal HF's `pixel_values` for the chosen backend.
 
@@ -164,7 +165,7 @@ impl ClipPreprocessConfig {
             .image_processor_type
             .as_deref()
             .is_some_and(|t| t.ends_with("Fast"));
-        Self {
+        Ok(Self {
             backend: ImageBackend::Pil,
             do_convert_rgb: raw.do_convert_rgb,
             do_resize: raw.do_resize,
@@ -183,23 +184,30 @@ impl ClipPreprocessConfig {
             ImageBackend::Torchvision
         } else {
             ImageBackend::Pil
-        })
+        }))
     }
 
-    /// The same preprocessing as `backend` computes it. torch resizes uint8 images only
-    /// with the bilinear and bicubic filters.
-    pub fn with_backend(self, backend: ImageBackend) -> std::result::Result<Self, String> {
-        if backend == ImageBackend::Torchvision
+    /// The same preprocessing as `backend` computes it; [`Self::check`] says whether prefcap
+    /// reproduces that.
+    pub fn with_backend(self, backend: ImageBackend) -> Self {
+        Self { backend, ..self }
+    }
+
+    /// Refuses what prefcap does not reproduce: of torchvision's filters, only bilinear and
+    /// bicubic (its Lanczos is its own code; box and Hamming it refuses itself).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.backend == ImageBackend::Torchvision
             && self.do_resize
             && ![2, 3].contains(&self.resample)
         {
             return Err(format!(
-                "resample {} has no torchvision equivalent for uint8 images (2 bilinear and \
-                 3 bicubic do)",
+                "resample {} with transformers' torchvision image backend is not reproduced \
+                 (2 bilinear and 3 bicubic are); set embed.image_backend = \"pil\" for \
+                 Pillow's",
                 self.resample
             ));
         }
-        Ok(Self { backend, ..self })
+        Ok(())
     }
 
     /// A string that changes whenever the preprocessed pixels could change: part of every
@@ -228,18 +236,36 @@ pub fn decode_crop(bytes: &[u8], cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> 
         stage: "embed".into(),
         message: format!("cannot decode image: {e}"),
     })?;
-    let rgb = rgb_over_white(img);
+    let rgb = rgb_over_white(img, bytes, SixteenBit::Pillow);
     let (w, h) = rgb.dimensions();
     crop_rgb8(rgb.as_raw(), w as usize, h as usize, cfg)
 }
 
-/// The RGB pixels of a decoded image as transformers' `convert_to_rgb` makes them from what
-/// Pillow decodes: an image with transparency (RGBA, grey + alpha, a palette with a
-/// transparent index) is composited onto opaque white, so transparent pixels become white
-/// whatever colour they hold; any other converts directly. 16-bit images first become 8-bit
-/// as Pillow reads them (see [`as_pillow_8bit`]).
-pub fn rgb_over_white(img: image::DynamicImage) -> image::RgbImage {
-    let img = as_pillow_8bit(img);
+/// How 16-bit samples become bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SixteenBit {
+    /// As Pillow opens the image, which is what transformers preprocesses: RGB, RGBA and
+    /// grey + alpha keep each sample's high byte (Pillow truncates where the image crate
+    /// rounds); plain 16-bit grey (Pillow's mode `I;16`) is clipped at 255 when converted, so
+    /// all but its darkest values turn white, and its colour key (`tRNS`) is applied; a 16-bit
+    /// RGB PNG's colour key is ignored.
+    Pillow,
+    /// Each sample's high byte, transparency kept: for stored images, where grey should keep
+    /// its content.
+    HighByte,
+}
+
+/// The RGB pixels of a decoded image as transformers' `convert_to_rgb` makes them: an image
+/// with transparency (RGBA, grey + alpha, a palette with a transparent index) is composited
+/// onto opaque white, so transparent pixels become white whatever colour they hold; any
+/// other converts directly. 16-bit images first become 8-bit as `sixteen` says; `encoded`
+/// is the file the image was decoded from.
+pub fn rgb_over_white(
+    img: image::DynamicImage,
+    encoded: &[u8],
+    sixteen: SixteenBit,
+) -> image::RgbImage {
+    let img = to_8bit(img, encoded, sixteen);
     if !img.color().has_alpha() {
         return img.into_rgb8();
     }
@@ -252,11 +278,8 @@ pub fn rgb_over_white(img: image::DynamicImage) -> image::RgbImage {
     image::RgbImage::from_raw(w, h, out).expect("3 bytes for each pixel")
 }
 
-/// A 16-bit image as Pillow opens it: RGB, RGBA and grey + alpha keep each sample's high byte
-/// (Pillow truncates where the image crate would round), and plain 16-bit grey (Pillow's mode
-/// `I;16`) is clipped at 255 when converted, so all but its darkest values turn white. Other
-/// images pass through.
-fn as_pillow_8bit(img: image::DynamicImage) -> image::DynamicImage {
+/// A 16-bit image as 8 bits (see [`SixteenBit`]); other images pass through.
+fn to_8bit(img: image::DynamicImage, encoded: &[u8], sixteen: SixteenBit) -> image::DynamicImage {
     use image::{DynamicImage as D, ImageBuffer};
     fn map<P: image::Pixel<Subpixel = u16>, Q: image::Pixel<Subpixel = u8>>(
         buf: ImageBuffer<P, Vec<u16>>,
@@ -267,13 +290,45 @@ fn as_pillow_8bit(img: image::DynamicImage) -> image::DynamicImage {
         ImageBuffer::from_raw(w, h, raw).expect("one byte for each 16-bit sample")
     }
     let high = |v: u16| (v >> 8) as u8;
+    let clip = |v: u16| v.min(255) as u8;
+    let pillow = sixteen == SixteenBit::Pillow;
+    // The image crate turns a 16-bit colour key into an alpha channel (0 or 65535). Pillow
+    // applies a grey key to its `I;16` values and ignores an RGB one.
+    let keyed = pillow
+        && matches!(img, D::ImageLumaA16(_) | D::ImageRgba16(_))
+        && png16_colour_key(encoded);
     match img {
-        D::ImageLuma16(buf) => D::ImageLuma8(map(buf, |v| v.min(255) as u8)),
+        D::ImageLumaA16(buf) if keyed => D::ImageLumaA8(map(buf, clip)),
+        D::ImageRgba16(_) if keyed => D::ImageRgb8(map(img.into_rgb16(), high)),
+        D::ImageLuma16(buf) if pillow => D::ImageLuma8(map(buf, clip)),
+        D::ImageLuma16(buf) => D::ImageLuma8(map(buf, high)),
         D::ImageLumaA16(buf) => D::ImageLumaA8(map(buf, high)),
         D::ImageRgb16(buf) => D::ImageRgb8(map(buf, high)),
         D::ImageRgba16(buf) => D::ImageRgba8(map(buf, high)),
         other => other,
     }
+}
+
+/// Whether `encoded` is a 16-bit grey or RGB PNG with a colour key (a `tRNS` chunk).
+fn png16_colour_key(encoded: &[u8]) -> bool {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    // IHDR is the first chunk: bit depth at byte 24, colour type at 25.
+    if !encoded.starts_with(SIGNATURE) || encoded.len() < 33 || &encoded[12..16] != b"IHDR" {
+        return false;
+    }
+    if encoded[24] != 16 || ![0, 2].contains(&encoded[25]) {
+        return false;
+    }
+    let mut at = 33;
+    while let Some(header) = encoded.get(at..at + 8) {
+        let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        match &header[4..] {
+            b"tRNS" => return true,
+            b"IDAT" | b"IEND" => return false,
+            _ => at = at.saturating_add(12).saturating_add(len),
+        }
+    }
+    false
 }
 
 /// One channel value `v` with alpha `a` composited onto white: `rint(a/255·v + 255 − a)`,
@@ -328,10 +383,18 @@ pub fn crop_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ClipPreprocessConfig) -> 
     } else {
         (h, w)
     };
-    // transformers' center_crop: offsets by floor division; pads with zeros where the image
-    // is smaller than the crop.
-    let top = (h as i64 - ch as i64).div_euclid(2);
-    let left = (w as i64 - cw as i64).div_euclid(2);
+    // transformers' centre crop: offsets by floor division, zero padding where the image is
+    // smaller than the crop: `(crop - size) // 2` rows before it in the torchvision backend,
+    // the rest (one more when odd) in the Pillow one.
+    let offset = |size: usize, crop: usize| {
+        let spare = size as i64 - crop as i64;
+        if spare < 0 && cfg.backend == ImageBackend::Torchvision {
+            -(-spare).div_euclid(2)
+        } else {
+            spare.div_euclid(2)
+        }
+    };
+    let (top, left) = (offset(h, ch), offset(w, cw));
     let mut out = vec![0u8; 3 * ch * cw];
     let plane = ch * cw;
     let (x0, x1) = (left.max(0), (left + cw as i64).min(w as i64));
@@ -440,21 +503,13 @@ pub struct Filter {
 }
 
 /// The filter of PIL resample id `resample` as `backend` computes it: torch's cubic
-/// evaluates Keys' polynomial in another order than Pillow's, which can move a weight's
-/// last bit, so it is written as ATen writes it.
+/// evaluates Keys' polynomial in another order than Pillow's (which could move a weight's
+/// last bit), so it is written as ATen writes it.
 fn filter(resample: u32, backend: ImageBackend) -> Filter {
     if backend == ImageBackend::Torchvision {
         let bilinear = Filter {
-            kernel: |x| {
-                let x = x.abs();
-                if x < 1.0 {
-                    1.0 - x
-                } else {
-                    0.0
-                }
-            },
-            support: 1.0,
             int16_weights: true,
+            ..pillow_filter(2)
         };
         let bicubic = Filter {
             kernel: |x| {
@@ -471,7 +526,7 @@ fn filter(resample: u32, backend: ImageBackend) -> Filter {
             support: 2.0,
             int16_weights: true,
         };
-        // `with_backend` admits only these two.
+        // `check` admits only these two.
         return if resample == 2 { bilinear } else { bicubic };
     }
     pillow_filter(resample)
@@ -752,6 +807,8 @@ mod tests {
             "rgb16.png",
             "la16.png",
             "rgba16.png",
+            "grey16-key.png",
+            "rgb16-key.png",
         ];
         let per = expected.data.len() / names.len();
         for (i, name) in names.iter().enumerate() {
@@ -791,7 +848,7 @@ mod tests {
             "clip-tiny/preprocessor_config.json",
         ))
         .unwrap();
-        let bicubic = pil.clone().with_backend(ImageBackend::Torchvision).unwrap();
+        let bicubic = pil.clone().with_backend(ImageBackend::Torchvision);
         let bilinear = ClipPreprocessConfig {
             resample: 2,
             ..bicubic.clone()
@@ -821,12 +878,34 @@ mod tests {
         }
         // The two backends do disagree, so this compares what it claims to.
         assert!(differs_from_pil >= files.len() / 2, "{differs_from_pil}");
-        assert!(pil.clone().with_backend(ImageBackend::Torchvision).is_ok());
+        // Without a resize, the crop pads: the backends place the padding differently.
+        for (npy, backend) in [
+            ("pixel_values_padded.npy", ImageBackend::Torchvision),
+            ("pixel_values_padded_pil.npy", ImageBackend::Pil),
+        ] {
+            let expected = crate::npy::read_npy(&dir.join(npy)).unwrap();
+            let cfg = ClipPreprocessConfig {
+                do_resize: false,
+                ..pil.clone().with_backend(backend)
+            };
+            let per = expected.data.len() / 3;
+            for (i, name) in [files[0], files[1], files[8]].iter().enumerate() {
+                let ours = preprocess_bytes(&std::fs::read(dir.join(name)).unwrap(), &cfg).unwrap();
+                assert!(
+                    ours == expected.data[i * per..(i + 1) * per],
+                    "{npy} {name}"
+                );
+            }
+        }
+        assert!(bicubic.check().is_ok() && bilinear.check().is_ok());
         let lanczos = ClipPreprocessConfig { resample: 1, ..pil };
-        assert!(lanczos.with_backend(ImageBackend::Torchvision).is_err());
-        let fast = br#"{"image_processor_type": "CLIPImageProcessorFast"}"#;
+        assert!(lanczos.check().is_ok());
+        let err = lanczos.with_backend(ImageBackend::Torchvision).check();
+        assert!(err.unwrap_err().contains("resample 1"));
+        let fast = br#"{"image_processor_type": "CLIPImageProcessorFast", "resample": 1}"#;
         let fast = ClipPreprocessConfig::from_json(fast).unwrap();
         assert_eq!(fast.backend, ImageBackend::Torchvision);
+        assert!(fast.with_backend(ImageBackend::Pil).check().is_ok());
     }
 
     #[test]
@@ -836,17 +915,23 @@ mod tests {
         let rgb = DynamicImage::ImageRgb16(
             ImageBuffer::from_raw(8, 1, samples.iter().flat_map(|&v| [v; 3]).collect()).unwrap(),
         );
-        let got: Vec<u8> = rgb_over_white(rgb).pixels().map(|p| p.0[0]).collect();
-        assert_eq!(got, [0, 0, 1, 1, 127, 128, 255, 255]);
+        let bytes = |img: DynamicImage, sixteen, channel: usize| -> Vec<u8> {
+            let rgb = rgb_over_white(img, &[], sixteen);
+            rgb.pixels().map(|p| p.0[channel]).collect()
+        };
+        let high = [0, 0, 1, 1, 127, 128, 255, 255];
+        for sixteen in [SixteenBit::Pillow, SixteenBit::HighByte] {
+            assert_eq!(bytes(rgb.clone(), sixteen, 0), high);
+        }
         let grey = DynamicImage::ImageLuma16(ImageBuffer::from_raw(8, 1, samples).unwrap());
-        let got: Vec<u8> = rgb_over_white(grey).pixels().map(|p| p.0[1]).collect();
-        assert_eq!(got, [0, 255, 255, 255, 255, 255, 255, 255]);
+        let clipped = [0, 255, 255, 255, 255, 255, 255, 255];
+        assert_eq!(bytes(grey.clone(), SixteenBit::Pillow, 1), clipped);
+        assert_eq!(bytes(grey, SixteenBit::HighByte, 1), high);
         // Alpha is truncated as well before compositing: 0x80ff is alpha 128, as in 8 bits.
         let la = DynamicImage::ImageLumaA16(
             ImageBuffer::from_raw(2, 1, vec![0x0000, 0x80ff, 0xffff, 0x00ff]).unwrap(),
         );
-        let got: Vec<u8> = rgb_over_white(la).pixels().map(|p| p.0[2]).collect();
-        assert_eq!(got, [over_white(0, 128), 255]);
+        assert_eq!(bytes(la, SixteenBit::Pillow, 2), [over_white(0, 128), 255]);
     }
 
     #[test]

@@ -72,10 +72,13 @@ pub fn prepare(bytes: &[u8], spec: &ImageSpec) -> Result<PreparedImage, String> 
     if ow == 0 || oh == 0 {
         return Err("image has zero size".into());
     }
-    // Transparency onto white, as img2dataset (and transformers' convert_to_rgb) do.
+    // Transparency onto white, as img2dataset (and transformers' convert_to_rgb) do; 16-bit
+    // samples keep their high byte.
     let decoded = crate::clip::preprocess::rgb_over_white(
         image::DynamicImage::from_decoder(decoder)
             .map_err(|e| format!("cannot decode image: {e}"))?,
+        bytes,
+        crate::clip::preprocess::SixteenBit::HighByte,
     );
     let (w, h, rgb) = resize_rgb(decoded.into_raw(), ow, oh, spec)?;
     let jpeg = encode_jpeg(&rgb, w, h, spec.jpeg_quality, spec.subsample_chroma)?;
