@@ -512,19 +512,9 @@ fn filter(resample: u32, backend: ImageBackend) -> Filter {
             ..pillow_filter(2)
         };
         let bicubic = Filter {
-            kernel: |x| {
-                const A: f64 = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
-                } else {
-                    0.0
-                }
-            },
-            support: 2.0,
+            kernel: |x| keys_cubic(x, true),
             int16_weights: true,
+            ..pillow_filter(3)
         };
         // `check` admits only these two.
         return if resample == 2 { bilinear } else { bicubic };
@@ -587,20 +577,26 @@ fn pillow_filter(resample: u32) -> Filter {
             int16_weights: false,
         },
         _ => Filter {
-            kernel: |x| {
-                const A: f64 = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
-                } else {
-                    0.0
-                }
-            },
+            kernel: |x| keys_cubic(x, false),
             support: 2.0,
             int16_weights: false,
         },
+    }
+}
+
+/// Keys' cubic convolution kernel with `a = -0.5`, its outer piece evaluated in ATen's
+/// order (`aten`) or Pillow's.
+fn keys_cubic(x: f64, aten: bool) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x >= 2.0 {
+        0.0
+    } else if aten {
+        ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+    } else {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
     }
 }
 
