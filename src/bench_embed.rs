@@ -544,7 +544,7 @@ fn decode_crop_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Resul
         let start = Instant::now();
         let decoded = encoded
             .iter()
-            .map(|jpeg| Ok(image::load_from_memory(jpeg)?.into_rgb8()))
+            .map(|jpeg| Ok(crate::clip::preprocess::decode_rgb(jpeg)?))
             .collect::<anyhow::Result<Vec<_>>>()?;
         decode = decode.min(start.elapsed().as_secs_f64() / n);
         let start = Instant::now();
