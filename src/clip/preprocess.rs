@@ -213,7 +213,7 @@ impl ClipPreprocessConfig {
     /// A string that changes whenever the preprocessed pixels could change: part of every
     /// image feature-cache key.
     pub fn fingerprint(&self) -> String {
-        format!("image-v3:{self:?}")
+        format!("image-v4:{self:?}")
     }
 
     /// Side of the square output; the model's `image_size` must equal it.
@@ -238,21 +238,17 @@ pub fn decode_crop(bytes: &[u8], cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> 
 }
 
 /// Decodes an encoded image into the RGB pixels transformers' users get from Pillow: JPEGs
-/// with libjpeg-turbo's decoder (see [`super::jpeg`]; CMYK ones, and other formats, with the
-/// image crate), then [`rgb_over_white`].
+/// with libjpeg-turbo's decoder (see [`super::jpeg`]), other formats with the image crate,
+/// then [`rgb_over_white`].
 pub fn decode_rgb(bytes: &[u8]) -> Result<image::RgbImage> {
     let error = |message: String| Error::Stage {
         stage: "embed".into(),
         message: format!("cannot decode image: {message}"),
     };
-    let from_libjpeg = if super::jpeg::is_jpeg(bytes) {
+    let img = if super::jpeg::is_jpeg(bytes) {
         super::jpeg::decode(bytes).map_err(error)?
     } else {
-        None
-    };
-    let img = match from_libjpeg {
-        Some(img) => img,
-        None => image::load_from_memory(bytes).map_err(|e| error(e.to_string()))?,
+        image::load_from_memory(bytes).map_err(|e| error(e.to_string()))?
     };
     Ok(rgb_over_white(img, bytes, SixteenBit::Pillow))
 }
