@@ -233,7 +233,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
     // End to end from JPEG files.
     let size = parse_size(&args.source_size)?;
     let folder = write_jpegs(&dir, args.images, size)?;
-    let (decode_s, crop_s) = decode_crop_times(&folder, &preprocess)?;
+    let (decode_s, crop_s, image_crate_s) = decode_crop_times(&folder, &preprocess)?;
     let e2e = |n: usize, tag: &str| -> anyhow::Result<Measured> {
         let images = if n == args.images {
             folder.clone()
@@ -337,12 +337,14 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
         if device.is_cpu() { "CPU" } else { "GPU" }
     );
     println!(
-        "one embed worker on the {}x{} JPEGs: {:.0} images/s (decode {:.2} ms + resize and crop {:.2} ms per image)",
+        "one embed worker on the {}x{} JPEGs: {:.0} images/s (decode {:.2} ms + resize and crop {:.2} ms per image; \
+         the image crate's JPEG decoder, not Pillow's, would take {:.2} ms)",
         size.0,
         size.1,
         1.0 / (decode_s + crop_s),
         1e3 * decode_s,
-        1e3 * crop_s
+        1e3 * crop_s,
+        1e3 * image_crate_s
     );
     if let Some(d) = cpu_diff {
         println!(
@@ -527,8 +529,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// `n` photo-like JPEGs of `w`×`h` in their own folder (32 distinct images, hard-linked).
 /// Time per image one thread spends decoding, and resizing and cropping (what each embed
 /// worker does), over up to 256 of the folder's files read into memory first: (decode
-/// seconds, resize-and-crop seconds), each the fastest of three passes.
-fn decode_crop_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Result<(f64, f64)> {
+/// seconds, resize-and-crop seconds, seconds the image crate's JPEG decoder takes instead of
+/// libjpeg's), each the fastest of three passes.
+fn decode_crop_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Result<(f64, f64, f64)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(folder)?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
@@ -539,7 +542,7 @@ fn decode_crop_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Resul
         .map(std::fs::read)
         .collect::<Result<Vec<_>, _>>()?;
     let n = encoded.len().max(1) as f64;
-    let (mut decode, mut crop) = (f64::INFINITY, f64::INFINITY);
+    let (mut decode, mut crop, mut image_crate) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
     for _ in 0..3 {
         let start = Instant::now();
         let decoded = encoded
@@ -554,8 +557,13 @@ fn decode_crop_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Resul
             anyhow::ensure!(pixels.len() == 3 * 224 * 224);
         }
         crop = crop.min(start.elapsed().as_secs_f64() / n);
+        let start = Instant::now();
+        for jpeg in &encoded {
+            std::hint::black_box(image::load_from_memory(jpeg)?.into_rgb8());
+        }
+        image_crate = image_crate.min(start.elapsed().as_secs_f64() / n);
     }
-    Ok((decode, crop))
+    Ok((decode, crop, image_crate))
 }
 
 fn write_jpegs(dir: &Path, n: usize, (w, h): (u32, u32)) -> anyhow::Result<PathBuf> {
