@@ -233,7 +233,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
     // End to end from JPEG files.
     let size = parse_size(&args.source_size)?;
     let folder = write_jpegs(&dir, args.images, size)?;
-    let (decode_s, crop_s, image_crate_s) = decode_crop_times(&folder, &preprocess)?;
+    let worker = worker_times(&folder, &preprocess)?;
     let e2e = |n: usize, tag: &str| -> anyhow::Result<Measured> {
         let images = if n == args.images {
             folder.clone()
@@ -341,10 +341,10 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
          the image crate's JPEG decoder, not Pillow's, would take {:.2} ms)",
         size.0,
         size.1,
-        1.0 / (decode_s + crop_s),
-        1e3 * decode_s,
-        1e3 * crop_s,
-        1e3 * image_crate_s
+        1.0 / (worker.decode + worker.crop),
+        1e3 * worker.decode,
+        1e3 * worker.crop,
+        1e3 * worker.image_crate_decode
     );
     if let Some(d) = cpu_diff {
         println!(
@@ -526,12 +526,18 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
-/// `n` photo-like JPEGs of `w`×`h` in their own folder (32 distinct images, hard-linked).
-/// Time per image one thread spends decoding, and resizing and cropping (what each embed
-/// worker does), over up to 256 of the folder's files read into memory first: (decode
-/// seconds, resize-and-crop seconds, seconds the image crate's JPEG decoder takes instead of
-/// libjpeg's), each the fastest of three passes.
-fn decode_crop_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Result<(f64, f64, f64)> {
+/// Seconds per image one embed worker spends, each the fastest of three passes.
+struct WorkerTimes {
+    /// Decoding a JPEG (libjpeg, Pillow's decoder).
+    decode: f64,
+    /// Resizing and cropping it.
+    crop: f64,
+    /// Decoding it with the image crate instead, for comparison.
+    image_crate_decode: f64,
+}
+
+/// [`WorkerTimes`] over up to 256 of the folder's files, read into memory first.
+fn worker_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Result<WorkerTimes> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(folder)?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
@@ -563,9 +569,14 @@ fn decode_crop_times(folder: &Path, cfg: &ClipPreprocessConfig) -> anyhow::Resul
         }
         image_crate = image_crate.min(start.elapsed().as_secs_f64() / n);
     }
-    Ok((decode, crop, image_crate))
+    Ok(WorkerTimes {
+        decode,
+        crop,
+        image_crate_decode: image_crate,
+    })
 }
 
+/// `n` photo-like JPEGs of `w`×`h` in their own folder (32 distinct images, hard-linked).
 fn write_jpegs(dir: &Path, n: usize, (w, h): (u32, u32)) -> anyhow::Result<PathBuf> {
     let folder = dir.join(format!("jpegs-{w}x{h}-{n}"));
     if folder.is_dir() && std::fs::read_dir(&folder)?.count() == n {

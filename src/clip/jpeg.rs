@@ -154,12 +154,12 @@ fn error_mgr() -> ffi::jpeg_error_mgr {
 extern "C-unwind" fn fatal(cinfo: &mut ffi::jpeg_common_struct) {
     // SAFETY: `err` is the manager installed above, alive as long as the decompressor.
     let code = unsafe { (*cinfo.err).msg_code };
-    let text = if code == ffi::JERR_NO_BACKING_STORE as std::os::raw::c_int {
+    let why = if code == ffi::JERR_NO_BACKING_STORE as std::os::raw::c_int {
         format!("the JPEG needs more than {MAX_LIBJPEG_BYTES} bytes of libjpeg buffers")
     } else {
         text(cinfo)
     };
-    std::panic::resume_unwind(Box::new(format!("libjpeg: {text}")));
+    std::panic::resume_unwind(Box::new(format!("libjpeg: {why}")));
 }
 
 extern "C-unwind" fn message(cinfo: &mut ffi::jpeg_common_struct, level: std::os::raw::c_int) {
