@@ -6,8 +6,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench;
-use crate::plan::{self, ConfigSource, STAGES};
-use crate::runner::{self, RunOptions, StepOutcome};
+use crate::pipeline::plan::{self, ConfigSource, STAGES};
+use crate::pipeline::runner::{self, RunOptions, StepOutcome};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -94,7 +94,7 @@ pub struct EmbedArgs {
     /// Reproduce transformers' `pil` or `torchvision` image preprocessing [default:
     /// embed.image_backend, else as the checkpoint's preprocessor_config.json says].
     #[arg(long, value_name = "pil|torchvision")]
-    pub image_backend: Option<crate::clip::preprocess::ImageBackend>,
+    pub image_backend: Option<crate::imaging::preprocess::ImageBackend>,
     /// Also write all embeddings to this file (`.parquet`, or Arrow IPC for any other name).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -216,12 +216,12 @@ pub fn main() -> anyhow::Result<()> {
                 ..args.common.source()
             };
             let plan = plan::resolve("embed", &source)?;
-            let inputs = crate::embed::UserInputs {
+            let inputs = crate::stages::embed::UserInputs {
                 images: args.images.clone(),
                 texts: args.texts.clone(),
                 out: args.out.clone(),
             };
-            let summary = crate::embed::embed_user_inputs(
+            let summary = crate::stages::embed::embed_user_inputs(
                 &plan.config,
                 &args.common.workdir,
                 args.common.gpu,
@@ -242,7 +242,7 @@ pub fn main() -> anyhow::Result<()> {
             }
         }
         Command::Score { refs, cands, out } => {
-            let (corpus, per) = crate::score::score_files(&refs, &cands)?;
+            let (corpus, per) = crate::stages::score::score_files(&refs, &cands)?;
             for (metric, value) in &corpus {
                 println!("{metric:<10} {value:.6}");
             }
@@ -262,13 +262,13 @@ pub fn main() -> anyhow::Result<()> {
                         t.cider_d
                     ));
                 }
-                crate::shard::write_atomic(&out, csv.as_bytes())?;
+                crate::data::shard::write_atomic(&out, csv.as_bytes())?;
                 println!("per-image scores in {}", out.display());
             }
         }
         Command::Report { workdir, out } => {
             let out = out.unwrap_or_else(|| workdir.join("report"));
-            let s = crate::report::report(&workdir, &out)?;
+            let s = crate::stages::report::report(&workdir, &out)?;
             if let Some(t) = &s.training {
                 println!("training:\n{t}");
             }

@@ -4,39 +4,20 @@
 //! pipelines (`pipelines/*.toml`) are validated as a whole before any stage runs.
 
 pub mod bench;
-pub mod bench_dpo;
-pub mod bench_embed;
-pub mod bench_score;
-pub mod bench_train;
-pub mod captioner;
-pub mod chart;
 pub mod cli;
-pub mod clip;
-pub mod config;
-pub mod dpo;
-pub mod embed;
+pub mod data;
 pub mod error;
-pub mod features;
-pub mod generate;
-pub mod gpt2;
-pub mod hub;
-pub mod ingest;
+pub mod imaging;
 pub mod kernels;
-pub mod loopback;
-pub mod meteor;
+pub mod losses;
 pub mod metrics;
-pub mod npy;
-pub mod plan;
-pub mod preference;
+pub mod models;
+pub mod pipeline;
 pub mod progress;
-pub mod records;
-pub mod report;
 pub mod rng;
-pub mod runner;
-pub mod sample_pairs;
-pub mod score;
-pub mod sft;
-pub mod shard;
+pub mod stages;
+pub mod synthetic;
+pub mod testkit;
 pub mod train;
 
 pub use error::{Error, Result};

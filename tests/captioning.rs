@@ -8,9 +8,9 @@ use common::{newest_run, pipeline};
 
 use std::path::Path;
 
-use prefcap::records::{GenerationRow, MetricRow};
-use prefcap::score::{ScoreRow, SummaryRow};
-use prefcap::shard::read_parquet;
+use prefcap::data::records::{GenerationRow, MetricRow};
+use prefcap::data::shard::read_parquet;
+use prefcap::stages::score::{ScoreRow, SummaryRow};
 
 fn summary(rows: &[SummaryRow], model: &str, method: &str, metric: &str) -> f64 {
     rows.iter()

@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prefcap::config::Config;
-use prefcap::ingest::{self, IngestOptions, Source};
-use prefcap::loopback::{Fault, LoopbackServer, Reply};
-use prefcap::records::{ImageTextSample, SampleStatus};
-use prefcap::shard::ShardSet;
+use prefcap::data::records::{ImageTextSample, SampleStatus};
+use prefcap::data::shard::ShardSet;
+use prefcap::pipeline::config::Config;
+use prefcap::stages::ingest::{self, IngestOptions, Source};
+use prefcap::testkit::loopback::{Fault, LoopbackServer, Reply};
 
 fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]));
@@ -288,7 +288,7 @@ fn a_killed_run_resumes_to_the_same_shards_and_never_shows_partial_files() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.ends_with(".parquet") && !name.starts_with('.') {
-            prefcap::shard::read_parquet::<ImageTextSample>(&path).unwrap();
+            prefcap::data::shard::read_parquet::<ImageTextSample>(&path).unwrap();
         }
     }
     assert_success(&mut pipeline(&resumed, &tsv, &[]));

@@ -6,8 +6,8 @@ use common::pipeline;
 
 use std::path::Path;
 
-use prefcap::records::{ImageTextSample, PreferencePair, Record, StoryFrame};
-use prefcap::shard::{read_parquet, ShardSet};
+use prefcap::data::records::{ImageTextSample, PreferencePair, Record, StoryFrame};
+use prefcap::data::shard::{read_parquet, ShardSet};
 
 fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -202,7 +202,7 @@ fn list_names_every_stage_and_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let (out, log) = pipeline(&["list"], dir.path());
     assert!(out.status.success(), "{log}");
-    for s in prefcap::plan::STAGES {
+    for s in prefcap::pipeline::plan::STAGES {
         assert!(log.contains(s.name), "{log}");
     }
     assert!(

@@ -10,16 +10,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device};
-use prefcap::clip::model::{l2_normalize, ClipEmbedder, ClipModelFiles};
-use prefcap::clip::preprocess::preprocess_bytes;
-use prefcap::config::{Config, HubConfig};
-use prefcap::embed::{self, EmbedSummary};
-use prefcap::features::{FeatureCache, FeatureEntry};
-use prefcap::hub::HubClient;
-use prefcap::ingest::{self, IngestOptions};
-use prefcap::loopback::MockHub;
-use prefcap::records::ImageTextSample;
-use prefcap::shard::{read_parquet, write_parquet, ShardSet};
+use prefcap::data::features::{FeatureCache, FeatureEntry};
+use prefcap::data::hub::HubClient;
+use prefcap::data::records::ImageTextSample;
+use prefcap::data::shard::{read_parquet, write_parquet, ShardSet};
+use prefcap::imaging::preprocess::preprocess_bytes;
+use prefcap::models::clip::{l2_normalize, ClipEmbedder, ClipModelFiles};
+use prefcap::pipeline::config::{Config, HubConfig};
+use prefcap::stages::embed::{self, EmbedSummary};
+use prefcap::stages::ingest::{self, IngestOptions};
+use prefcap::testkit::loopback::MockHub;
 
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -528,7 +528,7 @@ fn pipeline_embed_on_user_files_matches_transformers_and_exports() {
     assert!(log.contains("1 entries computed"), "{log}");
     let tv = read_export(&work.join("emb-tv.parquet"));
     let tv_fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torchvision");
-    let pixels = prefcap::npy::read_npy(&tv_fixture.join("pixel_values.npy")).unwrap();
+    let pixels = prefcap::testkit::npy::read_npy(&tv_fixture.join("pixel_values.npy")).unwrap();
     let versions: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tv_fixture.join("versions.json")).unwrap()).unwrap();
     let first = common::strings(&versions["files"])

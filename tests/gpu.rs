@@ -13,11 +13,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use prefcap::captioner::{caption_ids, seed_mapper, Captioner, CaptionerConfig, DecoderFiles};
-use prefcap::clip::model::{l2_normalize, ClipEmbedder, ClipModelFiles};
-use prefcap::clip::preprocess::{decode_crop, preprocess_bytes};
-use prefcap::gpt2::{next_token_logprobs, Gpt2};
-use prefcap::npy::read_npy;
+use prefcap::imaging::preprocess::{decode_crop, preprocess_bytes};
+use prefcap::models::captioner::{
+    caption_ids, seed_mapper, Captioner, CaptionerConfig, DecoderFiles,
+};
+use prefcap::models::clip::{l2_normalize, ClipEmbedder, ClipModelFiles};
+use prefcap::models::gpt2::{next_token_logprobs, Gpt2};
+use prefcap::testkit::npy::read_npy;
 use prefcap::train::{clip_and_step, grad_norm, gradients, AdamW, TrainConfig};
 
 /// A fixture of the checkout the tests run from (the current directory: gpu-check.sh runs

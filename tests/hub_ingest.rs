@@ -16,12 +16,12 @@ use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
 
-use prefcap::config::{Config, HubConfig};
-use prefcap::ingest::ultrafeedback::UltraFeedbackFormat;
-use prefcap::ingest::{self, IngestOptions, Source, SourceSummary, SplitSummary};
-use prefcap::loopback::MockHub;
-use prefcap::records::{PreferencePair, StoryFrame};
-use prefcap::shard::ShardSet;
+use prefcap::data::records::{PreferencePair, StoryFrame};
+use prefcap::data::shard::ShardSet;
+use prefcap::pipeline::config::{Config, HubConfig};
+use prefcap::stages::ingest::ultrafeedback::UltraFeedbackFormat;
+use prefcap::stages::ingest::{self, IngestOptions, Source, SourceSummary, SplitSummary};
+use prefcap::testkit::loopback::MockHub;
 
 const H4: &str = "HuggingFaceH4/ultrafeedback_binarized";
 /// The revision the default config pins; fixtures are served there, so the pin is exercised.

@@ -8,8 +8,8 @@ use common::{newest_run, pipeline};
 
 use std::path::{Path, PathBuf};
 
-use prefcap::records::{MetricRow, PreferencePair};
-use prefcap::shard::{read_parquet, write_parquet, ShardSet};
+use prefcap::data::records::{MetricRow, PreferencePair};
+use prefcap::data::shard::{read_parquet, write_parquet, ShardSet};
 
 const SMALL: [&str; 12] = [
     "--set",
@@ -324,7 +324,7 @@ fn write_text_pairs(work: &Path, split: &str, n: usize) -> Vec<PreferencePair> {
         .collect();
     let set = ShardSet::new(work, "ultrafeedback", split);
     set.prepare().unwrap();
-    let stats = prefcap::shard::ShardStats {
+    let stats = prefcap::data::shard::ShardStats {
         count: n as u64,
         successes: n as u64,
         ..Default::default()
@@ -468,7 +468,7 @@ fn sample_pairs_ranks_sft_samples_by_clipscore_into_pair_shards_dpo_can_train_on
             pairs.len()
         );
         let keys: std::collections::HashSet<String> = ShardSet::new(work, "synthetic", split)
-            .read_all::<prefcap::records::ImageTextSample>()
+            .read_all::<prefcap::data::records::ImageTextSample>()
             .unwrap()
             .into_iter()
             .map(|s| s.key)

@@ -1,0 +1,337 @@
+//! Parquet shards on disk: `data/<dataset>/<split>/part-NNNNN.parquet` plus a
+//! `part-NNNNN.stats.json` written after it. The one shard writer every stage uses.
+//!
+//! Both files are written to a temporary name and renamed into place, and the stats file
+//! goes last, so a shard counts as finished only when its stats file exists: a process
+//! killed at any point leaves no partial shard visible, and a re-run redoes exactly the
+//! unfinished shards.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use arrow::array::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::records::Record;
+use crate::error::{Error, IoContext, Result};
+
+/// Per-shard summary written beside each Parquet shard.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardStats {
+    pub shard: u32,
+    /// Rows in the shard.
+    pub count: u64,
+    pub successes: u64,
+    /// Failed rows by cause (the `status` column's values).
+    pub failures: BTreeMap<String, u64>,
+    /// Wall time spent producing this shard (for a retried shard: the retry's time).
+    pub duration_secs: f64,
+    /// Where the rows came from (input file, hub repo@revision).
+    pub source: String,
+}
+
+impl ShardStats {
+    pub fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    fs::write(&tmp, bytes).at(&tmp)?;
+    fs::rename(&tmp, path).at(path)
+}
+
+/// sha256 of the file at `path`, hex, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = fs::File::open(path).at(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).at(path)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Whether `name` is a temporary file ([`temp_path`]'s `.<name>.tmp-<pid>`) that no other
+/// running process is writing: its writer was killed (or is this process, whose sweeps run
+/// before it writes). Another process working in the same directory keeps its own.
+pub(crate) fn is_abandoned_temp(name: &str) -> bool {
+    let Some(pid) = name
+        .strip_prefix('.')
+        .and_then(|rest| rest.rsplit_once(".tmp-"))
+        .map(|(_, pid)| pid)
+    else {
+        return false;
+    };
+    match pid.parse::<u32>() {
+        Ok(pid) if pid == std::process::id() => true,
+        Ok(pid) => !Path::new("/proc").join(pid.to_string()).exists(),
+        Err(_) => true,
+    }
+}
+
+/// Temporary sibling of `path`: hidden, and tagged with the pid so concurrent writers never collide.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Serialises `rows` as one Parquet file (snappy), atomically.
+pub fn write_parquet<R: Record>(path: &Path, rows: &[R]) -> Result<()> {
+    let batch = R::to_batch(rows)?;
+    let tmp = temp_path(path);
+    let file = fs::File::create(&tmp).at(&tmp)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(1024))
+        .build();
+    let perr = |source| Error::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut writer = ArrowWriter::try_new(file, R::schema(), Some(props)).map_err(perr)?;
+    writer.write(&batch).map_err(perr)?;
+    writer.close().map_err(perr)?;
+    fs::rename(&tmp, path).at(path)
+}
+
+/// Streams the record batches of any Parquet file (a shard, or a file from the hub); errors
+/// name the file. Memory stays bounded by one row group at a time.
+pub fn read_batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    let file = fs::File::open(path).at(path)?;
+    let perr = |source| Error::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(perr)?
+        .build()
+        .map_err(perr)?;
+    let path = path.to_path_buf();
+    Ok(reader.map(move |batch| {
+        batch.map_err(|source| Error::Arrow {
+            context: format!("reading {}", path.display()),
+            source,
+        })
+    }))
+}
+
+/// The record batches of only the named columns of a Parquet file (columns it lacks are
+/// left out); errors name the file.
+pub fn read_columns(path: &Path, names: &[&str]) -> Result<Vec<RecordBatch>> {
+    let file = fs::File::open(path).at(path)?;
+    let perr = |source| Error::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), names.iter().copied());
+    let reader = builder.with_projection(mask).build().map_err(perr)?;
+    reader
+        .map(|batch| {
+            batch.map_err(|source| Error::Arrow {
+                context: format!("reading {}", path.display()),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Reads every row of a Parquet file written with `R`'s schema.
+/// A truncated or foreign file gives an error naming the file.
+pub fn read_parquet<R: Record>(path: &Path) -> Result<Vec<R>> {
+    let mut rows = Vec::new();
+    for batch in read_batches(path)? {
+        rows.extend(R::from_batch(&batch?, path)?);
+    }
+    Ok(rows)
+}
+
+/// The shards of one dataset split: `<root>/data/<dataset>/<split>/`.
+#[derive(Debug, Clone)]
+pub struct ShardSet {
+    dir: PathBuf,
+}
+
+impl ShardSet {
+    pub fn new(workdir: &Path, dataset: &str, split: &str) -> Self {
+        Self {
+            dir: workdir.join("data").join(dataset).join(split),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn parquet_path(&self, shard: u32) -> PathBuf {
+        self.dir.join(format!("part-{shard:05}.parquet"))
+    }
+
+    pub fn stats_path(&self, shard: u32) -> PathBuf {
+        self.dir.join(format!("part-{shard:05}.stats.json"))
+    }
+
+    /// Creates the directory and removes temporary files a killed run left behind (not those
+    /// of a run still going).
+    pub fn prepare(&self) -> Result<()> {
+        fs::create_dir_all(&self.dir).at(&self.dir)?;
+        for entry in fs::read_dir(&self.dir).at(&self.dir)? {
+            let path = entry.at(&self.dir)?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.starts_with(".part-") && is_abandoned_temp(&name) {
+                fs::remove_file(&path).at(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A shard is finished when its stats file (written last) exists.
+    pub fn is_finished(&self, shard: u32) -> bool {
+        self.stats_path(shard).is_file() && self.parquet_path(shard).is_file()
+    }
+
+    /// Indices of finished shards, ascending.
+    pub fn finished(&self) -> Result<Vec<u32>> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).at(&self.dir)? {
+            let name = entry
+                .at(&self.dir)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            if let Some(n) = name
+                .strip_prefix("part-")
+                .and_then(|r| r.strip_suffix(".stats.json"))
+            {
+                if let Ok(i) = n.parse::<u32>() {
+                    if self.is_finished(i) {
+                        out.push(i);
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Writes shard `shard` (Parquet, then stats) atomically. A shard being rewritten stops
+    /// counting as finished first, so a kill between the two renames cannot pair new rows
+    /// with old stats.
+    pub fn write<R: Record>(&self, shard: u32, rows: &[R], stats: &ShardStats) -> Result<()> {
+        fs::create_dir_all(&self.dir).at(&self.dir)?;
+        let stats_path = self.stats_path(shard);
+        match fs::remove_file(&stats_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&stats_path),
+            _ => {}
+        }
+        write_parquet(&self.parquet_path(shard), rows)?;
+        let json = serde_json::to_vec_pretty(stats).map_err(|e| Error::BadFile {
+            path: self.stats_path(shard),
+            message: e.to_string(),
+        })?;
+        write_atomic(&self.stats_path(shard), &json)
+    }
+
+    pub fn read<R: Record>(&self, shard: u32) -> Result<Vec<R>> {
+        read_parquet(&self.parquet_path(shard))
+    }
+
+    pub fn read_stats(&self, shard: u32) -> Result<ShardStats> {
+        let path = self.stats_path(shard);
+        let bytes = fs::read(&path).at(&path)?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// All rows of all finished shards, in shard order.
+    pub fn read_all<R: Record>(&self) -> Result<Vec<R>> {
+        let mut rows = Vec::new();
+        for shard in self.finished()? {
+            rows.extend(self.read::<R>(shard)?);
+        }
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::records::PreferencePair;
+
+    fn pair(i: usize) -> PreferencePair {
+        PreferencePair {
+            pair_id: format!("p{i}"),
+            source: "test".into(),
+            prompt: "q".into(),
+            chosen: "good".into(),
+            rejected: "bad".into(),
+            score_chosen: 2.0,
+            score_rejected: 1.0,
+            image_key: Some(format!("{i:09}")),
+        }
+    }
+
+    #[test]
+    fn written_shard_reads_back_and_counts_as_finished() {
+        let tmp = tempfile::tempdir().unwrap();
+        let set = ShardSet::new(tmp.path(), "prefs", "train");
+        set.prepare().unwrap();
+        let rows: Vec<_> = (0..3).map(pair).collect();
+        let stats = ShardStats {
+            shard: 0,
+            count: 3,
+            successes: 3,
+            ..Default::default()
+        };
+        set.write(0, &rows, &stats).unwrap();
+        assert_eq!(set.finished().unwrap(), vec![0]);
+        assert_eq!(set.read::<PreferencePair>(0).unwrap(), rows);
+        assert_eq!(set.read_stats(0).unwrap(), stats);
+    }
+
+    #[test]
+    fn parquet_without_stats_is_not_finished_and_temp_files_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let set = ShardSet::new(tmp.path(), "prefs", "train");
+        set.prepare().unwrap();
+        write_parquet(&set.parquet_path(4), &[pair(0)]).unwrap();
+        fs::write(set.dir().join(".part-00005.parquet.tmp-999"), b"junk").unwrap();
+        assert!(set.finished().unwrap().is_empty());
+        set.prepare().unwrap();
+        let names: Vec<_> = fs::read_dir(set.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn truncated_parquet_gives_an_error_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("part-00000.parquet");
+        write_parquet(&path, &(0..50).map(pair).collect::<Vec<_>>()).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = read_parquet::<PreferencePair>(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("part-00000.parquet"), "{err}");
+    }
+}

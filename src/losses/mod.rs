@@ -1,0 +1,3 @@
+//! Losses as pure functions over tensors, each citing the formula it implements.
+
+pub mod preference;

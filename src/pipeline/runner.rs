@@ -1,0 +1,227 @@
+//! Executes a validated plan: creates `runs/<run-id>/`, saves the resolved config and the
+//! pipeline there before any work starts, runs the steps in order, and records outcomes.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::data::shard::write_atomic;
+use crate::error::{Error, IoContext, Result};
+use crate::pipeline::plan::{self, Plan};
+use crate::stages::ingest::{self, IngestOptions};
+use crate::stages::train_sft::StageContext;
+
+/// Flags of `pipeline run` that are not configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub workdir: PathBuf,
+    pub retry_failed: bool,
+    /// CUDA device for model stages.
+    pub gpu: Option<usize>,
+}
+
+/// What happened to one step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum StepOutcome {
+    Done {
+        summary: String,
+        seconds: f64,
+    },
+    /// The stage exists in the plan language but is not implemented in this binary yet.
+    NotBuilt,
+    /// Not run because an input step did not complete.
+    Skipped {
+        because: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub pipeline: String,
+    pub steps: Vec<(String, StepOutcome)>,
+}
+
+/// Runs `plan` under `opts.workdir`. A failing step stops the run with its error; steps
+/// that are not built are reported (and their dependants skipped), never silently dropped.
+pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
+    let run_id = format!(
+        "{}-{}-{}",
+        plan.name,
+        utc_stamp(SystemTime::now()),
+        std::process::id()
+    );
+    let run_dir = opts.workdir.join("runs").join(&run_id);
+    std::fs::create_dir_all(&run_dir).at(&run_dir)?;
+    write_atomic(
+        &run_dir.join("config.toml"),
+        plan.config.to_toml()?.as_bytes(),
+    )?;
+    write_atomic(&run_dir.join("pipeline.toml"), plan.text.as_bytes())?;
+    eprintln!(
+        "run {run_id}: {} step(s) from {}; config saved in {}",
+        plan.steps.len(),
+        plan.origin,
+        run_dir.display()
+    );
+
+    let mut record = RunRecord {
+        run_id,
+        pipeline: plan.name.clone(),
+        steps: Vec::new(),
+    };
+    for step in &plan.steps {
+        let blocked = step.inputs.iter().find(|input| {
+            !matches!(
+                record.steps.iter().find(|(n, _)| n == *input),
+                Some((_, StepOutcome::Done { .. }))
+            )
+        });
+        let info = plan::stage(&step.stage).expect("validated plan has known stages");
+        let outcome = if let Some(input) = blocked {
+            StepOutcome::Skipped {
+                because: format!("input `{input}` did not run"),
+            }
+        } else if !info.built {
+            StepOutcome::NotBuilt
+        } else {
+            let started = Instant::now();
+            let ctx = StageContext {
+                workdir: opts.workdir.clone(),
+                run_dir: run_dir.clone(),
+                run_id: record.run_id.clone(),
+                gpu: opts.gpu,
+            };
+            let summary = run_stage(&step.stage, plan, opts, &ctx).map_err(|e| Error::Stage {
+                stage: step.name().to_string(),
+                message: e.to_string(),
+            })?;
+            StepOutcome::Done {
+                summary,
+                seconds: started.elapsed().as_secs_f64(),
+            }
+        };
+        match &outcome {
+            StepOutcome::Done { summary, seconds } => {
+                eprintln!(
+                    "step {}: done in {seconds:.1}s\n    {}",
+                    step.name(),
+                    summary.replace("; ", "\n    ")
+                )
+            }
+            StepOutcome::NotBuilt => eprintln!(
+                "step {}: NOT BUILT YET in this version of prefcap",
+                step.name()
+            ),
+            StepOutcome::Skipped { because } => {
+                eprintln!("step {}: skipped ({because})", step.name())
+            }
+        }
+        record.steps.push((step.name().to_string(), outcome));
+    }
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Config(e.to_string()))?;
+    write_atomic(&run_dir.join("run.json"), &json)?;
+    Ok((run_dir, record))
+}
+
+fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions, ctx: &StageContext) -> Result<String> {
+    match stage {
+        "ingest" => {
+            let summaries = ingest::run(
+                &plan.config,
+                &opts.workdir,
+                &IngestOptions {
+                    retry_failed: opts.retry_failed,
+                },
+            )?;
+            Ok(summaries
+                .iter()
+                .flat_map(|s| &s.splits)
+                .map(|s| {
+                    format!(
+                        "{}/{}: {} rows ({} failed), {} shard(s) written, {} already done",
+                        s.dataset, s.split, s.rows, s.failed, s.shards_written, s.shards_skipped
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "))
+        }
+        "embed" => {
+            Ok(crate::stages::embed::run(&plan.config, &opts.workdir, opts.gpu)?.to_string())
+        }
+        "train-sft" => crate::stages::train_sft::run(&plan.config, ctx),
+        "sample-pairs" => crate::stages::sample_pairs::run(&plan.config, ctx),
+        "train-dpo" => crate::stages::preference::run(
+            &plan.config,
+            ctx,
+            crate::stages::preference::Method::Dpo,
+            &plan.config.train_dpo,
+        ),
+        "train-orpo" => crate::stages::preference::run(
+            &plan.config,
+            ctx,
+            crate::stages::preference::Method::Orpo,
+            &plan.config.train_orpo,
+        ),
+        "generate" => crate::stages::generate::run(&plan.config, ctx),
+        "score" => crate::stages::score::run(&plan.config, ctx),
+        "report" => crate::stages::report::run(ctx),
+        other => Err(Error::Stage {
+            stage: other.into(),
+            message: "not built".into(),
+        }),
+    }
+}
+
+/// `YYYYMMDDTHHMMSS` in UTC, without a date-time dependency.
+pub fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Path of the newest run directory, if any (by name order within `runs/`).
+pub fn latest_run(workdir: &Path) -> Option<PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(workdir.join("runs"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    dirs.sort();
+    dirs.pop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn utc_stamp_matches_known_dates() {
+        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000");
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3_661)),
+            "20000229T010101"
+        );
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
+            "20261118T110640"
+        );
+    }
+}

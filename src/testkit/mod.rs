@@ -1,0 +1,4 @@
+//! Loopback servers and a NumPy reader for tests and benchmarks.
+
+pub mod loopback;
+pub mod npy;
