@@ -262,7 +262,7 @@ pub fn main() -> anyhow::Result<()> {
                         t.cider_d
                     ));
                 }
-                crate::data::shard::write_atomic(&out, csv.as_bytes())?;
+                crate::io::write_atomic(&out, csv.as_bytes())?;
                 println!("per-image scores in {}", out.display());
             }
         }

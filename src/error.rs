@@ -46,8 +46,45 @@ pub enum Error {
     },
     #[error("HTTP client setup failed: {0}")]
     Http(String),
-    #[error("stage `{stage}` failed: {message}")]
-    Stage { stage: String, message: String },
+    /// A tensor operation failed; `context` says which computation.
+    #[error("{context}: {source}")]
+    Candle {
+        context: String,
+        source: candle_core::Error,
+    },
+    /// An image that cannot be decoded, encoded or resized as asked.
+    #[error("{0}")]
+    Image(String),
+    /// A value that breaks what the computation needs (mismatched lengths, a non-finite
+    /// loss, an empty split): the message says what and where.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the {0} thread panicked")]
+    Panicked(String),
+    /// A pipeline step failed; `source` is why.
+    #[error("stage `{stage}` failed")]
+    Stage {
+        stage: String,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    /// The message and every cause below it that it does not already say, one per line:
+    /// what the CLI prints.
+    pub fn report(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !out.contains(&text) {
+                out.push_str(&format!("\n  caused by: {text}"));
+            }
+            cause = c.source();
+        }
+        out
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -61,6 +98,20 @@ impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|source| Error::Io {
             path: path.into(),
+            source,
+        })
+    }
+}
+
+/// Attaches what was being computed to a candle error.
+pub trait CandleContext<T> {
+    fn during(self, what: impl Into<String>) -> Result<T>;
+}
+
+impl<T> CandleContext<T> for candle_core::Result<T> {
+    fn during(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|source| Error::Candle {
+            context: what.into(),
             source,
         })
     }

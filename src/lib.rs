@@ -6,8 +6,10 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod imaging;
+pub mod io;
 pub mod kernels;
 pub mod losses;
 pub mod metrics;

@@ -9,8 +9,8 @@ use common::{newest_run, pipeline};
 use std::path::Path;
 
 use prefcap::data::records::{GenerationRow, MetricRow};
+use prefcap::data::records::{ScoreRow, SummaryRow};
 use prefcap::data::shard::read_parquet;
-use prefcap::stages::score::{ScoreRow, SummaryRow};
 
 fn summary(rows: &[SummaryRow], model: &str, method: &str, metric: &str) -> f64 {
     rows.iter()

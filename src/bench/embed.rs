@@ -15,11 +15,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::bench::{measure, parse_size, source_jpeg, Measured};
+use crate::device::{device_for, ComputeDtype};
 use crate::imaging::preprocess::{crop_rgb8, ClipPreprocessConfig, PixelTable};
 use crate::models::clip::{ClipEmbedder, ClipModelFiles};
 use crate::models::tiny::{ensure_tiny_clip, TinyClipSpec};
 use crate::rng::SplitMix64;
-use crate::stages::embed::{device_for, ComputeDtype};
 
 #[derive(Debug, Args)]
 pub struct BenchEmbedArgs {

@@ -22,12 +22,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::records::PreferencePair;
 use crate::data::shard::{ShardSet, ShardStats};
+use crate::device::device_for;
 use crate::models::captioner::{
     ensure_random_gpt2, Captioner, CaptionerConfig, DecoderFiles, Gpt2Spec,
 };
 use crate::pipeline::config::Config;
 use crate::rng::SplitMix64;
-use crate::stages::embed::device_for;
 use crate::stages::preference::{
     preference_loss, reference_logps, Method, PairSplit, Tokenizing, Truncation, TruncationMode,
 };

@@ -19,11 +19,11 @@ use candle_nn::VarMap;
 use clap::Args;
 
 use crate::bench::{gpu_mib, GpuPeak};
+use crate::device::device_for;
 use crate::models::captioner::{
     ensure_random_gpt2, seed_mapper, Captioner, CaptionerConfig, DecoderFiles, Gpt2Spec,
 };
 use crate::rng::SplitMix64;
-use crate::stages::embed::device_for;
 use crate::train::{clip_and_step, grad_norm, gradients, AdamW, TrainConfig};
 
 #[derive(Debug, Clone, Args)]

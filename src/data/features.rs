@@ -1,18 +1,15 @@
-//! The content-addressed on-disk feature cache (Arrow IPC + manifest) under `cache/features-v1/`.
+//! CLIP feature entries in the content-addressed cache (`cache/features-v1/`).
 //!
 //! An entry holds the embeddings of one column of one input (a shard's images or captions, a
-//! user's image folder) under one model. Its name is the sha256 of everything that changes the
+//! user's image folder) under one model. Its digest covers everything that changes the
 //! numbers — weights, preprocessing/tokenizer, input bytes, column, stored precision — so a
-//! changed model or shard simply misses and unchanged work is never redone. Each entry is
-//! `<digest>.arrow` (IPC file: `key: utf8`, `embedding: fixed_size_list<f32|f16, dim>`) plus
-//! `<digest>.json` (its manifest), both written to temporary names and renamed, manifest last: an
-//! entry without a manifest does not exist. The manifest records the file's size and sha256, so
-//! a truncated or bit-flipped file is detected on lookup and recomputed. Reading maps the file
-//! and decodes batches without copying.
+//! changed model or shard simply misses and unchanged work is never redone. The data file is
+//! Arrow IPC (`key: utf8`, `embedding: fixed_size_list<f32|f16, dim>`); writing, manifests and
+//! integrity checks are the cache's ([`crate::data::cache`]). Reading maps the file and
+//! decodes batches without copying.
 
 use std::fs;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -23,11 +20,9 @@ use arrow::buffer::Buffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::ipc::reader::{read_footer_length, FileDecoder};
 use arrow::ipc::writer::FileWriter;
-use crossbeam_channel::{bounded, Receiver};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::data::shard::write_atomic;
+use crate::data::cache::{digest_of, CacheEntry, ContentCache, EntryWriter};
 use crate::error::{Error, IoContext, Result};
 
 /// The cache's format version: part of its directory name, bumped when the layout changes.
@@ -81,129 +76,78 @@ pub struct FeatureKey {
 impl FeatureKey {
     /// The content address: sha256 over the fields that change the numbers.
     pub fn digest(&self) -> String {
-        let mut h = Sha256::new();
-        for part in [
-            CACHE_VERSION,
-            &self.weights_sha256,
-            &self.config_sha256,
-            &self.compute_dtype,
-            &self.preprocess,
-            &self.modality,
-            &self.source_sha256,
-            &self.column,
-            match self.dtype {
-                CacheDtype::F32 => "f32",
-                CacheDtype::F16 => "f16",
-            },
-            &self.dim.to_string(),
-        ] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        hex::encode(h.finalize())
+        let dim = self.dim.to_string();
+        digest_of(
+            [
+                CACHE_VERSION,
+                &self.weights_sha256,
+                &self.config_sha256,
+                &self.compute_dtype,
+                &self.preprocess,
+                &self.modality,
+                &self.source_sha256,
+                &self.column,
+                match self.dtype {
+                    CacheDtype::F32 => "f32",
+                    CacheDtype::F16 => "f16",
+                },
+                &dim,
+            ]
+            .map(str::as_bytes),
+        )
     }
 }
 
-/// The manifest of one entry, `<digest>.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub digest: String,
-    pub key: FeatureKey,
-    pub rows: u64,
-    pub file_bytes: u64,
-    pub file_sha256: String,
-}
+/// The manifest of a feature entry.
+pub type Manifest = crate::data::cache::Manifest<FeatureKey>;
+/// A verified feature entry.
+pub type FeatureEntry = CacheEntry<FeatureKey>;
+/// Result of looking a feature key up.
+pub type Lookup = crate::data::cache::Lookup<FeatureKey>;
 
-/// A verified entry.
-#[derive(Debug, Clone)]
-pub struct FeatureEntry {
-    pub path: PathBuf,
-    pub manifest: Manifest,
-}
-
-/// Result of looking a key up.
-#[derive(Debug)]
-pub enum Lookup {
-    Hit(Box<FeatureEntry>),
-    Missing,
-    /// The entry exists but does not verify; it must be recomputed.
-    Corrupt {
-        reason: String,
-    },
-}
-
-/// The cache rooted at `<workdir>/cache/features-v1/`.
+/// The feature bucket of the cache, `<workdir>/cache/features-v1/`.
 #[derive(Debug, Clone)]
 pub struct FeatureCache {
-    root: PathBuf,
+    cache: ContentCache,
 }
 
 impl FeatureCache {
     pub fn new(workdir: &Path) -> Self {
         Self {
-            root: workdir.join("cache").join(CACHE_VERSION),
+            cache: ContentCache::new(workdir, CACHE_VERSION, "arrow"),
         }
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    fn paths(&self, digest: &str) -> (PathBuf, PathBuf) {
-        let dir = self.root.join(&digest[..2]);
-        (
-            dir.join(format!("{digest}.arrow")),
-            dir.join(format!("{digest}.json")),
-        )
+        self.cache.root()
     }
 
     /// Removes temporary files left by killed runs (not those of a run still going).
     pub fn sweep_temp(&self) -> Result<()> {
-        let Ok(dirs) = fs::read_dir(&self.root) else {
-            return Ok(());
-        };
-        for dir in dirs {
-            let dir = dir.at(&self.root)?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            for file in fs::read_dir(&dir).at(&dir)? {
-                let path = file.at(&dir)?.path();
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if crate::data::shard::is_abandoned_temp(&name) {
-                    fs::remove_file(&path).at(&path)?;
-                }
-            }
-        }
-        Ok(())
+        self.cache.sweep_temp()
     }
 
-    /// Finds and verifies the entry of `key` (size, sha256, Arrow footer, schema, row count).
+    /// Finds and verifies the entry of `key`: the cache's checks (size, sha256), then the
+    /// manifest's key, dimension and dtype, the Arrow footer, schema and row count.
     pub fn lookup(&self, key: &FeatureKey) -> Result<Lookup> {
         let digest = key.digest();
-        let (data, meta) = self.paths(&digest);
-        let Ok(bytes) = fs::read(&meta) else {
-            return Ok(Lookup::Missing);
-        };
-        let manifest: Manifest = match serde_json::from_slice(&bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                return Ok(Lookup::Corrupt {
-                    reason: format!("{}: {e}", meta.display()),
-                })
+        let path = self.cache.paths(&digest).0;
+        self.cache.lookup(&digest, |m: &Manifest, bytes| {
+            if m.key.digest() != digest {
+                return Err("the manifest does not belong to this key".into());
             }
-        };
-        let entry = FeatureEntry {
-            path: data,
-            manifest,
-        };
-        Ok(match entry.verify(key, &digest) {
-            Ok(()) => Lookup::Hit(Box::new(entry)),
-            Err(reason) => Lookup::Corrupt { reason },
+            if m.key.dim != key.dim || m.key.dtype != key.dtype {
+                return Err("the manifest's dimension or dtype differs".into());
+            }
+            let rows: usize = decode_all(Buffer::from_vec(bytes), &path)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .map(RecordBatch::num_rows)
+                .sum();
+            if rows as u64 != m.rows {
+                return Err(format!("{} rows, the manifest says {}", rows, m.rows));
+            }
+            Ok(())
         })
     }
 
@@ -224,23 +168,11 @@ impl FeatureCache {
 
     /// A writer for a new entry of `key`; nothing is visible until [`FeatureWriter::finish`].
     pub fn writer(&self, key: &FeatureKey) -> Result<FeatureWriter> {
-        let digest = key.digest();
-        let (data, meta) = self.paths(&digest);
-        let dir = data.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir).at(&dir)?;
-        let tmp = dir.join(format!(".{digest}.arrow.tmp-{}", std::process::id()));
-        let file = fs::File::create(&tmp).at(&tmp)?;
+        let entry = self.cache.writer(&key.digest())?;
+        let path = entry.path().to_path_buf();
         let schema = feature_schema(key.dtype, key.dim);
-        let mut ipc = FileWriter::try_new(
-            HashingWriter {
-                inner: BufWriter::with_capacity(1 << 20, file),
-                hasher: Sha256::new(),
-                bytes: 0,
-            },
-            &schema,
-        )
-        .map_err(|source| Error::Arrow {
-            context: format!("creating {}", tmp.display()),
+        let mut ipc = FileWriter::try_new(entry, &schema).map_err(|source| Error::Arrow {
+            context: format!("creating {}", path.display()),
             source,
         })?;
         ipc.write_metadata(
@@ -249,12 +181,9 @@ impl FeatureCache {
         );
         Ok(FeatureWriter {
             key: key.clone(),
-            digest,
             schema,
             ipc,
-            tmp,
-            data,
-            meta,
+            path,
             rows: 0,
         })
     }
@@ -284,14 +213,11 @@ pub fn feature_batch(
     flat: &[f32],
 ) -> Result<RecordBatch> {
     if flat.len() != keys.len() * dim {
-        return Err(Error::Stage {
-            stage: "embed".into(),
-            message: format!(
-                "{} embedding values for {} keys of dimension {dim}",
-                flat.len(),
-                keys.len()
-            ),
-        });
+        return Err(Error::Invalid(format!(
+            "{} embedding values for {} keys of dimension {dim}",
+            flat.len(),
+            keys.len()
+        )));
     }
     let values: ArrayRef = match dtype {
         CacheDtype::F32 => Arc::new(Float32Array::from(flat.to_vec())),
@@ -321,34 +247,12 @@ pub fn feature_batch(
     .map_err(arrow_err)
 }
 
-/// A `Write` that hashes and counts what passes through, so finishing an entry costs no re-read.
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Streams rows into a new entry.
 pub struct FeatureWriter {
     key: FeatureKey,
-    digest: String,
     schema: SchemaRef,
-    ipc: FileWriter<HashingWriter<BufWriter<fs::File>>>,
-    tmp: PathBuf,
-    data: PathBuf,
-    meta: PathBuf,
+    ipc: FileWriter<EntryWriter>,
+    path: std::path::PathBuf,
     rows: u64,
 }
 
@@ -358,7 +262,7 @@ impl FeatureWriter {
         let batch = feature_batch(&self.schema, self.key.dtype, self.key.dim, keys, flat)?;
         if batch.num_rows() > 0 {
             self.ipc.write(&batch).map_err(|source| Error::Arrow {
-                context: format!("writing {}", self.tmp.display()),
+                context: format!("writing {}", self.path.display()),
                 source,
             })?;
         }
@@ -366,75 +270,19 @@ impl FeatureWriter {
         Ok(())
     }
 
-    /// Seals the file, renames it into place and writes the manifest last.
+    /// Seals the file; the cache renames it into place and writes the manifest last.
     pub fn finish(mut self) -> Result<FeatureEntry> {
         let arrow_err = |source| Error::Arrow {
-            context: format!("finishing {}", self.tmp.display()),
+            context: format!("finishing {}", self.path.display()),
             source,
         };
         self.ipc.finish().map_err(arrow_err)?;
-        let mut hashing = self.ipc.into_inner().map_err(arrow_err)?;
-        hashing.flush().at(&self.tmp)?;
-        let file = hashing
-            .inner
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .at(&self.tmp)?;
-        file.sync_all().at(&self.tmp)?;
-        fs::rename(&self.tmp, &self.data).at(&self.data)?;
-        let manifest = Manifest {
-            format: CACHE_VERSION.into(),
-            digest: self.digest,
-            key: self.key,
-            rows: self.rows,
-            file_bytes: hashing.bytes,
-            file_sha256: hex::encode(hashing.hasher.finalize()),
-        };
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::BadFile {
-            path: self.meta.clone(),
-            message: e.to_string(),
-        })?;
-        write_atomic(&self.meta, &json)?;
-        Ok(FeatureEntry {
-            path: self.data,
-            manifest,
-        })
+        let entry = self.ipc.into_inner().map_err(arrow_err)?;
+        entry.finish(self.key, self.rows)
     }
 }
 
 impl FeatureEntry {
-    /// Checks the entry against its key and its file; `Err` says what is wrong.
-    fn verify(&self, key: &FeatureKey, digest: &str) -> std::result::Result<(), String> {
-        let m = &self.manifest;
-        if m.format != CACHE_VERSION || m.digest != digest || m.key.digest() != digest {
-            return Err("the manifest does not belong to this key".into());
-        }
-        if m.key.dim != key.dim || m.key.dtype != key.dtype {
-            return Err("the manifest's dimension or dtype differs".into());
-        }
-        let bytes = fs::read(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
-        if bytes.len() as u64 != m.file_bytes {
-            return Err(format!(
-                "{} has {} bytes, the manifest says {}",
-                self.path.display(),
-                bytes.len(),
-                m.file_bytes
-            ));
-        }
-        if hex::encode(Sha256::digest(&bytes)) != m.file_sha256 {
-            return Err(format!("{} does not match its sha256", self.path.display()));
-        }
-        let rows: usize = decode_all(Buffer::from_vec(bytes), &self.path)
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(RecordBatch::num_rows)
-            .sum();
-        if rows as u64 != m.rows {
-            return Err(format!("{} rows, the manifest says {}", rows, m.rows));
-        }
-        Ok(())
-    }
-
     /// Maps the file and decodes its batches without copying the data.
     pub fn open(&self) -> Result<FeatureTable> {
         let file = fs::File::open(&self.path).at(&self.path)?;
@@ -584,37 +432,10 @@ pub fn batch_embeddings(batch: &RecordBatch) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-/// Streams the batches of `entries`, in order, over a bounded channel from a reader thread, so
-/// a trainer computes while the next file is mapped and decoded. Dropping the receiver stops
-/// the reader.
-pub fn stream_batches(
-    entries: Vec<FeatureEntry>,
-    capacity: usize,
-) -> Receiver<Result<RecordBatch>> {
-    let (tx, rx) = bounded(capacity.max(1));
-    std::thread::spawn(move || {
-        for entry in entries {
-            match entry.open() {
-                Ok(table) => {
-                    for batch in table.batches {
-                        if tx.send(Ok(batch)).is_err() {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    rx
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn key(source_sha: &str, dtype: CacheDtype) -> FeatureKey {
         FeatureKey {
@@ -735,8 +556,14 @@ mod tests {
         w.push(&["a".into()], &[1.0, 2.0, 3.0]).unwrap();
         drop(w);
         assert!(matches!(cache.lookup(&k).unwrap(), Lookup::Missing));
-        // Another live process's temporary file (pid 1 always runs) stays; a dead one's goes.
-        let dir = walk(cache.root())[0].parent().unwrap().to_path_buf();
+        assert_eq!(
+            walk(cache.root()),
+            Vec::<PathBuf>::new(),
+            "a dropped writer removes its temporary file"
+        );
+        // What a killed process leaves: another live process's temporary file (pid 1 always
+        // runs) stays; a dead one's goes.
+        let dir = cache.root().join(&k.digest()[..2]);
         let (live, dead) = (
             dir.join(".x.arrow.tmp-1"),
             dir.join(".y.arrow.tmp-4294967294"),
@@ -766,16 +593,5 @@ mod tests {
         let cache = FeatureCache::new(tmp.path());
         let mut w = cache.writer(&key("s", CacheDtype::F32)).unwrap();
         assert!(w.push(&["a".into()], &[1.0, 2.0]).is_err());
-    }
-
-    #[test]
-    fn batches_stream_in_order_over_a_bounded_channel() {
-        let tmp = tempfile::tempdir().unwrap();
-        let cache = FeatureCache::new(tmp.path());
-        let a = write(&cache, &key("a", CacheDtype::F32), 4);
-        let b = write(&cache, &key("b", CacheDtype::F32), 6);
-        let rx = stream_batches(vec![a, b], 1);
-        let rows: Vec<usize> = rx.iter().map(|b| b.unwrap().num_rows()).collect();
-        assert_eq!(rows, vec![2, 2, 3, 3]);
     }
 }

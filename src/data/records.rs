@@ -1,26 +1,14 @@
-//! Record types that stages exchange, and their Arrow schemas: the one place the on-disk
-//! contract of every shard is defined (README's "Schemas" section documents the same).
+//! The records that stages exchange: the one place the on-disk contract of every table prefcap
+//! writes is declared (README's "Schemas" section documents the same). Each is declared
+//! with [`record!`]: one column per field, named as the field, nullable when it is an
+//! `Option`.
 
-use std::path::Path;
-use std::sync::Arc;
+use arrow::array::{Array, ArrayRef, StringArray};
+use arrow::datatypes::DataType;
 
-use arrow::array::{
-    Array, ArrayRef, BinaryArray, BinaryBuilder, Float64Array, Int32Array, Int64Array, RecordBatch,
-    StringArray, UInt32Array,
-};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use crate::data::record::{record, Column};
 
-use crate::error::{Error, Result};
-
-/// A type stored one row per record in Parquet shards.
-pub trait Record: Sized + Send + 'static {
-    /// Arrow schema of a shard of these records.
-    fn schema() -> SchemaRef;
-    /// Columnar form of `rows`, in order.
-    fn to_batch(rows: &[Self]) -> Result<RecordBatch>;
-    /// Rows of `batch`; `path` names the file in errors.
-    fn from_batch(batch: &RecordBatch, path: &Path) -> Result<Vec<Self>>;
-}
+pub use crate::data::record::Record;
 
 /// Outcome of fetching and preparing one image. Stored as a string in the `status` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,26 +72,48 @@ impl SampleStatus {
     }
 }
 
-/// One image–caption sample (Conceptual Captions, or the synthetic set).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImageTextSample {
-    /// Stable id: the zero-padded 0-based row index in the source file (`000000042`).
-    pub key: String,
-    pub url: String,
-    pub caption: String,
-    pub status: SampleStatus,
-    /// Human-readable cause when `status` is not success.
-    pub error: Option<String>,
-    /// Size of the stored (resized) image.
-    pub width: Option<u32>,
-    pub height: Option<u32>,
-    /// Size of the image as downloaded.
-    pub original_width: Option<u32>,
-    pub original_height: Option<u32>,
-    /// sha256 (hex) of the stored image bytes.
-    pub sha256: Option<String>,
-    /// JPEG bytes of the stored image.
-    pub image: Option<Vec<u8>>,
+/// Stored as its name (`success`, `http_error`, ...).
+impl Column for SampleStatus {
+    const NULLABLE: bool = false;
+    fn data_type() -> DataType {
+        DataType::Utf8
+    }
+    fn to_array<'a>(values: impl ExactSizeIterator<Item = &'a Self>) -> ArrayRef {
+        std::sync::Arc::new(StringArray::from_iter_values(values.map(|s| s.as_str())))
+    }
+    fn from_array(array: &dyn Array) -> std::result::Result<Vec<Self>, String> {
+        String::from_array(array)?
+            .iter()
+            .enumerate()
+            .map(|(row, s)| {
+                SampleStatus::parse(s)
+                    .ok_or_else(|| format!("row {}: unknown status `{s}`", row + 1))
+            })
+            .collect()
+    }
+}
+
+record! {
+    /// One image–caption sample (Conceptual Captions, or the synthetic set).
+    pub struct ImageTextSample {
+        /// Stable id: the zero-padded 0-based row index in the source file (`000000042`).
+        pub key: String,
+        pub url: String,
+        pub caption: String,
+        pub status: SampleStatus,
+        /// Human-readable cause when `status` is not success.
+        pub error: Option<String>,
+        /// Size of the stored (resized) image.
+        pub width: Option<u32>,
+        pub height: Option<u32>,
+        /// Size of the image as downloaded.
+        pub original_width: Option<u32>,
+        pub original_height: Option<u32>,
+        /// sha256 (hex) of the stored image bytes.
+        pub sha256: Option<String>,
+        /// JPEG bytes of the stored image.
+        pub image: Option<Vec<u8>>,
+    }
 }
 
 impl ImageTextSample {
@@ -131,478 +141,129 @@ impl ImageTextSample {
     }
 }
 
-/// One preference pair (UltraFeedback, or image-grounded pairs).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PreferencePair {
-    pub pair_id: String,
-    /// Where the pair came from (`ultrafeedback_binarized`, `ultrafeedback_raw:sharegpt`, `synthetic`).
-    pub source: String,
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-    pub score_chosen: f64,
-    pub score_rejected: f64,
-    /// Key of the image the pair is about; `None` for text-only pairs.
-    pub image_key: Option<String>,
-}
-
-/// One frame of a story (StoryReasoning, or the synthetic stories).
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoryFrame {
-    pub story_id: String,
-    /// 0-based position in the story.
-    pub frame_index: i32,
-    pub frame_count: i32,
-    /// Encoded image bytes as found in the source (JPEG or PNG).
-    pub image: Vec<u8>,
-    pub caption: String,
-}
-
-/// One logged value of a training run (`runs/<id>/metrics.parquet`, long format).
-#[derive(Debug, Clone, PartialEq)]
-pub struct MetricRow {
-    pub run_id: String,
-    /// `train-sft`, `train-dpo`, ...
-    pub stage: String,
-    /// Optimizer steps done when the value was logged.
-    pub step: i64,
-    pub epoch: i64,
-    /// `train` or `val`.
-    pub split: String,
-    /// `loss`, `lr`, `grad_norm`, `rewards/accuracies`, ...
-    pub name: String,
-    pub value: f64,
-}
-
-/// One generated caption (`runs/<id>/generations.parquet`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationRow {
-    pub run_id: String,
-    /// Which checkpoint: `untrained`, `train-sft`, `train-dpo`, ...
-    pub model: String,
-    /// Decoding: `greedy`, `beam3`, `top_p0.9_t1`.
-    pub method: String,
-    pub dataset: String,
-    pub split: String,
-    pub image_key: String,
-    pub caption: String,
-    /// Sum of the generated tokens' log-probabilities.
-    pub logprob: f64,
-    pub tokens: i32,
-}
-
-fn field(name: &str, dt: DataType, nullable: bool) -> Field {
-    Field::new(name, dt, nullable)
-}
-
-/// `(key, caption)` of the samples of an ingest shard that have an image (CC/synthetic
-/// samples whose download succeeded, every story frame), reading no image bytes; and the
-/// number of samples left out.
-pub fn shard_captions(path: &Path) -> Result<(Vec<(String, String)>, u64)> {
-    let batches = crate::data::shard::read_columns(
-        path,
-        &["key", "caption", "status", "story_id", "frame_index"],
-    )?;
-    let mut rows = Vec::new();
-    let mut skipped = 0u64;
-    for batch in &batches {
-        let caption = column::<StringArray>(batch, "caption", path)?;
-        if batch.column_by_name("story_id").is_some() {
-            let story = column::<StringArray>(batch, "story_id", path)?;
-            let frame = column::<Int32Array>(batch, "frame_index", path)?;
-            for i in 0..batch.num_rows() {
-                let key = crate::stages::embed::story_frame_key(story.value(i), frame.value(i));
-                rows.push((key, caption.value(i).to_string()));
-            }
-            continue;
-        }
-        let key = column::<StringArray>(batch, "key", path)?;
-        let status = column::<StringArray>(batch, "status", path)?;
-        for i in 0..batch.num_rows() {
-            if SampleStatus::parse(status.value(i)).is_some_and(SampleStatus::is_success) {
-                rows.push((key.value(i).to_string(), caption.value(i).to_string()));
-            } else {
-                skipped += 1;
-            }
-        }
-    }
-    Ok((rows, skipped))
-}
-
-/// Typed access to a named column; the error names file, column and expected type.
-fn column<'a, A: Array + 'static>(
-    batch: &'a RecordBatch,
-    name: &str,
-    path: &Path,
-) -> Result<&'a A> {
-    let col = batch.column_by_name(name).ok_or_else(|| Error::BadFile {
-        path: path.to_path_buf(),
-        message: format!("missing column `{name}`"),
-    })?;
-    col.as_any()
-        .downcast_ref::<A>()
-        .ok_or_else(|| Error::BadFile {
-            path: path.to_path_buf(),
-            message: format!(
-                "column `{name}` has type {}, expected {}",
-                col.data_type(),
-                std::any::type_name::<A>()
-                    .rsplit("::")
-                    .next()
-                    .unwrap_or("?")
-            ),
-        })
-}
-
-fn opt_string(a: &StringArray, i: usize) -> Option<String> {
-    a.is_valid(i).then(|| a.value(i).to_string())
-}
-
-fn opt_u32(a: &UInt32Array, i: usize) -> Option<u32> {
-    a.is_valid(i).then(|| a.value(i))
-}
-
-fn batch(schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
-    RecordBatch::try_new(schema, columns).map_err(|source| Error::Arrow {
-        context: "building a record batch".into(),
-        source,
-    })
-}
-
-impl Record for ImageTextSample {
-    fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            field("key", DataType::Utf8, false),
-            field("url", DataType::Utf8, false),
-            field("caption", DataType::Utf8, false),
-            field("status", DataType::Utf8, false),
-            field("error", DataType::Utf8, true),
-            field("width", DataType::UInt32, true),
-            field("height", DataType::UInt32, true),
-            field("original_width", DataType::UInt32, true),
-            field("original_height", DataType::UInt32, true),
-            field("sha256", DataType::Utf8, true),
-            field("image", DataType::Binary, true),
-        ]))
-    }
-
-    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let strings = |f: &dyn Fn(&Self) -> Option<&str>| -> ArrayRef {
-            Arc::new(rows.iter().map(f).collect::<StringArray>())
-        };
-        let u32s = |f: &dyn Fn(&Self) -> Option<u32>| -> ArrayRef {
-            Arc::new(rows.iter().map(f).collect::<UInt32Array>())
-        };
-        let mut images = BinaryBuilder::with_capacity(
-            rows.len(),
-            rows.iter()
-                .map(|r| r.image.as_ref().map_or(0, Vec::len))
-                .sum(),
-        );
-        for r in rows {
-            images.append_option(r.image.as_deref());
-        }
-        batch(
-            Self::schema(),
-            vec![
-                strings(&|r| Some(&r.key)),
-                strings(&|r| Some(&r.url)),
-                strings(&|r| Some(&r.caption)),
-                strings(&|r| Some(r.status.as_str())),
-                strings(&|r| r.error.as_deref()),
-                u32s(&|r| r.width),
-                u32s(&|r| r.height),
-                u32s(&|r| r.original_width),
-                u32s(&|r| r.original_height),
-                strings(&|r| r.sha256.as_deref()),
-                Arc::new(images.finish()),
-            ],
-        )
-    }
-
-    fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
-        let key = column::<StringArray>(b, "key", path)?;
-        let url = column::<StringArray>(b, "url", path)?;
-        let caption = column::<StringArray>(b, "caption", path)?;
-        let status = column::<StringArray>(b, "status", path)?;
-        let error = column::<StringArray>(b, "error", path)?;
-        let width = column::<UInt32Array>(b, "width", path)?;
-        let height = column::<UInt32Array>(b, "height", path)?;
-        let owidth = column::<UInt32Array>(b, "original_width", path)?;
-        let oheight = column::<UInt32Array>(b, "original_height", path)?;
-        let sha = column::<StringArray>(b, "sha256", path)?;
-        let image = column::<BinaryArray>(b, "image", path)?;
-        (0..b.num_rows())
-            .map(|i| {
-                let status =
-                    SampleStatus::parse(status.value(i)).ok_or_else(|| Error::BadFile {
-                        path: path.to_path_buf(),
-                        message: format!(
-                            "sample `{}`: unknown status `{}`",
-                            key.value(i),
-                            status.value(i)
-                        ),
-                    })?;
-                Ok(ImageTextSample {
-                    key: key.value(i).to_string(),
-                    url: url.value(i).to_string(),
-                    caption: caption.value(i).to_string(),
-                    status,
-                    error: opt_string(error, i),
-                    width: opt_u32(width, i),
-                    height: opt_u32(height, i),
-                    original_width: opt_u32(owidth, i),
-                    original_height: opt_u32(oheight, i),
-                    sha256: opt_string(sha, i),
-                    image: image.is_valid(i).then(|| image.value(i).to_vec()),
-                })
-            })
-            .collect()
+record! {
+    /// One preference pair (UltraFeedback, or image-grounded pairs).
+    pub struct PreferencePair {
+        pub pair_id: String,
+        /// Where the pair came from (`ultrafeedback_binarized`, `ultrafeedback_raw:sharegpt`, `synthetic`).
+        pub source: String,
+        pub prompt: String,
+        pub chosen: String,
+        pub rejected: String,
+        pub score_chosen: f64,
+        pub score_rejected: f64,
+        /// Key of the image the pair is about; `None` for text-only pairs.
+        pub image_key: Option<String>,
     }
 }
 
-impl Record for PreferencePair {
-    fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            field("pair_id", DataType::Utf8, false),
-            field("source", DataType::Utf8, false),
-            field("prompt", DataType::Utf8, false),
-            field("chosen", DataType::Utf8, false),
-            field("rejected", DataType::Utf8, false),
-            field("score_chosen", DataType::Float64, false),
-            field("score_rejected", DataType::Float64, false),
-            field("image_key", DataType::Utf8, true),
-        ]))
-    }
-
-    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let s = |f: &dyn Fn(&Self) -> Option<&str>| -> ArrayRef {
-            Arc::new(rows.iter().map(f).collect::<StringArray>())
-        };
-        batch(
-            Self::schema(),
-            vec![
-                s(&|r| Some(&r.pair_id)),
-                s(&|r| Some(&r.source)),
-                s(&|r| Some(&r.prompt)),
-                s(&|r| Some(&r.chosen)),
-                s(&|r| Some(&r.rejected)),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.score_chosen))
-                        .collect::<Float64Array>(),
-                ),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.score_rejected))
-                        .collect::<Float64Array>(),
-                ),
-                s(&|r| r.image_key.as_deref()),
-            ],
-        )
-    }
-
-    fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
-        let pair_id = column::<StringArray>(b, "pair_id", path)?;
-        let source = column::<StringArray>(b, "source", path)?;
-        let prompt = column::<StringArray>(b, "prompt", path)?;
-        let chosen = column::<StringArray>(b, "chosen", path)?;
-        let rejected = column::<StringArray>(b, "rejected", path)?;
-        let sc = column::<Float64Array>(b, "score_chosen", path)?;
-        let sr = column::<Float64Array>(b, "score_rejected", path)?;
-        let image_key = column::<StringArray>(b, "image_key", path)?;
-        Ok((0..b.num_rows())
-            .map(|i| PreferencePair {
-                pair_id: pair_id.value(i).to_string(),
-                source: source.value(i).to_string(),
-                prompt: prompt.value(i).to_string(),
-                chosen: chosen.value(i).to_string(),
-                rejected: rejected.value(i).to_string(),
-                score_chosen: sc.value(i),
-                score_rejected: sr.value(i),
-                image_key: opt_string(image_key, i),
-            })
-            .collect())
+record! {
+    /// One frame of a story (StoryReasoning, or the synthetic stories).
+    pub struct StoryFrame {
+        pub story_id: String,
+        /// 0-based position in the story.
+        pub frame_index: i32,
+        pub frame_count: i32,
+        /// Encoded image bytes as found in the source (JPEG or PNG).
+        pub image: Vec<u8>,
+        pub caption: String,
     }
 }
 
-impl Record for StoryFrame {
-    fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            field("story_id", DataType::Utf8, false),
-            field("frame_index", DataType::Int32, false),
-            field("frame_count", DataType::Int32, false),
-            field("image", DataType::Binary, false),
-            field("caption", DataType::Utf8, false),
-        ]))
-    }
-
-    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
-        batch(
-            Self::schema(),
-            vec![
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.story_id.as_str()))
-                        .collect::<StringArray>(),
-                ),
-                Arc::new(rows.iter().map(|r| r.frame_index).collect::<Int32Array>()),
-                Arc::new(rows.iter().map(|r| r.frame_count).collect::<Int32Array>()),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.image.as_slice()))
-                        .collect::<BinaryArray>(),
-                ),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.caption.as_str()))
-                        .collect::<StringArray>(),
-                ),
-            ],
-        )
-    }
-
-    fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
-        let story_id = column::<StringArray>(b, "story_id", path)?;
-        let frame_index = column::<Int32Array>(b, "frame_index", path)?;
-        let frame_count = column::<Int32Array>(b, "frame_count", path)?;
-        let image = column::<BinaryArray>(b, "image", path)?;
-        let caption = column::<StringArray>(b, "caption", path)?;
-        Ok((0..b.num_rows())
-            .map(|i| StoryFrame {
-                story_id: story_id.value(i).to_string(),
-                frame_index: frame_index.value(i),
-                frame_count: frame_count.value(i),
-                image: image.value(i).to_vec(),
-                caption: caption.value(i).to_string(),
-            })
-            .collect())
+impl StoryFrame {
+    /// The frame's key in the feature cache and in pairs: `<story_id>:<frame_index>`.
+    pub fn key(&self) -> String {
+        story_frame_key(&self.story_id, self.frame_index)
     }
 }
 
-impl Record for GenerationRow {
-    fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            field("run_id", DataType::Utf8, false),
-            field("model", DataType::Utf8, false),
-            field("method", DataType::Utf8, false),
-            field("dataset", DataType::Utf8, false),
-            field("split", DataType::Utf8, false),
-            field("image_key", DataType::Utf8, false),
-            field("caption", DataType::Utf8, false),
-            field("logprob", DataType::Float64, false),
-            field("tokens", DataType::Int32, false),
-        ]))
-    }
+/// The key of frame `frame_index` of story `story_id`: `<story_id>:<frame_index>`.
+pub fn story_frame_key(story_id: &str, frame_index: i32) -> String {
+    format!("{story_id}:{frame_index}")
+}
 
-    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let s = |f: &dyn Fn(&Self) -> &str| -> ArrayRef {
-            Arc::new(rows.iter().map(|r| Some(f(r))).collect::<StringArray>())
-        };
-        batch(
-            Self::schema(),
-            vec![
-                s(&|r| &r.run_id),
-                s(&|r| &r.model),
-                s(&|r| &r.method),
-                s(&|r| &r.dataset),
-                s(&|r| &r.split),
-                s(&|r| &r.image_key),
-                s(&|r| &r.caption),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.logprob))
-                        .collect::<Float64Array>(),
-                ),
-                Arc::new(rows.iter().map(|r| r.tokens).collect::<Int32Array>()),
-            ],
-        )
-    }
-
-    fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
-        let get = |n: &str| column::<StringArray>(b, n, path);
-        let (run_id, model, method, dataset, split, key, caption) = (
-            get("run_id")?,
-            get("model")?,
-            get("method")?,
-            get("dataset")?,
-            get("split")?,
-            get("image_key")?,
-            get("caption")?,
-        );
-        let logprob = column::<Float64Array>(b, "logprob", path)?;
-        let tokens = column::<Int32Array>(b, "tokens", path)?;
-        Ok((0..b.num_rows())
-            .map(|i| GenerationRow {
-                run_id: run_id.value(i).to_string(),
-                model: model.value(i).to_string(),
-                method: method.value(i).to_string(),
-                dataset: dataset.value(i).to_string(),
-                split: split.value(i).to_string(),
-                image_key: key.value(i).to_string(),
-                caption: caption.value(i).to_string(),
-                logprob: logprob.value(i),
-                tokens: tokens.value(i),
-            })
-            .collect())
+record! {
+    /// One logged value of a training run (`runs/<id>/metrics.parquet`, long format).
+    pub struct MetricRow {
+        pub run_id: String,
+        /// `train-sft`, `train-dpo`, ...
+        pub stage: String,
+        /// Optimizer steps done when the value was logged.
+        pub step: i64,
+        pub epoch: i64,
+        /// `train` or `val`.
+        pub split: String,
+        /// `loss`, `lr`, `grad_norm`, `rewards/accuracies`, ...
+        pub name: String,
+        pub value: f64,
     }
 }
 
-impl Record for MetricRow {
-    fn schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            field("run_id", DataType::Utf8, false),
-            field("stage", DataType::Utf8, false),
-            field("step", DataType::Int64, false),
-            field("epoch", DataType::Int64, false),
-            field("split", DataType::Utf8, false),
-            field("name", DataType::Utf8, false),
-            field("value", DataType::Float64, false),
-        ]))
+record! {
+    /// One generated caption (`runs/<id>/generations.parquet`).
+    pub struct GenerationRow {
+        pub run_id: String,
+        /// Which checkpoint: `untrained`, `train-sft`, `train-dpo`, ...
+        pub model: String,
+        /// Decoding: `greedy`, `beam3`, `top_p0.9_t1`.
+        pub method: String,
+        pub dataset: String,
+        pub split: String,
+        pub image_key: String,
+        pub caption: String,
+        /// Sum of the generated tokens' log-probabilities.
+        pub logprob: f64,
+        pub tokens: i32,
     }
+}
 
-    fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
-        let s = |f: &dyn Fn(&Self) -> &str| -> ArrayRef {
-            Arc::new(rows.iter().map(|r| Some(f(r))).collect::<StringArray>())
-        };
-        batch(
-            Self::schema(),
-            vec![
-                s(&|r| &r.run_id),
-                s(&|r| &r.stage),
-                Arc::new(rows.iter().map(|r| r.step).collect::<Int64Array>()),
-                Arc::new(rows.iter().map(|r| r.epoch).collect::<Int64Array>()),
-                s(&|r| &r.split),
-                s(&|r| &r.name),
-                Arc::new(rows.iter().map(|r| Some(r.value)).collect::<Float64Array>()),
-            ],
-        )
+record! {
+    /// One scored caption (`runs/<id>/scores.parquet`).
+    pub struct ScoreRow {
+        pub run_id: String,
+        pub model: String,
+        pub method: String,
+        pub image_key: String,
+        pub caption: String,
+        pub bleu_1: f64,
+        pub bleu_2: f64,
+        pub bleu_3: f64,
+        pub bleu_4: f64,
+        pub meteor: f64,
+        pub rouge_l: f64,
+        pub cider_d: f64,
+        pub clip_score: Option<f64>,
+        pub ref_clip_score: Option<f64>,
+        /// Synthetic world only: share of the 5 attributes right.
+        pub attribute_accuracy: Option<f64>,
     }
+}
 
-    fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
-        let run_id = column::<StringArray>(b, "run_id", path)?;
-        let stage = column::<StringArray>(b, "stage", path)?;
-        let step = column::<Int64Array>(b, "step", path)?;
-        let epoch = column::<Int64Array>(b, "epoch", path)?;
-        let split = column::<StringArray>(b, "split", path)?;
-        let name = column::<StringArray>(b, "name", path)?;
-        let value = column::<Float64Array>(b, "value", path)?;
-        Ok((0..b.num_rows())
-            .map(|i| MetricRow {
-                run_id: run_id.value(i).to_string(),
-                stage: stage.value(i).to_string(),
-                step: step.value(i),
-                epoch: epoch.value(i),
-                split: split.value(i).to_string(),
-                name: name.value(i).to_string(),
-                value: value.value(i),
-            })
-            .collect())
+record! {
+    /// One corpus-level number (`runs/<id>/scores_summary.parquet`, long format).
+    pub struct SummaryRow {
+        pub run_id: String,
+        pub model: String,
+        pub method: String,
+        pub metric: String,
+        pub value: f64,
+    }
+}
+
+record! {
+    /// The frozen reference's log-probabilities of one pair's two completions, as DPO needs
+    /// them (a reference-log-prob cache entry holds one per pair).
+    pub struct ReferenceLogps {
+        pub pair_id: String,
+        pub ref_chosen: f64,
+        pub ref_rejected: f64,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn sample(i: u32, ok: bool) -> ImageTextSample {
@@ -687,5 +348,66 @@ mod tests {
         for s in SampleStatus::ALL {
             assert_eq!(SampleStatus::parse(s.as_str()), Some(s));
         }
+    }
+
+    #[test]
+    fn option_fields_are_nullable_columns_named_as_the_fields() {
+        let schema = ScoreRow::schema();
+        let columns: Vec<(&str, bool)> = schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().as_str(), f.is_nullable()))
+            .collect();
+        assert_eq!(
+            columns[5..9],
+            [
+                ("bleu_1", false),
+                ("bleu_2", false),
+                ("bleu_3", false),
+                ("bleu_4", false)
+            ]
+        );
+        assert_eq!(
+            columns[12..],
+            [
+                ("clip_score", true),
+                ("ref_clip_score", true),
+                ("attribute_accuracy", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_status_or_a_null_in_a_required_column_names_file_column_and_row() {
+        let mut b = ImageTextSample::to_batch(&[sample(0, true), sample(1, true)]).unwrap();
+        let status = b.schema().index_of("status").unwrap();
+        let mut columns = b.columns().to_vec();
+        columns[status] = std::sync::Arc::new(StringArray::from(vec!["success", "lost"]));
+        b = arrow::array::RecordBatch::try_new(b.schema(), columns.clone()).unwrap();
+        let err = ImageTextSample::from_batch(&b, Path::new("data/s.parquet"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data/s.parquet")
+                && err.contains("`status`")
+                && err.contains("row 2")
+                && err.contains("lost"),
+            "{err}"
+        );
+        let key = b.schema().index_of("key").unwrap();
+        columns[status] = std::sync::Arc::new(StringArray::from(vec!["success", "success"]));
+        columns[key] = std::sync::Arc::new(StringArray::from(vec![Some("a"), None]));
+        let relaxed = arrow::datatypes::Schema::new(
+            b.schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        );
+        let b = arrow::array::RecordBatch::try_new(std::sync::Arc::new(relaxed), columns).unwrap();
+        let err = ImageTextSample::from_batch(&b, Path::new("data/s.parquet"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`key`") && err.contains("null"), "{err}");
     }
 }

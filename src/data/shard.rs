@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
@@ -16,10 +17,11 @@ use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::data::records::Record;
+use crate::data::record::{read_column, Record};
+use crate::data::records::{story_frame_key, SampleStatus};
 use crate::error::{Error, IoContext, Result};
+use crate::io::{sweep_temp_files, write_atomic, AtomicFile};
 
 /// Per-shard summary written beside each Parquet shard.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -42,53 +44,16 @@ impl ShardStats {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    fs::write(&tmp, bytes).at(&tmp)?;
-    fs::rename(&tmp, path).at(path)
-}
-
-/// sha256 of the file at `path`, hex, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path).at(path)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).at(path)?;
-    Ok(hex::encode(hasher.finalize()))
-}
-
-/// Whether `name` is a temporary file ([`temp_path`]'s `.<name>.tmp-<pid>`) that no other
-/// running process is writing: its writer was killed (or is this process, whose sweeps run
-/// before it writes). Another process working in the same directory keeps its own.
-pub(crate) fn is_abandoned_temp(name: &str) -> bool {
-    let Some(pid) = name
-        .strip_prefix('.')
-        .and_then(|rest| rest.rsplit_once(".tmp-"))
-        .map(|(_, pid)| pid)
-    else {
-        return false;
-    };
-    match pid.parse::<u32>() {
-        Ok(pid) if pid == std::process::id() => true,
-        Ok(pid) => !Path::new("/proc").join(pid.to_string()).exists(),
-        Err(_) => true,
-    }
-}
-
-/// Temporary sibling of `path`: hidden, and tagged with the pid so concurrent writers never collide.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
 /// Serialises `rows` as one Parquet file (snappy), atomically.
 pub fn write_parquet<R: Record>(path: &Path, rows: &[R]) -> Result<()> {
+    let mut file = AtomicFile::create(path)?;
+    write_parquet_to(&mut file, rows, path)?;
+    file.commit()
+}
+
+/// Serialises `rows` as one Parquet file (snappy) into `out`; `path` names it in errors.
+pub fn write_parquet_to<R: Record>(out: impl Write + Send, rows: &[R], path: &Path) -> Result<()> {
     let batch = R::to_batch(rows)?;
-    let tmp = temp_path(path);
-    let file = fs::File::create(&tmp).at(&tmp)?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(1024))
@@ -97,10 +62,10 @@ pub fn write_parquet<R: Record>(path: &Path, rows: &[R]) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    let mut writer = ArrowWriter::try_new(file, R::schema(), Some(props)).map_err(perr)?;
+    let mut writer = ArrowWriter::try_new(out, R::schema(), Some(props)).map_err(perr)?;
     writer.write(&batch).map_err(perr)?;
     writer.close().map_err(perr)?;
-    fs::rename(&tmp, path).at(path)
+    Ok(())
 }
 
 /// Streams the record batches of any Parquet file (a shard, or a file from the hub); errors
@@ -184,17 +149,7 @@ impl ShardSet {
     /// of a run still going).
     pub fn prepare(&self) -> Result<()> {
         fs::create_dir_all(&self.dir).at(&self.dir)?;
-        for entry in fs::read_dir(&self.dir).at(&self.dir)? {
-            let path = entry.at(&self.dir)?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if name.starts_with(".part-") && is_abandoned_temp(&name) {
-                fs::remove_file(&path).at(&path)?;
-            }
-        }
-        Ok(())
+        sweep_temp_files(&self.dir)
     }
 
     /// A shard is finished when its stats file (written last) exists.
@@ -268,6 +223,83 @@ impl ShardSet {
         }
         Ok(rows)
     }
+}
+
+/// What an ingest shard holds: image–caption samples or story frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardKind {
+    ImageText,
+    Story,
+}
+
+impl ShardKind {
+    /// The kind of the shard at `path`, from its schema (a `story_id` column: story frames).
+    pub fn of(path: &Path) -> Result<Self> {
+        let file = fs::File::open(path).at(path)?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| Error::Parquet {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(if builder.schema().field_with_name("story_id").is_ok() {
+            ShardKind::Story
+        } else {
+            ShardKind::ImageText
+        })
+    }
+}
+
+/// `(key, caption)` of the samples of an ingest shard that have an image (image–caption
+/// samples whose download succeeded, every story frame), reading no image bytes; and the
+/// number of samples left out.
+pub fn shard_captions(path: &Path) -> Result<(Vec<(String, String)>, u64)> {
+    let story = ShardKind::of(path)? == ShardKind::Story;
+    let columns: &[&str] = if story {
+        &["story_id", "frame_index", "caption"]
+    } else {
+        &["key", "status", "caption"]
+    };
+    let mut rows = Vec::new();
+    let mut skipped = 0u64;
+    for batch in read_columns(path, columns)? {
+        let captions = read_column::<String>(&batch, "caption", path)?;
+        if story {
+            let stories = read_column::<String>(&batch, "story_id", path)?;
+            let frames = read_column::<i32>(&batch, "frame_index", path)?;
+            for ((s, f), c) in stories.iter().zip(frames).zip(captions) {
+                rows.push((story_frame_key(s, f), c));
+            }
+            continue;
+        }
+        let keys = read_column::<String>(&batch, "key", path)?;
+        let status = read_column::<SampleStatus>(&batch, "status", path)?;
+        for ((k, s), c) in keys.into_iter().zip(status).zip(captions) {
+            if s.is_success() {
+                rows.push((k, c));
+            } else {
+                skipped += 1;
+            }
+        }
+    }
+    Ok((rows, skipped))
+}
+
+/// `(key, encoded image)` of the samples of an ingest shard that have an image, and the
+/// number of samples without one (failed downloads).
+pub fn shard_images(path: &Path) -> Result<(Vec<(String, Vec<u8>)>, u64)> {
+    if ShardKind::of(path)? == ShardKind::Story {
+        let frames: Vec<crate::data::records::StoryFrame> = read_parquet(path)?;
+        return Ok((frames.into_iter().map(|f| (f.key(), f.image)).collect(), 0));
+    }
+    let samples: Vec<crate::data::records::ImageTextSample> = read_parquet(path)?;
+    let total = samples.len() as u64;
+    let rows: Vec<(String, Vec<u8>)> = samples
+        .into_iter()
+        .filter(|s| s.status.is_success())
+        .filter_map(|s| s.image.map(|image| (s.key, image)))
+        .collect();
+    let kept = rows.len() as u64;
+    Ok((rows, total - kept))
 }
 
 #[cfg(test)]

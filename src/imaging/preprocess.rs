@@ -241,10 +241,7 @@ pub fn decode_crop(bytes: &[u8], cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> 
 /// with libjpeg-turbo's decoder (see [`super::jpeg`]), other formats with the image crate,
 /// then [`rgb_over_white`].
 pub fn decode_rgb(bytes: &[u8]) -> Result<image::RgbImage> {
-    let error = |message: String| Error::Stage {
-        stage: "embed".into(),
-        message: format!("cannot decode image: {message}"),
-    };
+    let error = |message: String| Error::Image(format!("cannot decode image: {message}"));
     let img = if super::jpeg::is_jpeg(bytes) {
         super::jpeg::decode(bytes).map_err(error)?
     } else {
@@ -368,10 +365,10 @@ const MAX_RESIZED_PIXELS: usize = 1 << 26;
 /// Resizes (shortest side) and centre-crops packed RGB8 pixels (`w × h × 3`) into CHW bytes.
 pub fn crop_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ClipPreprocessConfig) -> Result<Vec<u8>> {
     if w == 0 || h == 0 || rgb.len() != w * h * 3 {
-        return Err(Error::Stage {
-            stage: "embed".into(),
-            message: format!("bad image buffer: {w}×{h} with {} bytes", rgb.len()),
-        });
+        return Err(Error::Image(format!(
+            "bad image buffer: {w}×{h} with {} bytes",
+            rgb.len()
+        )));
     }
     let (mut img, mut w, mut h) = (std::borrow::Cow::Borrowed(rgb), w, h);
     if cfg.do_resize {
@@ -379,12 +376,9 @@ pub fn crop_rgb8(rgb: &[u8], w: usize, h: usize, cfg: &ClipPreprocessConfig) -> 
         if nw.saturating_mul(nh) > MAX_RESIZED_PIXELS {
             // A sliver (1×100000 becomes 224×22,400,000: 15 GB) is refused like an
             // undecodable image rather than taking the whole run down.
-            return Err(Error::Stage {
-                stage: "embed".into(),
-                message: format!(
-                    "a {w}×{h} image resizes to {nw}×{nh}, more than {MAX_RESIZED_PIXELS} pixels"
-                ),
-            });
+            return Err(Error::Image(format!(
+                "a {w}×{h} image resizes to {nw}×{nh}, more than {MAX_RESIZED_PIXELS} pixels"
+            )));
         }
         let f = filter(cfg.resample, cfg.backend);
         img = std::borrow::Cow::Owned(resize_rgb8(&img, w, h, nw, nh, f));

@@ -18,8 +18,8 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 
 use crate::data::hub::HubClient;
-use crate::data::shard::write_atomic;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::io::write_atomic;
 use crate::models::gpt2::{softmax_train, train_norm, Gpt2, Gpt2Config, KvCache};
 use crate::models::tiny::{normal_samples, save_safetensors, train_bpe};
 use crate::rng::SplitMix64;
@@ -384,20 +384,17 @@ impl Captioner {
         device: &Device,
     ) -> Result<Self> {
         let gcfg = Gpt2Config::from_file(&files.config)?;
-        let err = |e: candle_core::Error| Error::BadFile {
-            path: files.weights.clone(),
-            message: e.to_string(),
-        };
+        let err = format!("building the captioner from {}", files.weights.display());
         let decoder = if cfg.freeze_decoder {
             // SAFETY: checkpoints are mapped read-only and never written while mapped.
             let vb = unsafe {
                 VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, device)
             }
-            .map_err(err)?;
-            Gpt2::new(&gcfg, vb).map_err(err)?
+            .during(err.as_str())?;
+            Gpt2::new(&gcfg, vb).during(err.as_str())?
         } else {
             let vb = VarBuilder::from_varmap(vars, DType::F32, device).pp("decoder");
-            let model = Gpt2::new(&gcfg, vb).map_err(err)?;
+            let model = Gpt2::new(&gcfg, vb).during(err.as_str())?;
             load_decoder_weights(vars, &files.weights, device)?;
             model
         };
@@ -408,13 +405,14 @@ impl Captioner {
         let vb = VarBuilder::from_varmap(vars, DType::F32, device).pp("mapper");
         let mapper = match cfg.mapper {
             MapperKind::Mlp => Mapper::Mlp {
-                l1: candle_nn::linear(clip_dim, d * p / 2, vb.pp("l1")).map_err(err)?,
-                l2: candle_nn::linear(d * p / 2, d * p, vb.pp("l2")).map_err(err)?,
+                l1: candle_nn::linear(clip_dim, d * p / 2, vb.pp("l1")).during(err.as_str())?,
+                l2: candle_nn::linear(d * p / 2, d * p, vb.pp("l2")).during(err.as_str())?,
             },
             MapperKind::Transformer => {
                 let heads = if d % 8 == 0 { 8 } else { 4 };
                 Mapper::Transformer {
-                    input: candle_nn::linear(clip_dim, d * p, vb.pp("input")).map_err(err)?,
+                    input: candle_nn::linear(clip_dim, d * p, vb.pp("input"))
+                        .during(err.as_str())?,
                     constants: vb
                         .get_with_hints(
                             (p, d),
@@ -424,11 +422,11 @@ impl Captioner {
                                 stdev: 1.0,
                             },
                         )
-                        .map_err(err)?,
+                        .during(err.as_str())?,
                     layers: (0..cfg.mapper_layers)
                         .map(|i| MapperLayer::new(d, heads, vb.pp(format!("layers.{i}"))))
                         .collect::<candle_core::Result<_>>()
-                        .map_err(err)?,
+                        .during(err.as_str())?,
                 }
             }
         };

@@ -13,7 +13,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::kernels::{
     self, activate, cpu_f32, cpu_u32, exp_fast, linear, par_gemm, Activation, QkvAttention, View,
     WeightLayout,
@@ -441,14 +441,11 @@ impl Gpt2 {
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let cfg = Gpt2Config::from_file(&dir.join("config.json"))?;
         let weights = dir.join("model.safetensors");
-        let err = |e: candle_core::Error| Error::BadFile {
-            path: weights.clone(),
-            message: e.to_string(),
-        };
+        let err = format!("loading {}", weights.display());
         // SAFETY: the checkpoint is mapped read-only and never written while mapped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .map_err(err)?;
-        Self::new(&cfg, vb).map_err(err)
+            .during(err.as_str())?;
+        Self::new(&cfg, vb).during(err.as_str())
     }
 
     /// Token embeddings of `ids` (`(b, t)` u32) → `(b, t, d)`.

@@ -17,8 +17,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer, TokenizerImpl};
 
-use crate::data::shard::write_atomic;
 use crate::error::{Error, IoContext, Result};
+use crate::io::write_atomic;
 use crate::models::clip::pretrain::{pretrain, PretrainConfig};
 use crate::models::clip::ClipModelFiles;
 use crate::rng::SplitMix64;

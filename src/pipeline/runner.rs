@@ -6,8 +6,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::data::shard::write_atomic;
 use crate::error::{Error, IoContext, Result};
+use crate::io::write_atomic;
 use crate::pipeline::plan::{self, Plan};
 use crate::stages::ingest::{self, IngestOptions};
 use crate::stages::train_sft::StageContext;
@@ -96,7 +96,7 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
             };
             let summary = run_stage(&step.stage, plan, opts, &ctx).map_err(|e| Error::Stage {
                 stage: step.name().to_string(),
-                message: e.to_string(),
+                source: Box::new(e),
             })?;
             StepOutcome::Done {
                 summary,
@@ -168,10 +168,7 @@ fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions, ctx: &StageContext) ->
         "generate" => crate::stages::generate::run(&plan.config, ctx),
         "score" => crate::stages::score::run(&plan.config, ctx),
         "report" => crate::stages::report::run(ctx),
-        other => Err(Error::Stage {
-            stage: other.into(),
-            message: "not built".into(),
-        }),
+        other => Err(Error::Invalid(format!("stage `{other}` is not built"))),
     }
 }
 

@@ -14,33 +14,24 @@ use std::sync::Arc;
 
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
+
+use crate::device::{candle_dtype, device_for, ComputeDtype};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::features::{CacheDtype, FeatureCache, FeatureEntry, FeatureKey, Lookup};
 use crate::data::hub::HubClient;
-use crate::data::records::{ImageTextSample, StoryFrame};
-use crate::data::shard::{read_parquet, sha256_file, ShardSet};
-use crate::error::{Error, IoContext, Result};
+use crate::data::shard::{shard_captions, shard_images, ShardSet};
+use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::imaging::preprocess::{decode_crop, ClipPreprocessConfig, ImageBackend};
+use crate::io::sha256_file;
 use crate::models::clip::pretrain::PretrainConfig;
 use crate::models::clip::{ClipEmbedder, ClipModelFiles, HfClipConfig};
 use crate::models::tiny::{ensure_tiny_clip, TinyClipSpec};
 use crate::pipeline::config::Config;
 use crate::progress::Progress;
-
-/// Compute precision of the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ComputeDtype {
-    F32,
-    /// Half precision; GPU only.
-    F16,
-    /// bfloat16; GPU only.
-    Bf16,
-}
 
 /// `[embed]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,43 +115,6 @@ impl std::fmt::Display for EmbedSummary {
                 self.computed, self.repaired, self.cached, self.images, self.texts, self.skipped
             )
         }
-    }
-}
-
-/// Picks the device for `gpu` (a CUDA ordinal).
-pub fn device_for(gpu: Option<usize>, cpu_fallback: bool) -> Result<Device> {
-    match gpu {
-        None => Ok(Device::Cpu),
-        Some(n) => {
-            #[cfg(feature = "cuda")]
-            {
-                let _ = cpu_fallback;
-                Device::new_cuda(n)
-                    .map_err(|e| Error::Config(format!("cannot open CUDA device {n}: {e}")))
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                if cpu_fallback {
-                    eprintln!("--gpu {n}: this binary has no CUDA support; running on the CPU (embed.cpu_fallback)");
-                    Ok(Device::Cpu)
-                } else {
-                    Err(Error::Config(format!(
-                        "--gpu {n} needs a binary built with `--features cuda`; set embed.cpu_fallback=true to run on the CPU"
-                    )))
-                }
-            }
-        }
-    }
-}
-
-fn candle_dtype(dtype: ComputeDtype, device: &Device) -> Result<DType> {
-    match (dtype, device.is_cpu()) {
-        (ComputeDtype::F32, _) => Ok(DType::F32),
-        (_, true) => Err(Error::Config(
-            "embed.dtype f16/bf16 needs a GPU (--gpu N); use f32 on the CPU".into(),
-        )),
-        (ComputeDtype::F16, false) => Ok(DType::F16),
-        (ComputeDtype::Bf16, false) => Ok(DType::BF16),
     }
 }
 
@@ -268,13 +222,6 @@ impl ModelIdentity {
     }
 }
 
-/// One image row of an ingest shard to embed (captions are read by `shard_captions`).
-#[derive(Debug, Clone)]
-struct EmbedRow {
-    key: String,
-    image: Option<Vec<u8>>,
-}
-
 /// Finished shards of the configured datasets, in a stable order.
 fn input_shards(datasets: &[String], workdir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -303,45 +250,6 @@ fn shard_paths(workdir: &Path, dataset: &str, split: &str) -> Result<Vec<PathBuf
         .into_iter()
         .map(|s| set.parquet_path(s))
         .collect())
-}
-
-/// Reads the embeddable rows of a shard of either record type (image–caption or story
-/// frames), and counts the samples without an image.
-fn load_rows(path: &Path) -> Result<(Vec<EmbedRow>, u64)> {
-    let file = std::fs::File::open(path).at(path)?;
-    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|source| Error::Parquet {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if builder.schema().field_with_name("story_id").is_ok() {
-        let frames: Vec<StoryFrame> = read_parquet(path)?;
-        let rows = frames
-            .into_iter()
-            .map(|f| EmbedRow {
-                key: story_frame_key(&f.story_id, f.frame_index),
-                image: Some(f.image),
-            })
-            .collect();
-        return Ok((rows, 0));
-    }
-    let samples: Vec<ImageTextSample> = read_parquet(path)?;
-    let total = samples.len() as u64;
-    let rows: Vec<EmbedRow> = samples
-        .into_iter()
-        .filter(|s| s.status.is_success() && s.image.is_some())
-        .map(|s| EmbedRow {
-            key: s.key,
-            image: s.image,
-        })
-        .collect();
-    let kept = rows.len() as u64;
-    Ok((rows, total - kept))
-}
-
-/// The feature key of a story frame: `<story_id>:<frame_index>`.
-pub fn story_frame_key(story_id: &str, frame_index: i32) -> String {
-    format!("{story_id}:{frame_index}")
 }
 
 /// Where the workdir-relative name of an input comes from.
@@ -391,7 +299,7 @@ pub fn run(cfg: &Config, workdir: &Path, gpu: Option<usize>) -> Result<EmbedSumm
     if !text_work.is_empty() {
         let progress = Progress::new("embed text", "shards", Some(text_work.len() as u64));
         for (path, key) in &text_work {
-            let (rows, _) = crate::data::records::shard_captions(path)?;
+            let (rows, _) = shard_captions(path)?;
             let keys: Vec<String> = rows.iter().map(|(k, _)| k.clone()).collect();
             let captions: Vec<&str> = rows.iter().map(|(_, c)| c.as_str()).collect();
             embed_texts_into(&model, &cache, key, &keys, &captions, cfg.embed.batch_size)?;
@@ -494,19 +402,7 @@ impl ImageUnits for ShardImages {
         &self.units[unit].1
     }
     fn load(&self, unit: usize) -> Result<(Vec<KeyedImage>, u64)> {
-        let (rows, skipped) = load_rows(&self.units[unit].0)?;
-        let rows = rows
-            .into_iter()
-            .filter_map(|r| r.image.map(|img| (r.key, img)))
-            .collect();
-        Ok((rows, skipped))
-    }
-}
-
-fn stage_err(e: candle_core::Error) -> Error {
-    Error::Stage {
-        stage: "embed".into(),
-        message: e.to_string(),
+        shard_images(&self.units[unit].0)
     }
 }
 
@@ -526,7 +422,7 @@ pub fn embed_texts_into(
         let flat: Vec<f32> = emb
             .flatten_all()
             .and_then(|t| t.to_vec1())
-            .map_err(stage_err)?;
+            .during("CLIP text embeddings")?;
         writer.push(chunk_keys, &flat)?;
     }
     writer.finish()
@@ -612,10 +508,7 @@ pub fn embed_images_into(
         scope.spawn(move || pack_batches(&prep_rxs, batch_tx, skipped_tx, batch));
         let writer = scope.spawn(move || write_entries(cache, units, meta_rx, out_rx, dim));
         let computed = run_model(model, batch_rx, out_tx, &progress);
-        let panicked = |what: &str| Error::Stage {
-            stage: "embed".into(),
-            message: format!("the {what} thread panicked"),
-        };
+        let panicked = |what: &str| Error::Panicked(what.into());
         let written = writer
             .join()
             .unwrap_or_else(|_| Err(panicked("feature writer")));
@@ -706,7 +599,10 @@ fn run_model(
         let next = match batches.recv() {
             Ok(b) => {
                 let n = b.rows.len();
-                Some((b.rows, model.pixel_input(b.bytes, n).map_err(stage_err)?))
+                Some((
+                    b.rows,
+                    model.pixel_input(b.bytes, n).during("uploading pixels")?,
+                ))
             }
             Err(_) => None,
         };
@@ -714,7 +610,7 @@ fn run_model(
             let flat: Vec<f32> = emb
                 .flatten_all()
                 .and_then(|t| t.to_vec1())
-                .map_err(stage_err)?;
+                .during("reading image embeddings back")?;
             for ((unit, row), e) in rows.iter().zip(flat.chunks(dim)) {
                 if out.send((*unit, *row, Some(e.to_vec()))).is_err() {
                     return Ok(());
@@ -724,7 +620,12 @@ fn run_model(
         }
         match next {
             Some((rows, x)) => {
-                running = Some((rows, model.embed_pixel_tensor(&x).map_err(stage_err)?));
+                running = Some((
+                    rows,
+                    model
+                        .embed_pixel_tensor(&x)
+                        .during("CLIP image embeddings")?,
+                ));
             }
             None => return Ok(()),
         }

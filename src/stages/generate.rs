@@ -11,12 +11,14 @@ use serde::{Deserialize, Serialize};
 use crate::data::features::FeatureEntry;
 use crate::data::hub::HubClient;
 use crate::data::records::GenerationRow;
-use crate::data::shard::{write_atomic, write_parquet};
-use crate::error::{Error, Result};
+use crate::data::shard::write_parquet;
+use crate::device::device_for;
+use crate::error::{CandleContext, Error, Result};
+use crate::io::write_atomic;
 use crate::models::captioner::{seed_mapper, CaptionerManifest, DecodeMethod, DecoderFiles};
 use crate::pipeline::config::Config;
 use crate::progress::Progress;
-use crate::stages::embed::{self, device_for, UserInputs};
+use crate::stages::embed::{self, UserInputs};
 use crate::stages::train_sft::StageContext;
 
 /// `[generate]`.
@@ -205,11 +207,11 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
                 .chunks(g.batch_size.max(1))
                 .zip(embeddings.chunks(g.batch_size.max(1) * dim))
             {
-                let clip =
-                    Tensor::from_slice(chunk, (chunk_keys.len(), dim), &device).map_err(gen_err)?;
+                let clip = Tensor::from_slice(chunk, (chunk_keys.len(), dim), &device)
+                    .during("uploading image features")?;
                 let out = model
                     .generate(&clip, method, g.max_tokens)
-                    .map_err(gen_err)?;
+                    .during("decoding captions")?;
                 for (key, gen) in chunk_keys.iter().zip(out) {
                     rows.push(GenerationRow {
                         run_id: ctx.run_id.clone(),
@@ -241,13 +243,6 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
         keys.len(),
         path.display()
     ))
-}
-
-fn gen_err(e: candle_core::Error) -> Error {
-    Error::Stage {
-        stage: "generate".into(),
-        message: e.to_string(),
-    }
 }
 
 /// `generations.json`: a list of `{image_id, caption, model, method, logprob}` (COCO results

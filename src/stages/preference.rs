@@ -23,12 +23,14 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use crate::data::records::{MetricRow, PreferencePair};
-use crate::data::shard::{read_parquet, sha256_file, write_parquet, ShardSet};
-use crate::error::{Error, IoContext, Result};
+use crate::data::shard::{read_parquet, write_parquet, ShardSet};
+use crate::device::device_for;
+use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::io::sha256_file;
 use crate::losses::preference::{dpo_loss, orpo_loss, DpoLoss};
 use crate::models::captioner::{Captioner, CaptionerManifest};
 use crate::pipeline::config::Config;
-use crate::stages::embed::{self, device_for};
+use crate::stages::embed::{self};
 use crate::stages::generate::find_stage_dir;
 use crate::stages::train_sft::{shard_batches, StageContext};
 use crate::train::{fit, FitOutput, Objective, StepOutput, TrainConfig};
@@ -634,25 +636,32 @@ pub(crate) fn reference_logps(
     }
     let mut ids = Vec::new();
     let (mut cs, mut rs) = (Vec::new(), Vec::new());
-    let err = |e: candle_core::Error| Error::Stage {
-        stage: "train-dpo".into(),
-        message: format!("reference log-probs: {e}"),
-    };
+    let during = "reference log-probs";
     for batch in split.batches(16, None, None) {
         let batch = batch?;
         let BatchLogps {
             chosen: (lc, nc),
             rejected: (lr, nr),
             ..
-        } = batch_logps(reference, &batch).map_err(err)?;
+        } = batch_logps(reference, &batch).during(during)?;
         let (lc, lr) = if average {
-            ((lc / nc).map_err(err)?, (lr / nr).map_err(err)?)
+            ((lc / nc).during(during)?, (lr / nr).during(during)?)
         } else {
             (lc, lr)
         };
         ids.extend(batch.groups.iter().flat_map(|g| g.pair_ids.iter().cloned()));
-        cs.extend(lc.to_vec1::<f32>().map_err(err)?.into_iter().map(f64::from));
-        rs.extend(lr.to_vec1::<f32>().map_err(err)?.into_iter().map(f64::from));
+        cs.extend(
+            lc.to_vec1::<f32>()
+                .during(during)?
+                .into_iter()
+                .map(f64::from),
+        );
+        rs.extend(
+            lr.to_vec1::<f32>()
+                .during(during)?
+                .into_iter()
+                .map(f64::from),
+        );
     }
     std::fs::create_dir_all(&dir).at(&dir)?;
     let schema = Arc::new(Schema::new(vec![
@@ -795,10 +804,7 @@ pub(crate) fn accuracy_by_source(
                     out.rewards.1.to_vec1::<f32>()?,
                 ))
             })
-            .map_err(|e| Error::Stage {
-                stage: method.stage().into(),
-                message: format!("validation by pair source: {e}"),
-            })?;
+            .during("validation by pair source")?;
         let rewards = rewards.0.into_iter().zip(rewards.1);
         let sources = batch.groups.iter().flat_map(|g| g.sources.iter());
         for (source, (chosen, rejected)) in sources.zip(rewards) {

@@ -19,13 +19,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::records::PreferencePair;
-use crate::data::shard::{sha256_file, write_atomic, ShardSet, ShardStats};
-use crate::error::{Error, IoContext, Result};
+use crate::data::shard::{ShardSet, ShardStats};
+use crate::device::device_for;
+use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::io::{sha256_file, write_atomic};
 use crate::models::captioner::{CaptionerManifest, DecodeMethod};
 use crate::models::clip::ClipEmbedder;
 use crate::pipeline::config::Config;
 use crate::progress::Progress;
-use crate::stages::embed::{self, device_for, ModelIdentity};
+use crate::stages::embed::{self, ModelIdentity};
 use crate::stages::generate::find_stage_dir;
 use crate::stages::score::{cosine, embed_texts};
 use crate::stages::train_sft::StageContext;
@@ -111,13 +113,6 @@ pub fn rank(
             }
         }
         _ => Err("identical_candidates"),
-    }
-}
-
-fn stage_err(e: impl std::fmt::Display) -> Error {
-    Error::Stage {
-        stage: "sample-pairs".into(),
-        message: e.to_string(),
     }
 }
 
@@ -245,7 +240,8 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
                     }
                 }
                 let n = (end - start) * k;
-                let clip_in = Tensor::from_vec(rows, (n, dim), &device).map_err(stage_err)?;
+                let clip_in =
+                    Tensor::from_vec(rows, (n, dim), &device).during("uploading image features")?;
                 let method = DecodeMethod::Sample {
                     top_p: s.top_p,
                     temperature: s.temperature,
@@ -253,7 +249,7 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
                 };
                 let gens = model
                     .generate(&clip_in, &method, s.max_tokens)
-                    .map_err(stage_err)?;
+                    .during("sampling candidates")?;
                 for (j, i) in (start..end).enumerate() {
                     let texts: Vec<String> = gens[j * k..(j + 1) * k]
                         .iter()

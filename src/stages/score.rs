@@ -11,9 +11,9 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::data::records::{GenerationRow, ImageTextSample, Record};
+use crate::data::records::{GenerationRow, ImageTextSample, ScoreRow, SummaryRow};
 use crate::data::shard::{read_parquet, write_parquet, ShardSet};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::metrics::meteor::meteor;
 use crate::metrics::text::{bleu, cider_d, ptb_tokenize, rouge_l_corpus};
 use crate::models::clip::{l2_normalize, ClipEmbedder};
@@ -34,34 +34,6 @@ impl Default for ScoreConfig {
     fn default() -> Self {
         Self { clip_score: true }
     }
-}
-
-/// One scored caption (`runs/<id>/scores.parquet`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScoreRow {
-    pub run_id: String,
-    pub model: String,
-    pub method: String,
-    pub image_key: String,
-    pub caption: String,
-    pub bleu: [f64; 4],
-    pub meteor: f64,
-    pub rouge_l: f64,
-    pub cider_d: f64,
-    pub clip_score: Option<f64>,
-    pub ref_clip_score: Option<f64>,
-    /// Synthetic world only: share of the 5 attributes right.
-    pub attribute_accuracy: Option<f64>,
-}
-
-/// One corpus-level number (`runs/<id>/scores_summary.parquet`, long format).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SummaryRow {
-    pub run_id: String,
-    pub model: String,
-    pub method: String,
-    pub metric: String,
-    pub value: f64,
 }
 
 /// Scores of one candidate set: per image and corpus-level.
@@ -162,10 +134,7 @@ pub(crate) fn embed_texts(clip: &ClipEmbedder, texts: &[String]) -> Result<Vec<V
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let e = l2_normalize(&clip.embed_texts(&refs)?)
             .and_then(|t| t.to_vec2::<f32>())
-            .map_err(|e| Error::Stage {
-                stage: "score".into(),
-                message: e.to_string(),
-            })?;
+            .during("normalising CLIP text embeddings")?;
         out.extend(e);
     }
     Ok(out)
@@ -281,7 +250,10 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
                 method: method.clone(),
                 image_key: g.image_key.clone(),
                 caption: g.caption.clone(),
-                bleu: per[i].bleu,
+                bleu_1: per[i].bleu[0],
+                bleu_2: per[i].bleu[1],
+                bleu_3: per[i].bleu[2],
+                bleu_4: per[i].bleu[3],
                 meteor: per[i].meteor,
                 rouge_l: per[i].rouge_l,
                 cider_d: per[i].cider_d,
@@ -427,153 +399,6 @@ pub fn score_files(refs: &Path, cands: &Path) -> Result<FileScores> {
     let r: Vec<Vec<String>> = ids.iter().map(|i| by_image[i].clone()).collect();
     let (per, corpus) = text_metrics(&c, &r);
     Ok((corpus, ids.into_iter().zip(per).collect()))
-}
-
-mod schema {
-    use super::*;
-    use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
-    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-    use std::sync::Arc;
-
-    fn strings<R>(rows: &[R], f: impl Fn(&R) -> &str) -> ArrayRef {
-        Arc::new(rows.iter().map(|r| Some(f(r))).collect::<StringArray>())
-    }
-    fn floats<R>(rows: &[R], f: impl Fn(&R) -> Option<f64>) -> ArrayRef {
-        Arc::new(rows.iter().map(f).collect::<Float64Array>())
-    }
-    fn batch(schema: SchemaRef, cols: Vec<ArrayRef>) -> Result<RecordBatch> {
-        RecordBatch::try_new(schema, cols).map_err(|source| Error::Arrow {
-            context: "building scores".into(),
-            source,
-        })
-    }
-    fn col<'a, A: 'static>(b: &'a RecordBatch, n: &str, path: &Path) -> Result<&'a A> {
-        b.column_by_name(n)
-            .and_then(|c| c.as_any().downcast_ref::<A>())
-            .ok_or_else(|| Error::BadFile {
-                path: path.to_path_buf(),
-                message: format!("missing or mistyped column `{n}`"),
-            })
-    }
-    /// The metric columns of `scores.parquet`; those from `clip_score` on are nullable.
-    const SCORE_COLUMNS: [&str; 10] = [
-        "bleu_1",
-        "bleu_2",
-        "bleu_3",
-        "bleu_4",
-        "meteor",
-        "rouge_l",
-        "cider_d",
-        "clip_score",
-        "ref_clip_score",
-        "attribute_accuracy",
-    ];
-
-    impl Record for ScoreRow {
-        fn schema() -> SchemaRef {
-            let mut fields = vec![
-                Field::new("run_id", DataType::Utf8, false),
-                Field::new("model", DataType::Utf8, false),
-                Field::new("method", DataType::Utf8, false),
-                Field::new("image_key", DataType::Utf8, false),
-                Field::new("caption", DataType::Utf8, false),
-            ];
-            for (i, n) in SCORE_COLUMNS.iter().enumerate() {
-                fields.push(Field::new(*n, DataType::Float64, i >= 7));
-            }
-            Arc::new(Schema::new(fields))
-        }
-        fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
-            let mut cols = vec![
-                strings(rows, |r| &r.run_id),
-                strings(rows, |r| &r.model),
-                strings(rows, |r| &r.method),
-                strings(rows, |r| &r.image_key),
-                strings(rows, |r| &r.caption),
-            ];
-            for k in 0..4 {
-                cols.push(floats(rows, |r| Some(r.bleu[k])));
-            }
-            cols.push(floats(rows, |r| Some(r.meteor)));
-            cols.push(floats(rows, |r| Some(r.rouge_l)));
-            cols.push(floats(rows, |r| Some(r.cider_d)));
-            cols.push(floats(rows, |r| r.clip_score));
-            cols.push(floats(rows, |r| r.ref_clip_score));
-            cols.push(floats(rows, |r| r.attribute_accuracy));
-            batch(Self::schema(), cols)
-        }
-        fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
-            let s = |n| col::<StringArray>(b, n, path);
-            let f = |n| col::<Float64Array>(b, n, path);
-            let (run_id, model, method, key, caption) = (
-                s("run_id")?,
-                s("model")?,
-                s("method")?,
-                s("image_key")?,
-                s("caption")?,
-            );
-            let floats: Vec<&Float64Array> =
-                SCORE_COLUMNS.iter().map(|n| f(n)).collect::<Result<_>>()?;
-            let opt = |a: &Float64Array, i: usize| {
-                (!arrow::array::Array::is_null(a, i)).then(|| a.value(i))
-            };
-            Ok((0..b.num_rows())
-                .map(|i| ScoreRow {
-                    run_id: run_id.value(i).into(),
-                    model: model.value(i).into(),
-                    method: method.value(i).into(),
-                    image_key: key.value(i).into(),
-                    caption: caption.value(i).into(),
-                    bleu: std::array::from_fn(|k| floats[k].value(i)),
-                    meteor: floats[4].value(i),
-                    rouge_l: floats[5].value(i),
-                    cider_d: floats[6].value(i),
-                    clip_score: opt(floats[7], i),
-                    ref_clip_score: opt(floats[8], i),
-                    attribute_accuracy: opt(floats[9], i),
-                })
-                .collect())
-        }
-    }
-
-    impl Record for SummaryRow {
-        fn schema() -> SchemaRef {
-            Arc::new(Schema::new(vec![
-                Field::new("run_id", DataType::Utf8, false),
-                Field::new("model", DataType::Utf8, false),
-                Field::new("method", DataType::Utf8, false),
-                Field::new("metric", DataType::Utf8, false),
-                Field::new("value", DataType::Float64, false),
-            ]))
-        }
-        fn to_batch(rows: &[Self]) -> Result<RecordBatch> {
-            batch(
-                Self::schema(),
-                vec![
-                    strings(rows, |r| &r.run_id),
-                    strings(rows, |r| &r.model),
-                    strings(rows, |r| &r.method),
-                    strings(rows, |r| &r.metric),
-                    floats(rows, |r| Some(r.value)),
-                ],
-            )
-        }
-        fn from_batch(b: &RecordBatch, path: &Path) -> Result<Vec<Self>> {
-            let s = |n| col::<StringArray>(b, n, path);
-            let (run_id, model, method, metric) =
-                (s("run_id")?, s("model")?, s("method")?, s("metric")?);
-            let value = col::<Float64Array>(b, "value", path)?;
-            Ok((0..b.num_rows())
-                .map(|i| SummaryRow {
-                    run_id: run_id.value(i).into(),
-                    model: model.value(i).into(),
-                    method: method.value(i).into(),
-                    metric: metric.value(i).into(),
-                    value: value.value(i),
-                })
-                .collect())
-        }
-    }
 }
 
 #[cfg(test)]

@@ -18,11 +18,12 @@ use crate::data::features::FeatureEntry;
 use crate::data::hub::HubClient;
 use crate::data::records::ImageTextSample;
 use crate::data::shard::read_parquet;
+use crate::device::device_for;
 use crate::error::{Error, Result};
 use crate::models::captioner::{caption_ids, Captioner, CaptionerManifest, DecoderFiles};
 use crate::pipeline::config::Config;
 use crate::rng::SplitMix64;
-use crate::stages::embed::{self, device_for};
+use crate::stages::embed::{self};
 use crate::train::{fit, FitOutput, Objective, StepOutput};
 
 /// What a stage gets besides its configuration.

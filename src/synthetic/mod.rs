@@ -703,10 +703,8 @@ pub fn render(layout: &Layout, size: u32) -> RgbImage {
 /// [`render`] encoded as the stored JPEG; `what` names the image in errors.
 fn render_jpeg(layout: &Layout, size: u32, what: &str) -> Result<Vec<u8>> {
     let img = render(layout, size);
-    encode_jpeg(img.as_raw(), size, size, JPEG_QUALITY, false).map_err(|e| Error::Stage {
-        stage: "ingest".into(),
-        message: format!("synthetic {what}: {e}"),
-    })
+    encode_jpeg(img.as_raw(), size, size, JPEG_QUALITY, false)
+        .map_err(|e| Error::Image(format!("synthetic {what}: {e}")))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::records::MetricRow;
-use crate::data::shard::{write_atomic, write_parquet};
+use crate::data::shard::write_parquet;
 use crate::error::{Error, IoContext, Result};
+use crate::io::write_atomic;
 use crate::progress::Progress;
 
 /// Optimisation settings shared by every training stage (each stage has its own section).
@@ -774,9 +775,9 @@ fn validate<O: Objective>(obj: &mut O) -> Result<Vec<(String, f64)>> {
 }
 
 fn stage_err(e: candle_core::Error) -> Error {
-    Error::Stage {
-        stage: "train".into(),
-        message: e.to_string(),
+    Error::Candle {
+        context: "training".into(),
+        source: e,
     }
 }
 
@@ -791,10 +792,10 @@ pub fn fit<O: Objective>(
 ) -> Result<FitSummary> {
     let accum = cfg.grad_accum.max(1);
     if steps_per_epoch == 0 {
-        return Err(Error::Stage {
-            stage: out.stage.into(),
-            message: "the training split has no batches".into(),
-        });
+        return Err(Error::Invalid(format!(
+            "{}: the training split has no batches",
+            out.stage
+        )));
     }
     // As transformers' Trainer, an epoch's last batches step even when fewer than `accum`:
     // accumulation never spans two epochs (so an epoch-end checkpoint holds all of it).

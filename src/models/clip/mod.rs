@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
 use crate::data::hub::HubClient;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::imaging::preprocess::{ClipPreprocessConfig, PixelTable};
 use crate::models::clip::vision::VisionTower;
 
@@ -237,7 +237,7 @@ impl ClipModelFiles {
     /// sha256 of the weights file: part of every feature-cache key, so changed weights
     /// never reuse old embeddings even under the same name.
     pub fn weights_sha256(&self) -> Result<String> {
-        crate::data::shard::sha256_file(&self.weights)
+        crate::io::sha256_file(&self.weights)
     }
 }
 
@@ -284,13 +284,10 @@ impl ClipEmbedder {
                 config.vision_config.image_size
             )));
         }
-        let candle_err = |e: candle_core::Error| Error::BadFile {
-            path: files.weights.clone(),
-            message: e.to_string(),
-        };
+        let candle_err = format!("loading {}", files.weights.display());
         // SAFETY: the file is mapped read-only; prefcap never writes a checkpoint it has mapped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&files.weights], dtype, device) }
-            .map_err(candle_err)?;
+            .during(candle_err.as_str())?;
         Self::from_var_builder(
             vb,
             config,
@@ -299,7 +296,7 @@ impl ClipEmbedder {
             device,
             dtype,
         )
-        .map_err(candle_err)
+        .during(candle_err.as_str())
     }
 
     /// Builds the model from any VarBuilder (a checkpoint, or random weights for shape tests).
@@ -472,10 +469,7 @@ impl ClipEmbedder {
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Tensor> {
         let (ids, pool_at) = self.tokenize(texts)?;
         self.embed_token_ids(&ids, &pool_at)
-            .map_err(|e| Error::Stage {
-                stage: "embed".into(),
-                message: e.to_string(),
-            })
+            .during("CLIP text embeddings")
     }
 
     pub fn embed_token_ids(

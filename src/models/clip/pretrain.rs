@@ -329,9 +329,9 @@ fn swapped(scene: &Scene) -> Scene {
 }
 
 fn candle(e: candle_core::Error) -> Error {
-    Error::Stage {
-        stage: "tiny-clip pretraining".into(),
-        message: e.to_string(),
+    Error::Candle {
+        context: "tiny CLIP pretraining".into(),
+        source: e,
     }
 }
 
@@ -375,10 +375,9 @@ pub fn pretrain(
         .map_err(candle)?;
         let value = f64::from(loss.to_scalar::<f32>().map_err(candle)?);
         if !value.is_finite() {
-            return Err(Error::Stage {
-                stage: "tiny-clip pretraining".into(),
-                message: format!("loss became {value} at step {step}"),
-            });
+            return Err(Error::Invalid(format!(
+                "tiny CLIP pretraining: loss became {value} at step {step}"
+            )));
         }
         if step == 0 {
             summary.first_loss = value;

@@ -11,9 +11,10 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::data::records::{ImageTextSample, SampleStatus};
-use crate::data::shard::{sha256_file, ShardSet, ShardStats};
+use crate::data::shard::{ShardSet, ShardStats};
 use crate::error::{Error, Result};
 use crate::imaging::resize::{self, ImageSpec, ResizeMode};
+use crate::io::sha256_file;
 use crate::pipeline::config::RunConfig;
 use crate::progress::Progress;
 use crate::stages::ingest::download::{FetchFailure, Fetcher};
@@ -365,15 +366,12 @@ impl Pipeline<'_> {
         // Every planned sample comes back (a failure is a sample too), so a shard still open
         // means the input did not hold the rows the plan expected.
         if let Some((shard, (_, rows))) = pending.iter().min_by_key(|(s, _)| **s) {
-            return Err(Error::Stage {
-                stage: "ingest".into(),
-                message: format!(
-                    "cc shard {shard} of {} got {} of its {} planned samples; nothing of it was written",
-                    self.input.display(),
-                    rows.len(),
-                    self.plan[shard].expected()
-                ),
-            });
+            return Err(Error::Invalid(format!(
+                "cc shard {shard} of {} got {} of its {} planned samples; nothing of it was written",
+                self.input.display(),
+                rows.len(),
+                self.plan[shard].expected()
+            )));
         }
         Ok(written)
     }
@@ -404,10 +402,7 @@ impl Pipeline<'_> {
 }
 
 fn panicked(what: &str) -> Error {
-    Error::Stage {
-        stage: "ingest".into(),
-        message: format!("the {what} thread panicked"),
-    }
+    Error::Panicked(what.into())
 }
 
 /// Counts outcomes by status for a shard's stats file.

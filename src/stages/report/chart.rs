@@ -220,7 +220,7 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, series: &[Series]) ->
             path: path.to_path_buf(),
             message: format!("encoding PNG: {e}"),
         })?;
-    crate::data::shard::write_atomic(path, bytes.get_ref())
+    crate::io::write_atomic(path, bytes.get_ref())
 }
 
 #[cfg(test)]
