@@ -2,12 +2,16 @@
 
 use std::path::PathBuf;
 
+#[cfg(feature = "bench")]
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+#[cfg(feature = "bench")]
 use crate::bench;
-use crate::pipeline::plan::{self, ConfigSource, STAGES};
-use crate::pipeline::runner::{self, RunOptions, StepOutcome};
+use crate::datasets::embedding::{embed_user_inputs, UserInputs};
+use crate::pipeline::plan::{self, ConfigSource};
+use crate::pipeline::runner::{self, RunOptions};
+use crate::stages::{self, STAGES};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,7 +37,7 @@ pub enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// Embed your own images and/or texts with CLIP into the feature cache, optionally
+    /// Embed your own images and/or texts with `[clip]`'s model into the feature cache, optionally
     /// exporting them to a Parquet or Arrow file.
     Embed(EmbedArgs),
     /// Score any model's captions against references (BLEU-1..4, ROUGE-L, CIDEr-D as
@@ -58,7 +62,8 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Benchmarks against the Python tools prefcap replaces.
+    /// Benchmarks against the Python tools prefcap replaces (a build with `--features bench`).
+    #[cfg(feature = "bench")]
     Bench {
         #[command(subcommand)]
         which: bench::BenchCommand,
@@ -85,14 +90,14 @@ pub struct EmbedArgs {
     /// A text file, one text per line.
     #[arg(long, value_name = "FILE")]
     pub texts: Option<PathBuf>,
-    /// CLIP model: a hub repo id, a local Hugging Face directory, or `tiny` [default: embed.model].
+    /// CLIP model: a hub repo id, a local Hugging Face directory, or `tiny` [default: clip.model].
     #[arg(long, value_name = "DIR-or-REPO")]
     pub model: Option<String>,
-    /// Hub revision of --model [default: embed.revision].
+    /// Hub revision of --model [default: clip.revision].
     #[arg(long)]
     pub revision: Option<String>,
     /// Reproduce transformers' `pil` or `torchvision` image preprocessing [default:
-    /// embed.image_backend, else as the checkpoint's preprocessor_config.json says].
+    /// clip.image_backend, else as the checkpoint's preprocessor_config.json says].
     #[arg(long, value_name = "pil|torchvision")]
     pub image_backend: Option<crate::imaging::preprocess::ImageBackend>,
     /// Also write all embeddings to this file (`.parquet`, or Arrow IPC for any other name).
@@ -153,79 +158,65 @@ pub fn main() -> anyhow::Result<()> {
                 gpu: args.common.gpu,
             };
             let (run_dir, record) = runner::execute(&plan, &opts)?;
-            let not_built: Vec<_> = record
-                .steps
-                .iter()
-                .filter(|(_, o)| matches!(o, StepOutcome::NotBuilt))
-                .map(|(n, _)| n.as_str())
-                .collect();
             println!(
                 "run {} finished; record in {}",
                 record.run_id,
                 run_dir.join("run.json").display()
             );
-            if !not_built.is_empty() {
-                println!(
-                    "not built yet in this version (not run): {}",
-                    not_built.join(", ")
-                );
-            }
         }
         Command::List => {
             println!("stages:");
             for s in STAGES {
-                let state = if s.built { "" } else { "  [not built yet]" };
-                println!("  {:<11} {}{state}", s.name, s.description);
+                println!("  {:<13} {}", s.name, s.description);
             }
             println!("pipelines:");
             for (name, description, origin) in list_pipelines() {
-                println!("  {name:<11} {description}  ({origin})");
+                println!("  {name:<13} {description}  ({origin})");
             }
         }
         Command::Validate { pipeline, common } => {
             let plan = plan::resolve(&pipeline, &common.source())?;
             println!("{} ({}): valid", plan.name, plan.origin);
             for step in &plan.steps {
-                let built = plan::stage(&step.stage).is_some_and(|s| s.built);
                 let inputs = if step.inputs.is_empty() {
                     String::new()
                 } else {
                     format!(" <- {}", step.inputs.join(", "))
                 };
-                println!(
-                    "  {}{inputs}{}",
-                    step.name(),
-                    if built { "" } else { "  [not built yet]" }
-                );
+                println!("  {}{inputs}", step.name());
             }
         }
         Command::Embed(args) => {
             let mut sets = args.common.sets.clone();
             if let Some(m) = &args.model {
-                sets.push(format!("embed.model={}", toml::Value::String(m.clone())));
+                sets.push(format!("clip.model={}", toml::Value::String(m.clone())));
             }
             if let Some(r) = &args.revision {
-                sets.push(format!("embed.revision={}", toml::Value::String(r.clone())));
+                sets.push(format!("clip.revision={}", toml::Value::String(r.clone())));
             }
             if let Some(b) = args.image_backend {
                 let name = toml::Value::try_from(b).expect("a unit variant is a TOML string");
-                sets.push(format!("embed.image_backend={name}"));
+                sets.push(format!("clip.image_backend={name}"));
             }
             let source = ConfigSource {
                 sets,
                 ..args.common.source()
             };
             let plan = plan::resolve("embed", &source)?;
-            let inputs = crate::stages::embed::UserInputs {
+            let embed = plan.config.stage::<stages::embed::Embed>()?;
+            let mut ctx = plan.config.context(&args.common.workdir, "embed");
+            ctx.gpu = args.common.gpu;
+            let inputs = UserInputs {
                 images: args.images.clone(),
                 texts: args.texts.clone(),
                 out: args.out.clone(),
             };
-            let summary = crate::stages::embed::embed_user_inputs(
-                &plan.config,
-                &args.common.workdir,
-                args.common.gpu,
+            let summary = embed_user_inputs(
+                &ctx.feature_identity(&ctx.clip)?,
+                &ctx.device()?,
+                &ctx.workdir,
                 &inputs,
+                &ctx.embed_options(embed.batch_size),
             )?;
             println!("{}", summary.embed);
             for entry in &summary.entries {
@@ -242,7 +233,7 @@ pub fn main() -> anyhow::Result<()> {
             }
         }
         Command::Score { refs, cands, out } => {
-            let (corpus, per) = crate::stages::score::score_files(&refs, &cands)?;
+            let (corpus, per) = stages::score::score_files(&refs, &cands)?;
             for (metric, value) in &corpus {
                 println!("{metric:<10} {value:.6}");
             }
@@ -281,6 +272,7 @@ pub fn main() -> anyhow::Result<()> {
                 out.display()
             );
         }
+        #[cfg(feature = "bench")]
         Command::Bench { which } => bench::run(which).context("benchmark failed")?,
     }
     Ok(())

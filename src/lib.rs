@@ -1,11 +1,17 @@
 //! prefcap: a dataflow pipeline for preference-aligned image captioning.
 //!
-//! Stages are library functions (`ingest::run`, ...) that the thin `pipeline` binary calls;
-//! pipelines (`pipelines/*.toml`) are validated as a whole before any stage runs.
+//! The layers, lowest first (each imports only those below it; `docs/architecture.md` has
+//! the rules, `tests/architecture.rs` enforces them): the foundation (`error`, `io`,
+//! `device`, `rng`, `progress`), `kernels`, `imaging`, `data`, `synthetic`, `models`,
+//! `losses`, `metrics`, `train`, `datasets`, `stages` (one file per stage and the registry),
+//! `pipeline` (configuration, plans, the runner) and `cli`; `bench` and `testkit` are
+//! features. The thin `pipeline` binary calls `cli::main`.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod datasets;
 pub mod device;
 pub mod error;
 pub mod imaging;
@@ -19,6 +25,7 @@ pub mod progress;
 pub mod rng;
 pub mod stages;
 pub mod synthetic;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod train;
 

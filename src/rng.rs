@@ -47,6 +47,17 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
+    /// `n` draws from N(0, std²) (Box–Muller).
+    pub fn normal_samples(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u1 = 1.0 - self.unit_f64();
+                let u2 = self.unit_f64();
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
+            })
+            .collect()
+    }
+
     /// Picks one element uniformly.
     pub fn choose<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]

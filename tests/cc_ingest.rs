@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use prefcap::data::records::{ImageTextSample, SampleStatus};
 use prefcap::data::shard::ShardSet;
 use prefcap::pipeline::config::Config;
-use prefcap::stages::ingest::{self, IngestOptions, Source};
+use prefcap::stages::ingest::{Ingest, Source, SourceSummary};
+use prefcap::stages::Stage;
 use prefcap::testkit::loopback::{Fault, LoopbackServer, Reply};
 
 fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
@@ -37,6 +38,13 @@ fn cc_config(tsv: &Path, extra: &[&str]) -> Config {
     ];
     sets.extend(extra.iter().map(|s| s.to_string()));
     Config::load(None, None, &sets).unwrap()
+}
+
+/// `pipeline run ingest` on `cfg` under `dir` (with `--retry-failed` when asked).
+fn ingest(cfg: &Config, dir: &Path, retry_failed: bool) -> prefcap::Result<Vec<SourceSummary>> {
+    let mut ctx = cfg.context(dir, "test");
+    ctx.retry_failed = retry_failed;
+    Ok(Ingest::run(&cfg.stage::<Ingest>()?, &ctx)?.sources)
 }
 
 fn write_tsv(path: &Path, urls: &[String]) {
@@ -119,8 +127,8 @@ fn every_misbehaviour_maps_to_its_status_and_stats_add_up() {
             "ingest.cc.max_image_bytes=100000",
         ],
     );
-    let summary = ingest::run(&cfg, dir.path(), &IngestOptions::default()).unwrap();
-    assert_eq!(cfg.ingest.sources, vec![Source::Cc]);
+    let summary = ingest(&cfg, dir.path(), false).unwrap();
+    assert_eq!(cfg.stage::<Ingest>().unwrap().sources, vec![Source::Cc]);
     let split = &summary[0].splits[0];
     assert_eq!((split.rows, split.shards_written), (cases.len() as u64, 3));
 
@@ -183,7 +191,7 @@ fn malformed_tsv_is_rejected_with_file_and_row_before_any_download() {
         format!("fine\t{}\nno tab on this line\n", server.url("/a.jpg")),
     )
     .unwrap();
-    let err = ingest::run(&cc_config(&tsv, &[]), dir.path(), &IngestOptions::default())
+    let err = ingest(&cc_config(&tsv, &[]), dir.path(), false)
         .unwrap_err()
         .to_string();
     assert!(
@@ -331,7 +339,7 @@ fn retry_failed_fetches_only_the_failed_samples_again() {
         .collect();
     write_tsv(&tsv, &urls);
     let cfg = cc_config(&tsv, &["ingest.cc.shard_size=4"]);
-    ingest::run(&cfg, dir.path(), &IngestOptions::default()).unwrap();
+    ingest(&cfg, dir.path(), false).unwrap();
     let failed: Vec<String> = all_rows(dir.path())
         .into_iter()
         .filter(|r| !r.status.is_success())
@@ -341,7 +349,7 @@ fn retry_failed_fetches_only_the_failed_samples_again() {
 
     // A plain re-run does nothing: every shard is finished.
     log.lock().unwrap().clear();
-    let again = ingest::run(&cfg, dir.path(), &IngestOptions::default()).unwrap();
+    let again = ingest(&cfg, dir.path(), false).unwrap();
     assert_eq!(
         (
             again[0].splits[0].shards_written,
@@ -353,7 +361,7 @@ fn retry_failed_fetches_only_the_failed_samples_again() {
 
     healed.store(true, Ordering::SeqCst);
     let before = all_rows(dir.path());
-    let retried = ingest::run(&cfg, dir.path(), &IngestOptions { retry_failed: true }).unwrap();
+    let retried = ingest(&cfg, dir.path(), true).unwrap();
     let mut requested = log.lock().unwrap().clone();
     requested.sort();
     assert_eq!(
@@ -408,7 +416,7 @@ fn more_rows_or_other_image_settings_redo_exactly_the_shards_they_change() {
         r
     };
     let split = |cfg: &Config| {
-        let s = ingest::run(cfg, dir.path(), &IngestOptions::default()).unwrap();
+        let s = ingest(cfg, dir.path(), false).unwrap();
         let s = &s[0].splits[0];
         (s.shards_written, s.shards_skipped, s.rows)
     };

@@ -99,24 +99,27 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
             "--set",
             "ingest.synthetic.val_images=8",
             "--set",
-            "embed.tiny_pretrain.steps=3",
+            "pretrain_clip.steps=3",
             "--set",
-            "embed.tiny_pretrain.batch_size=8",
+            "pretrain_clip.batch_size=8",
         ],
         dir.path(),
     );
     assert!(out.status.success(), "{log}");
     assert!(log.contains("step ingest: done"), "{log}");
+    assert!(log.contains("step pretrain-clip: done"), "{log}");
     assert!(log.contains("step embed: done"), "{log}");
     assert!(log.contains("step train-sft: done"), "{log}");
     for step in ["train-dpo", "train-orpo", "generate", "score", "report"] {
         assert!(log.contains(&format!("step {step}: done")), "{log}");
     }
-    assert!(!log.contains("NOT BUILT"), "{log}");
-    // The embedded tiny CLIP was generated and the features cached.
+    // The embedded tiny CLIP was generated, pretrained into the run, and the features cached.
     assert!(dir
         .path()
         .join("cache/models/tiny-clip-v1/model.safetensors")
+        .is_file());
+    assert!(common::newest_run(dir.path())
+        .join("pretrain-clip/model/model.safetensors")
         .is_file());
     assert!(dir.path().join("cache/features-v1").is_dir());
     assert!(!ShardSet::new(dir.path(), "synthetic", "train")
@@ -158,7 +161,6 @@ fn validate_reports_all_plan_errors_at_once() {
         assert!(out.status.success(), "{real}: {log}");
         assert!(log.contains("sample-pairs <- train-sft\n"), "{log}");
     }
-    assert!(!log.contains("[not built yet]"), "{log}");
     assert!(log.contains("embed <- ingest\n"), "{log}");
     assert!(log.contains("train-sft <- embed\n"), "{log}");
 }
@@ -202,7 +204,7 @@ fn list_names_every_stage_and_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let (out, log) = pipeline(&["list"], dir.path());
     assert!(out.status.success(), "{log}");
-    for s in prefcap::pipeline::plan::STAGES {
+    for s in prefcap::stages::STAGES {
         assert!(log.contains(s.name), "{log}");
     }
     assert!(

@@ -12,13 +12,16 @@ use std::process::Command;
 use candle_core::{DType, Device};
 use prefcap::data::features::{FeatureCache, FeatureEntry};
 use prefcap::data::hub::HubClient;
+use prefcap::data::hub::HubConfig;
 use prefcap::data::records::ImageTextSample;
 use prefcap::data::shard::{read_parquet, write_parquet, ShardSet};
+use prefcap::datasets::embedding::EmbedSummary;
 use prefcap::imaging::preprocess::preprocess_bytes;
 use prefcap::models::clip::{l2_normalize, ClipEmbedder, ClipModelFiles};
-use prefcap::pipeline::config::{Config, HubConfig};
-use prefcap::stages::embed::{self, EmbedSummary};
-use prefcap::stages::ingest::{self, IngestOptions};
+use prefcap::pipeline::config::Config;
+use prefcap::pipeline::run_stage;
+use prefcap::stages::embed::Embed;
+use prefcap::stages::ingest::Ingest;
 use prefcap::testkit::loopback::MockHub;
 
 fn fixture(p: &str) -> PathBuf {
@@ -40,13 +43,25 @@ fn small_config() -> Config {
             "ingest.synthetic.train_stories=2".into(),
             "ingest.synthetic.val_stories=1".into(),
             "ingest.synthetic.frames_per_story=5".into(),
-            "embed.model=\"tiny\"".into(),
+            "clip.model=\"tiny\"".into(),
             "embed.datasets=[\"synthetic\", \"synthetic_stories\"]".into(),
             "embed.batch_size=8".into(),
             "run.workers=2".into(),
         ],
     )
     .unwrap()
+}
+
+/// The verified feature entries of `dataset/split` under `cfg`'s `[clip]`.
+fn features(
+    cfg: &Config,
+    work: &Path,
+    dataset: &str,
+    split: &str,
+    modality: &str,
+) -> prefcap::Result<Vec<FeatureEntry>> {
+    let ctx = cfg.context(work, "test");
+    ctx.split_features(&ctx.clip, dataset, split, modality)
 }
 
 fn shards(workdir: &Path) -> Vec<PathBuf> {
@@ -93,18 +108,18 @@ fn embed_caches_reuses_recomputes_changes_and_repairs_corruption() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     let cfg = small_config();
-    ingest::run(&cfg, work, &IngestOptions::default()).unwrap();
+    run_stage::<Ingest>(&cfg, work).unwrap();
     let n_shards = shards(work).len();
     assert!(n_shards >= 4, "{n_shards} shards");
 
-    let first = embed::run(&cfg, work, None).unwrap();
+    let first = run_stage::<Embed>(&cfg, work).unwrap();
     assert_eq!(first.computed, 2 * n_shards, "{first:?}");
     assert!(first.model_loaded);
     assert_eq!(first.cached, 0);
     assert!(first.images > 0 && first.texts == first.images, "{first:?}");
 
     // Unchanged inputs: a no-op that says so and never builds the model.
-    let again = embed::run(&cfg, work, None).unwrap();
+    let again = run_stage::<Embed>(&cfg, work).unwrap();
     assert_eq!(
         again,
         EmbedSummary {
@@ -119,7 +134,7 @@ fn embed_caches_reuses_recomputes_changes_and_repairs_corruption() {
     let mut rows: Vec<ImageTextSample> = read_parquet(&changed).unwrap();
     rows[0].caption = "a purple triangle below a green circle".into();
     write_parquet(&changed, &rows).unwrap();
-    let partial = embed::run(&cfg, work, None).unwrap();
+    let partial = run_stage::<Embed>(&cfg, work).unwrap();
     assert_eq!(
         (partial.computed, partial.cached),
         (2, 2 * n_shards - 2),
@@ -128,13 +143,13 @@ fn embed_caches_reuses_recomputes_changes_and_repairs_corruption() {
     assert_eq!(partial.images, rows.len() as u64);
 
     // A bit flip in a cached file is detected and the entry recomputed.
-    let entries = embed::split_features(&cfg, work, "synthetic", "val", "image").unwrap();
+    let entries = features(&cfg, work, "synthetic", "val", "image").unwrap();
     let victim = &entries[0].path;
     let mut bytes = std::fs::read(victim).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     std::fs::write(victim, &bytes).unwrap();
-    let repaired = embed::run(&cfg, work, None).unwrap();
+    let repaired = run_stage::<Embed>(&cfg, work).unwrap();
     assert_eq!(
         (repaired.repaired, repaired.computed),
         (1, 1),
@@ -149,7 +164,7 @@ fn embed_caches_reuses_recomputes_changes_and_repairs_corruption() {
         .path
         .with_file_name(format!(".{}.tmp-99999", entries[0].manifest.digest));
     std::fs::write(&stray, b"partial").unwrap();
-    let resumed = embed::run(&cfg, work, None).unwrap();
+    let resumed = run_stage::<Embed>(&cfg, work).unwrap();
     assert_eq!((resumed.computed, resumed.cached), (1, 2 * n_shards - 1));
     assert!(!stray.exists());
     assert!(manifest.exists());
@@ -162,13 +177,14 @@ fn cached_rows_are_the_model_outputs_of_their_keys() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     let cfg = small_config();
-    ingest::run(&cfg, work, &IngestOptions::default()).unwrap();
-    embed::run(&cfg, work, None).unwrap();
-    let images = embed::split_features(&cfg, work, "synthetic", "train", "image").unwrap();
-    let texts = embed::split_features(&cfg, work, "synthetic", "train", "text").unwrap();
+    run_stage::<Ingest>(&cfg, work).unwrap();
+    run_stage::<Embed>(&cfg, work).unwrap();
+    let images = features(&cfg, work, "synthetic", "train", "image").unwrap();
+    let texts = features(&cfg, work, "synthetic", "train", "text").unwrap();
     assert_eq!(images.len(), 2);
 
-    let files = embed::model_files(&cfg, work).unwrap();
+    let ctx = cfg.context(work, "test");
+    let files = ctx.clip_files(&ctx.clip).unwrap();
     let model = ClipEmbedder::load(&files, &Device::Cpu, DType::F32).unwrap();
     let shard = ShardSet::new(work, "synthetic", "train").parquet_path(1);
     let rows: Vec<ImageTextSample> = read_parquet(&shard).unwrap();
@@ -211,7 +227,7 @@ fn cached_rows_are_the_model_outputs_of_their_keys() {
     }
 
     // Story frames are keyed `<story_id>:<frame_index>`.
-    let stories = embed::split_features(&cfg, work, "synthetic_stories", "train", "image").unwrap();
+    let stories = features(&cfg, work, "synthetic_stories", "train", "image").unwrap();
     let keys = stories[0].open().unwrap().keys();
     assert_eq!(keys[0], "syn-story-train-0000:0");
 
@@ -247,19 +263,23 @@ fn image_embeddings_are_bit_identical_across_worker_counts() {
     let embed_with = |workers: usize| {
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = small_config();
-        cfg.run.workers = workers;
-        cfg.embed.batch_size = 64;
-        cfg.ingest.synthetic.train_images = 192;
-        cfg.ingest.synthetic.shard_size = 64;
-        ingest::run(&cfg, tmp.path(), &IngestOptions::default()).unwrap();
-        embed::run(&cfg, tmp.path(), None).unwrap();
+        for set in [
+            format!("run.workers={workers}"),
+            "embed.batch_size=64".into(),
+            "ingest.synthetic.train_images=192".into(),
+            "ingest.synthetic.shard_size=64".into(),
+        ] {
+            cfg.set(&set).unwrap();
+        }
+        run_stage::<Ingest>(&cfg, tmp.path()).unwrap();
+        run_stage::<Embed>(&cfg, tmp.path()).unwrap();
         let mut all = Vec::new();
         for (ds, split) in [
             ("synthetic", "train"),
             ("synthetic", "val"),
             ("synthetic_stories", "train"),
         ] {
-            for entry in embed::split_features(&cfg, tmp.path(), ds, split, "image").unwrap() {
+            for entry in features(&cfg, tmp.path(), ds, split, "image").unwrap() {
                 let table = entry.open().unwrap();
                 all.push((table.keys(), table.embeddings()));
             }
@@ -288,18 +308,17 @@ fn trainers_get_a_clear_error_when_features_are_missing_or_stale() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     let cfg = small_config();
-    ingest::run(&cfg, work, &IngestOptions::default()).unwrap();
-    let err = embed::split_features(&cfg, work, "synthetic", "train", "image")
+    run_stage::<Ingest>(&cfg, work).unwrap();
+    let err = features(&cfg, work, "synthetic", "train", "image")
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("pipeline run embed") && err.contains("part-00000"),
         "{err}"
     );
-    let err = embed::run(
+    let err = run_stage::<Embed>(
         &Config::load(None, None, &["embed.datasets=[\"nothing\"]".into()]).unwrap(),
         work,
-        None,
     )
     .unwrap_err()
     .to_string();
@@ -596,7 +615,7 @@ fn killed_embed_run_resumes_to_the_same_cache() {
         "ingest.synthetic.shard_size=16",
         "ingest.synthetic.train_stories=2",
         "ingest.synthetic.val_stories=1",
-        "embed.model=tiny",
+        "clip.model=tiny",
         // Shards of 16 in batches of 5: a batch that crossed shards would make an entry's
         // bits depend on which shards the resumed run still had to do.
         "embed.batch_size=5",
@@ -646,10 +665,9 @@ fn killed_embed_run_resumes_to_the_same_cache() {
     let cfg_sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let cfg = Config::load(None, None, &cfg_sets).unwrap();
     for split in ["train", "val"] {
-        let a: Vec<FeatureEntry> =
-            embed::split_features(&cfg, work, "synthetic", split, "image").unwrap();
+        let a: Vec<FeatureEntry> = features(&cfg, work, "synthetic", split, "image").unwrap();
         let b: Vec<FeatureEntry> =
-            embed::split_features(&cfg, clean.path(), "synthetic", split, "image").unwrap();
+            features(&cfg, clean.path(), "synthetic", split, "image").unwrap();
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(x.manifest.digest, y.manifest.digest);
             let source = &x.manifest.key.source;

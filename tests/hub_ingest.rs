@@ -16,11 +16,13 @@ use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Fields};
 use parquet::arrow::ArrowWriter;
 
+use prefcap::data::hub::HubConfig;
 use prefcap::data::records::{PreferencePair, StoryFrame};
 use prefcap::data::shard::ShardSet;
-use prefcap::pipeline::config::{Config, HubConfig};
+use prefcap::stages::context::SharedConfig;
 use prefcap::stages::ingest::ultrafeedback::UltraFeedbackFormat;
-use prefcap::stages::ingest::{self, IngestOptions, Source, SourceSummary, SplitSummary};
+use prefcap::stages::ingest::{Ingest, IngestConfig, Source, SourceSummary, SplitSummary};
+use prefcap::stages::{Stage, StageContext};
 use prefcap::testkit::loopback::MockHub;
 
 const H4: &str = "HuggingFaceH4/ultrafeedback_binarized";
@@ -251,18 +253,31 @@ fn story_parquet(rows: &[StoryRow], large: bool) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------
 // Running and reading back.
 
-fn config(hub: &MockHub, cache: &Path, source: Source) -> Config {
-    let mut cfg = Config::load(None, None, &[]).unwrap();
-    cfg.ingest.sources = vec![source];
-    cfg.hub = HubConfig {
+/// What an ingest test runs: the `[ingest]` section, and the shared sections (`[hub]`).
+#[derive(Clone)]
+struct Setup {
+    ingest: IngestConfig,
+    shared: SharedConfig,
+}
+
+fn config(hub: &MockHub, cache: &Path, source: Source) -> Setup {
+    let mut shared = SharedConfig::default();
+    shared.hub = HubConfig {
         endpoint: hub.endpoint(),
         cache_dir: cache.display().to_string(),
     };
-    cfg
+    Setup {
+        ingest: IngestConfig {
+            sources: vec![source],
+            ..IngestConfig::default()
+        },
+        shared,
+    }
 }
 
-fn run(cfg: &Config, workdir: &Path) -> prefcap::Result<Vec<SourceSummary>> {
-    ingest::run(cfg, workdir, &IngestOptions::default())
+fn run(cfg: &Setup, workdir: &Path) -> prefcap::Result<Vec<SourceSummary>> {
+    let ctx = StageContext::new(workdir, "test", cfg.shared.clone());
+    Ok(Ingest::run(&cfg.ingest, &ctx)?.sources)
 }
 
 fn split<'a>(summary: &'a SourceSummary, name: &str) -> &'a SplitSummary {
@@ -666,7 +681,7 @@ fn raw_jsonl_is_binarized_split_and_filtered() {
     // Same seed, fresh workdir and cache: the same pairs in the same splits.
     let (work2, cache2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut cfg2 = cfg.clone();
-    cfg2.hub.cache_dir = cache2.path().display().to_string();
+    cfg2.shared.hub.cache_dir = cache2.path().display().to_string();
     run(&cfg2, work2.path()).unwrap();
     let again: Vec<PreferencePair> = ShardSet::new(work2.path(), "ultrafeedback", "test")
         .read_all()

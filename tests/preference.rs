@@ -8,7 +8,7 @@ use common::{newest_run, pipeline};
 
 use std::path::{Path, PathBuf};
 
-use prefcap::data::records::{MetricRow, PreferencePair};
+use prefcap::data::records::{MetricRow, PreferencePair, ReferenceLogps};
 use prefcap::data::shard::{read_parquet, write_parquet, ShardSet};
 
 const SMALL: [&str; 12] = [
@@ -23,18 +23,19 @@ const SMALL: [&str; 12] = [
     "--set",
     "train_orpo.epochs=2",
     "--set",
-    "embed.tiny_pretrain.steps=0",
+    "pretrain_clip.steps=0",
 ];
 
+/// The data files of the reference-log-prob cache entries.
 fn reference_files(work: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(work.join("cache/reflogps-v1"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "arrow"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(work.join("cache/reflogps-v2"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
     v.sort();
     v
 }
@@ -214,49 +215,24 @@ fn a_pair_with_an_empty_completion_or_no_image_is_a_clear_error() {
 }
 
 /// Rewrites the cached reference log-probs that hold `pair_id` with its `ref_chosen` set to
-/// NaN (as a corrupted cache or an overflowing reference would give); returns that file.
+/// NaN (as an overflowing reference would give), as a valid entry: its manifest gets the new
+/// file's size and sha256. Returns that file.
 fn poison_reference_logp(work: &Path, pair_id: &str) -> PathBuf {
-    use arrow::array::{Array, Float64Array, RecordBatch, StringArray};
-    use std::sync::Arc;
     for path in reference_files(work) {
-        let reader =
-            arrow::ipc::reader::FileReader::try_new(std::fs::File::open(&path).unwrap(), None)
-                .unwrap();
-        let schema = reader.schema();
-        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-        let mut hit = false;
-        let poisoned: Vec<RecordBatch> = batches
-            .iter()
-            .map(|b| {
-                let ids = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
-                let chosen = b.column(1).as_any().downcast_ref::<Float64Array>().unwrap();
-                let values: Vec<f64> = (0..b.num_rows())
-                    .map(|i| {
-                        if ids.value(i) == pair_id {
-                            hit = true;
-                            f64::NAN
-                        } else {
-                            chosen.value(i)
-                        }
-                    })
-                    .collect();
-                let mut cols = b.columns().to_vec();
-                cols[1] = Arc::new(Float64Array::from(values));
-                RecordBatch::try_new(schema.clone(), cols).unwrap()
-            })
-            .collect();
-        if hit {
-            let mut w = arrow::ipc::writer::FileWriter::try_new(
-                std::fs::File::create(&path).unwrap(),
-                &schema,
-            )
-            .unwrap();
-            for b in &poisoned {
-                w.write(b).unwrap();
-            }
-            w.finish().unwrap();
-            return path;
-        }
+        let mut rows: Vec<ReferenceLogps> = read_parquet(&path).unwrap();
+        let Some(row) = rows.iter_mut().find(|r| r.pair_id == pair_id) else {
+            continue;
+        };
+        row.ref_chosen = f64::NAN;
+        write_parquet(&path, &rows).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let manifest_path = path.with_extension("json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+        manifest["file_bytes"] = bytes.len().into();
+        manifest["file_sha256"] = prefcap::io::sha256_file(&path).unwrap().into();
+        std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        return path;
     }
     panic!("no cached reference log-probs for {pair_id}");
 }
@@ -487,16 +463,14 @@ fn sample_pairs_ranks_sft_samples_by_clipscore_into_pair_shards_dpo_can_train_on
     assert!(log.contains("0 shard(s) written, 3 already done"), "{log}");
     // Image features preprocessed another way (transformers' torchvision backend) are other
     // cache entries, and the pairs ranked with the old ones are redone.
-    let backend = ["--set", "embed.image_backend=\"torchvision\""];
+    let backend = ["--set", "clip.image_backend=\"torchvision\""];
     let embed_again = [
         "run",
         "embed",
         "--set",
-        "embed.model=\"tiny\"",
+        "clip.model=\"tiny\"",
         "--set",
         "embed.datasets=[\"synthetic\"]",
-        "--set",
-        "embed.tiny_pretrain.steps=0",
     ];
     let (out, log) = pipeline(&[&embed_again[..], &backend].concat(), work);
     assert!(out.status.success(), "{log}");
@@ -529,7 +503,7 @@ fn sample_pairs_ranks_sft_samples_by_clipscore_into_pair_shards_dpo_can_train_on
             "--set",
             "captioner.decoder=tiny",
             "--set",
-            "embed.model=tiny",
+            "clip.model=tiny",
         ]),
         work,
     );

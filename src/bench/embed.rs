@@ -121,6 +121,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
     let ckpt = ensure_tiny_clip(
         &dir.join("vit-b32-random"),
         &TinyClipSpec::vit_base_patch32(0),
+        &crate::synthetic::corpus(),
     )?;
 
     // Model only, in this process.

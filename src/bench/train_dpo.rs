@@ -22,16 +22,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::records::PreferencePair;
 use crate::data::shard::{ShardSet, ShardStats};
+use crate::datasets::pairs::{PairSource, PairSplit, Tokenizing, Truncation, TruncationMode};
 use crate::device::device_for;
-use crate::models::captioner::{
-    ensure_random_gpt2, Captioner, CaptionerConfig, DecoderFiles, Gpt2Spec,
-};
-use crate::pipeline::config::Config;
+use crate::models::captioner::{Captioner, CaptionerConfig, DecoderFiles};
+use crate::models::tiny::{ensure_random_gpt2, Gpt2Spec};
 use crate::rng::SplitMix64;
-use crate::stages::preference::{
-    preference_loss, reference_logps, Method, PairSplit, Tokenizing, Truncation, TruncationMode,
-};
-use crate::train::{clip_and_step, grad_norm, gradients, AdamW, TrainConfig};
+use crate::stages::context::PreferenceConfig;
+use crate::stages::preference::{reference_logps, Method, PreferenceObjective};
+use crate::train::{Objective, OptimizerConfig, Schedule, Trainer};
 
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct BenchTrainDpoArgs {
@@ -188,10 +186,12 @@ fn run_prefcap(args: &BenchTrainDpoArgs, ckpt: &Path, out: &Path) -> anyhow::Res
     };
     let files = DecoderFiles::from_dir(ckpt)?;
     let mut model = Captioner::build(&cap_cfg, 8, &files, &vars, &device)?;
-    let mut cfg = Config::load(None, None, &[])?;
-    cfg.preference.pairs_dataset = String::new();
-    cfg.preference.text_pairs_dataset = DATASET.into();
-    cfg.preference.text_train_split = SPLIT.into();
+    let pref = PreferenceConfig {
+        pairs_dataset: String::new(),
+        text_pairs_dataset: DATASET.into(),
+        text_train_split: SPLIT.into(),
+        ..PreferenceConfig::default()
+    };
     let tokenizing = Arc::new(Tokenizing {
         tokenizer: model.tokenizer.clone(),
         eos: model.eos,
@@ -201,15 +201,16 @@ fn run_prefcap(args: &BenchTrainDpoArgs, ckpt: &Path, out: &Path) -> anyhow::Res
             mode: TruncationMode::KeepStart,
         },
     });
-    let split = PairSplit::new(&cfg, &work, ("", SPLIT), tokenizing)?;
+    let source = PairSource {
+        dataset: DATASET.into(),
+        split: SPLIT.into(),
+        grounded: false,
+    };
+    let split = PairSplit::new(&work, &[source], &[], tokenizing)?;
     let cache = work.join("cache");
     if cache.exists() {
         std::fs::remove_dir_all(&cache)?;
     }
-    let train_cfg = TrainConfig {
-        lr: 1e-5,
-        ..TrainConfig::default()
-    };
 
     let rss = |what: &str| {
         if std::env::var_os("PREFCAP_DEBUG_RSS").is_some() {
@@ -229,8 +230,19 @@ fn run_prefcap(args: &BenchTrainDpoArgs, ckpt: &Path, out: &Path) -> anyhow::Res
     let refs = reference_logps(&split, &model, &[&files.weights], false, &work)?;
     let reference_seconds = start.elapsed().as_secs_f64();
     model.decoder.set_differentiable(true);
-    let mut opt = AdamW::new(&vars)?;
-    let sorted = opt.var_list();
+    // train-dpo's objective and the engine's step, at a constant learning rate.
+    let mut objective = PreferenceObjective {
+        method: Method::Dpo,
+        model,
+        vars,
+        cfg: pref,
+        optimizer: OptimizerConfig {
+            lr: 1e-5,
+            schedule: Schedule::Constant,
+            ..OptimizerConfig::default()
+        },
+    };
+    let mut trainer = Trainer::new(objective.groups())?;
     let (mut steps, mut first_loss, mut tokens, mut sequences) = (0, f64::NAN, 0usize, 0usize);
     let shuffle = Some((0, "bench".to_string()));
     for batch in split.batches(args.batch, Some(Arc::new(refs)), shuffle) {
@@ -241,19 +253,12 @@ fn run_prefcap(args: &BenchTrainDpoArgs, ckpt: &Path, out: &Path) -> anyhow::Res
                 sequences += s.rows;
             }
         }
-        rss("before forward");
-        let out = preference_loss(Method::Dpo, &cfg.preference, &model, &batch)?;
-        rss("after forward");
-        if steps == 0 {
-            first_loss = f64::from(out.loss.to_scalar::<f32>()?);
-        }
-        let store = out.loss.backward()?;
-        let grads = gradients(&store, &sorted);
-        drop(store);
-        rss("after backward");
-        let norm = grad_norm(&grads)?;
-        clip_and_step(&mut opt, &grads, norm, train_cfg.lr, &train_cfg)?;
+        rss("before step");
+        let report = trainer.step(&mut objective, &batch, steps, 1)?;
         rss("after step");
+        if steps == 0 {
+            first_loss = report.losses[0];
+        }
         steps += 1;
     }
     device.synchronize()?;
@@ -284,7 +289,7 @@ pub fn bench_train_dpo(args: &BenchTrainDpoArgs) -> anyhow::Result<()> {
         return run_prefcap(&args, &ckpt, out);
     }
     eprintln!("writing a random GPT-2-small-size checkpoint (HF format) ...");
-    ensure_random_gpt2(&ckpt, &Gpt2Spec::SMALL, 0)?;
+    ensure_random_gpt2(&ckpt, &Gpt2Spec::SMALL, 0, &crate::synthetic::corpus())?;
     let jsonl = write_pairs(&dir, args)?;
 
     eprintln!(

@@ -14,17 +14,18 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Tensor};
+
 use candle_nn::VarMap;
 use clap::Args;
 
 use crate::bench::{gpu_mib, GpuPeak};
+use crate::datasets::captions::CaptionBatch;
 use crate::device::device_for;
-use crate::models::captioner::{
-    ensure_random_gpt2, seed_mapper, Captioner, CaptionerConfig, DecoderFiles, Gpt2Spec,
-};
+use crate::models::captioner::{seed_mapper, Captioner, CaptionerConfig, DecoderFiles};
+use crate::models::tiny::{ensure_random_gpt2, Gpt2Spec};
 use crate::rng::SplitMix64;
-use crate::train::{clip_and_step, grad_norm, gradients, AdamW, TrainConfig};
+use crate::stages::train_sft::SftObjective;
+use crate::train::{Objective, OptimizerConfig, Schedule, Trainer};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchTrainSftArgs {
@@ -136,58 +137,50 @@ fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Resu
     // would change from run to run.
     seed_mapper(&vars, 0)?;
     let params: usize = vars.all_vars().iter().map(|v| v.elem_count()).sum();
-    let mut opt = AdamW::new(&vars)?;
-    let train_cfg = TrainConfig {
-        lr: 1e-4,
-        ..TrainConfig::default()
-    };
     let mut rng = SplitMix64::new(0);
     let vocab = Gpt2Spec::SMALL.vocab.unwrap_or(1) as u64;
-    let clip: Vec<f32> = (0..args.batch * CLIP_DIM)
-        .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
-        .collect();
-    let ids: Vec<u32> = (0..args.batch * args.tokens)
-        .map(|_| rng.below(vocab) as u32)
-        .collect();
-    let clip = Tensor::from_vec(clip, (args.batch, CLIP_DIM), &device)?;
-    let ids = Tensor::from_vec(ids, (args.batch, args.tokens), &device)?;
-    let mask = Tensor::ones((args.batch, args.tokens), DType::F32, &device)?;
-    let vars_sorted = opt.var_list();
-    // Seconds per phase: forward, backward, gradient norm, optimizer.
-    let mut phases = [0f64; 4];
-    let mut step = |phases: &mut [f64; 4]| -> anyhow::Result<f64> {
-        let sync = || device.synchronize();
-        let t = Instant::now();
-        let loss = model.nll(&clip, &ids, &mask)?;
-        let value = f64::from(loss.to_scalar::<f32>()?);
-        phases[0] += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let store = loss.backward()?;
-        let grads = gradients(&store, &vars_sorted);
-        drop(store);
-        sync()?;
-        phases[1] += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let norm = grad_norm(&grads)?;
-        phases[2] += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        clip_and_step(&mut opt, &grads, norm, train_cfg.lr, &train_cfg)?;
-        sync()?;
-        phases[3] += t.elapsed().as_secs_f64();
-        Ok(value)
+    let batch = CaptionBatch {
+        rows: args.batch,
+        len: args.tokens,
+        clip: (0..args.batch * CLIP_DIM)
+            .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
+            .collect(),
+        ids: (0..args.batch * args.tokens)
+            .map(|_| rng.below(vocab) as u32)
+            .collect(),
+        mask: vec![1.0; args.batch * args.tokens],
     };
+    // train-sft's objective and the engine's step, at a constant learning rate.
+    let mut objective = SftObjective {
+        model,
+        vars,
+        optimizer: OptimizerConfig {
+            lr: 1e-4,
+            schedule: Schedule::Constant,
+            ..OptimizerConfig::default()
+        },
+    };
+    let mut trainer = Trainer::new(objective.groups())?;
+    trainer.time_phases_on(&device);
     eprintln!(
         "prefcap: {params} parameters, batch {}, {} + {} tokens ...",
         args.batch, args.prefix, args.tokens
     );
-    let first_loss = step(&mut phases)?;
-    step(&mut phases)?;
-    phases = [0.0; 4];
+    let first_loss = trainer.step(&mut objective, &batch, 0, 1)?.losses[0];
+    trainer.step(&mut objective, &batch, 1, 1)?;
+    let before = trainer.timings();
     let start = Instant::now();
-    for _ in 0..args.steps {
-        step(&mut phases)?;
+    for step in 0..args.steps {
+        trainer.step(&mut objective, &batch, step, args.steps)?;
     }
     let steps_per_s = args.steps as f64 / start.elapsed().as_secs_f64();
+    let t = trainer.timings();
+    let phases = [
+        t.forward - before.forward,
+        t.backward - before.backward,
+        t.grad_norm - before.grad_norm,
+        t.update - before.update,
+    ];
     Ok(Ours {
         params,
         steps_per_s,
@@ -205,7 +198,7 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("writing a random GPT-2-small-size checkpoint (HF format) ...");
-    ensure_random_gpt2(&ckpt, &Gpt2Spec::SMALL, 0)?;
+    ensure_random_gpt2(&ckpt, &Gpt2Spec::SMALL, 0, &crate::synthetic::corpus())?;
     let out = dir.join("prefcap-sft.json");
     let mut cmd = crate::bench::worker_command(
         "train-sft",

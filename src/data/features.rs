@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::cache::{digest_of, CacheEntry, ContentCache, EntryWriter};
 use crate::error::{Error, IoContext, Result};
+use crate::io::AtomicFile;
 
 /// The cache's format version: part of its directory name, bumped when the layout changes.
 pub const CACHE_VERSION: &str = "features-v1";
@@ -430,6 +431,75 @@ pub fn batch_embeddings(batch: &RecordBatch) -> std::borrow::Cow<'_, [f32]> {
     } else {
         std::borrow::Cow::Owned(Vec::new())
     }
+}
+
+/// Writes the rows of `entries` to `out` as one table `modality, key, embedding`
+/// (fixed-size list of f32): Parquet for `.parquet`, Arrow IPC otherwise. Both open in
+/// pyarrow and polars; `np.stack(table["embedding"].to_numpy(zero_copy_only=False))` gives
+/// the matrix.
+pub fn export(entries: &[FeatureEntry], out: &Path) -> Result<u64> {
+    let dim = entries.first().map_or(0, |e| e.manifest.key.dim);
+    if entries.iter().any(|e| e.manifest.key.dim != dim) {
+        return Err(Error::Config(
+            "cannot export entries of different dimensions into one file".into(),
+        ));
+    }
+    let feature_schema = feature_schema(CacheDtype::F32, dim);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("modality", DataType::Utf8, false),
+        feature_schema.field(0).clone(),
+        feature_schema.field(1).clone(),
+    ]));
+    let mut batches = Vec::new();
+    for entry in entries {
+        let table = entry.open()?;
+        for b in &table.batches {
+            let keys = batch_keys(b);
+            let emb = batch_embeddings(b);
+            let fb = feature_batch(&feature_schema, CacheDtype::F32, dim, &keys, &emb)?;
+            let modality =
+                StringArray::from(vec![entry.manifest.key.modality.as_str(); b.num_rows()]);
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(modality),
+                    fb.column(0).clone(),
+                    fb.column(1).clone(),
+                ],
+            )
+            .map_err(|source| Error::Arrow {
+                context: "building the export table".into(),
+                source,
+            })?;
+            batches.push(batch);
+        }
+    }
+    let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+    let mut file = AtomicFile::create(out)?;
+    let is_parquet = out.extension().is_some_and(|e| e == "parquet");
+    if is_parquet {
+        let perr = |source| Error::Parquet {
+            path: out.to_path_buf(),
+            source,
+        };
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut file, schema, None).map_err(perr)?;
+        for b in &batches {
+            w.write(b).map_err(perr)?;
+        }
+        w.close().map_err(perr)?;
+    } else {
+        let aerr = |source| Error::Arrow {
+            context: format!("writing {}", out.display()),
+            source,
+        };
+        let mut w = arrow::ipc::writer::FileWriter::try_new(&mut file, &schema).map_err(aerr)?;
+        for b in &batches {
+            w.write(b).map_err(aerr)?;
+        }
+        w.finish().map_err(aerr)?;
+    }
+    file.commit()?;
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -5,9 +5,19 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::repository::RepoTreeEntry;
 use hf_hub::{HFClient, HFClientSync};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::pipeline::config::HubConfig;
+
+/// `[hub]`: where Hugging Face hub downloads come from and are cached.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Hub URL; empty = `HF_ENDPOINT`, else https://huggingface.co.
+    pub endpoint: String,
+    /// Download cache; empty = `HF_HUB_CACHE`/`HF_HOME`, else ~/.cache/huggingface/hub.
+    pub cache_dir: String,
+}
 
 /// A file fetched from the hub.
 #[derive(Debug, Clone)]

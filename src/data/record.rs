@@ -37,8 +37,8 @@ pub trait Column: Sized {
     fn from_array(array: &dyn Array) -> std::result::Result<Vec<Self>, String>;
 }
 
-/// Declares a record: a struct whose fields are [`Column`]s, with `Debug`, `Clone` and
-/// `PartialEq`, and its [`Record`] implementation.
+/// Declares a record: a struct whose fields are [`Column`]s, with `Debug`, `Clone`,
+/// `PartialEq` and `Serialize`, and its [`Record`] implementation.
 macro_rules! record {
     (
         $(#[$meta:meta])*
@@ -47,7 +47,7 @@ macro_rules! record {
         }
     ) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, PartialEq)]
+        #[derive(Debug, Clone, PartialEq, ::serde::Serialize)]
         pub struct $name {
             $( $(#[$field_meta])* pub $field: $ty ),*
         }

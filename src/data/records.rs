@@ -11,7 +11,8 @@ use crate::data::record::{record, Column};
 pub use crate::data::record::Record;
 
 /// Outcome of fetching and preparing one image. Stored as a string in the `status` column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SampleStatus {
     Success,
     /// The server answered with a non-2xx status.

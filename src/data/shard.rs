@@ -184,6 +184,15 @@ impl ShardSet {
         Ok(out)
     }
 
+    /// Paths of the finished shards, ascending.
+    pub fn finished_paths(&self) -> Result<Vec<PathBuf>> {
+        Ok(self
+            .finished()?
+            .into_iter()
+            .map(|s| self.parquet_path(s))
+            .collect())
+    }
+
     /// Writes shard `shard` (Parquet, then stats) atomically. A shard being rewritten stops
     /// counting as finished first, so a kill between the two renames cannot pair new rows
     /// with old stats.

@@ -2,6 +2,8 @@
 //! elementwise activations and attention computed straight from a fused QKV projection
 //! (GPT-2 training and inference, CLIP's vision tower), as candle custom ops.
 
+pub mod adamw;
+
 use std::marker::PhantomData;
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};

@@ -1,3 +1,4 @@
 //! Losses as pure functions over tensors, each citing the formula it implements.
 
+pub mod contrastive;
 pub mod preference;

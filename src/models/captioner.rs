@@ -14,14 +14,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{Init, LayerNorm, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokenizers::Tokenizer;
 
 use crate::data::hub::HubClient;
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::io::write_atomic;
 use crate::models::gpt2::{softmax_train, train_norm, Gpt2, Gpt2Config, KvCache};
-use crate::models::tiny::{normal_samples, save_safetensors, train_bpe};
 use crate::rng::SplitMix64;
 
 /// The mapper architecture.
@@ -37,7 +35,7 @@ pub enum MapperKind {
 #[serde(deny_unknown_fields, default)]
 pub struct CaptionerConfig {
     /// GPT-2: a hub repo (`gpt2`, `gpt2-medium`), a local Hugging Face directory, or `tiny`
-    /// (generated under `cache/models/tiny-gpt2-v1/`).
+    /// (the embedded tiny GPT-2, generated under `cache/models/tiny-gpt2-v1/`).
     pub decoder: String,
     /// Hub revision of `decoder`.
     pub decoder_revision: String,
@@ -104,26 +102,18 @@ impl DecoderFiles {
         Ok(files)
     }
 
-    /// `tiny`, a local directory, or a hub repo at `revision`.
+    /// A local directory, or hub repo `decoder` at `revision`.
     pub fn resolve(
-        cfg: &CaptionerConfig,
-        workdir: &Path,
-        seed: u64,
+        decoder: &str,
+        revision: &str,
         hub: impl FnOnce() -> Result<HubClient>,
     ) -> Result<Self> {
-        if cfg.decoder == "tiny" {
-            let dir = workdir.join("cache").join("models").join("tiny-gpt2-v1");
-            return Self::from_dir(&ensure_tiny_gpt2(&dir, seed)?);
-        }
-        let dir = Path::new(&cfg.decoder);
+        let dir = Path::new(decoder);
         if dir.is_dir() {
             return Self::from_dir(dir);
         }
         let hub = hub()?;
-        let fetch = |f: &str| {
-            hub.model_file(&cfg.decoder, &cfg.decoder_revision, f)
-                .map(|h| h.local)
-        };
+        let fetch = |f: &str| hub.model_file(decoder, revision, f).map(|h| h.local);
         Ok(Self {
             config: fetch("config.json")?,
             weights: fetch("model.safetensors")?,
@@ -133,140 +123,6 @@ impl DecoderFiles {
 }
 
 pub const END_OF_TEXT: &str = "<|endoftext|>";
-
-/// Shape of a randomly initialised GPT-2 checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Gpt2Spec {
-    pub n_embd: usize,
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub n_positions: usize,
-    /// Embedding rows; `None` = the size of the synthetic-caption BPE.
-    pub vocab: Option<usize>,
-}
-
-impl Gpt2Spec {
-    /// The embedded default's decoder.
-    pub const TINY: Gpt2Spec = Gpt2Spec {
-        n_embd: 64,
-        n_layer: 2,
-        n_head: 4,
-        n_positions: 64,
-        vocab: None,
-    };
-    /// The size of Hugging Face `gpt2` (124M parameters), for benchmarks.
-    pub const SMALL: Gpt2Spec = Gpt2Spec {
-        n_embd: 768,
-        n_layer: 12,
-        n_head: 12,
-        n_positions: 1024,
-        vocab: Some(50257),
-    };
-}
-
-/// Writes the embedded tiny GPT-2 unless present.
-pub fn ensure_tiny_gpt2(dir: &Path, seed: u64) -> Result<PathBuf> {
-    ensure_random_gpt2(dir, &Gpt2Spec::TINY, seed)
-}
-
-/// Writes a GPT-2 checkpoint of shape `spec` with GPT-2's random initialisation (HF layout:
-/// `transformer.` keys, Conv1D `[in, out]`, tied head) and a byte-level BPE trained on the
-/// synthetic captions, unless the same one is present.
-pub fn ensure_random_gpt2(dir: &Path, spec: &Gpt2Spec, seed: u64) -> Result<PathBuf> {
-    let stamp = if *spec == Gpt2Spec::TINY {
-        format!("tiny-gpt2-v1 seed {seed}")
-    } else {
-        format!("random-gpt2-v1 {spec:?} seed {seed}")
-    };
-    let stamp_path = dir.join("prefcap-spec.txt");
-    if std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
-        return Ok(dir.to_path_buf());
-    }
-    std::fs::create_dir_all(dir).at(dir)?;
-    let tok = train_bpe(400, &[END_OF_TEXT], None)?;
-    let json_text = tok
-        .to_string(false)
-        .map_err(|e| Error::Config(format!("serialising the tiny GPT-2 tokenizer: {e}")))?;
-    write_atomic(&dir.join("tokenizer.json"), json_text.as_bytes())?;
-    let vocab = spec.vocab.unwrap_or_else(|| tok.get_vocab_size(true));
-    let eos = tok.token_to_id(END_OF_TEXT).unwrap_or(0);
-    let (d, layers, heads, positions) = (spec.n_embd, spec.n_layer, spec.n_head, spec.n_positions);
-    let config = json!({
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": vocab, "n_positions": positions, "n_embd": d, "n_layer": layers, "n_head": heads,
-        "n_inner": null, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-        "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": true,
-    });
-    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
-    write_atomic(&dir.join("config.json"), text.as_bytes())?;
-    let mut rng = SplitMix64::derived(seed, "tiny-gpt2-weights");
-    let mut tensors = std::collections::BTreeMap::new();
-    let mut put = |name: String, shape: Vec<usize>, std: f32, rng: &mut SplitMix64| {
-        let n = shape.iter().product();
-        tensors.insert(name, (shape, normal_samples(rng, n, std)));
-    };
-    // GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/√(2·layers).
-    let proj_std = 0.02 / (2.0 * layers as f32).sqrt();
-    put(
-        "transformer.wte.weight".into(),
-        vec![vocab, d],
-        0.02,
-        &mut rng,
-    );
-    put(
-        "transformer.wpe.weight".into(),
-        vec![positions, d],
-        0.01,
-        &mut rng,
-    );
-    for l in 0..layers {
-        let p = format!("transformer.h.{l}");
-        put(
-            format!("{p}.attn.c_attn.weight"),
-            vec![d, 3 * d],
-            0.02,
-            &mut rng,
-        );
-        put(
-            format!("{p}.attn.c_proj.weight"),
-            vec![d, d],
-            proj_std,
-            &mut rng,
-        );
-        put(
-            format!("{p}.mlp.c_fc.weight"),
-            vec![d, 4 * d],
-            0.02,
-            &mut rng,
-        );
-        put(
-            format!("{p}.mlp.c_proj.weight"),
-            vec![4 * d, d],
-            proj_std,
-            &mut rng,
-        );
-    }
-    for l in 0..layers {
-        let p = format!("transformer.h.{l}");
-        for (name, n) in [
-            ("attn.c_attn.bias", 3 * d),
-            ("attn.c_proj.bias", d),
-            ("mlp.c_fc.bias", 4 * d),
-            ("mlp.c_proj.bias", d),
-        ] {
-            tensors.insert(format!("{p}.{name}"), (vec![n], vec![0.0; n]));
-        }
-        for ln in ["ln_1", "ln_2"] {
-            tensors.insert(format!("{p}.{ln}.weight"), (vec![d], vec![1.0; d]));
-            tensors.insert(format!("{p}.{ln}.bias"), (vec![d], vec![0.0; d]));
-        }
-    }
-    tensors.insert("transformer.ln_f.weight".into(), (vec![d], vec![1.0; d]));
-    tensors.insert("transformer.ln_f.bias".into(), (vec![d], vec![0.0; d]));
-    save_safetensors(&dir.join("model.safetensors"), &tensors)?;
-    write_atomic(&stamp_path, stamp.as_bytes())?;
-    Ok(dir.to_path_buf())
-}
 
 /// One pre-LN encoder layer of the transformer mapper (bidirectional attention).
 struct MapperLayer {
@@ -798,10 +654,10 @@ pub fn seed_mapper(vars: &VarMap, seed: u64) -> Result<()> {
         } else if name.contains(".ln") {
             vec![1.0; n]
         } else if name.ends_with("constants") {
-            normal_samples(&mut rng, n, 1.0)
+            rng.normal_samples(n, 1.0)
         } else {
             let fan_in = *dims.last().unwrap_or(&1) as f32;
-            normal_samples(&mut rng, n, 1.0 / fan_in.sqrt())
+            rng.normal_samples(n, 1.0 / fan_in.sqrt())
         };
         let t = Tensor::from_vec(values, dims, var.device())
             .map_err(|e| Error::Config(e.to_string()))?;
@@ -980,22 +836,6 @@ mod tests {
             max_caption_tokens: 12,
             ..CaptionerConfig::default()
         }
-    }
-
-    #[test]
-    fn tiny_gpt2_is_deterministic_and_loads_as_a_real_checkpoint() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        ensure_tiny_gpt2(a.path(), 3).unwrap();
-        ensure_tiny_gpt2(b.path(), 3).unwrap();
-        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-            assert_eq!(
-                std::fs::read(a.path().join(f)).unwrap(),
-                std::fs::read(b.path().join(f)).unwrap(),
-                "{f}"
-            );
-        }
-        let model = Gpt2::load(a.path(), &Device::Cpu, DType::F32).unwrap();
-        assert_eq!(model.hidden_size(), 64);
     }
 
     #[test]

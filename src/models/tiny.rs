@@ -1,10 +1,13 @@
-//! The embedded tiny CLIP: a deterministic random checkpoint in Hugging Face format.
+//! The embedded default's own checkpoints: a tiny CLIP and a tiny GPT-2 (or real-size shapes
+//! with random weights, for benchmarks), deterministic, in Hugging Face format.
 //!
-//! `pipeline run` must work offline, so prefcap writes its own small `CLIPModel` directory —
-//! `config.json`, `model.safetensors` with HF tensor names, `preprocessor_config.json` and a
-//! `tokenizer.json` holding a BPE trained with the tokenizers crate on the synthetic world's
-//! captions — and loads it through exactly the code path of a real checkpoint. Same spec,
-//! same bytes: the directory is regenerated only when its spec stamp changes.
+//! `pipeline run` must work offline, so prefcap writes its own small `CLIPModel` and
+//! `GPT2LMHeadModel` directories — `config.json`, `model.safetensors` with HF tensor names,
+//! `preprocessor_config.json` (CLIP) and a `tokenizer.json` holding a byte-level BPE trained
+//! with the tokenizers crate on a corpus the caller gives (the synthetic world's sentences) —
+//! and loads them through exactly the code path of a real checkpoint. Same spec and corpus,
+//! same bytes: a directory is regenerated only when its stamp changes. Training the tiny CLIP
+//! is a stage of its own (`pretrain-clip`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,10 +22,9 @@ use tokenizers::{AddedToken, Tokenizer, TokenizerImpl};
 
 use crate::error::{Error, IoContext, Result};
 use crate::io::write_atomic;
-use crate::models::clip::pretrain::{pretrain, PretrainConfig};
-use crate::models::clip::ClipModelFiles;
+use crate::models::captioner::END_OF_TEXT;
 use crate::rng::SplitMix64;
-use crate::synthetic::{self, Change, Colour, Direction, Relation, Scene, Shape, ShapeKind};
+use sha2::{Digest, Sha256};
 
 /// Sizes of a generated CLIP: the embedded tiny one by default, or a real size
 /// ([`TinyClipSpec::vit_base_patch32`]) with random weights for benchmarks.
@@ -43,8 +45,6 @@ pub struct TinyClipSpec {
     pub vocab_size: usize,
     /// Rows of the token embedding when larger than the trained vocabulary (real-size shapes).
     pub text_vocab_rows: Option<usize>,
-    /// Contrastive pretraining on rendered scenes after the random initialisation.
-    pub pretrain: PretrainConfig,
 }
 
 impl TinyClipSpec {
@@ -64,7 +64,6 @@ impl TinyClipSpec {
             max_positions: 77,
             vocab_size: 400,
             text_vocab_rows: Some(49408),
-            pretrain: PretrainConfig::default(),
         }
     }
 }
@@ -85,7 +84,6 @@ impl Default for TinyClipSpec {
             max_positions: 32,
             vocab_size: 400,
             text_vocab_rows: None,
-            pretrain: PretrainConfig::default(),
         }
     }
 }
@@ -93,15 +91,26 @@ impl Default for TinyClipSpec {
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 
-/// Makes sure `dir` holds the tiny CLIP of `spec` and returns it.
-pub fn ensure_tiny_clip(dir: &Path, spec: &TinyClipSpec) -> Result<PathBuf> {
+/// sha256 of a tokenizer corpus, for the stamps of the checkpoints trained on it.
+fn corpus_digest(corpus: &[String]) -> String {
+    let mut h = Sha256::new();
+    for line in corpus {
+        h.update(line.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Makes sure `dir` holds the tiny CLIP of `spec`, its tokenizer trained on `corpus`, and
+/// returns it.
+pub fn ensure_tiny_clip(dir: &Path, spec: &TinyClipSpec, corpus: &[String]) -> Result<PathBuf> {
     let stamp_path = dir.join("prefcap-spec.txt");
-    let stamp = format!("{spec:?}");
+    let stamp = format!("{spec:?} corpus {}", corpus_digest(corpus));
     if std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
         return Ok(dir.to_path_buf());
     }
     std::fs::create_dir_all(dir).at(dir)?;
-    let tokenizer = train_tokenizer(spec)?;
+    let tokenizer = train_tokenizer(spec, corpus)?;
     let tok_path = dir.join("tokenizer.json");
     let tok_json = tokenizer
         .to_string(false)
@@ -160,15 +169,6 @@ pub fn ensure_tiny_clip(dir: &Path, spec: &TinyClipSpec) -> Result<PathBuf> {
     });
     write_json(&dir.join("preprocessor_config.json"), &preprocessor)?;
     write_weights(&dir.join("model.safetensors"), spec, vocab)?;
-    let summary_path = dir.join("pretrain.json");
-    if spec.pretrain.steps > 0 {
-        let summary = pretrain(&ClipModelFiles::from_dir(dir)?, &spec.pretrain, spec.seed)?;
-        let value = serde_json::to_value(&summary)
-            .map_err(|e| Error::Config(format!("pretraining summary: {e}")))?;
-        write_json(&summary_path, &value)?;
-    } else if summary_path.exists() {
-        std::fs::remove_file(&summary_path).at(&summary_path)?;
-    }
     write_atomic(&stamp_path, stamp.as_bytes())?;
     Ok(dir.to_path_buf())
 }
@@ -178,58 +178,18 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
-/// Every sentence the synthetic world can say (image captions and story captions), in a
-/// fixed order: the tokenizer's training corpus.
-pub fn synthetic_corpus() -> Vec<String> {
-    let shapes: Vec<Shape> = Colour::ALL
-        .iter()
-        .flat_map(|&colour| {
-            ShapeKind::ALL
-                .iter()
-                .map(move |&kind| Shape { colour, kind })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for &subject in &shapes {
-        for &object in &shapes {
-            for &relation in &Relation::ALL {
-                let scene = Scene {
-                    subject,
-                    relation,
-                    object,
-                };
-                out.push(synthetic::caption(&scene));
-                for &d in &Direction::ALL {
-                    out.push(synthetic::story_caption(&scene, Some(Change::Moves(d))));
-                }
-                let from = subject.colour.next_in_cycle(object.colour);
-                out.push(synthetic::story_caption(
-                    &scene,
-                    Some(Change::Turns {
-                        from,
-                        to: subject.colour,
-                    }),
-                ));
-            }
-        }
-    }
-    out.push("two shapes".into());
-    out.push("a shape and another shape".into());
-    out
-}
-
-/// A byte-level BPE (lowercased; BOS … EOS like CLIP's) trained on [`synthetic_corpus`].
+/// A byte-level BPE (lowercased; BOS … EOS like CLIP's) trained on `corpus`.
 /// Byte-level, not CLIP's `</w>` character BPE: every byte is in the base alphabet, so any
 /// user text encodes, and the base alphabet has a fixed order, which makes training
 /// deterministic (the trainer numbers `</w>` symbols in hash-map order).
-pub fn train_tokenizer(spec: &TinyClipSpec) -> Result<Tokenizer> {
-    train_bpe(spec.vocab_size, &[BOS, EOS], Some((BOS, EOS)))
+pub fn train_tokenizer(spec: &TinyClipSpec, corpus: &[String]) -> Result<Tokenizer> {
+    train_bpe(corpus, spec.vocab_size, &[BOS, EOS], Some((BOS, EOS)))
 }
 
-/// A lowercasing byte-level BPE of at most `vocab_size` tokens trained on
-/// [`synthetic_corpus`], with `specials` first in the vocabulary and, when `wrap` is given,
+/// A lowercasing byte-level BPE of at most `vocab_size` tokens trained on `corpus`, with `specials` first in the vocabulary and, when `wrap` is given,
 /// every encoding framed as `wrap.0 … wrap.1`.
 pub fn train_bpe(
+    corpus: &[String],
     vocab_size: usize,
     specials: &[&str],
     wrap: Option<(&str, &str)>,
@@ -260,7 +220,7 @@ pub fn train_bpe(
         )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    tok.train(&mut trainer, synthetic_corpus().into_iter())
+    tok.train(&mut trainer, corpus.iter())
         .map_err(|e| err("training", e))?;
     if let Some((bos, eos)) = wrap {
         let ids = |t: &str| {
@@ -286,7 +246,7 @@ fn write_weights(path: &Path, spec: &TinyClipSpec, vocab: usize) -> Result<()> {
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut normal = |shape: Vec<usize>, std: f32| -> (Vec<usize>, Vec<f32>) {
         let n = shape.iter().product();
-        (shape, normal_samples(&mut rng, n, std))
+        (shape, rng.normal_samples(n, std))
     };
     let fill = |shape: Vec<usize>, v: f32| -> (Vec<usize>, Vec<f32>) {
         let n = shape.iter().product();
@@ -389,17 +349,6 @@ fn write_weights(path: &Path, spec: &TinyClipSpec, vocab: usize) -> Result<()> {
     save_safetensors(path, &tensors)
 }
 
-/// `n` draws from N(0, std²) (Box–Muller over the seeded generator).
-pub fn normal_samples(rng: &mut SplitMix64, n: usize, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1 = 1.0 - rng.unit_f64();
-            let u2 = rng.unit_f64();
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
-        })
-        .collect()
-}
-
 /// Writes f32 tensors as a safetensors file, atomically.
 pub fn save_safetensors(
     path: &Path,
@@ -428,11 +377,170 @@ pub fn save_safetensors(
     write_atomic(path, &serialized)
 }
 
+/// Shape of a randomly initialised GPT-2 checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gpt2Spec {
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_positions: usize,
+    /// Embedding rows; `None` = the size of the trained BPE.
+    pub vocab: Option<usize>,
+}
+
+impl Gpt2Spec {
+    /// The embedded default's decoder.
+    pub const TINY: Gpt2Spec = Gpt2Spec {
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_positions: 64,
+        vocab: None,
+    };
+    /// The size of Hugging Face `gpt2` (124M parameters), for benchmarks.
+    pub const SMALL: Gpt2Spec = Gpt2Spec {
+        n_embd: 768,
+        n_layer: 12,
+        n_head: 12,
+        n_positions: 1024,
+        vocab: Some(50257),
+    };
+}
+
+/// Writes the embedded tiny GPT-2, its tokenizer trained on `corpus`, unless present.
+pub fn ensure_tiny_gpt2(dir: &Path, seed: u64, corpus: &[String]) -> Result<PathBuf> {
+    ensure_random_gpt2(dir, &Gpt2Spec::TINY, seed, corpus)
+}
+
+/// Writes a GPT-2 checkpoint of shape `spec` with GPT-2's random initialisation (HF layout:
+/// `transformer.` keys, Conv1D `[in, out]`, tied head) and a byte-level BPE trained on
+/// `corpus`, unless the same one is present.
+pub fn ensure_random_gpt2(
+    dir: &Path,
+    spec: &Gpt2Spec,
+    seed: u64,
+    corpus: &[String],
+) -> Result<PathBuf> {
+    let stamp = if *spec == Gpt2Spec::TINY {
+        format!("tiny-gpt2-v1 seed {seed} corpus {}", corpus_digest(corpus))
+    } else {
+        format!(
+            "random-gpt2-v1 {spec:?} seed {seed} corpus {}",
+            corpus_digest(corpus)
+        )
+    };
+    let stamp_path = dir.join("prefcap-spec.txt");
+    if std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
+        return Ok(dir.to_path_buf());
+    }
+    std::fs::create_dir_all(dir).at(dir)?;
+    let tok = train_bpe(corpus, 400, &[END_OF_TEXT], None)?;
+    let json_text = tok
+        .to_string(false)
+        .map_err(|e| Error::Config(format!("serialising the tiny GPT-2 tokenizer: {e}")))?;
+    write_atomic(&dir.join("tokenizer.json"), json_text.as_bytes())?;
+    let vocab = spec.vocab.unwrap_or_else(|| tok.get_vocab_size(true));
+    let eos = tok.token_to_id(END_OF_TEXT).unwrap_or(0);
+    let (d, layers, heads, positions) = (spec.n_embd, spec.n_layer, spec.n_head, spec.n_positions);
+    let config = json!({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": vocab, "n_positions": positions, "n_embd": d, "n_layer": layers, "n_head": heads,
+        "n_inner": null, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": true,
+    });
+    let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Config(e.to_string()))?;
+    write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    let mut rng = SplitMix64::derived(seed, "tiny-gpt2-weights");
+    let mut tensors = std::collections::BTreeMap::new();
+    let mut put = |name: String, shape: Vec<usize>, std: f32, rng: &mut SplitMix64| {
+        let n = shape.iter().product();
+        tensors.insert(name, (shape, rng.normal_samples(n, std)));
+    };
+    // GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/√(2·layers).
+    let proj_std = 0.02 / (2.0 * layers as f32).sqrt();
+    put(
+        "transformer.wte.weight".into(),
+        vec![vocab, d],
+        0.02,
+        &mut rng,
+    );
+    put(
+        "transformer.wpe.weight".into(),
+        vec![positions, d],
+        0.01,
+        &mut rng,
+    );
+    for l in 0..layers {
+        let p = format!("transformer.h.{l}");
+        put(
+            format!("{p}.attn.c_attn.weight"),
+            vec![d, 3 * d],
+            0.02,
+            &mut rng,
+        );
+        put(
+            format!("{p}.attn.c_proj.weight"),
+            vec![d, d],
+            proj_std,
+            &mut rng,
+        );
+        put(
+            format!("{p}.mlp.c_fc.weight"),
+            vec![d, 4 * d],
+            0.02,
+            &mut rng,
+        );
+        put(
+            format!("{p}.mlp.c_proj.weight"),
+            vec![4 * d, d],
+            proj_std,
+            &mut rng,
+        );
+    }
+    for l in 0..layers {
+        let p = format!("transformer.h.{l}");
+        for (name, n) in [
+            ("attn.c_attn.bias", 3 * d),
+            ("attn.c_proj.bias", d),
+            ("mlp.c_fc.bias", 4 * d),
+            ("mlp.c_proj.bias", d),
+        ] {
+            tensors.insert(format!("{p}.{name}"), (vec![n], vec![0.0; n]));
+        }
+        for ln in ["ln_1", "ln_2"] {
+            tensors.insert(format!("{p}.{ln}.weight"), (vec![d], vec![1.0; d]));
+            tensors.insert(format!("{p}.{ln}.bias"), (vec![d], vec![0.0; d]));
+        }
+    }
+    tensors.insert("transformer.ln_f.weight".into(), (vec![d], vec![1.0; d]));
+    tensors.insert("transformer.ln_f.bias".into(), (vec![d], vec![0.0; d]));
+    save_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    write_atomic(&stamp_path, stamp.as_bytes())?;
+    Ok(dir.to_path_buf())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::clip::ClipEmbedder;
+    use crate::models::clip::{ClipEmbedder, ClipModelFiles};
     use candle_core::{DType, Device};
+
+    /// A small world's sentences: every word of the captions the tests tokenize, often.
+    fn corpus() -> Vec<String> {
+        let colours = ["red", "orange", "blue", "green"];
+        let shapes = ["circle", "square", "triangle"];
+        let mut out = Vec::new();
+        for (i, c) in colours.iter().enumerate() {
+            for (j, s) in shapes.iter().enumerate() {
+                let (c2, s2) = (colours[(i + 1) % 4], shapes[(j + 1) % 3]);
+                for relation in ["above", "below", "left of", "right of"] {
+                    out.push(format!("a {c} {s} {relation} a {c2} {s2}"));
+                    out.push(format!("an {c} {s} {relation} an {c2} {s2}"));
+                }
+            }
+        }
+        out
+    }
 
     fn small() -> TinyClipSpec {
         TinyClipSpec {
@@ -447,8 +555,8 @@ mod tests {
     #[test]
     fn generation_is_deterministic_byte_for_byte() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        ensure_tiny_clip(a.path(), &small()).unwrap();
-        ensure_tiny_clip(b.path(), &small()).unwrap();
+        ensure_tiny_clip(a.path(), &small(), &corpus()).unwrap();
+        ensure_tiny_clip(b.path(), &small(), &corpus()).unwrap();
         for f in [
             "config.json",
             "model.safetensors",
@@ -462,7 +570,12 @@ mod tests {
             );
         }
         let other = tempfile::tempdir().unwrap();
-        ensure_tiny_clip(other.path(), &TinyClipSpec { seed: 7, ..small() }).unwrap();
+        ensure_tiny_clip(
+            other.path(),
+            &TinyClipSpec { seed: 7, ..small() },
+            &corpus(),
+        )
+        .unwrap();
         assert_ne!(
             std::fs::read(a.path().join("model.safetensors")).unwrap(),
             std::fs::read(other.path().join("model.safetensors")).unwrap()
@@ -472,7 +585,7 @@ mod tests {
     #[test]
     fn tiny_model_loads_through_the_real_checkpoint_path_and_tokenizes_captions_whole() {
         let dir = tempfile::tempdir().unwrap();
-        ensure_tiny_clip(dir.path(), &small()).unwrap();
+        ensure_tiny_clip(dir.path(), &small(), &corpus()).unwrap();
         let files = ClipModelFiles::from_dir(dir.path()).unwrap();
         let model = ClipEmbedder::load(&files, &Device::Cpu, DType::F32).unwrap();
         let caption = "a red circle above an orange square";
@@ -490,5 +603,21 @@ mod tests {
         assert_eq!(emb.dims(), &[2, 16]);
         let pixels = vec![0.5f32; 2 * 3 * 32 * 32];
         assert_eq!(model.embed_pixels(&pixels, 2).unwrap().dims(), &[2, 16]);
+    }
+
+    #[test]
+    fn tiny_gpt2_is_deterministic_and_loads_as_a_real_checkpoint() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        ensure_tiny_gpt2(a.path(), 3, &corpus()).unwrap();
+        ensure_tiny_gpt2(b.path(), 3, &corpus()).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            assert_eq!(
+                std::fs::read(a.path().join(f)).unwrap(),
+                std::fs::read(b.path().join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        let model = crate::models::gpt2::Gpt2::load(a.path(), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(model.hidden_size(), 64);
     }
 }

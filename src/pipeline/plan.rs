@@ -9,83 +9,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
 use crate::pipeline::config::Config;
-
-/// A stage the binary knows, built or not.
-#[derive(Debug, Clone, Copy)]
-pub struct StageInfo {
-    pub name: &'static str,
-    pub description: &'static str,
-    /// False for stages that are specified but not implemented yet: plans may name them,
-    /// and runs report them as not built instead of skipping them silently.
-    pub built: bool,
-    /// Whether the stage runs models that `--gpu` would place on a GPU.
-    pub uses_gpu: bool,
-}
-
-/// Every stage, in pipeline order.
-pub const STAGES: &[StageInfo] = &[
-    StageInfo {
-        name: "ingest",
-        description:
-            "download and shard CC / UltraFeedback / StoryReasoning / synthetic data into Parquet",
-        built: true,
-        uses_gpu: false,
-    },
-    StageInfo {
-        name: "embed",
-        description:
-            "frozen CLIP image and text embeddings into the content-addressed feature cache",
-        built: true,
-        uses_gpu: true,
-    },
-    StageInfo {
-        name: "train-sft",
-        description: "CLIP-prefix GPT-2 captioner, teacher-forced on cached features",
-        built: true,
-        uses_gpu: true,
-    },
-    StageInfo {
-        name: "sample-pairs",
-        description:
-            "image-grounded pairs: SFT samples per image ranked by CLIPScore (best vs worst)",
-        built: true,
-        uses_gpu: true,
-    },
-    StageInfo {
-        name: "train-dpo",
-        description: "direct preference optimisation (sigmoid/hinge/IPO/robust) from the SFT model",
-        built: true,
-        uses_gpu: true,
-    },
-    StageInfo {
-        name: "train-orpo",
-        description: "odds-ratio preference optimisation (reference-free)",
-        built: true,
-        uses_gpu: true,
-    },
-    StageInfo {
-        name: "generate",
-        description: "captions by greedy, beam or top-p sampling into generations.parquet",
-        built: true,
-        uses_gpu: true,
-    },
-    StageInfo {
-        name: "score",
-        description: "BLEU, ROUGE-L, CIDEr-D, CLIPScore and attribute accuracy into scores.parquet",
-        built: true,
-        uses_gpu: false,
-    },
-    StageInfo {
-        name: "report",
-        description: "per-run summary tables and train/val curves",
-        built: true,
-        uses_gpu: false,
-    },
-];
-
-pub fn stage(name: &str) -> Option<&'static StageInfo> {
-    STAGES.iter().find(|s| s.name == name)
-}
+use crate::stages::{stage, STAGES};
 
 /// Built-in pipelines, used when `pipelines/<name>.toml` is not found beside the workdir.
 pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
@@ -266,11 +190,11 @@ pub fn build(name: &str, origin: &str, text: &str, source: &ConfigSource) -> Res
             None
         }
     };
-    let fallback = config.as_ref().is_some_and(|c| c.embed.cpu_fallback);
+    let fallback = config.as_ref().is_some_and(|c| c.shared.run.cpu_fallback);
     if source.gpu.is_some() && !cfg!(feature = "cuda") && !fallback {
         errors.push(
             "--gpu needs a binary built with the `cuda` feature (cargo build --release --features cuda); \
-             this one is CPU-only (set embed.cpu_fallback=true to run on the CPU anyway)"
+             this one is CPU-only (set run.cpu_fallback=true to run on the CPU anyway)"
                 .into(),
         );
     }

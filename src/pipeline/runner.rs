@@ -1,16 +1,15 @@
 //! Executes a validated plan: creates `runs/<run-id>/`, saves the resolved config and the
 //! pipeline there before any work starts, runs the steps in order, and records outcomes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
 use crate::io::write_atomic;
-use crate::pipeline::plan::{self, Plan};
-use crate::stages::ingest::{self, IngestOptions};
-use crate::stages::train_sft::StageContext;
+use crate::pipeline::plan::Plan;
+use crate::stages::{stage, StageContext};
 
 /// Flags of `pipeline run` that are not configuration.
 #[derive(Debug, Clone, Default)]
@@ -28,13 +27,11 @@ pub enum StepOutcome {
     Done {
         summary: String,
         seconds: f64,
+        /// The stage's typed summary.
+        details: serde_json::Value,
     },
-    /// The stage exists in the plan language but is not implemented in this binary yet.
-    NotBuilt,
     /// Not run because an input step did not complete.
-    Skipped {
-        because: String,
-    },
+    Skipped { because: String },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,8 +41,8 @@ pub struct RunRecord {
     pub steps: Vec<(String, StepOutcome)>,
 }
 
-/// Runs `plan` under `opts.workdir`. A failing step stops the run with its error; steps
-/// that are not built are reported (and their dependants skipped), never silently dropped.
+/// Runs `plan` under `opts.workdir`. A failing step stops the run with its error (the stage
+/// named, its cause kept as the error's source).
 pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
     let run_id = format!(
         "{}-{}-{}",
@@ -79,42 +76,45 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
                 Some((_, StepOutcome::Done { .. }))
             )
         });
-        let info = plan::stage(&step.stage).expect("validated plan has known stages");
+        let registered = stage(&step.stage).ok_or_else(|| {
+            Error::Plan(vec![format!(
+                "step `{}`: unknown stage `{}`",
+                step.name(),
+                step.stage
+            )])
+        })?;
         let outcome = if let Some(input) = blocked {
             StepOutcome::Skipped {
                 because: format!("input `{input}` did not run"),
             }
-        } else if !info.built {
-            StepOutcome::NotBuilt
         } else {
             let started = Instant::now();
-            let ctx = StageContext {
-                workdir: opts.workdir.clone(),
-                run_dir: run_dir.clone(),
-                run_id: record.run_id.clone(),
-                gpu: opts.gpu,
-            };
-            let summary = run_stage(&step.stage, plan, opts, &ctx).map_err(|e| Error::Stage {
-                stage: step.name().to_string(),
-                source: Box::new(e),
+            let mut ctx =
+                StageContext::new(&opts.workdir, &record.run_id, plan.config.shared.clone());
+            ctx.gpu = opts.gpu;
+            ctx.retry_failed = opts.retry_failed;
+            let done = (registered.run)(plan.config.section(registered), &ctx).map_err(|e| {
+                Error::Stage {
+                    stage: step.name().to_string(),
+                    source: Box::new(e),
+                }
             })?;
             StepOutcome::Done {
-                summary,
+                summary: done.text,
                 seconds: started.elapsed().as_secs_f64(),
+                details: done.details,
             }
         };
         match &outcome {
-            StepOutcome::Done { summary, seconds } => {
+            StepOutcome::Done {
+                summary, seconds, ..
+            } => {
                 eprintln!(
                     "step {}: done in {seconds:.1}s\n    {}",
                     step.name(),
                     summary.replace("; ", "\n    ")
                 )
             }
-            StepOutcome::NotBuilt => eprintln!(
-                "step {}: NOT BUILT YET in this version of prefcap",
-                step.name()
-            ),
             StepOutcome::Skipped { because } => {
                 eprintln!("step {}: skipped ({because})", step.name())
             }
@@ -124,52 +124,6 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
     let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Config(e.to_string()))?;
     write_atomic(&run_dir.join("run.json"), &json)?;
     Ok((run_dir, record))
-}
-
-fn run_stage(stage: &str, plan: &Plan, opts: &RunOptions, ctx: &StageContext) -> Result<String> {
-    match stage {
-        "ingest" => {
-            let summaries = ingest::run(
-                &plan.config,
-                &opts.workdir,
-                &IngestOptions {
-                    retry_failed: opts.retry_failed,
-                },
-            )?;
-            Ok(summaries
-                .iter()
-                .flat_map(|s| &s.splits)
-                .map(|s| {
-                    format!(
-                        "{}/{}: {} rows ({} failed), {} shard(s) written, {} already done",
-                        s.dataset, s.split, s.rows, s.failed, s.shards_written, s.shards_skipped
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "))
-        }
-        "embed" => {
-            Ok(crate::stages::embed::run(&plan.config, &opts.workdir, opts.gpu)?.to_string())
-        }
-        "train-sft" => crate::stages::train_sft::run(&plan.config, ctx),
-        "sample-pairs" => crate::stages::sample_pairs::run(&plan.config, ctx),
-        "train-dpo" => crate::stages::preference::run(
-            &plan.config,
-            ctx,
-            crate::stages::preference::Method::Dpo,
-            &plan.config.train_dpo,
-        ),
-        "train-orpo" => crate::stages::preference::run(
-            &plan.config,
-            ctx,
-            crate::stages::preference::Method::Orpo,
-            &plan.config.train_orpo,
-        ),
-        "generate" => crate::stages::generate::run(&plan.config, ctx),
-        "score" => crate::stages::score::run(&plan.config, ctx),
-        "report" => crate::stages::report::run(ctx),
-        other => Err(Error::Invalid(format!("stage `{other}` is not built"))),
-    }
 }
 
 /// `YYYYMMDDTHHMMSS` in UTC, without a date-time dependency.
@@ -192,16 +146,6 @@ pub fn utc_stamp(t: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Path of the newest run directory, if any (by name order within `runs/`).
-pub fn latest_run(workdir: &Path) -> Option<PathBuf> {
-    let mut dirs: Vec<_> = std::fs::read_dir(workdir.join("runs"))
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    dirs.sort();
-    dirs.pop()
 }
 
 #[cfg(test)]

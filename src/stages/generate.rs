@@ -8,24 +8,21 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::data::features::FeatureEntry;
-use crate::data::hub::HubClient;
 use crate::data::records::GenerationRow;
 use crate::data::shard::write_parquet;
-use crate::device::device_for;
+use crate::datasets::embedding::{embed_user_inputs, UserInputs};
 use crate::error::{CandleContext, Error, Result};
 use crate::io::write_atomic;
-use crate::models::captioner::{seed_mapper, CaptionerManifest, DecodeMethod, DecoderFiles};
-use crate::pipeline::config::Config;
+use crate::models::captioner::{seed_mapper, CaptionerManifest, DecodeMethod};
 use crate::progress::Progress;
-use crate::stages::embed::{self, UserInputs};
-use crate::stages::train_sft::StageContext;
+use crate::stages::{Stage, StageContext};
 
 /// `[generate]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenerateConfig {
-    /// Captioners to run: `untrained` (the baseline: mapper at its seeded initialisation),
+    /// Captioners to run: `untrained` (the baseline: the mapper at its initialisation seeded
+    /// with `seed`),
     /// or a training stage (`train-sft`, `train-dpo`, `train-orpo`) whose best checkpoint is
     /// taken from this run, else from the newest run that has one.
     pub models: Vec<String>,
@@ -35,6 +32,7 @@ pub struct GenerateConfig {
     pub length_penalty: f64,
     pub top_p: f64,
     pub temperature: f64,
+    /// Seed of sampling and of the untrained baseline's mapper.
     pub seed: u64,
     pub max_tokens: usize,
     pub batch_size: usize,
@@ -90,159 +88,174 @@ impl GenerateConfig {
     }
 }
 
-/// The directory of training stage `stage`'s output (it has a best checkpoint): in this
-/// run, else the newest run.
-pub fn find_stage_dir(ctx: &StageContext, stage: &str) -> Option<PathBuf> {
-    let best = ctx.find_in_runs(&format!("{stage}/best/model.safetensors"))?;
-    let dir = best.parent()?.parent()?.to_path_buf();
-    dir.join("captioner.json").is_file().then_some(dir)
+/// What `generate` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateSummary {
+    pub captions: usize,
+    pub models: usize,
+    pub methods: usize,
+    pub images: usize,
+    pub path: String,
 }
 
-/// A captioner manifest for the untrained baseline: a trained model's when there is one
-/// (same architecture), else the configuration's.
-fn baseline_manifest(
-    cfg: &Config,
-    ctx: &StageContext,
-    entries: &[FeatureEntry],
-) -> Result<CaptionerManifest> {
-    for stage in ["train-sft", "train-dpo", "train-orpo"] {
-        if let Some(dir) = find_stage_dir(ctx, stage) {
-            return CaptionerManifest::load(&dir.join("captioner.json"));
-        }
+impl std::fmt::Display for GenerateSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} captions ({} models × {} methods × {} images) in {}",
+            self.captions, self.models, self.methods, self.images, self.path
+        )
     }
-    Ok(CaptionerManifest {
-        captioner: cfg.captioner.clone(),
-        decoder_files: DecoderFiles::resolve(&cfg.captioner, &ctx.workdir, cfg.run.seed, || {
-            HubClient::new(&cfg.hub)
-        })?,
-        clip_dim: entries.first().map_or(0, |e| e.manifest.key.dim),
-        clip_model: cfg.embed.model.clone(),
-        clip_revision: cfg.embed.revision.clone(),
-    })
 }
 
-/// Runs generate; returns the summary line.
-pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
-    // Trained captioners first: their CLIP decides which features (or which model embeds
-    // the user's images), whatever this invocation's `[embed]` says.
-    let mut trained = Vec::new();
-    for name in cfg.generate.models.iter().filter(|m| *m != "untrained") {
-        let dir = find_stage_dir(ctx, name).ok_or_else(|| {
-            Error::Config(format!("generate.models: no `{name}` checkpoint in this run or an earlier one; run `pipeline run {name}` first"))
-        })?;
-        trained.push((
-            name.clone(),
-            CaptionerManifest::load(&dir.join("captioner.json"))?,
-            dir.join("best/model.safetensors"),
-        ));
-    }
-    let mut cfg = cfg.clone();
-    if let Some((_, m, _)) = trained.first() {
-        cfg.embed.model = m.clip_model.clone();
-        cfg.embed.revision = m.clip_revision.clone();
-    }
-    let cfg = &cfg;
-    let g = &cfg.generate;
-    let (dataset, split, entries) = if g.images.is_empty() {
-        let dataset = if g.dataset.is_empty() {
-            cfg.captioner.dataset.clone()
-        } else {
-            g.dataset.clone()
-        };
-        let split = if g.split.is_empty() {
-            cfg.captioner.val_split.clone()
-        } else {
-            g.split.clone()
-        };
-        let entries = embed::split_features(cfg, &ctx.workdir, &dataset, &split, "image")?;
-        (dataset, split, entries)
-    } else {
-        let inputs = UserInputs {
-            images: Some(PathBuf::from(&g.images)),
-            ..UserInputs::default()
-        };
-        let s = embed::embed_user_inputs(cfg, &ctx.workdir, ctx.gpu, &inputs)?;
-        ("images".to_string(), g.images.clone(), s.entries)
-    };
-    let methods = g.decode_methods()?;
-    let device = device_for(ctx.gpu, cfg.embed.cpu_fallback)?;
-    let mut keys = Vec::new();
-    let mut embeddings = Vec::new();
-    for e in &entries {
-        let t = e.open()?;
-        keys.extend(t.keys());
-        embeddings.extend(t.embeddings());
-    }
-    let dim = entries.first().map_or(0, |e| e.manifest.key.dim);
-    let mut rows = Vec::new();
-    let progress = Progress::new(
-        "generate",
-        "captions",
-        Some((keys.len() * methods.len() * g.models.len()) as u64),
-    );
-    for model_name in &g.models {
-        let (manifest, checkpoint) = if model_name == "untrained" {
-            (baseline_manifest(cfg, ctx, &entries)?, None)
-        } else {
-            let dir = find_stage_dir(ctx, model_name).ok_or_else(|| {
-                Error::Config(format!("generate.models: no `{model_name}` checkpoint in this run or an earlier one; run `pipeline run {model_name}` first"))
+/// `pipeline run generate`.
+pub struct Generate;
+
+impl Stage for Generate {
+    const NAME: &'static str = "generate";
+    const DESCRIPTION: &'static str =
+        "captions by greedy, beam or top-p sampling into generations.parquet";
+    const USES_GPU: bool = true;
+    const SECTION: &'static str = "generate";
+    type Config = GenerateConfig;
+    type Summary = GenerateSummary;
+
+    fn run(g: &GenerateConfig, ctx: &StageContext) -> Result<GenerateSummary> {
+        // Trained captioners first: their CLIP decides which features (or which model
+        // embeds the user's images), whatever this invocation's `[clip]` says.
+        let mut trained = Vec::new();
+        for name in g.models.iter().filter(|m| *m != "untrained") {
+            let dir = ctx.find_captioner(name).ok_or_else(|| {
+                Error::Config(format!("generate.models: no `{name}` checkpoint in this run or an earlier one; run `pipeline run {name}` first"))
             })?;
-            (
+            trained.push((
+                name.clone(),
                 CaptionerManifest::load(&dir.join("captioner.json"))?,
-                Some(dir.join("best/model.safetensors")),
-            )
+                dir.join("best/model.safetensors"),
+            ));
+        }
+        let clip = match trained.first() {
+            Some((_, m, _)) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
+            None => ctx.clip.clone(),
         };
-        if manifest.clip_dim != dim {
-            return Err(Error::Config(format!(
-                "the `{model_name}` captioner expects {}-d CLIP features, the cache has {dim}-d ones (embed.model differs?)",
-                manifest.clip_dim
-            )));
+        let (dataset, split, entries) = if g.images.is_empty() {
+            let dataset = if g.dataset.is_empty() {
+                ctx.captioner.dataset.clone()
+            } else {
+                g.dataset.clone()
+            };
+            let split = if g.split.is_empty() {
+                ctx.captioner.val_split.clone()
+            } else {
+                g.split.clone()
+            };
+            let entries = ctx.split_features(&clip, &dataset, &split, "image")?;
+            (dataset, split, entries)
+        } else {
+            let inputs = UserInputs {
+                images: Some(PathBuf::from(&g.images)),
+                ..UserInputs::default()
+            };
+            let s = embed_user_inputs(
+                &ctx.feature_identity(&clip)?,
+                &ctx.device()?,
+                &ctx.workdir,
+                &inputs,
+                &ctx.embed_options(g.batch_size),
+            )?;
+            ("images".to_string(), g.images.clone(), s.entries)
+        };
+        let methods = g.decode_methods()?;
+        let device = ctx.device()?;
+        let mut keys = Vec::new();
+        let mut embeddings = Vec::new();
+        for e in &entries {
+            let t = e.open()?;
+            keys.extend(t.keys());
+            embeddings.extend(t.embeddings());
         }
-        let (model, vars) = manifest.captioner(checkpoint.as_deref(), &device)?;
-        if checkpoint.is_none() {
-            seed_mapper(&vars, cfg.train_sft.seed)?;
-        }
-        for method in &methods {
-            for (chunk_keys, chunk) in keys
-                .chunks(g.batch_size.max(1))
-                .zip(embeddings.chunks(g.batch_size.max(1) * dim))
-            {
-                let clip = Tensor::from_slice(chunk, (chunk_keys.len(), dim), &device)
-                    .during("uploading image features")?;
-                let out = model
-                    .generate(&clip, method, g.max_tokens)
-                    .during("decoding captions")?;
-                for (key, gen) in chunk_keys.iter().zip(out) {
-                    rows.push(GenerationRow {
-                        run_id: ctx.run_id.clone(),
-                        model: model_name.clone(),
-                        method: method.label(),
-                        dataset: dataset.clone(),
-                        split: split.clone(),
-                        image_key: key.clone(),
-                        caption: gen.text,
-                        logprob: gen.logprob,
-                        tokens: gen.ids.len() as i32,
-                    });
+        let dim = entries.first().map_or(0, |e| e.manifest.key.dim);
+        let mut rows = Vec::new();
+        let progress = Progress::new(
+            "generate",
+            "captions",
+            Some((keys.len() * methods.len() * g.models.len()) as u64),
+        );
+        for model_name in &g.models {
+            let (manifest, checkpoint) = if model_name == "untrained" {
+                // The baseline: a trained captioner's architecture when there is one, the
+                // mapper at its seeded initialisation.
+                let manifest = match trained.first() {
+                    Some((_, m, _)) => m.clone(),
+                    None => CaptionerManifest {
+                        captioner: ctx.captioner.clone(),
+                        decoder_files: ctx.decoder_files()?,
+                        clip_dim: dim,
+                        clip_model: clip.model.clone(),
+                        clip_revision: clip.revision.clone(),
+                    },
+                };
+                (manifest, None)
+            } else {
+                let (_, m, best) = trained
+                    .iter()
+                    .find(|(n, _, _)| n == model_name)
+                    .ok_or_else(|| {
+                        ctx.missing(&format!("`{model_name}` checkpoint"), model_name)
+                    })?;
+                (m.clone(), Some(best.clone()))
+            };
+            if manifest.clip_dim != dim {
+                return Err(Error::Config(format!(
+                    "the `{model_name}` captioner expects {}-d CLIP features, the cache has {dim}-d ones (clip.model differs?)",
+                    manifest.clip_dim
+                )));
+            }
+            let (model, vars) = manifest.captioner(checkpoint.as_deref(), &device)?;
+            if checkpoint.is_none() {
+                seed_mapper(&vars, g.seed)?;
+            }
+            for method in &methods {
+                for (chunk_keys, chunk) in keys
+                    .chunks(g.batch_size.max(1))
+                    .zip(embeddings.chunks(g.batch_size.max(1) * dim))
+                {
+                    let clip = Tensor::from_slice(chunk, (chunk_keys.len(), dim), &device)
+                        .during("uploading image features")?;
+                    let out = model
+                        .generate(&clip, method, g.max_tokens)
+                        .during("decoding captions")?;
+                    for (key, gen) in chunk_keys.iter().zip(out) {
+                        rows.push(GenerationRow {
+                            run_id: ctx.run_id.clone(),
+                            model: model_name.clone(),
+                            method: method.label(),
+                            dataset: dataset.clone(),
+                            split: split.clone(),
+                            image_key: key.clone(),
+                            caption: gen.text,
+                            logprob: gen.logprob,
+                            tokens: gen.ids.len() as i32,
+                        });
+                    }
+                    progress.inc(chunk_keys.len() as u64);
                 }
-                progress.inc(chunk_keys.len() as u64);
             }
         }
+        progress.finish("");
+        let path = ctx.run_dir.join("generations.parquet");
+        write_parquet(&path, &rows)?;
+        if g.json {
+            write_json(&ctx.run_dir.join("generations.json"), &rows)?;
+        }
+        Ok(GenerateSummary {
+            captions: rows.len(),
+            models: g.models.len(),
+            methods: methods.len(),
+            images: keys.len(),
+            path: path.display().to_string(),
+        })
     }
-    progress.finish("");
-    let path = ctx.run_dir.join("generations.parquet");
-    write_parquet(&path, &rows)?;
-    if g.json {
-        write_json(&ctx.run_dir.join("generations.json"), &rows)?;
-    }
-    Ok(format!(
-        "{} captions ({} models × {} methods × {} images) in {}",
-        rows.len(),
-        g.models.len(),
-        methods.len(),
-        keys.len(),
-        path.display()
-    ))
 }
 
 /// `generations.json`: a list of `{image_id, caption, model, method, logprob}` (COCO results

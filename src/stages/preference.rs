@@ -1,511 +1,133 @@
 //! `pipeline run train-dpo` and `train-orpo`: preference optimisation of the captioner on
-//! image-grounded pairs (`image_key` set: the CLIP prefix is the prompt), through the generic
-//! trainer loop.
+//! image-grounded pairs (`image_key` set: the CLIP prefix is the prompt) and text-only pairs,
+//! through the training engine. Both read `[preference]` (data and losses) and their own
+//! section (`[train_dpo]`, `[train_orpo]`: the loop and the optimiser).
 //!
 //! DPO starts from the SFT checkpoint, which is also the frozen reference. The reference's
-//! sequence log-probabilities are computed once per (reference checkpoint, pair shard) and
-//! cached on disk as Arrow IPC under `cache/reflogps-v1/`, so training holds no second model
-//! and re-runs reuse them. ORPO starts from the same checkpoint and needs no reference.
-//! Pairs stream from a loader thread (pair shards joined with cached image features,
-//! tokenized and padded) over a bounded channel; the training thread only computes.
+//! sequence log-probabilities are computed once per (reference checkpoint, pair shards) and
+//! kept in the content-addressed cache (`cache/reflogps-v2/`), so training holds no second
+//! model and re-runs reuse them. ORPO starts from the same checkpoint and needs no reference.
+//! Pairs stream from a loader thread ([`crate::datasets::pairs`]) over a bounded channel; the
+//! training thread only computes.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Float64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokenizers::Tokenizer;
 
-use crate::data::records::{MetricRow, PreferencePair};
-use crate::data::shard::{read_parquet, write_parquet, ShardSet};
-use crate::device::device_for;
+use crate::data::cache::{digest_of, ContentCache, Lookup};
+use crate::data::records::{MetricRow, ReferenceLogps};
+use crate::data::shard::{read_parquet, write_parquet, write_parquet_to};
+use crate::datasets::pairs::{
+    PairBatch, PairSource, PairSplit, RefLogps, SideBatch, Tokenizing, Truncation,
+};
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::io::sha256_file;
-use crate::losses::preference::{dpo_loss, orpo_loss, DpoLoss};
+use crate::losses::preference::{dpo_loss, orpo_loss};
 use crate::models::captioner::{Captioner, CaptionerManifest};
-use crate::pipeline::config::Config;
-use crate::stages::embed::{self};
-use crate::stages::generate::find_stage_dir;
-use crate::stages::train_sft::{shard_batches, StageContext};
-use crate::train::{fit, FitOutput, Objective, StepOutput, TrainConfig};
+use crate::stages::context::PreferenceConfig;
+use crate::stages::{Stage, StageContext};
+use crate::train::{
+    fit, Batches, FitOutput, FitSummary, Objective, OptimizerConfig, ParamGroup, StepContext,
+    StepOutput, TrainConfig,
+};
 
-/// `[preference]`: the data and losses of train-dpo and train-orpo.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PreferenceConfig {
-    /// Image-grounded pair dataset under `data/` (rows with `image_key`); empty = none.
-    pub pairs_dataset: String,
-    /// Image dataset whose cached features the pairs' `image_key`s name.
-    pub image_dataset: String,
-    pub train_split: String,
-    pub val_split: String,
-    /// Text-only pair dataset (UltraFeedback: the decoder is conditioned on the prompt, no
-    /// image prefix), trained on beside the image-grounded pairs; empty = none.
-    pub text_pairs_dataset: String,
-    pub text_train_split: String,
-    pub text_val_split: String,
-    /// TRL's `max_length`: prompt + completion tokens per sequence (the CLIP prefix not
-    /// counted); 0 = no limit. Also capped by the decoder's positions.
-    pub max_length: usize,
-    /// TRL's (pre-1.0) `max_prompt_length`: a longer prompt keeps its last tokens; 0 = no limit.
-    pub max_prompt_length: usize,
-    /// TRL's `truncation_mode` for `max_length`.
-    pub truncation_mode: TruncationMode,
-    /// DPO loss: sigmoid, hinge, ipo, robust.
-    pub loss: DpoLoss,
-    pub beta: f64,
-    pub label_smoothing: f64,
-    /// Weight of an SFT term (mean NLL of the chosen completion tokens) added to the DPO loss:
-    /// TRL's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, sft_weight]` (RPO); 0 = off.
-    pub sft_weight: f64,
-    /// ORPO's λ.
-    pub orpo_lambda: f64,
-    /// Training stage whose best checkpoint initialises the policy (and is DPO's reference).
-    pub init_from: String,
-}
+/// `pipeline run train-dpo`.
+pub struct TrainDpo;
 
-impl Default for PreferenceConfig {
-    fn default() -> Self {
-        Self {
-            pairs_dataset: "synthetic_prefs".into(),
-            image_dataset: "synthetic".into(),
-            train_split: "train".into(),
-            val_split: "val".into(),
-            text_pairs_dataset: String::new(),
-            text_train_split: "train_prefs".into(),
-            text_val_split: "test_prefs".into(),
-            max_length: 1024,
-            max_prompt_length: 0,
-            truncation_mode: TruncationMode::KeepStart,
-            loss: DpoLoss::Sigmoid,
-            beta: 0.1,
-            label_smoothing: 0.0,
-            sft_weight: 0.0,
-            orpo_lambda: 0.1,
-            init_from: "train-sft".into(),
-        }
+impl Stage for TrainDpo {
+    const NAME: &'static str = "train-dpo";
+    const DESCRIPTION: &'static str =
+        "direct preference optimisation (sigmoid/hinge/IPO/robust) from the SFT model";
+    const USES_GPU: bool = true;
+    const SECTION: &'static str = "train_dpo";
+    type Config = TrainConfig;
+    type Summary = PreferenceSummary;
+
+    fn run(cfg: &TrainConfig, ctx: &StageContext) -> Result<PreferenceSummary> {
+        train(Method::Dpo, cfg, ctx)
     }
 }
 
-/// Which end of a too-long prompt + completion survives `max_length` (TRL's names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TruncationMode {
-    /// Keep the first `max_length` tokens; a pair whose prompt alone fills them is dropped.
-    KeepStart,
-    /// Keep the last `max_length` tokens (the prompt loses its beginning first).
-    KeepEnd,
+/// `pipeline run train-orpo`.
+pub struct TrainOrpo;
+
+impl Stage for TrainOrpo {
+    const NAME: &'static str = "train-orpo";
+    const DESCRIPTION: &'static str = "odds-ratio preference optimisation (reference-free)";
+    const USES_GPU: bool = true;
+    const SECTION: &'static str = "train_orpo";
+    type Config = TrainConfig;
+    type Summary = PreferenceSummary;
+
+    fn run(cfg: &TrainConfig, ctx: &StageContext) -> Result<PreferenceSummary> {
+        train(Method::Orpo, cfg, ctx)
+    }
 }
 
-/// TRL's truncation settings, applied per tokenized pair.
+/// DPO or ORPO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Truncation {
+pub enum Method {
+    Dpo,
+    Orpo,
+}
+
+impl Method {
+    pub fn stage(self) -> &'static str {
+        match self {
+            Method::Dpo => "train-dpo",
+            Method::Orpo => "train-orpo",
+        }
+    }
+}
+
+/// What a preference stage did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreferenceSummary {
+    /// Training pairs kept, and those dropped because their prompt fills `max_length`.
+    pub pairs: usize,
+    pub dropped: usize,
     pub max_length: usize,
-    pub max_prompt_length: usize,
-    pub mode: TruncationMode,
+    pub init_from: String,
+    /// The validation scalar that chose the best checkpoint.
+    pub selection: String,
+    /// The best checkpoint's held-out accuracy per pair source.
+    pub by_source: Vec<SourceAccuracy>,
+    pub fit: FitSummary,
+    pub dir: String,
 }
 
-/// One side of a pair as the model sees it: context tokens, then the scored completion.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Side {
-    pub prompt: Vec<u32>,
-    pub completion: Vec<u32>,
-}
-
-impl Truncation {
-    /// Both sides of a tokenized pair after truncation, or `None` when the pair is dropped
-    /// (`keep_start` and the prompt alone fills `max_length`, as TRL filters it out).
-    /// The prompt is first cut to its last `max_prompt_length` tokens; then each side's
-    /// prompt + completion is cut to `max_length`.
-    pub fn apply(&self, prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> Option<(Side, Side)> {
-        let prompt = match self.max_prompt_length {
-            0 => prompt,
-            m => &prompt[prompt.len().saturating_sub(m)..],
-        };
-        let l = self.max_length;
-        if l > 0 && self.mode == TruncationMode::KeepStart && prompt.len() >= l {
-            return None;
-        }
-        let side = |completion: &[u32]| {
-            let total = prompt.len() + completion.len();
-            if l == 0 || total <= l {
-                return Side {
-                    prompt: prompt.to_vec(),
-                    completion: completion.to_vec(),
-                };
-            }
-            match self.mode {
-                TruncationMode::KeepStart => Side {
-                    prompt: prompt.to_vec(),
-                    completion: completion[..l - prompt.len()].to_vec(),
-                },
-                TruncationMode::KeepEnd => {
-                    let cut = total - l;
-                    if cut <= prompt.len() {
-                        Side {
-                            prompt: prompt[cut..].to_vec(),
-                            completion: completion.to_vec(),
-                        }
-                    } else {
-                        Side {
-                            prompt: Vec::new(),
-                            completion: completion[cut - prompt.len()..].to_vec(),
-                        }
-                    }
-                }
-            }
-        };
-        Some((side(chosen), side(rejected)))
-    }
-}
-
-/// Length of the common start of two token sequences.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-/// A pair's token ids: the prompt, and each completion ending with end-of-text.
-pub type PairIds = (Vec<u32>, Vec<u32>, Vec<u32>);
-
-/// Tokenizes a pair as TRL does: the prompt alone and prompt + completion (joint, so merges
-/// across the boundary are the tokenizer's); the completion starts where both sides leave
-/// the prompt's tokens, and ends with end-of-text.
-pub fn tokenize_pair(
-    tok: &Tokenizer,
-    eos: u32,
-    prompt: &str,
-    chosen: &str,
-    rejected: &str,
-) -> std::result::Result<PairIds, String> {
-    let ids = |text: &str| {
-        tok.encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| format!("tokenizing: {e}"))
-    };
-    let p = ids(prompt)?;
-    let (pc, pr) = (
-        ids(&format!("{prompt}{chosen}"))?,
-        ids(&format!("{prompt}{rejected}"))?,
-    );
-    let n = common_prefix(&p, &pc).min(common_prefix(&p, &pr));
-    let finish = |full: &[u32]| {
-        let mut v = full[n..].to_vec();
-        v.push(eos);
-        v
-    };
-    Ok((p[..n].to_vec(), finish(&pc), finish(&pr)))
-}
-
-/// One pair, tokenized and truncated, ready to batch.
-#[derive(Clone)]
-struct PairRow {
-    pair_id: String,
-    /// The pair's `source` (`synthetic:colour`, `ultrafeedback_binarized`, ...).
-    source: String,
-    /// The image's CLIP embedding (image-grounded pairs) or `None` (text-only).
-    clip: Option<Vec<f32>>,
-    chosen: Side,
-    rejected: Side,
-}
-
-/// One padded side of a group: `[prompt | completion | padding]` per row.
-pub struct SideBatch {
-    pub rows: usize,
-    pub len: usize,
-    /// `rows × clip_dim` for image-grounded groups.
-    pub clip: Option<Vec<f32>>,
-    /// `rows × len`, padded with end-of-text.
-    pub ids: Vec<u32>,
-    /// 1 on completion tokens.
-    pub supervised: Vec<f32>,
-    /// 1 on prompt and completion tokens.
-    pub attention: Vec<f32>,
-}
-
-impl SideBatch {
-    fn new(rows: &[&PairRow], chosen: bool, pad: u32) -> Self {
-        let sides: Vec<&Side> = rows
+impl std::fmt::Display for PreferenceSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let by_source = self
+            .by_source
             .iter()
-            .map(|r| if chosen { &r.chosen } else { &r.rejected })
-            .collect();
-        let len = sides
-            .iter()
-            .map(|s| s.prompt.len() + s.completion.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut b = Self {
-            rows: rows.len(),
-            len,
-            clip: None,
-            ids: Vec::with_capacity(rows.len() * len),
-            supervised: Vec::with_capacity(rows.len() * len),
-            attention: Vec::with_capacity(rows.len() * len),
+            .map(|s| format!("{} {:.2}", s.source, s.accuracy))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let dropped = if self.dropped > 0 {
+            format!(
+                " ({} dropped: prompt fills max_length {})",
+                self.dropped, self.max_length
+            )
+        } else {
+            String::new()
         };
-        for s in sides {
-            let (p, c) = (s.prompt.len(), s.completion.len());
-            b.ids.extend(&s.prompt);
-            b.ids.extend(&s.completion);
-            b.ids.extend(std::iter::repeat_n(pad, len - p - c));
-            for i in 0..len {
-                b.supervised
-                    .push(if (p..p + c).contains(&i) { 1.0 } else { 0.0 });
-                b.attention.push(if i < p + c { 1.0 } else { 0.0 });
-            }
-        }
-        if rows.iter().all(|r| r.clip.is_some()) {
-            b.clip = Some(
-                rows.iter()
-                    .flat_map(|r| r.clip.clone().unwrap_or_default())
-                    .collect(),
-            );
-        }
-        b
-    }
-}
-
-/// Rows of a batch that share a kind (all image-grounded or all text-only), with the cached
-/// reference log-probabilities (DPO) of each row.
-pub struct PairGroup {
-    pub pair_ids: Vec<String>,
-    pub sources: Vec<String>,
-    pub chosen: SideBatch,
-    pub rejected: SideBatch,
-    pub ref_chosen: Vec<f32>,
-    pub ref_rejected: Vec<f32>,
-}
-
-/// A batch of pairs: one group per kind present.
-pub struct PairBatch {
-    pub groups: Vec<PairGroup>,
-}
-
-/// Reference log-probabilities (chosen, rejected) by pair id.
-pub(crate) type RefLogps = HashMap<String, (f32, f32)>;
-
-impl PairBatch {
-    /// `refs`: the reference log-probabilities, which must cover every row; `None` where no
-    /// reference is used (ORPO, the reference pass itself), which leaves them 0.
-    fn new(rows: &[PairRow], pad: u32, refs: Option<&RefLogps>) -> Result<Self> {
-        let (image, text): (Vec<&PairRow>, Vec<&PairRow>) =
-            rows.iter().partition(|r| r.clip.is_some());
-        let lookup = |r: &PairRow| -> Result<(f32, f32)> {
-            match refs {
-                None => Ok((0.0, 0.0)),
-                Some(refs) => refs.get(&r.pair_id).copied().ok_or_else(|| {
-                    Error::Config(format!(
-                        "pair {} ({}) has no cached reference log-probabilities",
-                        r.pair_id, r.source
-                    ))
-                }),
-            }
-        };
-        let groups = [image, text]
-            .into_iter()
-            .filter(|g| !g.is_empty())
-            .map(|g| -> Result<PairGroup> {
-                let refs = g.iter().map(|r| lookup(r)).collect::<Result<Vec<_>>>()?;
-                Ok(PairGroup {
-                    pair_ids: g.iter().map(|r| r.pair_id.clone()).collect(),
-                    sources: g.iter().map(|r| r.source.clone()).collect(),
-                    chosen: SideBatch::new(&g, true, pad),
-                    rejected: SideBatch::new(&g, false, pad),
-                    ref_chosen: refs.iter().map(|r| r.0).collect(),
-                    ref_rejected: refs.iter().map(|r| r.1).collect(),
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { groups })
-    }
-
-    pub fn rows(&self) -> usize {
-        self.groups.iter().map(|g| g.chosen.rows).sum()
-    }
-}
-
-/// How pair rows are tokenized: the policy's tokenizer and TRL's truncation.
-pub(crate) struct Tokenizing {
-    pub tokenizer: Tokenizer,
-    pub eos: u32,
-    pub truncation: Truncation,
-}
-
-/// One pair shard and what its rows are.
-#[derive(Clone)]
-struct PairShard {
-    path: PathBuf,
-    /// Whether its rows must name an image (the image-grounded dataset) or are text-only.
-    grounded: bool,
-}
-
-/// The pairs of a split (image-grounded and/or text-only shards) with the image embeddings
-/// they name.
-#[derive(Clone)]
-pub(crate) struct PairSplit {
-    shards: Vec<PairShard>,
-    images: Arc<HashMap<String, Vec<f32>>>,
-    /// Digests of the feature-cache entries `images` came from.
-    feature_digests: Vec<String>,
-    tokenizing: Arc<Tokenizing>,
-}
-
-/// What loading a shard gave.
-struct LoadedShard {
-    rows: Vec<PairRow>,
-    /// Pairs dropped because their prompt alone fills `max_length`.
-    dropped: usize,
-}
-
-impl PairSplit {
-    pub(crate) fn new(
-        cfg: &Config,
-        workdir: &Path,
-        (image_split, text_split): (&str, &str),
-        tokenizing: Arc<Tokenizing>,
-    ) -> Result<Self> {
-        let p = &cfg.preference;
-        let mut shards = Vec::new();
-        for (dataset, split, grounded) in [
-            (&p.pairs_dataset, image_split, true),
-            (&p.text_pairs_dataset, text_split, false),
-        ] {
-            if dataset.is_empty() {
-                continue;
-            }
-            let set = ShardSet::new(workdir, dataset, split);
-            let found: Vec<PairShard> = set
-                .finished()?
-                .into_iter()
-                .map(|s| PairShard {
-                    path: set.parquet_path(s),
-                    grounded,
-                })
-                .collect();
-            if found.is_empty() {
-                return Err(Error::Config(format!(
-                    "no finished pair shards in {}/data/{dataset}/{split}; run `pipeline run ingest` first",
-                    workdir.display(),
-                )));
-            }
-            shards.extend(found);
-        }
-        if shards.is_empty() {
-            return Err(Error::Config(
-                "preference.pairs_dataset and preference.text_pairs_dataset are both empty".into(),
-            ));
-        }
-        let mut images = HashMap::new();
-        let mut feature_digests = Vec::new();
-        if !p.pairs_dataset.is_empty() {
-            for e in embed::split_features(cfg, workdir, &p.image_dataset, image_split, "image")? {
-                feature_digests.push(e.manifest.digest.clone());
-                let t = e.open()?;
-                let (dim, emb) = (t.dim, t.embeddings());
-                for (i, k) in t.keys().into_iter().enumerate() {
-                    images.insert(k, emb[i * dim..(i + 1) * dim].to_vec());
-                }
-            }
-        }
-        Ok(Self {
-            shards,
-            images: Arc::new(images),
-            feature_digests,
-            tokenizing,
-        })
-    }
-
-    /// Rows of shard `i`, tokenized and truncated. A grounded pair without an image (or
-    /// without its cached features), a text-only pair with an image, or a pair with an
-    /// empty completion is an error naming the file and the pair.
-    fn load(&self, i: usize) -> Result<LoadedShard> {
-        let PairShard { path, grounded } = &self.shards[i];
-        let pairs: Vec<PreferencePair> = read_parquet(path)?;
-        let t = &self.tokenizing;
-        let mut out = LoadedShard {
-            rows: Vec::with_capacity(pairs.len()),
-            dropped: 0,
-        };
-        for (row, p) in pairs.into_iter().enumerate() {
-            let bad = |message: String| Error::BadRow {
-                path: path.clone(),
-                row: row as u64 + 1,
-                message,
-            };
-            if p.chosen.trim().is_empty() || p.rejected.trim().is_empty() {
-                return Err(bad(format!("pair `{}` has an empty completion", p.pair_id)));
-            }
-            let clip = match (&p.image_key, grounded) {
-                (Some(key), true) => Some(self.images.get(key).cloned().ok_or_else(|| {
-                    bad(format!(
-                        "pair `{}`: no cached features for image `{key}`",
-                        p.pair_id
-                    ))
-                })?),
-                (None, true) => {
-                    return Err(bad(format!(
-                        "pair `{}` has no image_key; text-only pairs belong in preference.text_pairs_dataset",
-                        p.pair_id
-                    )))
-                }
-                (Some(key), false) => {
-                    return Err(bad(format!(
-                        "pair `{}` names image `{key}`, but preference.text_pairs_dataset is text-only; \
-                         image pairs belong in preference.pairs_dataset",
-                        p.pair_id
-                    )))
-                }
-                (None, false) => None,
-            };
-            let (prompt, chosen, rejected) =
-                tokenize_pair(&t.tokenizer, t.eos, &p.prompt, &p.chosen, &p.rejected)
-                    .map_err(|e| bad(format!("pair `{}`: {e}", p.pair_id)))?;
-            match t.truncation.apply(&prompt, &chosen, &rejected) {
-                Some((chosen, rejected)) => out.rows.push(PairRow {
-                    pair_id: p.pair_id,
-                    source: p.source,
-                    clip,
-                    chosen,
-                    rejected,
-                }),
-                None => out.dropped += 1,
-            }
-        }
-        Ok(out)
-    }
-
-    /// Kept pairs, optimizer steps per pass at `batch_size` and dropped pairs.
-    pub(crate) fn counts(&self, batch_size: usize) -> Result<(usize, usize, usize)> {
-        let (mut rows, mut steps, mut dropped) = (0, 0, 0);
-        for i in 0..self.shards.len() {
-            let l = self.load(i)?;
-            rows += l.rows.len();
-            steps += l.rows.len().div_ceil(batch_size.max(1));
-            dropped += l.dropped;
-        }
-        Ok((rows, steps, dropped))
-    }
-
-    pub(crate) fn batches(
-        &self,
-        batch_size: usize,
-        refs: Option<Arc<RefLogps>>,
-        shuffle: Option<(u64, String)>,
-    ) -> Receiver<Result<PairBatch>> {
-        let loader = {
-            let split = self.clone();
-            move |i: usize| split.load(i).map(|l| l.rows)
-        };
-        let pad = self.tokenizing.eos;
-        let make = move |chunk: &[PairRow]| -> Result<PairBatch> {
-            PairBatch::new(chunk, pad, refs.as_deref())
-        };
-        shard_batches(self.shards.len(), loader, make, batch_size, shuffle, 4)
+        let s = &self.fit.state;
+        write!(
+            f,
+            "{} optimizer steps over {} pairs{dropped} from {}; best val {} {:.4} at step {} (by source: {by_source}); {} non-finite batches skipped; checkpoints in {}",
+            s.step,
+            self.pairs,
+            self.init_from,
+            self.selection,
+            s.best_value.unwrap_or(f64::NAN),
+            s.best_step.unwrap_or(0),
+            s.skipped_nonfinite,
+            self.dir
+        )
     }
 }
 
@@ -513,7 +135,7 @@ impl PairSplit {
 /// completion tokens, and over every real token a position predicts, prompt included (TRL's
 /// ORPO takes its NLL over those).
 #[allow(clippy::type_complexity)]
-fn side_logps(
+pub fn side_logps(
     model: &Captioner,
     b: &SideBatch,
 ) -> candle_core::Result<((Tensor, Tensor), (Tensor, Tensor))> {
@@ -537,7 +159,7 @@ fn side_logps(
 
 /// Per-row log-probability sums and token counts of a batch, rows in group order, and the
 /// matching reference log-probabilities.
-struct BatchLogps {
+pub struct BatchLogps {
     /// Completion sums and counts, chosen and rejected.
     chosen: (Tensor, Tensor),
     rejected: (Tensor, Tensor),
@@ -548,7 +170,7 @@ struct BatchLogps {
 }
 
 /// [`BatchLogps`] over all groups of a batch.
-fn batch_logps(model: &Captioner, b: &PairBatch) -> candle_core::Result<BatchLogps> {
+pub fn batch_logps(model: &Captioner, b: &PairBatch) -> candle_core::Result<BatchLogps> {
     let (mut lc, mut nc, mut lr, mut nr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut la, mut na) = (Vec::new(), Vec::new());
     let (mut rc, mut rr) = (Vec::new(), Vec::new());
@@ -580,62 +202,87 @@ fn batch_logps(model: &Captioner, b: &PairBatch) -> candle_core::Result<BatchLog
     })
 }
 
+/// What a reference-log-prob cache entry was computed from (its manifest's key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceKey {
+    /// sha256 of the reference's files: weights, base decoder, settings, tokenizer.
+    pub files_sha256: Vec<String>,
+    /// Digests of the feature-cache entries the image prefixes come from.
+    pub feature_digests: Vec<String>,
+    /// sha256 of each pair shard, and whether its pairs are image-grounded.
+    pub shards: Vec<(String, bool)>,
+    /// Token-averaged log-probabilities (IPO) or sums.
+    pub average: bool,
+    /// `max_length/max_prompt_length/truncation_mode`.
+    pub truncation: String,
+}
+
+/// The cache bucket of reference log-probabilities: one Parquet table of
+/// [`ReferenceLogps`] per (reference, pair split).
+const REFERENCE_BUCKET: &str = "reflogps-v2";
+
 /// The reference log-probabilities of every pair of `split` under `reference` (the policy
-/// before any update: it is the SFT checkpoint), from the cache or computed and cached
-/// (Arrow IPC `pair_id, ref_chosen, ref_rejected`). The cache key covers `files` (the
-/// reference's weights, settings and tokenizer), the pair shards, the image features, the
-/// averaging and the truncation.
-pub(crate) fn reference_logps(
+/// before any update: it is the SFT checkpoint), from the content-addressed cache or computed
+/// and cached. The digest covers `files` (the reference's weights, settings and tokenizer),
+/// the pair shards, the image features, the averaging and the truncation.
+pub fn reference_logps(
     split: &PairSplit,
     reference: &Captioner,
-    files: &[&Path],
+    files: &[&std::path::Path],
     average: bool,
-    workdir: &Path,
+    workdir: &std::path::Path,
 ) -> Result<RefLogps> {
-    let mut h = Sha256::new();
-    h.update(b"reflogps-v3\0");
-    for f in files {
-        h.update(sha256_file(f)?.as_bytes());
-    }
-    // The image prefixes come from these features.
-    for d in &split.feature_digests {
-        h.update(d.as_bytes());
-    }
-    for s in &split.shards {
-        h.update(sha256_file(&s.path)?.as_bytes());
-        h.update([u8::from(s.grounded)]);
-    }
-    h.update([u8::from(average)]);
     let t = split.tokenizing.truncation;
-    h.update(format!("{}/{}/{:?}", t.max_length, t.max_prompt_length, t.mode).as_bytes());
-    let digest = hex::encode(h.finalize());
-    let dir = workdir.join("cache").join("reflogps-v1");
-    let path = dir.join(format!("{digest}.arrow"));
-    if let Ok(file) = std::fs::File::open(&path) {
-        if let Ok(reader) = arrow::ipc::reader::FileReader::try_new(file, None) {
-            let mut out = HashMap::new();
-            for batch in reader.flatten() {
-                let (ids, c, r) = (
-                    batch.column(0).as_any().downcast_ref::<StringArray>(),
-                    batch.column(1).as_any().downcast_ref::<Float64Array>(),
-                    batch.column(2).as_any().downcast_ref::<Float64Array>(),
-                );
-                if let (Some(ids), Some(c), Some(r)) = (ids, c, r) {
-                    for i in 0..batch.num_rows() {
-                        out.insert(
-                            ids.value(i).to_string(),
-                            (c.value(i) as f32, r.value(i) as f32),
-                        );
-                    }
-                }
-            }
-            if !out.is_empty() {
-                return Ok(out);
-            }
+    let key = ReferenceKey {
+        files_sha256: files
+            .iter()
+            .map(|f| sha256_file(f))
+            .collect::<Result<_>>()?,
+        feature_digests: split.feature_digests.clone(),
+        shards: split
+            .shards
+            .iter()
+            .map(|s| Ok((sha256_file(&s.path)?, s.grounded)))
+            .collect::<Result<_>>()?,
+        average,
+        truncation: format!("{}/{}/{:?}", t.max_length, t.max_prompt_length, t.mode),
+    };
+    let key_json = serde_json::to_vec(&key).map_err(|e| Error::Invalid(e.to_string()))?;
+    let digest = digest_of([REFERENCE_BUCKET.as_bytes(), key_json.as_slice()]);
+    let cache = ContentCache::new(workdir, REFERENCE_BUCKET, "parquet");
+    cache.sweep_temp()?;
+    let path = cache.paths(&digest).0;
+    let rows = match cache.lookup::<ReferenceKey>(&digest, |m, _| {
+        (m.key == key)
+            .then_some(())
+            .ok_or_else(|| "the manifest's key differs".to_string())
+    })? {
+        Lookup::Hit(entry) => read_parquet::<ReferenceLogps>(&entry.path)?,
+        Lookup::Corrupt { reason } => {
+            eprintln!("[train-dpo] cached reference log-probs are corrupt ({reason}); recomputing");
+            compute_reference_logps(split, reference, average, &cache, &digest, key, &path)?
         }
-    }
-    let mut ids = Vec::new();
-    let (mut cs, mut rs) = (Vec::new(), Vec::new());
+        Lookup::Missing => {
+            compute_reference_logps(split, reference, average, &cache, &digest, key, &path)?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.pair_id, (r.ref_chosen as f32, r.ref_rejected as f32)))
+        .collect())
+}
+
+/// Runs `reference` over every pair of `split` and stores the rows as cache entry `digest`.
+fn compute_reference_logps(
+    split: &PairSplit,
+    reference: &Captioner,
+    average: bool,
+    cache: &ContentCache,
+    digest: &str,
+    key: ReferenceKey,
+    path: &std::path::Path,
+) -> Result<Vec<ReferenceLogps>> {
+    let mut rows = Vec::new();
     let during = "reference log-probs";
     for batch in split.batches(16, None, None) {
         let batch = batch?;
@@ -649,87 +296,62 @@ pub(crate) fn reference_logps(
         } else {
             (lc, lr)
         };
-        ids.extend(batch.groups.iter().flat_map(|g| g.pair_ids.iter().cloned()));
-        cs.extend(
-            lc.to_vec1::<f32>()
-                .during(during)?
-                .into_iter()
-                .map(f64::from),
-        );
-        rs.extend(
-            lr.to_vec1::<f32>()
-                .during(during)?
-                .into_iter()
-                .map(f64::from),
-        );
-    }
-    std::fs::create_dir_all(&dir).at(&dir)?;
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("pair_id", DataType::Utf8, false),
-        Field::new("ref_chosen", DataType::Float64, false),
-        Field::new("ref_rejected", DataType::Float64, false),
-    ]));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        vec![
-            Arc::new(StringArray::from(ids.clone())),
-            Arc::new(Float64Array::from(cs.clone())),
-            Arc::new(Float64Array::from(rs.clone())),
-        ],
-    )
-    .map_err(|source| Error::Arrow {
-        context: "reference log-probs".into(),
-        source,
-    })?;
-    let tmp = dir.join(format!(".{digest}.arrow.tmp-{}", std::process::id()));
-    let aerr = |source| Error::Arrow {
-        context: format!("writing {}", tmp.display()),
-        source,
-    };
-    let mut w =
-        arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(&tmp).at(&tmp)?, &schema)
-            .map_err(aerr)?;
-    w.write(&batch).map_err(aerr)?;
-    w.finish().map_err(aerr)?;
-    std::fs::rename(&tmp, &path).at(&path)?;
-    Ok(ids
-        .into_iter()
-        .zip(cs.into_iter().zip(rs))
-        .map(|(id, (c, r))| (id, (c as f32, r as f32)))
-        .collect())
-}
-
-/// DPO or ORPO.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Dpo,
-    Orpo,
-}
-
-impl Method {
-    pub fn stage(self) -> &'static str {
-        match self {
-            Method::Dpo => "train-dpo",
-            Method::Orpo => "train-orpo",
+        let ids = batch.groups.iter().flat_map(|g| g.pair_ids.iter().cloned());
+        let chosen = lc.to_vec1::<f32>().during(during)?;
+        let rejected = lr.to_vec1::<f32>().during(during)?;
+        for ((pair_id, c), r) in ids.zip(chosen).zip(rejected) {
+            rows.push(ReferenceLogps {
+                pair_id,
+                ref_chosen: f64::from(c),
+                ref_rejected: f64::from(r),
+            });
         }
     }
+    let mut entry = cache.writer(digest)?;
+    write_parquet_to(&mut entry, &rows, path)?;
+    entry.finish(key, rows.len() as u64)?;
+    Ok(rows)
 }
 
-struct PreferenceObjective {
-    method: Method,
-    model: Captioner,
-    vars: VarMap,
-    train: PairSplit,
-    val: PairSplit,
+/// The policy's preference loss: one parameter group, the captioner's trainable variables.
+pub struct PreferenceObjective {
+    pub method: Method,
+    pub model: Captioner,
+    pub vars: VarMap,
+    pub cfg: PreferenceConfig,
+    pub optimizer: OptimizerConfig,
+}
+
+/// The pair batches of a preference stage, with DPO's reference log-probabilities.
+pub struct PreferenceBatches {
+    pub train: PairSplit,
+    pub val: PairSplit,
     /// DPO's reference log-probabilities; `None` for ORPO.
-    refs: Option<Arc<RefLogps>>,
-    cfg: PreferenceConfig,
-    batch_size: usize,
-    seed: u64,
+    pub refs: Option<Arc<RefLogps>>,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub per_epoch: usize,
+}
+
+impl Batches<PairBatch> for PreferenceBatches {
+    fn train(&self, epoch: usize) -> Result<Receiver<Result<PairBatch>>> {
+        let shuffle = Some((self.seed, format!("pairs-epoch-{epoch}")));
+        Ok(self
+            .train
+            .batches(self.batch_size, self.refs.clone(), shuffle))
+    }
+
+    fn val(&self) -> Result<Receiver<Result<PairBatch>>> {
+        Ok(self.val.batches(self.batch_size, self.refs.clone(), None))
+    }
+
+    fn per_epoch(&self) -> usize {
+        self.per_epoch
+    }
 }
 
 /// The loss of a batch under `method` from the policy's per-row log-probabilities.
-pub(crate) fn preference_loss(
+pub fn preference_loss(
     method: Method,
     cfg: &PreferenceConfig,
     model: &Captioner,
@@ -775,7 +397,7 @@ pub(crate) fn preference_loss(
 
 /// Held-out preference accuracy of one pair source: which kinds of preference the model
 /// learned (`synthetic:relation` needs the image, `synthetic:vague` only the text).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SourceAccuracy {
     pub source: String,
     pub pairs: usize,
@@ -786,7 +408,7 @@ pub struct SourceAccuracy {
 }
 
 /// [`SourceAccuracy`] of every pair source of `split` under `model`, sorted by source.
-pub(crate) fn accuracy_by_source(
+pub fn accuracy_by_source(
     method: Method,
     cfg: &PreferenceConfig,
     model: &Captioner,
@@ -828,11 +450,15 @@ pub(crate) fn accuracy_by_source(
 impl Objective for PreferenceObjective {
     type Batch = PairBatch;
 
-    fn vars(&self) -> &VarMap {
-        &self.vars
+    fn groups(&self) -> Vec<ParamGroup> {
+        vec![ParamGroup::new(
+            "captioner",
+            &self.vars,
+            self.optimizer.clone(),
+        )]
     }
 
-    fn step(&mut self, b: &PairBatch, _train: bool) -> candle_core::Result<StepOutput> {
+    fn step(&mut self, b: &PairBatch, _ctx: &StepContext) -> candle_core::Result<StepOutput> {
         let out = preference_loss(self.method, &self.cfg, &self.model, b)?;
         Ok(StepOutput {
             loss: out.loss,
@@ -841,46 +467,26 @@ impl Objective for PreferenceObjective {
         })
     }
 
-    fn train_batches(&self, epoch: usize) -> Result<Receiver<Result<PairBatch>>> {
-        let shuffle = Some((self.seed, format!("pairs-epoch-{epoch}")));
-        Ok(self
-            .train
-            .batches(self.batch_size, self.refs.clone(), shuffle))
-    }
-
-    fn val_batches(&self) -> Result<Receiver<Result<PairBatch>>> {
-        Ok(self.val.batches(self.batch_size, self.refs.clone(), None))
-    }
-
-    fn selection(&self) -> (&str, bool) {
-        match self.method {
+    fn selection(&self) -> Option<(&str, bool)> {
+        Some(match self.method {
             Method::Dpo => ("rewards/accuracies", true),
             Method::Orpo => ("loss", false),
-        }
+        })
     }
 }
 
-/// Runs train-dpo or train-orpo; returns the summary line.
-pub fn run(
-    cfg: &Config,
-    ctx: &StageContext,
-    method: Method,
-    train_cfg: &TrainConfig,
-) -> Result<String> {
-    let p = &cfg.preference;
-    let init = find_stage_dir(ctx, &p.init_from).ok_or_else(|| {
-        Error::Config(format!(
-            "{}: no `{}` checkpoint in this run or an earlier one; run `pipeline run {}` first",
-            method.stage(),
-            p.init_from,
-            p.init_from
-        ))
-    })?;
+/// Trains the `[preference]` policy with `method` under `train_cfg` (its stage's section).
+fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<PreferenceSummary> {
+    let p = &ctx.preference;
+    let init = ctx
+        .find_captioner(&p.init_from)
+        .ok_or_else(|| ctx.missing(&format!("`{}` checkpoint", p.init_from), &p.init_from))?;
     let manifest = CaptionerManifest::load(&init.join("captioner.json"))?;
-    let mut cfg = cfg.clone();
-    cfg.embed.model = manifest.clip_model.clone();
-    cfg.embed.revision = manifest.clip_revision.clone();
-    let device: Device = device_for(ctx.gpu, cfg.embed.cpu_fallback)?;
+    // The policy's own CLIP names the image features of the pairs.
+    let clip = ctx
+        .clip
+        .with_model(&manifest.clip_model, &manifest.clip_revision);
+    let device: Device = ctx.device()?;
     let best = init.join("best/model.safetensors");
     let (mut model, vars) = manifest.captioner(Some(&best), &device)?;
     // The CLIP prefix takes positions too.
@@ -905,18 +511,28 @@ pub fn run(
             mode: p.truncation_mode,
         },
     });
-    let train = PairSplit::new(
-        &cfg,
-        &ctx.workdir,
-        (&p.train_split, &p.text_train_split),
-        tokenizing.clone(),
-    )?;
-    let val = PairSplit::new(
-        &cfg,
-        &ctx.workdir,
-        (&p.val_split, &p.text_val_split),
-        tokenizing,
-    )?;
+    let split = |image_split: &str, text_split: &str| -> Result<PairSplit> {
+        let mut sources = Vec::new();
+        let mut features = Vec::new();
+        if !p.pairs_dataset.is_empty() {
+            sources.push(PairSource {
+                dataset: p.pairs_dataset.clone(),
+                split: image_split.to_string(),
+                grounded: true,
+            });
+            features = ctx.split_features(&clip, &p.image_dataset, image_split, "image")?;
+        }
+        if !p.text_pairs_dataset.is_empty() {
+            sources.push(PairSource {
+                dataset: p.text_pairs_dataset.clone(),
+                split: text_split.to_string(),
+                grounded: false,
+            });
+        }
+        PairSplit::new(&ctx.workdir, &sources, &features, tokenizing.clone())
+    };
+    let train = split(&p.train_split, &p.text_train_split)?;
+    let val = split(&p.val_split, &p.text_val_split)?;
     let refs = if method == Method::Dpo {
         // The policy has not been updated yet: it is the reference. No second model.
         // The SFT weights (the mapper, and the decoder unless it was frozen), the decoder it
@@ -959,22 +575,26 @@ pub fn run(
             )));
         }
     }
+    let data = PreferenceBatches {
+        train,
+        val,
+        refs,
+        batch_size: train_cfg.batch_size,
+        seed: train_cfg.seed,
+        per_epoch: steps_per_epoch,
+    };
     let mut objective = PreferenceObjective {
         method,
         model,
         vars,
-        train,
-        val,
-        refs,
         cfg: p.clone(),
-        batch_size: train_cfg.batch_size,
-        seed: train_cfg.seed,
+        optimizer: train_cfg.optimizer(),
     };
     let metrics = ctx.metrics_path();
     let summary = fit(
         &mut objective,
+        &data,
         train_cfg,
-        steps_per_epoch,
         &FitOutput {
             checkpoint_dir: &dir,
             metrics_path: &metrics,
@@ -990,8 +610,8 @@ pub fn run(
         method,
         p,
         &selected,
-        &objective.val,
-        objective.refs.clone(),
+        &data.val,
+        data.refs.clone(),
         train_cfg.batch_size,
     )?;
     let mut logged: Vec<MetricRow> = read_parquet(&metrics)?;
@@ -1014,73 +634,32 @@ pub fn run(
         }
     }
     write_parquet(&metrics, &logged)?;
-    let by_source = by_source
-        .iter()
-        .map(|s| format!("{} {:.2}", s.source, s.accuracy))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let dropped = if dropped > 0 {
-        format!(" ({dropped} dropped: prompt fills max_length {max_length})")
-    } else {
-        String::new()
-    };
-    Ok(format!(
-        "{} optimizer steps over {rows} pairs{dropped} from {}; best val {} {:.4} at step {} (by source: {by_source}); {} non-finite batches skipped; checkpoints in {}",
-        summary.state.step,
-        p.init_from,
-        objective.selection().0,
-        summary.state.best_value.unwrap_or(f64::NAN),
-        summary.state.best_step.unwrap_or(0),
-        summary.state.skipped_nonfinite,
-        dir.display()
-    ))
+    let (selection, _) = objective.selection().unwrap_or(("loss", false));
+    Ok(PreferenceSummary {
+        pairs: rows,
+        dropped,
+        max_length,
+        init_from: p.init_from.clone(),
+        selection: selection.to_string(),
+        by_source,
+        fit: summary,
+        dir: dir.display().to_string(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::captioner::{CaptionerConfig, DecoderFiles};
+    use std::collections::HashMap;
 
-    fn trunc(max_length: usize, max_prompt_length: usize, mode: TruncationMode) -> Truncation {
-        Truncation {
-            max_length,
-            max_prompt_length,
-            mode,
-        }
-    }
+    use crate::datasets::pairs::{tokenize_pair, PairIds, PairRow, Side};
+    use crate::models::captioner::{CaptionerConfig, DecoderFiles};
 
     fn side(prompt: &[u32], completion: &[u32]) -> Side {
         Side {
             prompt: prompt.to_vec(),
             completion: completion.to_vec(),
         }
-    }
-
-    #[test]
-    fn truncation_follows_trl() {
-        use TruncationMode::{KeepEnd, KeepStart};
-        // TRL's collator example: keep_start cuts each prompt+completion to its first tokens.
-        let (c, r) = trunc(4, 0, KeepStart)
-            .apply(&[1, 2, 3], &[4, 5], &[6])
-            .unwrap();
-        assert_eq!((c, r), (side(&[1, 2, 3], &[4]), side(&[1, 2, 3], &[6])));
-        // A prompt that fills max_length leaves no completion: the pair is dropped.
-        assert_eq!(trunc(3, 0, KeepStart).apply(&[1, 2, 3], &[4], &[5]), None);
-        // keep_end drops the prompt's start first, then the completion's.
-        let (c, r) = trunc(3, 0, KeepEnd)
-            .apply(&[1, 2, 3], &[4, 5], &[6])
-            .unwrap();
-        assert_eq!((c, r), (side(&[3], &[4, 5]), side(&[2, 3], &[6])));
-        let (c, _) = trunc(2, 0, KeepEnd).apply(&[1], &[2, 3, 4], &[5]).unwrap();
-        assert_eq!(c, side(&[], &[3, 4]));
-        // max_prompt_length keeps the prompt's end before max_length applies.
-        let (c, r) = trunc(0, 2, KeepStart)
-            .apply(&[1, 2, 3], &[4, 5], &[6])
-            .unwrap();
-        assert_eq!((c, r), (side(&[2, 3], &[4, 5]), side(&[2, 3], &[6])));
-        // No limits: unchanged.
-        let (c, _) = trunc(0, 0, KeepStart).apply(&[1], &[2, 3], &[4]).unwrap();
-        assert_eq!(c, side(&[1], &[2, 3]));
     }
 
     fn tiny_captioner() -> Captioner {
@@ -1105,25 +684,6 @@ mod tests {
             " two shapes.",
         )
         .unwrap()
-    }
-
-    #[test]
-    fn pairs_tokenize_as_trl_does() {
-        let m = tiny_captioner();
-        let (p, c, r) = fixture_pair(&m);
-        // The ids HF's GPT-2 tokenizer gives (the fixture's reference), end-of-text appended.
-        assert_eq!(p, [24334, 1159, 25]);
-        assert_eq!(c, [257, 2266, 9197, 2029, 257, 4171, 6616, 13, m.eos]);
-        assert_eq!(r.last(), Some(&m.eos));
-        // A prompt ending mid-word: the completion starts where prompt+completion leave the
-        // prompt's tokens, so prompt + completion is exactly the joint tokenization.
-        let (p, c, _) = tokenize_pair(&m.tokenizer, m.eos, "Capt", "ion: yes", "ion: no").unwrap();
-        let joint = m.tokenizer.encode("Caption: yes", false).unwrap();
-        let mut both = p.clone();
-        both.extend(&c[..c.len() - 1]);
-        assert_eq!(both, joint.get_ids());
-        let alone = m.tokenizer.encode("Capt", false).unwrap();
-        assert!(alone.get_ids().starts_with(&p));
     }
 
     #[test]
@@ -1210,48 +770,5 @@ mod tests {
             (with - plain - 0.5 * want).abs() < 1e-3,
             "{with} vs {plain} + 0.5·{want}"
         );
-    }
-
-    #[test]
-    fn mixed_batches_group_by_kind_and_keep_reference_order() {
-        let row = |id: &str, clip: bool| PairRow {
-            pair_id: id.into(),
-            source: if clip { "image" } else { "text" }.into(),
-            clip: clip.then(|| vec![1.0; 8]),
-            chosen: side(&[1, 2], &[3]),
-            rejected: side(&[], &[4, 5]),
-        };
-        let rows = [row("a", false), row("b", true), row("c", false)];
-        let refs: HashMap<String, (f32, f32)> = [("a", 1.0), ("b", 2.0), ("c", 3.0)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), (v, -v)))
-            .collect();
-        let b = PairBatch::new(&rows, 0, Some(&refs)).unwrap();
-        assert_eq!(b.rows(), 3);
-        assert_eq!(b.groups.len(), 2);
-        let (image, text) = (&b.groups[0], &b.groups[1]);
-        assert_eq!(image.pair_ids, ["b"]);
-        assert_eq!(image.chosen.clip.as_deref(), Some(&[1.0; 8][..]));
-        assert_eq!(text.pair_ids, ["a", "c"]);
-        assert_eq!(text.ref_chosen, [1.0, 3.0]);
-        // Without a reference (ORPO) the fields are 0; a pair the cache lacks is an error.
-        let free = PairBatch::new(&rows, 0, None).unwrap();
-        assert_eq!(free.groups[1].ref_chosen, [0.0, 0.0]);
-        let mut partial = refs.clone();
-        partial.remove("c");
-        let err = PairBatch::new(&rows, 0, Some(&partial)).err().unwrap();
-        assert!(err.to_string().contains("pair c"), "{err}");
-        assert_eq!(text.ref_rejected, [-1.0, -3.0]);
-        // [prompt | completion | pad]: only completions supervised, padding not attended.
-        assert_eq!(text.rejected.ids, [4, 5, 4, 5]);
-        assert_eq!(text.chosen.ids, [1, 2, 3, 1, 2, 3]);
-        assert_eq!(text.chosen.supervised, [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
-        assert_eq!(image.rejected.attention, [1.0, 1.0]);
-        let mut long = row("d", false);
-        long.chosen = side(&[7], &[8, 9, 10]);
-        let padded = SideBatch::new(&[&rows[0], &long], true, 0);
-        assert_eq!(padded.ids, [1, 2, 3, 0, 7, 8, 9, 10]);
-        assert_eq!(padded.supervised, [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
-        assert_eq!(padded.attention, [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
     }
 }

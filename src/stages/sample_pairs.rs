@@ -1,6 +1,6 @@
 //! `pipeline run sample-pairs`: image-grounded preference pairs for images that have no
 //! human preferences (Conceptual Captions): the SFT captioner samples `candidates` captions
-//! per image (top-p), the embed stage's CLIP scores each against its image (CLIPScore,
+//! per image (top-p), the captioner's own CLIP scores each against its image (CLIPScore,
 //! 2.5·max(cos, 0)), and the best and worst distinct candidates become a chosen / rejected
 //! pair, written as preference shards like the ingest ones (`data/<dataset>_sampled_prefs/<split>/`)
 //! for train-dpo and train-orpo.
@@ -20,17 +20,13 @@ use sha2::{Digest, Sha256};
 
 use crate::data::records::PreferencePair;
 use crate::data::shard::{ShardSet, ShardStats};
-use crate::device::device_for;
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::io::{sha256_file, write_atomic};
+use crate::metrics::embedding::clip_score;
 use crate::models::captioner::{CaptionerManifest, DecodeMethod};
 use crate::models::clip::ClipEmbedder;
-use crate::pipeline::config::Config;
 use crate::progress::Progress;
-use crate::stages::embed::{self, ModelIdentity};
-use crate::stages::generate::find_stage_dir;
-use crate::stages::score::{cosine, embed_texts};
-use crate::stages::train_sft::StageContext;
+use crate::stages::{Stage, StageContext};
 
 /// `[sample_pairs]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,50 +114,75 @@ pub fn rank(
 
 /// CLIPScores (2.5·max(cos, 0)) of `texts` against `image` (one embedding).
 fn clip_scores(clip: &ClipEmbedder, image: &[f32], texts: &[String]) -> Result<Vec<f64>> {
-    Ok(embed_texts(clip, texts)?
+    Ok(clip
+        .embed_texts_normalized(texts)?
         .iter()
-        .map(|t| 2.5 * cosine(image, t).max(0.0))
+        .map(|t| clip_score(image, t))
         .collect())
 }
 
-/// Runs sample-pairs; returns the summary line.
-pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
-    let s = &cfg.sample_pairs;
+/// What `sample-pairs` wrote, one line per split.
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplePairsSummary {
+    pub splits: Vec<String>,
+}
+
+impl std::fmt::Display for SamplePairsSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.splits.join("; "))
+    }
+}
+
+/// `pipeline run sample-pairs`.
+pub struct SamplePairs;
+
+impl Stage for SamplePairs {
+    const NAME: &'static str = "sample-pairs";
+    const DESCRIPTION: &'static str =
+        "image-grounded pairs: SFT samples per image ranked by CLIPScore (best vs worst)";
+    const USES_GPU: bool = true;
+    const SECTION: &'static str = "sample_pairs";
+    type Config = SamplePairsConfig;
+    type Summary = SamplePairsSummary;
+
+    fn run(cfg: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairsSummary> {
+        sample_pairs(cfg, ctx)
+    }
+}
+
+fn sample_pairs(s: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairsSummary> {
     if s.candidates < 2 {
         return Err(Error::Config(format!(
             "sample_pairs.candidates = {}: a pair needs at least 2",
             s.candidates
         )));
     }
-    let dir = find_stage_dir(ctx, &s.model).ok_or_else(|| {
-        Error::Config(format!(
-            "sample-pairs: no `{}` checkpoint in this run or an earlier one; run `pipeline run {}` first",
-            s.model, s.model
-        ))
-    })?;
+    let dir = ctx
+        .find_captioner(&s.model)
+        .ok_or_else(|| ctx.missing(&format!("`{}` checkpoint", s.model), &s.model))?;
     let manifest = CaptionerManifest::load(&dir.join("captioner.json"))?;
     let checkpoint = dir.join("best/model.safetensors");
-    let mut cfg = cfg.clone();
-    cfg.embed.model = manifest.clip_model.clone();
-    cfg.embed.revision = manifest.clip_revision.clone();
-    let cfg = &cfg;
+    // The captioner's own CLIP scores its samples and names the features it reads.
+    let clip_cfg = ctx
+        .clip
+        .with_model(&manifest.clip_model, &manifest.clip_revision);
     let dataset = if s.dataset.is_empty() {
-        cfg.captioner.dataset.clone()
+        ctx.captioner.dataset.clone()
     } else {
         s.dataset.clone()
     };
     let splits = if s.splits.is_empty() {
         vec![
-            cfg.captioner.train_split.clone(),
-            cfg.captioner.val_split.clone(),
+            ctx.captioner.train_split.clone(),
+            ctx.captioner.val_split.clone(),
         ]
     } else {
         s.splits.clone()
     };
-    let device = device_for(ctx.gpu, cfg.embed.cpu_fallback)?;
+    let device = ctx.device()?;
     let (model, _vars) = manifest.captioner(Some(&checkpoint), &device)?;
-    let identity = ModelIdentity::resolve(cfg, &ctx.workdir)?;
-    let clip = identity.load(cfg, ctx.gpu)?;
+    let identity = ctx.feature_identity(&clip_cfg)?;
+    let clip = ctx.load_clip(&identity)?;
     let out_dataset = pairs_dataset(&dataset);
     let mut base_stamp = Sha256::new();
     base_stamp.update(sha256_file(&checkpoint)?.as_bytes());
@@ -170,7 +191,7 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
 
     let mut lines = Vec::new();
     for split in &splits {
-        let features = embed::split_features(cfg, &ctx.workdir, &dataset, split, "image")?;
+        let features = identity.split_features(&ctx.workdir, &dataset, split, "image")?;
         // The image features' cache keys cover their shards and everything that changes
         // their numbers (preprocessing included).
         let mut stamp = base_stamp.clone();
@@ -225,7 +246,7 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
             let mut pairs = Vec::new();
             let mut stats = ShardStats {
                 shard: shard as u32,
-                source: format!("{} best checkpoint, {}", s.model, cfg.embed.model),
+                source: format!("{} best checkpoint, {}", s.model, clip_cfg.model),
                 ..ShardStats::default()
             };
             let batch = s.batch_size.max(1);
@@ -303,7 +324,7 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
             keys.len()
         ));
     }
-    Ok(lines.join("; "))
+    Ok(SamplePairsSummary { splits: lines })
 }
 
 #[cfg(test)]

@@ -8,25 +8,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::records::{GenerationRow, ImageTextSample, ScoreRow, SummaryRow};
 use crate::data::shard::{read_parquet, write_parquet, ShardSet};
-use crate::error::{CandleContext, Error, IoContext, Result};
-use crate::metrics::meteor::meteor;
-use crate::metrics::text::{bleu, cider_d, ptb_tokenize, rouge_l_corpus};
-use crate::models::clip::{l2_normalize, ClipEmbedder};
-use crate::pipeline::config::Config;
-use crate::stages::embed::{self, ModelIdentity};
-use crate::stages::train_sft::StageContext;
+use crate::datasets::features::embeddings_by_key;
+use crate::error::{Error, IoContext, Result};
+use crate::metrics::embedding::{clip_score, ref_clip_score};
+use crate::metrics::{mean, text_metrics, TextScores};
+use crate::stages::{Stage, StageContext};
 use crate::synthetic::{self, AttributeMatch};
 
 /// `[score]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScoreConfig {
-    /// Compute CLIPScore and RefCLIPScore (loads the embed stage's CLIP).
+    /// Compute CLIPScore and RefCLIPScore (loads `[clip]`'s model).
     pub clip_score: bool,
 }
 
@@ -41,54 +38,6 @@ impl Default for ScoreConfig {
 pub struct SetScores {
     pub per_image: Vec<ScoreRow>,
     pub corpus: BTreeMap<String, f64>,
-}
-
-/// The n-gram metrics of one caption.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TextScores {
-    pub bleu: [f64; 4],
-    pub meteor: f64,
-    pub rouge_l: f64,
-    pub cider_d: f64,
-}
-
-/// BLEU, METEOR, ROUGE-L and CIDEr-D of raw (untokenized) candidates against raw references,
-/// per caption and corpus-level under pycocoevalcap's names.
-pub fn text_metrics(
-    candidates: &[String],
-    references: &[Vec<String>],
-) -> (Vec<TextScores>, BTreeMap<String, f64>) {
-    let cands: Vec<String> = candidates.par_iter().map(|c| ptb_tokenize(c)).collect();
-    let refs: Vec<Vec<String>> = references
-        .par_iter()
-        .map(|rs| rs.iter().map(|r| ptb_tokenize(r)).collect())
-        .collect();
-    let c: Vec<&str> = cands.iter().map(String::as_str).collect();
-    let r: Vec<Vec<&str>> = refs
-        .iter()
-        .map(|rs| rs.iter().map(String::as_str).collect())
-        .collect();
-    let (((b_corpus, b_per), (m_corpus, m_per)), ((r_corpus, r_per), (c_corpus, c_per))) =
-        rayon::join(
-            || rayon::join(|| bleu(&c, &r), || meteor(&c, &r)),
-            || rayon::join(|| rouge_l_corpus(&c, &r), || cider_d(&c, &r)),
-        );
-    let mut corpus = BTreeMap::new();
-    for (k, v) in b_corpus.iter().enumerate() {
-        corpus.insert(format!("Bleu_{}", k + 1), *v);
-    }
-    corpus.insert("METEOR".into(), m_corpus);
-    corpus.insert("ROUGE_L".into(), r_corpus);
-    corpus.insert("CIDEr".into(), c_corpus);
-    let per = (0..c.len())
-        .map(|i| TextScores {
-            bleu: b_per[i],
-            meteor: m_per[i],
-            rouge_l: r_per[i],
-            cider_d: c_per[i],
-        })
-        .collect();
-    (per, corpus)
 }
 
 /// References of the images of `dataset/split`: key → captions (for the synthetic world, the
@@ -110,39 +59,40 @@ fn references(workdir: &Path, dataset: &str, split: &str) -> Result<HashMap<Stri
     Ok(out)
 }
 
-fn mean(v: impl Iterator<Item = f64>) -> f64 {
-    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
-    if n == 0 {
-        f64::NAN
-    } else {
-        s / n as f64
+/// What `score` computed: one row per model, method and metric.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreSummary {
+    pub rows: Vec<SummaryRow>,
+}
+
+impl std::fmt::Display for ScoreSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", summary_table(&self.rows))
     }
 }
 
-/// Cosine of two vectors.
-pub(crate) fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    f64::from(dot / (na * nb).max(1e-12))
-}
+/// `pipeline run score`.
+pub struct Score;
 
-/// L2-normalised CLIP text embeddings of `texts`.
-pub(crate) fn embed_texts(clip: &ClipEmbedder, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(256) {
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let e = l2_normalize(&clip.embed_texts(&refs)?)
-            .and_then(|t| t.to_vec2::<f32>())
-            .during("normalising CLIP text embeddings")?;
-        out.extend(e);
+impl Stage for Score {
+    const NAME: &'static str = "score";
+    const DESCRIPTION: &'static str =
+        "BLEU, METEOR, ROUGE-L, CIDEr-D, CLIPScore and attribute accuracy into scores.parquet";
+    const USES_GPU: bool = false;
+    const SECTION: &'static str = "score";
+    type Config = ScoreConfig;
+    type Summary = ScoreSummary;
+
+    fn run(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
+        score(cfg, ctx)
     }
-    Ok(out)
 }
 
-/// Runs the score stage over this run's (else the newest run's) generations.
-pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
-    let path = ctx.find_in_runs("generations.parquet").ok_or_else(|| Error::Config("no generations.parquet in this run or an earlier one; run `pipeline run generate` first".into()))?;
+/// Scores this run's (else the newest run's) generations.
+fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
+    let path = ctx
+        .find_output("generations.parquet")
+        .ok_or_else(|| ctx.missing("generations.parquet", "generate"))?;
     let rows: Vec<GenerationRow> = read_parquet(&path)?;
     let mut groups: BTreeMap<(String, String, String, String), Vec<&GenerationRow>> =
         BTreeMap::new();
@@ -157,8 +107,8 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
             .or_default()
             .push(r);
     }
-    let clip = if cfg.score.clip_score {
-        Some(ModelIdentity::resolve(cfg, &ctx.workdir)?.load(cfg, ctx.gpu)?)
+    let clip = if cfg.clip_score {
+        Some(ctx.load_clip(&ctx.feature_identity(&ctx.clip)?)?)
     } else {
         None
     };
@@ -186,36 +136,20 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
         let mut ref_clip = vec![None; gens.len()];
         if let Some(clip) = &clip {
             if !image_cache.contains_key(&key) {
-                let mut m = HashMap::new();
-                for e in embed::split_features(cfg, &ctx.workdir, dataset, split, "image")? {
-                    let t = e.open()?;
-                    let dim = t.dim;
-                    let emb = t.embeddings();
-                    for (i, k) in t.keys().into_iter().enumerate() {
-                        m.insert(k, emb[i * dim..(i + 1) * dim].to_vec());
-                    }
-                }
-                image_cache.insert(key.clone(), m);
+                let entries = ctx.split_features(&ctx.clip, dataset, split, "image")?;
+                image_cache.insert(key.clone(), embeddings_by_key(&entries)?);
             }
             let images = &image_cache[&key];
-            let cand_emb = embed_texts(clip, &cands)?;
+            let cand_emb = clip.embed_texts_normalized(&cands)?;
             let flat_refs: Vec<String> = refs.iter().flatten().cloned().collect();
-            let ref_emb = embed_texts(clip, &flat_refs)?;
+            let ref_emb = clip.embed_texts_normalized(&flat_refs)?;
             let mut at = 0;
             for (i, g) in gens.iter().enumerate() {
                 let n_refs = refs[i].len();
                 if let Some(img) = images.get(&g.image_key) {
-                    let s = 2.5 * cosine(img, &cand_emb[i]).max(0.0);
-                    let best_ref = ref_emb[at..at + n_refs]
-                        .iter()
-                        .map(|r| cosine(&cand_emb[i], r))
-                        .fold(0f64, f64::max);
+                    let s = clip_score(img, &cand_emb[i]);
                     clip_scores[i] = Some(s);
-                    ref_clip[i] = Some(if s + best_ref > 0.0 {
-                        2.0 * s * best_ref / (s + best_ref)
-                    } else {
-                        0.0
-                    });
+                    ref_clip[i] = Some(ref_clip_score(s, &cand_emb[i], &ref_emb[at..at + n_refs]));
                 }
                 at += n_refs;
             }
@@ -274,7 +208,7 @@ pub fn run(cfg: &Config, ctx: &StageContext) -> Result<String> {
     }
     write_parquet(&ctx.run_dir.join("scores.parquet"), &per_image)?;
     write_parquet(&ctx.run_dir.join("scores_summary.parquet"), &summary)?;
-    Ok(summary_table(&summary))
+    Ok(ScoreSummary { rows: summary })
 }
 
 /// `model/method: metric value, ...` lines, for the run log.

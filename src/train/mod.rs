@@ -1,30 +1,41 @@
-//! The one training loop every training stage uses.
+//! The one training engine every training stage (and every benchmark's training step) uses.
 //!
-//! An [`Objective`] turns a batch into a loss and named scalars; [`fit`] does the rest:
-//! AdamW (decoupled weight decay, as PyTorch), linear warmup then cosine decay, gradient
-//! accumulation, global gradient-norm clipping, a NaN/Inf guard (the batch is skipped and
-//! counted, no update is applied), periodic validation, best-checkpoint keeping, early stopping
-//! with patience, and resume from the last checkpoint with identical results. Batches arrive
-//! over a bounded channel from the objective's loader threads; the time the loop waits on that
-//! channel is measured and reported as `data_wait_fraction`.
+//! An [`Objective`] turns a batch into a loss and named scalars for each of its parameter
+//! groups ([`ParamGroup`]: variables with their own optimiser settings and schedule), and may
+//! generate samples inside its step (beam candidates, rollouts) with the current parameters;
+//! [`Batches`] supplies the batches over bounded channels from loader threads. [`fit`] does the
+//! rest: AdamW per group (decoupled weight decay, as PyTorch), linear warmup then cosine
+//! decay, gradient accumulation, global gradient-norm clipping, a NaN/Inf guard (the batch is
+//! skipped for that group and counted, no update is applied), periodic validation,
+//! best-checkpoint keeping, early stopping with patience, and resume from the last checkpoint
+//! with identical results. [`Trainer::step`] is one optimizer step of the same machinery, for
+//! code that drives batches itself. The time the loop waits on the data channel is measured
+//! and reported as `data_wait_fraction`.
+//!
+//! Groups are updated in order on every batch: group 0's loss, backward and update, then group
+//! 1's loss (which sees group 0's new parameters), and so on: a GAN's discriminator then
+//! generator, a policy then its value head. Each group's gradients are taken from its own
+//! loss and applied to its own variables only.
 
-use std::collections::HashMap;
+pub mod adamw;
+mod checkpoint;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use crossbeam_channel::Receiver;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::records::MetricRow;
-use crate::data::shard::write_parquet;
-use crate::error::{Error, IoContext, Result};
-use crate::io::write_atomic;
+use crate::data::shard::{read_parquet, write_parquet};
+use crate::error::{CandleContext, Error, Result};
 use crate::progress::Progress;
 
-/// Optimisation settings shared by every training stage (each stage has its own section).
+pub use adamw::{clip_and_step, grad_norm, gradients, AdamW};
+
+/// A training stage's loop and optimiser settings (each stage has its own section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -70,199 +81,139 @@ impl Default for TrainConfig {
     }
 }
 
-/// What one batch gave: the loss to minimise and scalars to log (summed over the batch's
-/// `rows` when `mean_over_rows` metrics are aggregated).
+impl TrainConfig {
+    /// The optimiser settings of a group trained under this section.
+    pub fn optimizer(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            warmup_steps: self.warmup_steps,
+            max_grad_norm: self.max_grad_norm,
+            schedule: Schedule::WarmupCosine,
+        }
+    }
+}
+
+/// How a group's learning rate moves over the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear warmup from 0 over `warmup_steps`, then cosine decay to 0 at the last step
+    /// (transformers' `get_cosine_schedule_with_warmup`).
+    WarmupCosine,
+    /// The peak rate throughout.
+    Constant,
+}
+
+/// One group's AdamW settings and schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub warmup_steps: usize,
+    /// Clip the group's global gradient norm to this; 0 = no clipping.
+    pub max_grad_norm: f64,
+    pub schedule: Schedule,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        TrainConfig::default().optimizer()
+    }
+}
+
+impl OptimizerConfig {
+    /// The learning rate at optimizer step `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        match self.schedule {
+            Schedule::WarmupCosine => lr_at(step, total, self.warmup_steps, self.lr),
+            Schedule::Constant => self.lr,
+        }
+    }
+}
+
+/// Variables trained together by one optimiser.
+#[derive(Clone)]
+pub struct ParamGroup {
+    /// Names the group in metrics (`<name>/loss` when there are several groups) and in
+    /// checkpoints (`<name>.safetensors`; the first group's files are `model.safetensors`
+    /// and `optimizer.safetensors`).
+    pub name: String,
+    /// The group's variables (a clone of a `VarMap` shares its variables).
+    pub vars: VarMap,
+    pub optimizer: OptimizerConfig,
+}
+
+impl ParamGroup {
+    pub fn new(name: &str, vars: &VarMap, optimizer: OptimizerConfig) -> Self {
+        Self {
+            name: name.to_string(),
+            vars: vars.clone(),
+            optimizer,
+        }
+    }
+}
+
+/// Where a call of [`Objective::step`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepContext {
+    /// The parameter group whose loss is asked for (index into [`Objective::groups`]).
+    pub group: usize,
+    /// False during validation (no gradients are taken).
+    pub train: bool,
+    /// Optimizer steps done so far, and the epoch in progress.
+    pub step: usize,
+    pub epoch: usize,
+}
+
+/// What one batch gave for one group: the loss to minimise and scalars to log.
 pub struct StepOutput {
     /// Scalar loss tensor.
     pub loss: Tensor,
     /// Named scalars (`nll_loss`, `rewards/accuracies`, ...), already means over the batch.
     pub scalars: Vec<(String, f64)>,
-    /// Rows that counted (rows with no supervised token are dropped by the objective).
+    /// Rows that counted (rows with no supervised token are dropped by the objective); the
+    /// weight of this batch's loss and scalars in the logged means. 0 = nothing to learn.
     pub rows: usize,
 }
 
-/// A training objective: its trainable variables and what one batch costs.
+/// A training objective: its parameter groups and what one batch costs each of them.
 pub trait Objective {
     type Batch: Send + 'static;
-    /// The trainable variables (saved in checkpoints).
-    fn vars(&self) -> &VarMap;
-    /// Loss and scalars of one batch; `train` is false during validation.
-    fn step(&mut self, batch: &Self::Batch, train: bool) -> candle_core::Result<StepOutput>;
+    /// The parameter groups, updated in this order on every batch (most objectives have one).
+    fn groups(&self) -> Vec<ParamGroup>;
+    /// Loss and scalars of `batch` for group `ctx.group`: called once per group and batch,
+    /// in group order, each after the previous group's update. An objective that samples
+    /// inside the step (beam candidates, rollouts) does so here, with the current
+    /// parameters, and may keep the samples for the later groups of the same batch.
+    fn step(&mut self, batch: &Self::Batch, ctx: &StepContext) -> candle_core::Result<StepOutput>;
+    /// Called after group `group`'s variables were updated (constraints such as a clamped
+    /// logit scale).
+    fn after_update(&mut self, _group: usize) -> candle_core::Result<()> {
+        Ok(())
+    }
+    /// Which validation scalar decides the best checkpoint, and whether higher is better;
+    /// `None`: the first group's loss, lower is better.
+    fn selection(&self) -> Option<(&str, bool)> {
+        None
+    }
+}
+
+/// Where an objective's batches come from.
+pub trait Batches<B> {
     /// The batches of `epoch` of the training split, in a deterministic order.
-    fn train_batches(&self, epoch: usize) -> Result<Receiver<Result<Self::Batch>>>;
+    fn train(&self, epoch: usize) -> Result<Receiver<Result<B>>>;
     /// The validation batches.
-    fn val_batches(&self) -> Result<Receiver<Result<Self::Batch>>>;
-    /// Which validation scalar decides the best checkpoint, and whether higher is better.
-    fn selection(&self) -> (&str, bool) {
-        ("loss", false)
-    }
-}
-
-/// AdamW with PyTorch's semantics, with its state exposed so checkpoints can restore it.
-pub struct AdamW {
-    vars: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    /// Steps taken per variable: as PyTorch's per-parameter `step`, a variable without a
-    /// gradient (the mapper, in a batch of text-only pairs) is skipped and does not count.
-    t: Vec<u64>,
-    /// Use the fused in-place kernels where they apply (always, outside tests).
-    fused: bool,
-}
-
-impl AdamW {
-    /// Over all variables of `map`, ordered by name.
-    pub fn new(map: &VarMap) -> candle_core::Result<Self> {
-        let mut vars: Vec<(String, Var)> = map
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let zeros = |v: &Var| v.as_tensor().zeros_like();
-        let m = vars
-            .iter()
-            .map(|(_, v)| zeros(v))
-            .collect::<candle_core::Result<_>>()?;
-        let v = vars
-            .iter()
-            .map(|(_, v)| zeros(v))
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
-            t: vec![0; vars.len()],
-            vars,
-            m,
-            v,
-            fused: true,
-        })
-    }
-
-    /// Whether to use the fused in-place kernels where they apply (the default), or the
-    /// tensor ops every other device runs: for comparing the two paths on one device.
-    pub fn use_fused_kernels(&mut self, on: bool) {
-        self.fused = on;
-    }
-
-    /// The variables, in the order `step` expects their gradients.
-    pub fn var_list(&self) -> Vec<Var> {
-        self.vars.iter().map(|(_, v)| v.clone()).collect()
-    }
-
-    /// One update with gradients `grads` (by variable index) multiplied by `grad_scale`,
-    /// learning rate `lr`. f32 variables on the CPU or a CUDA device are updated in place by
-    /// fused kernels (three passes instead of sixteen allocating ones; on CUDA three kernel
-    /// launches per variable instead of sixteen); elsewhere by tensor ops.
-    pub fn step(
-        &mut self,
-        grads: &[Option<Tensor>],
-        grad_scale: f64,
-        lr: f64,
-        cfg: &TrainConfig,
-    ) -> candle_core::Result<()> {
-        let (b1, b2) = (cfg.beta1, cfg.beta2);
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = &grads[i] else { continue };
-            self.t[i] += 1;
-            let t = self.t[i] as i32;
-            let update = ParamUpdate {
-                lr: lr as f32,
-                decay: (1.0 - lr * cfg.weight_decay) as f32,
-                bias1: (1.0 - b1.powi(t)) as f32,
-                bias2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
-                eps: cfg.eps as f32,
-            };
-            let p = var.as_tensor();
-            let fused = self.fused
-                && fused_kernels_on(p.device())
-                && [p, g, &self.m[i], &self.v[i]]
-                    .iter()
-                    .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
-            if fused {
-                let scale = grad_scale as f32;
-                self.m[i].inplace_op2(
-                    g,
-                    &MomentUpdate {
-                        beta: b1 as f32,
-                        scale,
-                        square: false,
-                    },
-                )?;
-                self.v[i].inplace_op2(
-                    g,
-                    &MomentUpdate {
-                        beta: b2 as f32,
-                        scale,
-                        square: true,
-                    },
-                )?;
-                p.inplace_op3(&self.m[i], &self.v[i], &update)?;
-                continue;
-            }
-            let g = (g * grad_scale)?;
-            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let m_hat = (&m / f64::from(update.bias1))?;
-            let v_hat = (&v / f64::from(update.bias2_sqrt).powi(2))?;
-            let decayed = (p * f64::from(update.decay))?;
-            let step = (m_hat / (v_hat.sqrt()? + cfg.eps)?)?;
-            var.set(&(decayed - (step * lr)?)?)?;
-            // Detached: `m` and `v` are ops on the gradient, which candle records when it was
-            // computed from the model's variables or activations. Kept as they are, each
-            // step's moments would hold the previous step's and that step's graph (its
-            // activations and upstream gradients), so device memory grew with every step.
-            self.m[i] = m.detach();
-            self.v[i] = v.detach();
-        }
-        Ok(())
-    }
-
-    fn state_tensors(&self) -> HashMap<String, Tensor> {
-        let mut out = HashMap::new();
-        for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.insert(format!("m.{name}"), self.m[i].clone());
-            out.insert(format!("v.{name}"), self.v[i].clone());
-            let t = Tensor::new(&[self.t[i] as i64], &candle_core::Device::Cpu);
-            out.insert(format!("t.{name}"), t.expect("a one-element CPU tensor"));
-        }
-        out
-    }
-
-    /// Restores the moments and step counts; `t` is the count for checkpoints written before
-    /// they were kept per variable (every variable stepped every time).
-    fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> candle_core::Result<()> {
-        for (i, (name, var)) in self.vars.iter().enumerate() {
-            let get = |k: String| {
-                tensors
-                    .get(&k)
-                    .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {k}")))
-                    .and_then(|t| t.to_device(var.device()))
-            };
-            self.m[i] = get(format!("m.{name}"))?;
-            self.v[i] = get(format!("v.{name}"))?;
-            self.t[i] = match tensors.get(&format!("t.{name}")) {
-                Some(steps) => steps.flatten_all()?.to_vec1::<i64>()?[0] as u64,
-                None => t,
-            };
-        }
-        Ok(())
-    }
-}
-
-/// Whether AdamW's fused kernels run on `device`: always on the CPU; on a CUDA device when
-/// NVRTC compiled them and the driver loaded them (otherwise the tensor ops run, and the
-/// reason is printed once).
-fn fused_kernels_on(device: &candle_core::Device) -> bool {
-    if device.is_cpu() {
-        return true;
-    }
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        return device.as_cuda_device().is_ok_and(adamw_cuda::available);
-    }
-    false
+    fn val(&self) -> Result<Receiver<Result<B>>>;
+    /// Batches in one training epoch (for the schedule).
+    fn per_epoch(&self) -> usize;
 }
 
 /// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup from 0 over
@@ -275,353 +226,8 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64) -> f64 {
     peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
-/// Scales `grads` down to `cfg.max_grad_norm` when their global `norm` exceeds it, then takes
-/// one AdamW step at learning rate `lr`.
-pub fn clip_and_step(
-    opt: &mut AdamW,
-    grads: &[Option<Tensor>],
-    norm: f64,
-    lr: f64,
-    cfg: &TrainConfig,
-) -> candle_core::Result<()> {
-    let scale = if cfg.max_grad_norm > 0.0 && norm > cfg.max_grad_norm {
-        cfg.max_grad_norm / (norm + 1e-6)
-    } else {
-        1.0
-    };
-    opt.step(grads, scale, lr, cfg)
-}
-
-/// The contiguous f32 elements of a CPU storage under `layout`.
-fn f32_slice<'a>(s: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
-    }
-}
-
-fn f32_slice_mut<'a>(s: &'a mut CpuStorage, layout: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("adamw: expected a contiguous f32 tensor"),
-    }
-}
-
-/// Elements per parallel chunk of the fused AdamW kernels.
-const ADAMW_CHUNK: usize = 1 << 16;
-
-/// `m ← β·m + (1−β)·(s·g)`, or with `square`, `v ← β·v + (1−β)·(s·g)²`, in place.
-struct MomentUpdate {
-    beta: f32,
-    scale: f32,
-    square: bool,
-}
-
-impl InplaceOp2 for MomentUpdate {
-    fn name(&self) -> &'static str {
-        "adamw-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        g: &CpuStorage,
-        g_l: &Layout,
-    ) -> candle_core::Result<()> {
-        let (m, g) = (f32_slice_mut(dst, dst_l)?, f32_slice(g, g_l)?);
-        let (beta, rest, s) = (self.beta, 1.0 - self.beta, self.scale);
-        m.par_chunks_mut(ADAMW_CHUNK)
-            .zip(g.par_chunks(ADAMW_CHUNK))
-            .for_each(|(m, g)| {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    let g = g * s;
-                    let x = if self.square { g * g } else { g };
-                    *m = beta * *m + rest * x;
-                }
-            });
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dst_l: &Layout,
-        g: &candle_core::CudaStorage,
-        g_l: &Layout,
-    ) -> candle_core::Result<()> {
-        adamw_cuda::moment(dst, dst_l, g, g_l, self)
-    }
-}
-
-/// `p ← p·(1 − lr·wd) − lr·m̂ / (√v̂ + ε)` with bias-corrected moments, in place.
-struct ParamUpdate {
-    lr: f32,
-    decay: f32,
-    bias1: f32,
-    bias2_sqrt: f32,
-    eps: f32,
-}
-
-impl InplaceOp3 for ParamUpdate {
-    fn name(&self) -> &'static str {
-        "adamw-param"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        m: &CpuStorage,
-        m_l: &Layout,
-        v: &CpuStorage,
-        v_l: &Layout,
-    ) -> candle_core::Result<()> {
-        let p = f32_slice_mut(dst, dst_l)?;
-        let (m, v) = (f32_slice(m, m_l)?, f32_slice(v, v_l)?);
-        // PyTorch: step = lr / bias1, denom = √v / √bias2 + ε.
-        let step = self.lr / self.bias1;
-        p.par_chunks_mut(ADAMW_CHUNK)
-            .zip(m.par_chunks(ADAMW_CHUNK).zip(v.par_chunks(ADAMW_CHUNK)))
-            .for_each(|(p, (m, v))| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    let denom = v.sqrt() / self.bias2_sqrt + self.eps;
-                    *p = *p * self.decay - step * m / denom;
-                }
-            });
-        Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dst_l: &Layout,
-        m: &candle_core::CudaStorage,
-        m_l: &Layout,
-        v: &candle_core::CudaStorage,
-        v_l: &Layout,
-    ) -> candle_core::Result<()> {
-        adamw_cuda::param(dst, dst_l, (m, m_l), (v, v_l), self)
-    }
-}
-
-/// The fused AdamW kernels on a CUDA device: the CPU kernels' arithmetic, one thread per
-/// element, compiled once per process by NVRTC without contracting multiply-adds, so each
-/// element gets the CPU's operations in the CPU's order (IEEE square root and division).
-#[cfg(feature = "cuda")]
-mod adamw_cuda {
-    use std::sync::OnceLock;
-
-    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-    use candle_core::{CudaStorage, Layout};
-
-    use super::{MomentUpdate, ParamUpdate};
-
-    const SOURCE: &str = r#"
-extern "C" __global__ void adamw_moment(float *m, const float *g, unsigned int n, float beta,
-                                        float rest, float scale, int square) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float x = g[i] * scale;
-    if (square) x = x * x;
-    m[i] = beta * m[i] + rest * x;
-}
-
-extern "C" __global__ void adamw_param(float *p, const float *m, const float *v, unsigned int n,
-                                       float step, float decay, float bias2_sqrt, float eps) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float denom = sqrtf(v[i]) / bias2_sqrt + eps;
-    p[i] = p[i] * decay - step * m[i] / denom;
-}
-"#;
-
-    /// Whether the kernels compiled and `device` loaded them, decided once per process (for
-    /// the first CUDA device it trains on); when not, says why.
-    pub(super) fn available(device: &candle_core::CudaDevice) -> bool {
-        static LOADED: OnceLock<bool> = OnceLock::new();
-        *LOADED.get_or_init(|| {
-            let loaded = ptx().and_then(|ptx| {
-                for f in ["adamw_moment", "adamw_param"] {
-                    device.get_or_load_custom_func(f, "prefcap_adamw", ptx)?;
-                }
-                Ok(())
-            });
-            match loaded {
-                Ok(()) => true,
-                Err(e) => {
-                    eprintln!(
-                        "adamw: fused CUDA kernels unavailable ({e}); AdamW runs as tensor ops"
-                    );
-                    false
-                }
-            }
-        })
-    }
-
-    /// The kernels' PTX, compiled on first use (NVRTC only: no device needed).
-    fn ptx() -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            let opts = CompileOptions {
-                fmad: Some(false),
-                prec_div: Some(true),
-                prec_sqrt: Some(true),
-                ..CompileOptions::default()
-            };
-            compile_ptx_with_opts(SOURCE, opts)
-                .map(|p| p.to_src())
-                .map_err(|e| e.to_string())
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(format!("adamw: compiling the CUDA kernels: {e}")))
-    }
-
-    /// Element range of a contiguous tensor.
-    fn span(l: &Layout) -> candle_core::Result<(usize, usize)> {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("adamw: expected a contiguous tensor".into()))
-    }
-
-    /// The common length of two ranges as the kernels' `n`: they index every operand with
-    /// one element index.
-    fn same_len(a: (usize, usize), b: (usize, usize)) -> candle_core::Result<u32> {
-        if b.1 - b.0 != a.1 - a.0 {
-            candle_core::bail!(
-                "adamw: operands of {} and {} elements",
-                a.1 - a.0,
-                b.1 - b.0
-            );
-        }
-        // The kernels' element index is 32-bit, block offsets included.
-        u32::try_from(a.1 - a.0)
-            .ok()
-            .filter(|&n| n <= i32::MAX as u32)
-            .ok_or_else(|| candle_core::Error::Msg("adamw: tensor too large for one launch".into()))
-    }
-
-    fn wrap(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
-        candle_core::Error::Cuda(Box::new(e))
-    }
-
-    pub(super) fn moment(
-        m: &mut CudaStorage,
-        m_l: &Layout,
-        g: &CudaStorage,
-        g_l: &Layout,
-        op: &MomentUpdate,
-    ) -> candle_core::Result<()> {
-        let (ms, gs) = (span(m_l)?, span(g_l)?);
-        let n = same_len(ms, gs)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let func = m
-            .device
-            .get_or_load_custom_func("adamw_moment", "prefcap_adamw", ptx()?)?;
-        let g = g.as_cuda_slice::<f32>()?.slice(gs.0..gs.1);
-        let mut m = m.as_cuda_slice_mut::<f32>()?.slice_mut(ms.0..ms.1);
-        let (rest, square) = (1.0 - op.beta, i32::from(op.square));
-        let mut b = func.builder();
-        b.arg(&mut m);
-        b.arg(&g);
-        b.arg(&n);
-        b.arg(&op.beta);
-        b.arg(&rest);
-        b.arg(&op.scale);
-        b.arg(&square);
-        // SAFETY: the arguments match the kernel's signature, and every index it touches
-        // is below `n`, the length of both views.
-        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.map_err(wrap)?;
-        Ok(())
-    }
-
-    pub(super) fn param(
-        p: &mut CudaStorage,
-        p_l: &Layout,
-        (m, m_l): (&CudaStorage, &Layout),
-        (v, v_l): (&CudaStorage, &Layout),
-        op: &ParamUpdate,
-    ) -> candle_core::Result<()> {
-        let (ps, ms, vs) = (span(p_l)?, span(m_l)?, span(v_l)?);
-        let n = same_len(ps, ms)?;
-        same_len(ps, vs)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let func = p
-            .device
-            .get_or_load_custom_func("adamw_param", "prefcap_adamw", ptx()?)?;
-        let m = m.as_cuda_slice::<f32>()?.slice(ms.0..ms.1);
-        let v = v.as_cuda_slice::<f32>()?.slice(vs.0..vs.1);
-        let mut p = p.as_cuda_slice_mut::<f32>()?.slice_mut(ps.0..ps.1);
-        // As the CPU kernel: PyTorch's step = lr / bias1, in f32.
-        let step = op.lr / op.bias1;
-        let mut b = func.builder();
-        b.arg(&mut p);
-        b.arg(&m);
-        b.arg(&v);
-        b.arg(&n);
-        b.arg(&step);
-        b.arg(&op.decay);
-        b.arg(&op.bias2_sqrt);
-        b.arg(&op.eps);
-        // SAFETY: as in `moment`: matching arguments, indices below `n`.
-        unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.map_err(wrap)?;
-        Ok(())
-    }
-}
-
-/// The gradients of `vars` (in that order) from a backward pass, detached. candle records
-/// the ops that summed a variable's gradient when they involved tracked tensors (a linear
-/// layer's weight gradient is a product with its input activation), so an undetached gradient
-/// keeps that step's activations and upstream gradients alive for as long as it lives:
-/// through the optimizer step, and across every batch of an accumulation.
-pub fn gradients(store: &candle_core::backprop::GradStore, vars: &[Var]) -> Vec<Option<Tensor>> {
-    vars.iter()
-        .map(|v| store.get(v.as_tensor()).map(Tensor::detach))
-        .collect()
-}
-
-/// Global L2 norm of `grads`. Contiguous f32 gradients on the CPU are summed where they
-/// lie, in parallel chunks added in f64; elsewhere (a GPU) each gradient's sum of squares is
-/// reduced on its device and all of them are read back at once: one wait for the device
-/// instead of one per variable.
-pub fn grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
-    let mut sum = 0f64;
-    let mut on_device = Vec::new();
-    for g in grads.iter().flatten() {
-        match cpu_sum_squares(g) {
-            Some(s) => sum += s,
-            None => on_device.push(g.sqr()?.sum_all()?.to_dtype(DType::F32)?),
-        }
-    }
-    if !on_device.is_empty() {
-        let sums = Tensor::stack(&on_device, 0)?.to_vec1::<f32>()?;
-        sum += sums.into_iter().map(f64::from).sum::<f64>();
-    }
-    Ok(sum.sqrt())
-}
-
-/// `Σ g²` of a contiguous f32 CPU tensor; `None` for any other.
-fn cpu_sum_squares(g: &Tensor) -> Option<f64> {
-    let (storage, layout) = g.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return None;
-    };
-    let xs = f32_slice(cpu, layout).ok()?;
-    Some(
-        xs.par_chunks(ADAMW_CHUNK)
-            .map(|c| f64::from(crate::kernels::sum_squares(c)))
-            .sum(),
-    )
-}
-
 /// The state saved beside a checkpoint's weights.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
     /// Optimizer steps done.
     pub step: usize,
@@ -637,7 +243,7 @@ pub struct TrainState {
 }
 
 /// What `fit` leaves behind.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct FitSummary {
     pub state: TrainState,
     /// Directory of the best checkpoint (`best/`), or of the last when nothing was validated.
@@ -655,67 +261,250 @@ pub struct FitOutput<'a> {
     pub stage: &'a str,
 }
 
-fn io_err(e: candle_core::Error, what: &Path) -> Error {
-    Error::BadFile {
-        path: what.to_path_buf(),
-        message: e.to_string(),
-    }
+/// One group under training: its optimiser and the gradients accumulated since its last
+/// update.
+struct GroupState {
+    group: ParamGroup,
+    opt: AdamW,
+    /// The variables in the order `opt` expects their gradients.
+    vars: Vec<Var>,
+    pending: Vec<Option<Tensor>>,
+    pending_batches: usize,
+    /// The gradient norm of the last batch added (the update's norm when it was the only one).
+    last_norm: f64,
 }
 
-/// Saves weights, optimizer state and `state` into `dir` atomically (a temp dir renamed).
-fn save_checkpoint(dir: &Path, vars: &VarMap, opt: &AdamW, state: &TrainState) -> Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).at(parent)?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).at(&tmp)?;
-    vars.save(tmp.join("model.safetensors"))
-        .map_err(|e| io_err(e, &tmp))?;
-    candle_core::safetensors::save(&opt.state_tensors(), tmp.join("optimizer.safetensors"))
-        .map_err(|e| io_err(e, &tmp))?;
-    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Config(e.to_string()))?;
-    write_atomic(&tmp.join("state.json"), &json)?;
-    let old = parent.join(format!(
-        ".{}.old-{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    if dir.exists() {
-        std::fs::rename(dir, &old).at(dir)?;
-    }
-    std::fs::rename(&tmp, dir).at(dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+/// Seconds spent per phase of the optimizer steps of a [`Trainer`] (summed over groups).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimings {
+    /// The objective's step (forward pass, sampling) and reading the loss.
+    pub forward: f64,
+    /// Backward pass and taking the gradients.
+    pub backward: f64,
+    pub grad_norm: f64,
+    /// Clipping and the AdamW update.
+    pub update: f64,
 }
 
-fn load_checkpoint(dir: &Path, vars: &mut VarMap, opt: &mut AdamW) -> Result<TrainState> {
-    let state_path = dir.join("state.json");
-    let bytes = std::fs::read(&state_path).at(&state_path)?;
-    let state: TrainState = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
-        path: state_path.clone(),
-        message: e.to_string(),
-    })?;
-    let weights = dir.join("model.safetensors");
-    vars.load(&weights).map_err(|e| io_err(e, &weights))?;
-    let opt_path = dir.join("optimizer.safetensors");
-    let device = opt
-        .vars
-        .first()
-        .map(|(_, v)| v.device().clone())
-        .unwrap_or(candle_core::Device::Cpu);
-    let tensors =
-        candle_core::safetensors::load(&opt_path, &device).map_err(|e| io_err(e, &opt_path))?;
-    opt.load_state(&tensors, state.step as u64)
-        .map_err(|e| io_err(e, &opt_path))?;
-    Ok(state)
+/// What one [`Trainer::step`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Each group's loss (NaN when the objective had no rows for it).
+    pub losses: Vec<f64>,
+    /// Whether each group was updated (not when its loss or gradient was non-finite).
+    pub updated: Vec<bool>,
+    pub timings: StepTimings,
+}
+
+/// The optimisers of an objective's groups: what [`fit`] drives, and what code that feeds
+/// batches itself (benchmarks) calls through [`Trainer::step`].
+pub struct Trainer {
+    groups: Vec<GroupState>,
+    /// With a device: wait for it at each phase boundary, so [`StepTimings`] are true on a GPU.
+    timing_device: Option<Device>,
+    timings: StepTimings,
+}
+
+/// How one group's share of a batch went.
+enum Added {
+    /// The loss (and its rows) joined the pending gradients.
+    Loss(f64, usize),
+    /// No supervised rows: nothing to learn from.
+    Empty,
+    /// A non-finite loss or gradient: skipped.
+    NonFinite,
+}
+
+fn scalar(t: &Tensor) -> candle_core::Result<f64> {
+    Ok(f64::from(t.to_dtype(DType::F32)?.to_scalar::<f32>()?))
+}
+
+impl Trainer {
+    /// AdamW for each group, its moments at zero.
+    pub fn new(groups: Vec<ParamGroup>) -> Result<Self> {
+        if groups.is_empty() {
+            return Err(Error::Invalid(
+                "an objective without parameter groups".into(),
+            ));
+        }
+        let groups = groups
+            .into_iter()
+            .map(|group| {
+                let opt = AdamW::new(&group.vars).during("creating the optimizer")?;
+                Ok(GroupState {
+                    vars: opt.var_list(),
+                    opt,
+                    group,
+                    pending: Vec::new(),
+                    pending_batches: 0,
+                    last_norm: 0.0,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            groups,
+            timing_device: None,
+            timings: StepTimings::default(),
+        })
+    }
+
+    /// Waits for `device` at every phase boundary, so the phase timings are true on a GPU
+    /// (costs the overlap of host and device work).
+    pub fn time_phases_on(&mut self, device: &Device) {
+        self.timing_device = Some(device.clone());
+    }
+
+    /// The phase timings summed since the trainer was made.
+    pub fn timings(&self) -> StepTimings {
+        self.timings
+    }
+
+    fn sync(&self) -> Result<()> {
+        match &self.timing_device {
+            Some(d) => d.synchronize().during("waiting for the device"),
+            None => Ok(()),
+        }
+    }
+
+    /// The metric name of group `g`'s `what` (`loss`, `lr`, `grad_norm`): plain for a single
+    /// group, `<group>/<what>` for several.
+    fn metric(&self, g: usize, what: &str) -> String {
+        if self.groups.len() == 1 {
+            what.to_string()
+        } else {
+            format!("{}/{what}", self.groups[g].group.name)
+        }
+    }
+
+    /// Group `g`'s loss on `batch`, its backward pass, and its gradients added to those
+    /// pending.
+    fn add_batch<O: Objective>(
+        &mut self,
+        obj: &mut O,
+        batch: &O::Batch,
+        ctx: &StepContext,
+    ) -> Result<(Added, Vec<(String, f64)>)> {
+        let g = ctx.group;
+        let t = Instant::now();
+        let out = obj.step(batch, ctx).during("the objective's step")?;
+        if out.rows == 0 {
+            self.timings.forward += t.elapsed().as_secs_f64();
+            return Ok((Added::Empty, Vec::new()));
+        }
+        let value = scalar(&out.loss).during("reading the loss")?;
+        self.timings.forward += t.elapsed().as_secs_f64();
+        if !value.is_finite() {
+            return Ok((Added::NonFinite, Vec::new()));
+        }
+        let t = Instant::now();
+        let store = out.loss.backward().during("the backward pass")?;
+        let grads = gradients(&store, &self.groups[g].vars);
+        drop(store);
+        self.sync()?;
+        self.timings.backward += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let norm = grad_norm(&grads).during("the gradient norm")?;
+        self.timings.grad_norm += t.elapsed().as_secs_f64();
+        if !norm.is_finite() {
+            return Ok((Added::NonFinite, Vec::new()));
+        }
+        let state = &mut self.groups[g];
+        state.last_norm = norm;
+        if state.pending.is_empty() {
+            state.pending = grads;
+        } else {
+            for (p, g) in state.pending.iter_mut().zip(grads) {
+                *p = match (p.take(), g) {
+                    (Some(a), Some(b)) => Some((a + b).during("accumulating gradients")?),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        state.pending_batches += 1;
+        Ok((Added::Loss(value, out.rows), out.scalars))
+    }
+
+    /// Whether group `g` has gradients waiting for an update.
+    fn has_pending(&self, g: usize) -> bool {
+        self.groups[g].pending_batches > 0
+    }
+
+    /// Applies group `g`'s pending gradients (their mean) at optimizer step `step` of `total`;
+    /// returns the learning rate and the gradient norm.
+    fn apply<O: Objective>(
+        &mut self,
+        obj: &mut O,
+        g: usize,
+        step: usize,
+        total: usize,
+    ) -> Result<(f64, f64)> {
+        let t = Instant::now();
+        let state = &mut self.groups[g];
+        let n = state.pending_batches;
+        let mut grads = std::mem::take(&mut state.pending);
+        state.pending_batches = 0;
+        if n > 1 {
+            for gr in grads.iter_mut().flatten() {
+                *gr = (&*gr / n as f64).during("averaging gradients")?;
+            }
+        }
+        // One batch: its gradient norm was taken when it was added.
+        let norm = match n {
+            1 => state.last_norm,
+            _ => grad_norm(&grads).during("the gradient norm")?,
+        };
+        let lr = state.group.optimizer.lr_at(step, total);
+        clip_and_step(&mut state.opt, &grads, norm, lr, &state.group.optimizer)
+            .during("the optimizer step")?;
+        obj.after_update(g).during("after the update")?;
+        self.sync()?;
+        self.timings.update += t.elapsed().as_secs_f64();
+        Ok((lr, norm))
+    }
+
+    /// One optimizer step from one batch, without accumulation: for every group in order,
+    /// the objective's step, backward, clipping and AdamW at the rate of step `step` of
+    /// `total` (a constant schedule ignores both). What [`fit`] does per batch.
+    pub fn step<O: Objective>(
+        &mut self,
+        obj: &mut O,
+        batch: &O::Batch,
+        step: usize,
+        total: usize,
+    ) -> Result<StepReport> {
+        let timings_before = self.timings;
+        let mut report = StepReport {
+            losses: Vec::new(),
+            updated: Vec::new(),
+            timings: StepTimings::default(),
+        };
+        for g in 0..self.groups.len() {
+            let ctx = StepContext {
+                group: g,
+                train: true,
+                step,
+                epoch: 0,
+            };
+            let (added, _) = self.add_batch(obj, batch, &ctx)?;
+            report.losses.push(match added {
+                Added::Loss(v, _) => v,
+                _ => f64::NAN,
+            });
+            let update = self.has_pending(g);
+            if update {
+                self.apply(obj, g, step, total)?;
+            }
+            report.updated.push(update);
+        }
+        let t = self.timings;
+        report.timings = StepTimings {
+            forward: t.forward - timings_before.forward,
+            backward: t.backward - timings_before.backward,
+            grad_norm: t.grad_norm - timings_before.grad_norm,
+            update: t.update - timings_before.update,
+        };
+        Ok(report)
+    }
 }
 
 /// Accumulates scalars of several batches into means.
@@ -742,31 +531,41 @@ impl Means {
     }
 }
 
-fn scalar(t: &Tensor) -> candle_core::Result<f64> {
-    Ok(f64::from(t.to_dtype(DType::F32)?.to_scalar::<f32>()?))
-}
-
-/// Runs the validation batches; returns mean loss and scalars, and how many batches with a
-/// non-finite loss were left out of them (`skipped_nonfinite_batches`), as in training: one
-/// would make every mean NaN, and no later validation could then count as an improvement.
-fn validate<O: Objective>(obj: &mut O) -> Result<Vec<(String, f64)>> {
+/// Runs the validation batches through every group; returns mean losses and scalars, and
+/// how many (batch, group) losses were non-finite and left out of them
+/// (`skipped_nonfinite_batches`), as in training: one would make every mean NaN, and no later
+/// validation could then count as an improvement.
+fn validate<O: Objective, D: Batches<O::Batch>>(
+    obj: &mut O,
+    data: &D,
+    trainer: &Trainer,
+    state: &TrainState,
+) -> Result<Vec<(String, f64)>> {
     let mut means = Means::default();
     let mut skipped = 0u64;
-    for batch in obj.val_batches()? {
+    for batch in data.val()? {
         let batch = batch?;
-        let out = obj.step(&batch, false).map_err(stage_err)?;
-        let w = out.rows as f64;
-        if w == 0.0 {
-            continue;
-        }
-        let loss = scalar(&out.loss).map_err(stage_err)?;
-        if !loss.is_finite() {
-            skipped += 1;
-            continue;
-        }
-        means.add("loss", loss, w);
-        for (n, v) in &out.scalars {
-            means.add(n, *v, w);
+        for g in 0..trainer.groups.len() {
+            let ctx = StepContext {
+                group: g,
+                train: false,
+                step: state.step,
+                epoch: state.epoch,
+            };
+            let out = obj.step(&batch, &ctx).during("validation")?;
+            let w = out.rows as f64;
+            if w == 0.0 {
+                continue;
+            }
+            let loss = scalar(&out.loss).during("validation")?;
+            if !loss.is_finite() {
+                skipped += 1;
+                continue;
+            }
+            means.add(&trainer.metric(g, "loss"), loss, w);
+            for (n, v) in &out.scalars {
+                means.add(n, *v, w);
+            }
         }
     }
     let mut out = means.means();
@@ -774,23 +573,41 @@ fn validate<O: Objective>(obj: &mut O) -> Result<Vec<(String, f64)>> {
     Ok(out)
 }
 
-fn stage_err(e: candle_core::Error) -> Error {
-    Error::Candle {
-        context: "training".into(),
-        source: e,
+/// The metrics table being written: earlier rows (a resumed run's) and this run's.
+struct MetricLog<'a> {
+    rows: Vec<MetricRow>,
+    out: &'a FitOutput<'a>,
+}
+
+impl MetricLog<'_> {
+    fn push(&mut self, state: &TrainState, split: &str, name: &str, value: f64) {
+        self.rows.push(MetricRow {
+            run_id: self.out.run_id.to_string(),
+            stage: self.out.stage.to_string(),
+            step: state.step as i64,
+            epoch: state.epoch as i64,
+            split: split.to_string(),
+            name: name.to_string(),
+            value,
+        });
+    }
+
+    fn write(&self) -> Result<()> {
+        write_parquet(self.out.metrics_path, &self.rows)
     }
 }
 
-/// Trains `obj` for `total_steps` optimizer steps' worth of epochs under `cfg`, resuming from
-/// `<checkpoint_dir>/last` when it exists. `steps_per_epoch` is the number of batches in an
-/// epoch (for the schedule). Metrics go to `out.metrics_path` in long format.
-pub fn fit<O: Objective>(
+/// Trains `obj` on `data` under `cfg` (its loop settings: epochs, accumulation, validation,
+/// patience; each group brings its own optimiser settings), resuming from
+/// `<checkpoint_dir>/last` when it exists. Metrics go to `out.metrics_path` in long format.
+pub fn fit<O: Objective, D: Batches<O::Batch>>(
     obj: &mut O,
+    data: &D,
     cfg: &TrainConfig,
-    steps_per_epoch: usize,
     out: &FitOutput,
 ) -> Result<FitSummary> {
     let accum = cfg.grad_accum.max(1);
+    let steps_per_epoch = data.per_epoch();
     if steps_per_epoch == 0 {
         return Err(Error::Invalid(format!(
             "{}: the training split has no batches",
@@ -800,70 +617,44 @@ pub fn fit<O: Objective>(
     // As transformers' Trainer, an epoch's last batches step even when fewer than `accum`:
     // accumulation never spans two epochs (so an epoch-end checkpoint holds all of it).
     let total_steps = (cfg.epochs * steps_per_epoch.div_ceil(accum)).max(1);
-    let mut opt = AdamW::new(obj.vars()).map_err(stage_err)?;
+    let mut trainer = Trainer::new(obj.groups())?;
     let last_dir = out.checkpoint_dir.join("last");
     let best_dir = out.checkpoint_dir.join("best");
-    let mut metrics: Vec<MetricRow> = if out.metrics_path.is_file() {
-        crate::data::shard::read_parquet(out.metrics_path)?
-    } else {
-        Vec::new()
+    let mut log = MetricLog {
+        rows: if out.metrics_path.is_file() {
+            read_parquet(out.metrics_path)?
+        } else {
+            Vec::new()
+        },
+        out,
     };
-    let mut state = TrainState {
-        step: 0,
-        epoch: 0,
-        batches_done_in_epoch: 0,
-        best_value: None,
-        best_step: None,
-        evals_without_improvement: 0,
-        skipped_nonfinite: 0,
-        stopped_early: false,
-        finished: false,
-    };
+    let mut state = TrainState::default();
     let mut resumed_from_step = None;
-    if last_dir.join("state.json").is_file() {
-        let mut vars = obj.vars().clone();
-        state = load_checkpoint(&last_dir, &mut vars, &mut opt)?;
+    if checkpoint::exists(&last_dir) {
+        state = checkpoint::load(&last_dir, &mut trainer)?;
         resumed_from_step = Some(state.step);
         // Metrics logged after the checkpoint belong to the lost part of the run.
-        metrics.retain(|m| m.stage != out.stage || m.step <= state.step as i64);
+        log.rows
+            .retain(|m| m.stage != out.stage || m.step <= state.step as i64);
         eprintln!(
             "[{}] resuming from step {} (epoch {})",
             out.stage, state.step, state.epoch
         );
     }
-    let (select_name, higher_better) = {
-        let (n, h) = obj.selection();
-        (n.to_string(), h)
-    };
-    let mut push = |metrics: &mut Vec<MetricRow>,
-                    step: usize,
-                    epoch: usize,
-                    split: &str,
-                    name: &str,
-                    value: f64| {
-        metrics.push(MetricRow {
-            run_id: out.run_id.to_string(),
-            stage: out.stage.to_string(),
-            step: step as i64,
-            epoch: epoch as i64,
-            split: split.to_string(),
-            name: name.to_string(),
-            value,
-        });
+    let selection = match obj.selection() {
+        Some((name, higher)) => (name.to_string(), higher),
+        None => (trainer.metric(0, "loss"), false),
     };
     let progress = Progress::new(out.stage, "steps", Some(total_steps as u64));
     progress.inc(state.step as u64);
     let started = Instant::now();
     let mut waited = 0f64;
-    let mut pending: Vec<Option<Tensor>> = Vec::new();
-    let mut pending_batches = 0usize;
-    let mut last_norm = 0f64;
     let mut train_means = Means::default();
-    let vars_sorted = opt.var_list();
+    let groups = trainer.groups.len();
     // The step last validated (a resumed run's checkpoint was written after a validation).
     let mut validated_at = resumed_from_step;
     'epochs: while state.epoch < cfg.epochs && !state.finished {
-        let rx = obj.train_batches(state.epoch)?;
+        let rx = data.train(state.epoch)?;
         let mut index = 0usize;
         loop {
             let t0 = Instant::now();
@@ -876,79 +667,57 @@ pub fn fit<O: Objective>(
             }
             state.batches_done_in_epoch = index;
             let end_of_epoch = index == steps_per_epoch;
-            let out_step = obj.step(&batch, true).map_err(stage_err)?;
+            // Each group: its loss and gradients; at the end of an accumulation (or of the
+            // epoch, with what there is) its update, before the next group's loss.
+            let mut stepped = Vec::new();
+            for g in 0..groups {
+                let ctx = StepContext {
+                    group: g,
+                    train: true,
+                    step: state.step,
+                    epoch: state.epoch,
+                };
+                let (added, scalars) = trainer.add_batch(obj, &batch, &ctx)?;
+                match added {
+                    Added::Loss(value, rows) => {
+                        train_means.add(&trainer.metric(g, "loss"), value, rows as f64);
+                        for (n, v) in &scalars {
+                            train_means.add(n, *v, rows as f64);
+                        }
+                    }
+                    Added::Empty => {}
+                    Added::NonFinite => {
+                        state.skipped_nonfinite += 1;
+                        eprintln!(
+                            "[{}] non-finite loss or gradient at step {}{}: batch skipped",
+                            out.stage,
+                            state.step,
+                            if groups > 1 {
+                                format!(" (group {})", trainer.groups[g].group.name)
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                }
+                let pending = trainer.groups[g].pending_batches;
+                if pending > 0 && (pending >= accum || end_of_epoch) {
+                    let (lr, norm) = trainer.apply(obj, g, state.step, total_steps)?;
+                    stepped.push((g, lr, norm));
+                }
+            }
             // Whether this batch completed an optimizer step. A batch that does not (skipped,
             // empty, or still accumulating) still counts toward the end of the epoch.
-            let stepped = 'update: {
-                let grads = if out_step.rows == 0 {
-                    None
-                } else {
-                    let loss_value = scalar(&out_step.loss).map_err(stage_err)?;
-                    let grads = if loss_value.is_finite() {
-                        let store = out_step.loss.backward().map_err(stage_err)?;
-                        let grads = gradients(&store, &vars_sorted);
-                        last_norm = grad_norm(&grads).map_err(stage_err)?;
-                        last_norm.is_finite().then_some(grads)
-                    } else {
-                        None
-                    };
-                    match grads {
-                        Some(grads) => {
-                            train_means.add("loss", loss_value, out_step.rows as f64);
-                            for (n, v) in &out_step.scalars {
-                                train_means.add(n, *v, out_step.rows as f64);
-                            }
-                            Some(grads)
-                        }
-                        None => {
-                            state.skipped_nonfinite += 1;
-                            eprintln!(
-                                "[{}] non-finite loss or gradient at step {}: batch skipped",
-                                out.stage, state.step
-                            );
-                            None
-                        }
-                    }
-                };
-                if let Some(grads) = grads {
-                    if pending.is_empty() {
-                        pending = grads;
-                    } else {
-                        for (p, g) in pending.iter_mut().zip(grads) {
-                            *p = match (p.take(), g) {
-                                (Some(a), Some(b)) => Some((a + b).map_err(stage_err)?),
-                                (a, b) => a.or(b),
-                            };
-                        }
-                    }
-                    pending_batches += 1;
-                }
-                // Step after `accum` batches, and at the end of the epoch with what there is.
-                if pending_batches == 0 || (pending_batches < accum && !end_of_epoch) {
-                    break 'update false;
-                }
-                let mut grads = std::mem::take(&mut pending);
-                if pending_batches > 1 {
-                    for g in grads.iter_mut().flatten() {
-                        *g = (&*g / pending_batches as f64).map_err(stage_err)?;
-                    }
-                }
-                // One batch: its gradient norm was computed by the guard above.
-                let norm = match pending_batches {
-                    1 => last_norm,
-                    _ => grad_norm(&grads).map_err(stage_err)?,
-                };
-                pending_batches = 0;
-                let lr = lr_at(state.step, total_steps, cfg.warmup_steps, cfg.lr);
-                clip_and_step(&mut opt, &grads, norm, lr, cfg).map_err(stage_err)?;
+            let stepped = !stepped.is_empty() && {
                 state.step += 1;
                 progress.inc(1);
-                let (step, epoch) = (state.step, state.epoch);
                 for (n, v) in train_means.means() {
-                    push(&mut metrics, step, epoch, "train", &n, v);
+                    log.push(&state, "train", &n, v);
                 }
-                push(&mut metrics, step, epoch, "train", "lr", lr);
-                push(&mut metrics, step, epoch, "train", "grad_norm", norm);
+                for &(g, lr, norm) in &stepped {
+                    log.push(&state, "train", &trainer.metric(g, "lr"), lr);
+                    log.push(&state, "train", &trainer.metric(g, "grad_norm"), norm);
+                }
                 train_means = Means::default();
                 true
             };
@@ -964,22 +733,14 @@ pub fn fit<O: Objective>(
                     state.batches_done_in_epoch = 0;
                 }
                 if evaluate(
-                    obj,
-                    &mut state,
-                    &mut metrics,
-                    &mut push,
-                    &select_name,
-                    higher_better,
-                    cfg,
-                    &opt,
-                    &best_dir,
+                    obj, data, &trainer, &mut state, &mut log, &selection, cfg, &best_dir,
                 )? {
                     state.stopped_early = true;
                 }
                 validated_at = Some(step);
                 state.finished = state.stopped_early || step >= total_steps;
-                save_checkpoint(&last_dir, obj.vars(), &opt, &state)?;
-                write_parquet(out.metrics_path, &metrics)?;
+                checkpoint::save(&last_dir, &trainer, &state)?;
+                log.write()?;
                 if state.finished {
                     break 'epochs;
                 }
@@ -998,20 +759,12 @@ pub fn fit<O: Objective>(
     // can become `best/` too.
     if state.step > 0 && validated_at != Some(state.step) {
         evaluate(
-            obj,
-            &mut state,
-            &mut metrics,
-            &mut push,
-            &select_name,
-            higher_better,
-            cfg,
-            &opt,
-            &best_dir,
+            obj, data, &trainer, &mut state, &mut log, &selection, cfg, &best_dir,
         )?;
     }
     state.finished = true;
-    save_checkpoint(&last_dir, obj.vars(), &opt, &state)?;
-    write_parquet(out.metrics_path, &metrics)?;
+    checkpoint::save(&last_dir, &trainer, &state)?;
+    log.write()?;
     let wall = started.elapsed().as_secs_f64().max(1e-9);
     progress.finish("");
     Ok(FitSummary {
@@ -1029,25 +782,22 @@ pub fn fit<O: Objective>(
 /// Validates, logs (with training's count of skipped batches so far), keeps the best
 /// checkpoint; returns whether patience ran out.
 #[allow(clippy::too_many_arguments)]
-fn evaluate<O: Objective>(
+fn evaluate<O: Objective, D: Batches<O::Batch>>(
     obj: &mut O,
+    data: &D,
+    trainer: &Trainer,
     state: &mut TrainState,
-    metrics: &mut Vec<MetricRow>,
-    push: &mut impl FnMut(&mut Vec<MetricRow>, usize, usize, &str, &str, f64),
-    select_name: &str,
-    higher_better: bool,
+    log: &mut MetricLog,
+    (select_name, higher_better): &(String, bool),
     cfg: &TrainConfig,
-    opt: &AdamW,
     best_dir: &Path,
 ) -> Result<bool> {
-    let val = validate(obj)?;
+    let val = validate(obj, data, trainer, state)?;
     for (n, v) in &val {
-        push(metrics, state.step, state.epoch, "val", n, *v);
+        log.push(state, "val", n, *v);
     }
-    push(
-        metrics,
-        state.step,
-        state.epoch,
+    log.push(
+        state,
         "train",
         "skipped_nonfinite_batches",
         state.skipped_nonfinite as f64,
@@ -1057,13 +807,13 @@ fn evaluate<O: Objective>(
     };
     let better = match state.best_value {
         None => value.is_finite(),
-        Some(b) => value.is_finite() && if higher_better { value > b } else { value < b },
+        Some(b) => value.is_finite() && if *higher_better { value > b } else { value < b },
     };
     if better {
         state.best_value = Some(value);
         state.best_step = Some(state.step);
         state.evals_without_improvement = 0;
-        save_checkpoint(best_dir, obj.vars(), opt, state)?;
+        checkpoint::save(best_dir, trainer, state)?;
     } else {
         state.evals_without_improvement += 1;
     }
@@ -1082,10 +832,17 @@ mod tests {
         w: Tensor,
         b: Tensor,
         nan_batch: Option<usize>,
-        /// (epoch, batch) at which the loader fails, as if the process died.
-        fail_at: Option<(usize, usize)>,
-        batches: usize,
+        optimizer: OptimizerConfig,
     }
+
+    /// The regression's batches: `batches` per epoch; (epoch, batch) `fail_at` makes the
+    /// loader fail, as if the process died.
+    struct RegressionData {
+        batches: usize,
+        fail_at: Option<(usize, usize)>,
+    }
+
+    type Points = (usize, Vec<f32>, Vec<f32>);
 
     impl Regression {
         fn new(nan_batch: Option<usize>) -> Self {
@@ -1098,18 +855,17 @@ mod tests {
                 w,
                 b,
                 nan_batch,
-                fail_at: None,
-                batches: 8,
+                optimizer: cfg().optimizer(),
             }
         }
     }
 
     impl Objective for Regression {
-        type Batch = (usize, Vec<f32>, Vec<f32>);
-        fn vars(&self) -> &VarMap {
-            &self.vars
+        type Batch = Points;
+        fn groups(&self) -> Vec<ParamGroup> {
+            vec![ParamGroup::new("model", &self.vars, self.optimizer.clone())]
         }
-        fn step(&mut self, batch: &Self::Batch, _train: bool) -> candle_core::Result<StepOutput> {
+        fn step(&mut self, batch: &Points, _ctx: &StepContext) -> candle_core::Result<StepOutput> {
             let (i, xs, ys) = batch;
             let n = xs.len();
             let x = Tensor::from_slice(xs, n, &Device::Cpu)?;
@@ -1125,7 +881,10 @@ mod tests {
                 rows: n,
             })
         }
-        fn train_batches(&self, epoch: usize) -> Result<Receiver<Result<Self::Batch>>> {
+    }
+
+    impl Batches<Points> for RegressionData {
+        fn train(&self, epoch: usize) -> Result<Receiver<Result<Points>>> {
             let (tx, rx) = crossbeam_channel::bounded(2);
             let (n, fail_at) = (self.batches, self.fail_at);
             std::thread::spawn(move || {
@@ -1145,12 +904,22 @@ mod tests {
             });
             Ok(rx)
         }
-        fn val_batches(&self) -> Result<Receiver<Result<Self::Batch>>> {
+        fn val(&self) -> Result<Receiver<Result<Points>>> {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let xs = vec![-1.0, 0.0, 0.5, 1.0];
             let ys = xs.iter().map(|x| 3.0 * x - 1.0).collect();
             tx.send(Ok((usize::MAX, xs, ys))).ok();
             Ok(rx)
+        }
+        fn per_epoch(&self) -> usize {
+            self.batches
+        }
+    }
+
+    fn data(batches: usize) -> RegressionData {
+        RegressionData {
+            batches,
+            fail_at: None,
         }
     }
 
@@ -1184,173 +953,14 @@ mod tests {
     }
 
     #[test]
-    fn adamw_matches_pytorch_first_steps() {
-        // torch.optim.AdamW(lr=0.1, weight_decay=0.01) on p=1.0 with grad 0.5, two steps:
-        // step 1: p = 1*(1-0.001) - 0.1*1 = 0.899; step 2 likewise with m̂/√v̂ = 1 again.
-        let vars = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-        let p = vb.get_with_hints(1, "p", Init::Const(1.0)).unwrap();
-        let mut opt = AdamW::new(&vars).unwrap();
-        let cfg = TrainConfig {
-            weight_decay: 0.01,
-            ..TrainConfig::default()
-        };
-        let g = Some(Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
-        opt.step(std::slice::from_ref(&g), 1.0, 0.1, &cfg).unwrap();
-        let v1 = p.to_vec1::<f32>().unwrap()[0];
-        assert!((v1 - 0.899).abs() < 1e-6, "{v1}");
-        opt.step(&[g], 1.0, 0.1, &cfg).unwrap();
-        let v2 = p.to_vec1::<f32>().unwrap()[0];
-        assert!((v2 - (0.899 * 0.999 - 0.1)).abs() < 1e-5, "{v2}");
-    }
-
-    #[test]
-    fn a_variable_without_gradients_is_skipped_and_its_steps_counted_apart() {
-        // PyTorch keeps `step` per parameter: `q`, first updated at the third step, gets a
-        // first step's full update (m̂/√v̂ = 1), not one bias-corrected as a third.
-        let vars = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-        let a = vb.get_with_hints(1, "a", Init::Const(1.0)).unwrap();
-        let q = vb.get_with_hints(1, "q", Init::Const(1.0)).unwrap();
-        let mut opt = AdamW::new(&vars).unwrap();
-        let cfg = TrainConfig {
-            weight_decay: 0.01,
-            ..TrainConfig::default()
-        };
-        let g = || Some(Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
-        opt.step(&[g(), None], 1.0, 0.1, &cfg).unwrap();
-        opt.step(&[g(), None], 1.0, 0.1, &cfg).unwrap();
-        assert_eq!(q.to_vec1::<f32>().unwrap(), [1.0]);
-        opt.step(&[g(), g()], 1.0, 0.1, &cfg).unwrap();
-        let q1 = q.to_vec1::<f32>().unwrap()[0];
-        assert!((q1 - 0.899).abs() < 1e-6, "{q1}");
-        assert!(a.to_vec1::<f32>().unwrap()[0] < 0.8);
-        // The counts travel with the optimizer state.
-        let mut restored = AdamW::new(&vars).unwrap();
-        restored.load_state(&opt.state_tensors(), 99).unwrap();
-        assert_eq!(restored.t, [3, 1]);
-    }
-
-    #[test]
-    fn grad_norm_sums_every_gradient_in_place_or_not() {
-        let mut rng = crate::rng::SplitMix64::new(7);
-        let mut values = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| (rng.unit_f64() * 4.0 - 2.0) as f32)
-                .collect()
-        };
-        // Several chunks and a tail; a transposed (non-contiguous) view; a gradient missing.
-        let big = values(2 * ADAMW_CHUNK + 37);
-        let small = values(6);
-        let expected = big
-            .iter()
-            .chain(&small)
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            .sqrt();
-        let grads = [
-            Some(Tensor::new(big.as_slice(), &Device::Cpu).unwrap()),
-            None,
-            Some(
-                Tensor::from_vec(small, (2, 3), &Device::Cpu)
-                    .unwrap()
-                    .t()
-                    .unwrap(),
-            ),
-        ];
-        assert!(!grads[2].as_ref().unwrap().is_contiguous());
-        let norm = grad_norm(&grads).unwrap();
-        assert!(
-            (norm - expected).abs() < 1e-6 * expected,
-            "{norm} vs {expected}"
-        );
-    }
-
-    #[test]
-    fn gradients_and_tensor_op_moments_hold_no_graph() {
-        let vars = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-        let w = vb.get_with_hints((3, 2), "w", Init::Const(0.5)).unwrap();
-        let input = vb
-            .get_with_hints((4, 3), "input", Init::Const(0.1))
-            .unwrap();
-        let mut opt = AdamW::new(&vars).unwrap();
-        opt.fused = false; // the path every non-CPU device takes
-        let sorted = opt.var_list();
-        for _ in 0..3 {
-            // An activation between the two variables: the weight's gradient is a product
-            // with it, which candle records.
-            let act = (&input * 2.0).unwrap().tanh().unwrap();
-            let loss = act.matmul(&w).unwrap().sqr().unwrap().sum_all().unwrap();
-            let store = loss.backward().unwrap();
-            let raw = store.get(&w).unwrap();
-            assert!(raw.track_op(), "candle's weight gradient records its graph");
-            let grads = gradients(&store, &sorted);
-            assert_eq!(
-                grads[1].as_ref().unwrap().to_vec2::<f32>().unwrap(),
-                raw.to_vec2::<f32>().unwrap()
-            );
-            assert!(grads.iter().flatten().all(|g| !g.track_op()));
-            // Moments made from undetached gradients hold no graph either.
-            let tracked: Vec<Option<Tensor>> = sorted
-                .iter()
-                .map(|v| store.get(v.as_tensor()).cloned())
-                .collect();
-            opt.step(&tracked, 1.0, 0.01, &TrainConfig::default())
-                .unwrap();
-            assert!(opt.m.iter().chain(&opt.v).all(|t| !t.track_op()));
-        }
-        assert_ne!(w.to_vec2::<f32>().unwrap(), vec![vec![0.5f32; 2]; 3]);
-    }
-
-    #[test]
-    fn fused_cpu_adamw_equals_the_tensor_op_path() {
-        let mut rng = crate::rng::SplitMix64::new(3);
-        let mut draw = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
-                .collect()
-        };
-        let init = draw(200_000);
-        let grads: Vec<Vec<f32>> = (0..3).map(|_| draw(200_000)).collect();
-        let cfg = TrainConfig {
-            weight_decay: 0.1,
-            ..TrainConfig::default()
-        };
-        let run = |fused: bool| -> Vec<f32> {
-            let mut vars = VarMap::new();
-            let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
-            let p = vb.get_with_hints(200_000, "p", Init::Const(0.0)).unwrap();
-            vars.set_one("p", Tensor::new(init.as_slice(), &Device::Cpu).unwrap())
-                .unwrap();
-            let mut opt = AdamW::new(&vars).unwrap();
-            opt.fused = fused;
-            for (i, g) in grads.iter().enumerate() {
-                let g = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
-                opt.step(&[Some(g)], 0.5, 0.01 * (i + 1) as f64, &cfg)
-                    .unwrap();
-            }
-            p.to_vec1().unwrap()
-        };
-        let (fused, ops) = (run(true), run(false));
-        assert_ne!(fused, init);
-        let diff = fused
-            .iter()
-            .zip(&ops)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(diff < 1e-6, "max abs diff {diff}");
-    }
-
-    #[test]
     fn fit_learns_and_a_nan_batch_is_skipped_and_counted() {
         let tmp = tempfile::tempdir().unwrap();
         let metrics = tmp.path().join("metrics.parquet");
         let mut obj = Regression::new(Some(3));
         let summary = fit(
             &mut obj,
+            &data(8),
             &cfg(),
-            8,
             &out(&tmp.path().join("ckpt"), &metrics),
         )
         .unwrap();
@@ -1403,9 +1013,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let run = |dir: &Path, fail_at: Option<(usize, usize)>| {
             let mut obj = Regression::new(None);
-            obj.batches = batches;
-            obj.fail_at = fail_at;
-            let res = fit(&mut obj, c, batches, &out(dir, &dir.join("m.parquet")));
+            let data = RegressionData { batches, fail_at };
+            let res = fit(&mut obj, &data, c, &out(dir, &dir.join("m.parquet")));
             (res, obj)
         };
         let (full, part) = (tmp.path().join("full"), tmp.path().join("part"));
@@ -1443,13 +1052,18 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let metrics = tmp.path().join("m.parquet");
         let mut obj = Regression::new(Some(2));
-        obj.batches = 7;
         let c = TrainConfig {
             epochs: 2,
             eval_every: 5,
             ..cfg()
         };
-        let summary = fit(&mut obj, &c, 7, &out(&tmp.path().join("ckpt"), &metrics)).unwrap();
+        let summary = fit(
+            &mut obj,
+            &data(7),
+            &c,
+            &out(&tmp.path().join("ckpt"), &metrics),
+        )
+        .unwrap();
         assert_eq!(summary.state.step, 12);
         let rows: Vec<MetricRow> = crate::data::shard::read_parquet(&metrics).unwrap();
         let validated: Vec<i64> = rows
@@ -1469,12 +1083,14 @@ mod tests {
     #[test]
     fn a_validation_batch_with_a_nan_loss_is_left_out_and_counted() {
         let mut obj = Regression::new(Some(usize::MAX));
-        let val = validate(&mut obj).unwrap();
+        let trainer = Trainer::new(obj.groups()).unwrap();
+        let val = validate(&mut obj, &data(8), &trainer, &TrainState::default()).unwrap();
         let get = |name: &str| val.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
         assert_eq!(get("skipped_nonfinite_batches"), Some(1.0));
         assert_eq!(get("loss"), None);
         let mut clean = Regression::new(None);
-        let val = validate(&mut clean).unwrap();
+        let trainer = Trainer::new(clean.groups()).unwrap();
+        let val = validate(&mut clean, &data(8), &trainer, &TrainState::default()).unwrap();
         assert!(val.iter().all(|(_, v)| v.is_finite()), "{val:?}");
     }
 }

@@ -3,7 +3,7 @@
 //! candle-transformers' text tower with pooling at the first end-of-text token as
 //! transformers does.
 
-pub mod pretrain;
+pub mod train;
 pub mod vision;
 
 use std::path::{Path, PathBuf};
@@ -470,6 +470,19 @@ impl ClipEmbedder {
         let (ids, pool_at) = self.tokenize(texts)?;
         self.embed_token_ids(&ids, &pool_at)
             .during("CLIP text embeddings")
+    }
+
+    /// L2-normalised text embeddings of `texts`, computed in chunks of 256.
+    pub fn embed_texts_normalized(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(256) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let e = l2_normalize(&self.embed_texts(&refs)?)
+                .and_then(|t| t.to_vec2::<f32>())
+                .during("normalising CLIP text embeddings")?;
+            out.extend(e);
+        }
+        Ok(out)
     }
 
     pub fn embed_token_ids(

@@ -5,20 +5,18 @@ pub mod cc;
 pub mod download;
 pub mod hub_table;
 pub mod story;
+pub mod synthetic;
 pub mod tsv;
 pub mod ultrafeedback;
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
-use crate::data::hub::HubClient;
 use crate::error::{Error, Result};
-use crate::pipeline::config::Config;
+use crate::stages::{Stage, StageContext};
 
-pub use crate::synthetic::SyntheticConfig;
 pub use cc::CcConfig;
 pub use story::StoryConfig;
+pub use synthetic::SyntheticConfig;
 pub use ultrafeedback::UltraFeedbackConfig;
 
 /// A source the ingest stage can run.
@@ -59,14 +57,14 @@ impl Default for IngestConfig {
 }
 
 /// What one source produced, for the run log and tests.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SourceSummary {
     pub source: String,
     pub splits: Vec<SplitSummary>,
 }
 
 /// Rows written into one `data/<dataset>/<split>/`.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SplitSummary {
     pub dataset: String,
     pub split: String,
@@ -87,37 +85,69 @@ pub struct IngestOptions {
     pub retry_failed: bool,
 }
 
-/// Runs every configured source in order.
-pub fn run(cfg: &Config, workdir: &Path, opts: &IngestOptions) -> Result<Vec<SourceSummary>> {
-    let needs_hub = cfg
-        .ingest
-        .sources
-        .iter()
-        .any(|s| matches!(s, Source::Ultrafeedback | Source::Storyreasoning));
-    let hub = if needs_hub {
-        Some(HubClient::new(&cfg.hub)?)
-    } else {
-        None
-    };
-    let hub = || {
-        hub.as_ref()
-            .ok_or_else(|| Error::Config("no hub client".into()))
-    };
-    let mut out = Vec::new();
-    for source in &cfg.ingest.sources {
-        let summary = match source {
-            Source::Synthetic => {
-                crate::synthetic::run(&cfg.ingest.synthetic, cfg.run.seed, workdir)?
-            }
-            Source::Cc => cc::run(&cfg.ingest.cc, &cfg.run, workdir, opts)?,
-            Source::Ultrafeedback => {
-                ultrafeedback::run(&cfg.ingest.ultrafeedback, hub()?, workdir)?
-            }
-            Source::Storyreasoning => {
-                story::run(&cfg.ingest.storyreasoning, cfg.run.seed, hub()?, workdir)?
-            }
-        };
-        out.push(summary);
+/// What `ingest` wrote: one summary per source, in the order they ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct IngestSummary {
+    pub sources: Vec<SourceSummary>,
+}
+
+impl std::fmt::Display for IngestSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lines: Vec<String> = self
+            .sources
+            .iter()
+            .flat_map(|s| &s.splits)
+            .map(|s| {
+                format!(
+                    "{}/{}: {} rows ({} failed), {} shard(s) written, {} already done",
+                    s.dataset, s.split, s.rows, s.failed, s.shards_written, s.shards_skipped
+                )
+            })
+            .collect();
+        write!(f, "{}", lines.join("; "))
     }
-    Ok(out)
+}
+
+/// `pipeline run ingest`.
+pub struct Ingest;
+
+impl Stage for Ingest {
+    const NAME: &'static str = "ingest";
+    const DESCRIPTION: &'static str =
+        "download and shard CC / UltraFeedback / StoryReasoning / synthetic data into Parquet";
+    const USES_GPU: bool = false;
+    const SECTION: &'static str = "ingest";
+    type Config = IngestConfig;
+    type Summary = IngestSummary;
+
+    /// Runs every configured source in order.
+    fn run(cfg: &IngestConfig, ctx: &StageContext) -> Result<IngestSummary> {
+        let needs_hub = cfg
+            .sources
+            .iter()
+            .any(|s| matches!(s, Source::Ultrafeedback | Source::Storyreasoning));
+        let hub = if needs_hub {
+            Some(ctx.hub_client()?)
+        } else {
+            None
+        };
+        let hub = || {
+            hub.as_ref()
+                .ok_or_else(|| Error::Config("no hub client".into()))
+        };
+        let opts = IngestOptions {
+            retry_failed: ctx.retry_failed,
+        };
+        let (workdir, seed) = (ctx.workdir.as_path(), ctx.run.seed);
+        let mut summary = IngestSummary::default();
+        for source in &cfg.sources {
+            summary.sources.push(match source {
+                Source::Synthetic => synthetic::run(&cfg.synthetic, seed, workdir)?,
+                Source::Cc => cc::run(&cfg.cc, &ctx.run, workdir, &opts)?,
+                Source::Ultrafeedback => ultrafeedback::run(&cfg.ultrafeedback, hub()?, workdir)?,
+                Source::Storyreasoning => story::run(&cfg.storyreasoning, seed, hub()?, workdir)?,
+            });
+        }
+        Ok(summary)
+    }
 }

@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, IoContext, Result};
 use crate::stages::report::chart::{line_chart, Series};
+use crate::stages::{Stage, StageContext};
 
 fn perr(context: impl std::fmt::Display) -> impl FnOnce(PolarsError) -> Error {
     move |e| Error::Config(format!("report: {context}: {e}"))
@@ -319,24 +322,52 @@ pub fn report(workdir: &Path, out: &Path) -> Result<ReportSummary> {
     Ok(summary)
 }
 
-/// The report stage: writes into `runs/<id>/report/` and returns the tables as text.
-pub fn run(ctx: &crate::stages::train_sft::StageContext) -> Result<String> {
-    let out = ctx.run_dir.join("report");
-    let s = report(&ctx.workdir, &out)?;
-    let mut text = String::new();
-    if let Some(t) = &s.training {
-        text.push_str(&format!("training:\n{t}\n"));
+/// `[report]`: the report stage has no settings yet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {}
+
+/// What the report stage wrote: its tables as text, and where.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportText {
+    pub text: String,
+}
+
+impl std::fmt::Display for ReportText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.text)
     }
-    if let Some(t) = &s.preference {
-        text.push_str(&format!("preference pairs by source (val):\n{t}\n"));
+}
+
+/// `pipeline run report`: writes into `runs/<id>/report/`.
+pub struct Report;
+
+impl Stage for Report {
+    const NAME: &'static str = "report";
+    const DESCRIPTION: &'static str = "per-run summary tables and train/val curves";
+    const USES_GPU: bool = false;
+    const SECTION: &'static str = "report";
+    type Config = ReportConfig;
+    type Summary = ReportText;
+
+    fn run(_cfg: &ReportConfig, ctx: &StageContext) -> Result<ReportText> {
+        let out = ctx.run_dir.join("report");
+        let s = report(&ctx.workdir, &out)?;
+        let mut text = String::new();
+        if let Some(t) = &s.training {
+            text.push_str(&format!("training:\n{t}\n"));
+        }
+        if let Some(t) = &s.preference {
+            text.push_str(&format!("preference pairs by source (val):\n{t}\n"));
+        }
+        if let Some(t) = &s.scores {
+            text.push_str(&format!("scores:\n{t}\n"));
+        }
+        text.push_str(&format!(
+            "{} chart(s) and the tables (Parquet + CSV) in {}",
+            s.charts.len(),
+            out.display()
+        ));
+        Ok(ReportText { text })
     }
-    if let Some(t) = &s.scores {
-        text.push_str(&format!("scores:\n{t}\n"));
-    }
-    text.push_str(&format!(
-        "{} chart(s) and the tables (Parquet + CSV) in {}",
-        s.charts.len(),
-        out.display()
-    ));
-    Ok(text)
 }

@@ -1,0 +1,364 @@
+//! What every stage gets besides its own section: where it runs (workdir, run directory,
+//! device), the configuration sections several stages share (`[run]`, `[hub]`, `[clip]`,
+//! `[captioner]`, `[preference]`), model-name resolution, and how to find an earlier stage's
+//! outputs. Stages exchange files; this is the one place that knows where they are.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::data::features::{CacheDtype, FeatureEntry};
+use crate::data::hub::{HubClient, HubConfig};
+use crate::datasets::embedding::EmbedOptions;
+use crate::datasets::features::{FeatureSettings, ModelIdentity};
+use crate::datasets::pairs::TruncationMode;
+use crate::device::{device_for, ComputeDtype};
+use crate::error::{Error, Result};
+use crate::imaging::preprocess::ImageBackend;
+use crate::losses::preference::DpoLoss;
+use crate::models::captioner::{CaptionerConfig, DecoderFiles};
+use crate::models::clip::{ClipEmbedder, ClipModelFiles};
+use crate::models::tiny::{ensure_tiny_clip, ensure_tiny_gpt2, TinyClipSpec};
+
+/// `[run]`: settings shared by all stages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Seed of every seeded choice (synthetic data, binarization, splits, tiny models).
+    pub seed: u64,
+    /// Capacity of the bounded channels between pipeline threads.
+    pub channel_capacity: usize,
+    /// CPU worker threads for decode/resize work; 0 = all cores.
+    pub workers: usize,
+    /// With `--gpu` on a binary without CUDA: run on the CPU instead of failing.
+    pub cpu_fallback: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            channel_capacity: 256,
+            workers: 0,
+            cpu_fallback: false,
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(2, usize::from)
+        }
+    }
+}
+
+/// `[clip]`: the frozen CLIP every stage that embeds or scores uses, and how its features are
+/// computed and stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClipConfig {
+    /// Hub model repo, a local directory in Hugging Face layout, or `tiny`: the embedded
+    /// tiny CLIP (the newest `pretrain-clip` output, else its seeded random initialisation).
+    pub model: String,
+    /// Hub revision (a pinned commit by default); ignored for local directories.
+    pub revision: String,
+    /// Precision the model computes in (f16/bf16 on a GPU only).
+    pub dtype: ComputeDtype,
+    /// Precision of the stored embeddings.
+    pub cache_dtype: CacheDtype,
+    /// Whose image preprocessing to reproduce: transformers' Pillow backend or its
+    /// torchvision one. Unset: torchvision's for a checkpoint whose
+    /// `preprocessor_config.json` names a `...Fast` processor, else Pillow's.
+    pub image_backend: Option<ImageBackend>,
+}
+
+impl Default for ClipConfig {
+    fn default() -> Self {
+        Self {
+            model: "openai/clip-vit-base-patch32".into(),
+            revision: "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268".into(),
+            dtype: ComputeDtype::F32,
+            cache_dtype: CacheDtype::F32,
+            image_backend: None,
+        }
+    }
+}
+
+impl ClipConfig {
+    /// The same settings for another checkpoint (the one a trained captioner was trained on).
+    pub fn with_model(&self, model: &str, revision: &str) -> Self {
+        Self {
+            model: model.to_string(),
+            revision: revision.to_string(),
+            ..self.clone()
+        }
+    }
+
+    pub fn feature_settings(&self) -> FeatureSettings {
+        FeatureSettings {
+            compute_dtype: self.dtype,
+            cache_dtype: self.cache_dtype,
+            image_backend: self.image_backend,
+        }
+    }
+}
+
+/// `[preference]`: the pair data and losses of the preference stages (train-dpo, train-orpo).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreferenceConfig {
+    /// Image-grounded pair dataset under `data/` (rows with `image_key`); empty = none.
+    pub pairs_dataset: String,
+    /// Image dataset whose cached features the pairs' `image_key`s name.
+    pub image_dataset: String,
+    pub train_split: String,
+    pub val_split: String,
+    /// Text-only pair dataset (UltraFeedback: the decoder is conditioned on the prompt, no
+    /// image prefix), trained on beside the image-grounded pairs; empty = none.
+    pub text_pairs_dataset: String,
+    pub text_train_split: String,
+    pub text_val_split: String,
+    /// TRL's `max_length`: prompt + completion tokens per sequence (the CLIP prefix not
+    /// counted); 0 = no limit. Also capped by the decoder's positions.
+    pub max_length: usize,
+    /// TRL's (pre-1.0) `max_prompt_length`: a longer prompt keeps its last tokens; 0 = no limit.
+    pub max_prompt_length: usize,
+    /// TRL's `truncation_mode` for `max_length`.
+    pub truncation_mode: TruncationMode,
+    /// DPO loss: sigmoid, hinge, ipo, robust.
+    pub loss: DpoLoss,
+    pub beta: f64,
+    pub label_smoothing: f64,
+    /// Weight of an SFT term (mean NLL of the chosen completion tokens) added to the DPO loss:
+    /// TRL's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, sft_weight]` (RPO); 0 = off.
+    pub sft_weight: f64,
+    /// ORPO's λ.
+    pub orpo_lambda: f64,
+    /// Training stage whose best checkpoint initialises the policy (and is DPO's reference).
+    pub init_from: String,
+}
+
+impl Default for PreferenceConfig {
+    fn default() -> Self {
+        Self {
+            pairs_dataset: "synthetic_prefs".into(),
+            image_dataset: "synthetic".into(),
+            train_split: "train".into(),
+            val_split: "val".into(),
+            text_pairs_dataset: String::new(),
+            text_train_split: "train_prefs".into(),
+            text_val_split: "test_prefs".into(),
+            max_length: 1024,
+            max_prompt_length: 0,
+            truncation_mode: TruncationMode::KeepStart,
+            loss: DpoLoss::Sigmoid,
+            beta: 0.1,
+            label_smoothing: 0.0,
+            sft_weight: 0.0,
+            orpo_lambda: 0.1,
+            init_from: "train-sft".into(),
+        }
+    }
+}
+
+/// The sections several stages share. Every field defaults to `configs/default.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedConfig {
+    pub run: RunConfig,
+    pub hub: HubConfig,
+    pub clip: ClipConfig,
+    pub captioner: CaptionerConfig,
+    pub preference: PreferenceConfig,
+}
+
+impl SharedConfig {
+    /// The shared sections' names, as `configs/default.toml` has them.
+    pub const SECTIONS: [&'static str; 5] = ["run", "hub", "clip", "captioner", "preference"];
+}
+
+/// Where the embedded tiny CLIP's seeded random initialisation is kept.
+const TINY_CLIP_DIR: &str = "cache/models/tiny-clip-v1";
+/// Where the embedded tiny GPT-2 is kept.
+const TINY_GPT2_DIR: &str = "cache/models/tiny-gpt2-v1";
+/// The checkpoint directory `pretrain-clip` writes inside the run directory.
+pub const PRETRAINED_TINY_CLIP: &str = "pretrain-clip/model";
+
+/// What a stage gets besides its own section.
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    /// The directory that holds `data/`, `cache/` and `runs/`.
+    pub workdir: PathBuf,
+    /// `runs/<run-id>/`: this run's outputs.
+    pub run_dir: PathBuf,
+    pub run_id: String,
+    /// `--gpu N`: the CUDA device model stages run on.
+    pub gpu: Option<usize>,
+    /// `--retry-failed`: re-download only the failed samples of finished shards.
+    pub retry_failed: bool,
+    pub run: RunConfig,
+    pub hub: HubConfig,
+    pub clip: ClipConfig,
+    pub captioner: CaptionerConfig,
+    pub preference: PreferenceConfig,
+}
+
+impl StageContext {
+    /// A context for run `run_id` under `workdir` with the shared sections `shared`.
+    pub fn new(workdir: &Path, run_id: &str, shared: SharedConfig) -> Self {
+        let SharedConfig {
+            run,
+            hub,
+            clip,
+            captioner,
+            preference,
+        } = shared;
+        Self {
+            workdir: workdir.to_path_buf(),
+            run_dir: workdir.join("runs").join(run_id),
+            run_id: run_id.to_string(),
+            gpu: None,
+            retry_failed: false,
+            run,
+            hub,
+            clip,
+            captioner,
+            preference,
+        }
+    }
+
+    /// The device model stages run on: `--gpu N`, else the CPU.
+    pub fn device(&self) -> Result<Device> {
+        device_for(self.gpu, self.run.cpu_fallback)
+    }
+
+    /// The hub client `[hub]` describes.
+    pub fn hub_client(&self) -> Result<HubClient> {
+        HubClient::new(&self.hub)
+    }
+
+    /// `runs/<run-id>/metrics.parquet`, where the training stages log.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.run_dir.join("metrics.parquet")
+    }
+
+    /// Where stage `stage` keeps its checkpoints in this run.
+    pub fn stage_dir(&self, stage: &str) -> PathBuf {
+        self.run_dir.join(stage)
+    }
+
+    /// `relative` inside this run's directory if it exists there, else in the newest run
+    /// (by name order, run ids sort by start time) that has it: how a stage finds an earlier
+    /// stage's output when it runs on its own.
+    pub fn find_output(&self, relative: &str) -> Option<PathBuf> {
+        let here = self.run_dir.join(relative);
+        if here.exists() {
+            return Some(here);
+        }
+        let mut runs: Vec<PathBuf> = std::fs::read_dir(self.workdir.join("runs"))
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        runs.sort();
+        runs.into_iter()
+            .rev()
+            .map(|r| r.join(relative))
+            .find(|p| p.exists())
+    }
+
+    /// The output directory of captioner stage `stage` (its `captioner.json` and a best
+    /// checkpoint), from this run or the newest that has one.
+    pub fn find_captioner(&self, stage: &str) -> Option<PathBuf> {
+        let best = self.find_output(&format!("{stage}/best/model.safetensors"))?;
+        let dir = best.parent()?.parent()?.to_path_buf();
+        dir.join("captioner.json").is_file().then_some(dir)
+    }
+
+    /// The checkpoint files of `clip.model`: a local directory, a hub repo at `clip.revision`,
+    /// or `tiny`, the embedded tiny CLIP: what `pretrain-clip` trained (this run's, else the
+    /// newest run's), else its seeded random initialisation, generated on first use.
+    pub fn clip_files(&self, clip: &ClipConfig) -> Result<ClipModelFiles> {
+        if clip.model == "tiny" {
+            if let Some(dir) =
+                self.find_output(&format!("{PRETRAINED_TINY_CLIP}/model.safetensors"))
+            {
+                return ClipModelFiles::from_dir(dir.parent().unwrap_or(&self.workdir));
+            }
+            return ClipModelFiles::from_dir(&self.random_tiny_clip()?);
+        }
+        ClipModelFiles::resolve(&clip.model, &clip.revision, || self.hub_client())
+    }
+
+    /// The embedded tiny CLIP's seeded random initialisation (what `pretrain-clip` starts from).
+    pub fn random_tiny_clip(&self) -> Result<PathBuf> {
+        let spec = TinyClipSpec {
+            seed: self.run.seed,
+            ..TinyClipSpec::default()
+        };
+        ensure_tiny_clip(
+            &self.workdir.join(TINY_CLIP_DIR),
+            &spec,
+            &crate::synthetic::corpus(),
+        )
+    }
+
+    /// `clip` as the feature cache sees it (reads the checkpoint's files, builds nothing).
+    pub fn feature_identity(&self, clip: &ClipConfig) -> Result<ModelIdentity> {
+        ModelIdentity::new(self.clip_files(clip)?, clip.feature_settings())
+    }
+
+    /// The CLIP of `identity`, built on this stage's device.
+    pub fn load_clip(&self, identity: &ModelIdentity) -> Result<ClipEmbedder> {
+        identity.load(&self.device()?)
+    }
+
+    /// The verified feature entries of `dataset/split` under `clip` (`modality`: `image` or
+    /// `text`); an error says to run `embed` when one is missing.
+    pub fn split_features(
+        &self,
+        clip: &ClipConfig,
+        dataset: &str,
+        split: &str,
+        modality: &str,
+    ) -> Result<Vec<FeatureEntry>> {
+        self.feature_identity(clip)?
+            .split_features(&self.workdir, dataset, split, modality)
+    }
+
+    /// The files of `captioner.decoder`: a local directory, a hub repo at
+    /// `captioner.decoder_revision`, or `tiny`, the embedded tiny GPT-2 (generated on first use).
+    pub fn decoder_files(&self) -> Result<DecoderFiles> {
+        let cap = &self.captioner;
+        if cap.decoder == "tiny" {
+            let dir = ensure_tiny_gpt2(
+                &self.workdir.join(TINY_GPT2_DIR),
+                self.run.seed,
+                &crate::synthetic::corpus(),
+            )?;
+            return DecoderFiles::from_dir(&dir);
+        }
+        DecoderFiles::resolve(&cap.decoder, &cap.decoder_revision, || self.hub_client())
+    }
+
+    /// How the embedding passes run: `batch_size` per model call, `[run]`'s threads and
+    /// channel capacity.
+    pub fn embed_options(&self, batch_size: usize) -> EmbedOptions {
+        EmbedOptions {
+            batch_size,
+            workers: self.run.worker_threads(),
+            channel_capacity: self.run.channel_capacity,
+        }
+    }
+
+    /// An error for a missing earlier output: what was looked for and what to run.
+    pub fn missing(&self, what: &str, stage: &str) -> Error {
+        Error::Config(format!(
+            "no {what} in this run or an earlier one under {}; run `pipeline run {stage}` first",
+            self.workdir.display()
+        ))
+    }
+}
