@@ -58,7 +58,7 @@ ln -sf libnvrtc.so.13 "$tk/lib/libnvrtc.so"
 ln -sf libcudart.so.13 "$tk/lib/libcudart.so"
 
 export CUDA_HOME="$tk" PATH="$tk/bin:$PATH" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-cargo build --manifest-path "$root/Cargo.toml" --release --features cuda --bin pipeline
+cargo build --manifest-path "$root/Cargo.toml" --release --features cuda,bench --bin pipeline
 target=${CARGO_TARGET_DIR:-$root/target}
 # The GPU tests (tests/gpu.rs), as one executable: cargo prints its path.
 tests=$(cargo test --manifest-path "$root/Cargo.toml" --release --features cuda --test gpu \

@@ -31,11 +31,11 @@ pub fn device_for(gpu: Option<usize>, cpu_fallback: bool) -> Result<Device> {
             #[cfg(not(feature = "cuda"))]
             {
                 if cpu_fallback {
-                    eprintln!("--gpu {n}: this binary has no CUDA support; running on the CPU (embed.cpu_fallback)");
+                    eprintln!("--gpu {n}: this binary has no CUDA support; running on the CPU (run.cpu_fallback)");
                     Ok(Device::Cpu)
                 } else {
                     Err(Error::Config(format!(
-                        "--gpu {n} needs a binary built with `--features cuda`; set embed.cpu_fallback=true to run on the CPU"
+                        "--gpu {n} needs a binary built with `--features cuda`; set run.cpu_fallback=true to run on the CPU"
                     )))
                 }
             }
@@ -47,7 +47,7 @@ pub fn candle_dtype(dtype: ComputeDtype, device: &Device) -> Result<DType> {
     match (dtype, device.is_cpu()) {
         (ComputeDtype::F32, _) => Ok(DType::F32),
         (_, true) => Err(Error::Config(
-            "embed.dtype f16/bf16 needs a GPU (--gpu N); use f32 on the CPU".into(),
+            "clip.dtype f16/bf16 needs a GPU (--gpu N); use f32 on the CPU".into(),
         )),
         (ComputeDtype::F16, false) => Ok(DType::F16),
         (ComputeDtype::Bf16, false) => Ok(DType::BF16),

@@ -20,7 +20,7 @@ use prefcap::models::captioner::{
 use prefcap::models::clip::{l2_normalize, ClipEmbedder, ClipModelFiles};
 use prefcap::models::gpt2::{next_token_logprobs, Gpt2};
 use prefcap::testkit::npy::read_npy;
-use prefcap::train::{clip_and_step, grad_norm, gradients, AdamW, TrainConfig};
+use prefcap::train::{clip_and_step, grad_norm, gradients, AdamW, OptimizerConfig};
 
 /// A fixture of the checkout the tests run from (the current directory: gpu-check.sh runs
 /// them from the root of the tree copied to the GPU machine), else of the one they were
@@ -236,7 +236,7 @@ fn one_step(
             .map(|(v, g)| Some(Tensor::from_vec(g.clone(), v.shape(), device).unwrap()))
             .collect();
     }
-    let cfg = TrainConfig::default();
+    let cfg = OptimizerConfig::default();
     let norm = grad_norm(&grads).unwrap();
     clip_and_step(&mut opt, &grads, norm, 1e-3, &cfg).unwrap();
     (
@@ -285,7 +285,7 @@ fn training_steps_hold_device_memory_flat() {
         let mut opt = AdamW::new(&vars).unwrap();
         opt.use_fused_kernels(fused);
         let sorted = opt.var_list();
-        let cfg = TrainConfig::default();
+        let cfg = OptimizerConfig::default();
         let mut used = Vec::new();
         let mut losses = Vec::new();
         for _ in 0..12 {

@@ -261,10 +261,12 @@ struct Setup {
 }
 
 fn config(hub: &MockHub, cache: &Path, source: Source) -> Setup {
-    let mut shared = SharedConfig::default();
-    shared.hub = HubConfig {
-        endpoint: hub.endpoint(),
-        cache_dir: cache.display().to_string(),
+    let shared = SharedConfig {
+        hub: HubConfig {
+            endpoint: hub.endpoint(),
+            cache_dir: cache.display().to_string(),
+        },
+        ..SharedConfig::default()
     };
     Setup {
         ingest: IngestConfig {

@@ -293,16 +293,19 @@ pub fn shard_captions(path: &Path) -> Result<(Vec<(String, String)>, u64)> {
     Ok((rows, skipped))
 }
 
+/// A sample key and its encoded image.
+pub type KeyedImage = (String, Vec<u8>);
+
 /// `(key, encoded image)` of the samples of an ingest shard that have an image, and the
 /// number of samples without one (failed downloads).
-pub fn shard_images(path: &Path) -> Result<(Vec<(String, Vec<u8>)>, u64)> {
+pub fn shard_images(path: &Path) -> Result<(Vec<KeyedImage>, u64)> {
     if ShardKind::of(path)? == ShardKind::Story {
         let frames: Vec<crate::data::records::StoryFrame> = read_parquet(path)?;
         return Ok((frames.into_iter().map(|f| (f.key(), f.image)).collect(), 0));
     }
     let samples: Vec<crate::data::records::ImageTextSample> = read_parquet(path)?;
     let total = samples.len() as u64;
-    let rows: Vec<(String, Vec<u8>)> = samples
+    let rows: Vec<KeyedImage> = samples
         .into_iter()
         .filter(|s| s.status.is_success())
         .filter_map(|s| s.image.map(|image| (s.key, image)))

@@ -87,8 +87,7 @@ pub fn needs_work(
     })
 }
 
-/// A sample key and its encoded image.
-pub type KeyedImage = (String, Vec<u8>);
+pub use crate::data::shard::KeyedImage;
 
 /// Where the image pass gets its units' rows from. A unit becomes one cache entry.
 pub trait ImageUnits: Sync {

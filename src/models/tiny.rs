@@ -349,11 +349,11 @@ fn write_weights(path: &Path, spec: &TinyClipSpec, vocab: usize) -> Result<()> {
     save_safetensors(path, &tensors)
 }
 
+/// Named f32 tensors (shape, row-major values), sorted by name: a checkpoint being written.
+pub type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Writes f32 tensors as a safetensors file, atomically.
-pub fn save_safetensors(
-    path: &Path,
-    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-) -> Result<()> {
+pub fn save_safetensors(path: &Path, tensors: &F32Tensors) -> Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, (shape, data))| {

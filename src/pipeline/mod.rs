@@ -8,13 +8,14 @@ pub mod runner;
 use std::path::Path;
 
 use crate::error::Result;
+use crate::stages::context::new_run_id;
 use crate::stages::Stage;
 
 pub use config::Config;
 
 /// Runs stage `S` alone under `workdir` with `cfg`, outside any plan (for tests and tools
-/// that drive prefcap as a library). Its run directory is `runs/<name>-adhoc/`.
+/// that drive prefcap as a library), as a run of its own (`runs/<name>-<start>-<pid>/`).
 pub fn run_stage<S: Stage>(cfg: &Config, workdir: &Path) -> Result<S::Summary> {
-    let ctx = cfg.context(workdir, &format!("{}-adhoc", S::NAME));
+    let ctx = cfg.context(workdir, &new_run_id(S::NAME));
     S::run(&cfg.stage::<S>()?, &ctx)
 }

@@ -2,13 +2,14 @@
 //! pipeline there before any work starts, runs the steps in order, and records outcomes.
 
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
 use crate::io::write_atomic;
 use crate::pipeline::plan::Plan;
+use crate::stages::context::new_run_id;
 use crate::stages::{stage, StageContext};
 
 /// Flags of `pipeline run` that are not configuration.
@@ -44,12 +45,7 @@ pub struct RunRecord {
 /// Runs `plan` under `opts.workdir`. A failing step stops the run with its error (the stage
 /// named, its cause kept as the error's source).
 pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
-    let run_id = format!(
-        "{}-{}-{}",
-        plan.name,
-        utc_stamp(SystemTime::now()),
-        std::process::id()
-    );
+    let run_id = new_run_id(&plan.name);
     let run_dir = opts.workdir.join("runs").join(&run_id);
     std::fs::create_dir_all(&run_dir).at(&run_dir)?;
     write_atomic(
@@ -124,45 +120,4 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
     let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Config(e.to_string()))?;
     write_atomic(&run_dir.join("run.json"), &json)?;
     Ok((run_dir, record))
-}
-
-/// `YYYYMMDDTHHMMSS` in UTC, without a date-time dependency.
-pub fn utc_stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn utc_stamp_matches_known_dates() {
-        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000");
-        assert_eq!(
-            utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3_661)),
-            "20000229T010101"
-        );
-        assert_eq!(
-            utc_stamp(UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
-            "20261118T110640"
-        );
-    }
 }

@@ -4,6 +4,7 @@
 //! outputs. Stages exchange files; this is the one place that knows where they are.
 
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -252,8 +253,8 @@ impl StageContext {
     }
 
     /// `relative` inside this run's directory if it exists there, else in the newest run
-    /// (by name order, run ids sort by start time) that has it: how a stage finds an earlier
-    /// stage's output when it runs on its own.
+    /// (by start time, [`run_started`]) that has it: how a stage finds an earlier stage's
+    /// output when it runs on its own.
     pub fn find_output(&self, relative: &str) -> Option<PathBuf> {
         let here = self.run_dir.join(relative);
         if here.exists() {
@@ -263,7 +264,11 @@ impl StageContext {
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
-        runs.sort();
+        runs.sort_by_key(|r| {
+            let name = r.file_name().map(|n| n.to_string_lossy().into_owned());
+            let name = name.unwrap_or_default();
+            (run_started(&name), name)
+        });
         runs.into_iter()
             .rev()
             .map(|r| r.join(relative))
@@ -360,5 +365,93 @@ impl StageContext {
             "no {what} in this run or an earlier one under {}; run `pipeline run {stage}` first",
             self.workdir.display()
         ))
+    }
+}
+
+/// A new run id: `<name>-<UTC start, YYYYMMDDTHHMMSS>-<pid>`.
+pub fn new_run_id(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        utc_stamp(SystemTime::now()),
+        std::process::id()
+    )
+}
+
+/// When run `run_id` started, as (stamp, pid) from its id; ids without one (runs made ad hoc)
+/// count as older than any stamped run. Names differ in length and may hold `-`, so run ids
+/// sort by this, not by name.
+pub fn run_started(run_id: &str) -> (String, u64) {
+    let mut parts = run_id.rsplitn(3, '-');
+    let (pid, stamp) = (parts.next(), parts.next());
+    match (pid.and_then(|p| p.parse().ok()), stamp) {
+        (Some(pid), Some(stamp))
+            if stamp.len() == 15 && stamp.as_bytes()[8] == b'T' && parts.next().is_some() =>
+        {
+            (stamp.to_string(), pid)
+        }
+        _ => (String::new(), 0),
+    }
+}
+
+/// `YYYYMMDDTHHMMSS` in UTC, without a date-time dependency.
+pub fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn runs_sort_by_start_whatever_their_pipeline_names() {
+        let mut ids = [
+            "synthetic-grounded-20261201T100000-9",
+            "default-20261201T090000-12",
+            "train-sft-adhoc",
+            "cc-ultrafeedback-dpo-20261201T090000-3",
+        ];
+        ids.sort_by_key(|id| (run_started(id), id.to_string()));
+        assert_eq!(
+            ids,
+            [
+                "train-sft-adhoc",
+                "cc-ultrafeedback-dpo-20261201T090000-3",
+                "default-20261201T090000-12",
+                "synthetic-grounded-20261201T100000-9",
+            ]
+        );
+        let id = new_run_id("default");
+        assert!(run_started(&id).0.starts_with("20"), "{id}");
+    }
+
+    #[test]
+    fn utc_stamp_matches_known_dates() {
+        assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000");
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3_661)),
+            "20000229T010101"
+        );
+        assert_eq!(
+            utc_stamp(UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
+            "20261118T110640"
+        );
     }
 }

@@ -209,7 +209,7 @@ pub fn pretrain(
             .iter()
             .filter(|r| r.run_id == run_id && r.stage == PretrainClip::NAME)
             .filter(|r| r.split == split && r.name == name);
-        if last { v.last() } else { v.next() }.map_or(f64::NAN, |r| r.value)
+        if last { v.next_back() } else { v.next() }.map_or(f64::NAN, |r| r.value)
     };
     let summary = PretrainSummary {
         steps: fitted.state.step,

@@ -13,6 +13,7 @@ use crate::kernels::{self, activate, QkvAttention, QuickGelu, WeightLayout};
 use crate::models::clip::vision::patch_rows;
 use crate::models::clip::{ClipModelFiles, HfClipConfig};
 use crate::models::gpt2::train_norm;
+use crate::models::tiny::F32Tensors;
 
 /// CLIP's logit scale is clamped at ln 100 during training.
 pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_091;
@@ -179,7 +180,7 @@ impl TrainableClip {
 
     /// Every tensor, by name, as f32 values with its shape (sorted by name): what
     /// [`crate::models::tiny::save_safetensors`] writes as a checkpoint.
-    pub fn tensors(&self) -> candle_core::Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+    pub fn tensors(&self) -> candle_core::Result<F32Tensors> {
         let mut out = BTreeMap::new();
         for (name, var) in lock(&self.map)?.iter() {
             let t = var.as_tensor();

@@ -17,7 +17,7 @@ use crate::imaging::resize::{self, ImageSpec, ResizeMode};
 use crate::io::sha256_file;
 use crate::progress::Progress;
 use crate::stages::context::RunConfig;
-use crate::stages::ingest::download::{FetchFailure, Fetcher};
+use crate::stages::ingest::download::{FetchFailure, FetchPolicy, Fetcher};
 use crate::stages::ingest::tsv::{self, TsvReader};
 use crate::stages::ingest::{IngestOptions, SourceSummary, SplitSummary};
 
@@ -87,6 +87,22 @@ impl Default for CcConfig {
                 "noindex".into(),
                 "noimageindex".into(),
             ],
+        }
+    }
+}
+
+impl CcConfig {
+    /// The download settings.
+    pub fn fetch_policy(&self) -> FetchPolicy {
+        FetchPolicy {
+            timeout_secs: self.timeout_secs,
+            user_agent: self.user_agent.clone(),
+            max_redirects: self.max_redirects,
+            concurrency: self.concurrency,
+            retries: self.retries,
+            retry_backoff_ms: self.retry_backoff_ms,
+            max_image_bytes: self.max_image_bytes,
+            disallowed_robots_tags: self.disallowed_robots_tags.clone(),
         }
     }
 }
@@ -283,7 +299,7 @@ impl Pipeline<'_> {
     /// others (their channel ends close) and is returned; unfinished shards are not written.
     fn execute(&self) -> Result<usize> {
         let cap = self.run.channel_capacity.max(1);
-        let fetcher = Fetcher::new(self.cfg)?;
+        let fetcher = Fetcher::new(&self.cfg.fetch_policy())?;
         let spec = self.cfg.image_spec();
         let (job_tx, job_rx) = bounded::<Job>(cap);
         let (fetched_tx, fetched_rx) = bounded::<Fetched>(cap);

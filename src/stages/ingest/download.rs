@@ -9,7 +9,6 @@ use reqwest::header::{HeaderMap, CONTENT_LENGTH};
 
 use crate::data::records::SampleStatus;
 use crate::error::{Error, Result};
-use crate::stages::ingest::cc::CcConfig;
 
 /// A failed fetch: the status to record and a message naming the cause.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +29,24 @@ impl FetchFailure {
     }
 }
 
-/// Fetches image bytes under the policy of `[ingest.cc]`.
+/// How images are fetched: `[ingest.cc]`'s network settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchPolicy {
+    /// Per-request timeout (connect and whole answer).
+    pub timeout_secs: f64,
+    pub user_agent: String,
+    pub max_redirects: usize,
+    /// Connections kept per host.
+    pub concurrency: usize,
+    /// Retries of a transient failure, with exponential backoff from `retry_backoff_ms`.
+    pub retries: u32,
+    pub retry_backoff_ms: u64,
+    pub max_image_bytes: u64,
+    /// `X-Robots-Tag` values that forbid the download.
+    pub disallowed_robots_tags: Vec<String>,
+}
+
+/// Fetches image bytes under a [`FetchPolicy`].
 #[derive(Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
@@ -42,7 +58,7 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(cfg: &CcConfig) -> Result<Self> {
+    pub fn new(cfg: &FetchPolicy) -> Result<Self> {
         let timeout = Duration::from_secs_f64(cfg.timeout_secs.max(0.001));
         let client = reqwest::Client::builder()
             .user_agent(cfg.user_agent.clone())
@@ -253,7 +269,9 @@ mod tests {
     }
 
     fn disallowed() -> Vec<String> {
-        CcConfig::default().disallowed_robots_tags
+        ["noai", "noimageai", "noindex", "noimageindex"]
+            .map(String::from)
+            .to_vec()
     }
 
     #[test]

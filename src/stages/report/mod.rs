@@ -19,6 +19,7 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
+use crate::io::AtomicFile;
 use crate::stages::report::chart::{line_chart, Series};
 use crate::stages::{Stage, StageContext};
 
@@ -68,19 +69,20 @@ pub struct ReportSummary {
     pub charts: Vec<PathBuf>,
 }
 
+/// `<out>/<name>.parquet` and `.csv`, each written atomically.
 fn write_table(df: &mut DataFrame, out: &Path, name: &str) -> Result<()> {
     let pq = out.join(format!("{name}.parquet"));
-    let tmp = out.join(format!(".{name}.parquet.tmp-{}", std::process::id()));
-    ParquetWriter::new(File::create(&tmp).at(&tmp)?)
+    let mut file = AtomicFile::create(&pq)?;
+    ParquetWriter::new(&mut file)
         .finish(df)
         .map_err(perr(pq.display()))?;
-    std::fs::rename(&tmp, &pq).at(&pq)?;
+    file.commit()?;
     let csv = out.join(format!("{name}.csv"));
-    let tmp = out.join(format!(".{name}.csv.tmp-{}", std::process::id()));
-    CsvWriter::new(File::create(&tmp).at(&tmp)?)
+    let mut file = AtomicFile::create(&csv)?;
+    CsvWriter::new(&mut file)
         .finish(df)
         .map_err(perr(csv.display()))?;
-    std::fs::rename(&tmp, &csv).at(&csv)
+    file.commit()
 }
 
 fn only_val(metrics: &DataFrame) -> LazyFrame {
