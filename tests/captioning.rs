@@ -241,6 +241,20 @@ fn generate_without_a_trained_model_says_what_to_run() {
     );
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("pipeline run train-sft"), "{log}");
+    // The run's record names the failed step and why.
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(newest_run(tmp.path()).join("run.json")).unwrap())
+            .unwrap();
+    let step = &record["steps"][0];
+    assert_eq!(step[0], "generate", "{record}");
+    assert_eq!(step[1]["outcome"], "failed", "{record}");
+    assert!(
+        step[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("pipeline run train-sft"),
+        "{record}"
+    );
 }
 
 #[test]

@@ -79,6 +79,10 @@ fn every_misbehaviour_maps_to_its_status_and_stats_add_up() {
             "/huge.jpg" => Reply::ok(vec![0u8; 200_000], "image/jpeg"),
             "/loop" => Reply::redirect(302, "/loop"),
             "/moved.jpg" => Reply::redirect(301, "/good.png"),
+            "/to-file.jpg" => Reply::redirect(302, "file:///etc/passwd"),
+            "/to-data.jpg" => Reply::redirect(302, "data:image/png;base64,iVBORw0KGgo="),
+            "/to-ftp.jpg" => Reply::redirect(307, "ftp://example.invalid/x.jpg"),
+            "/nowhere.jpg" => Reply::status(302),
             "/noai.png" => Reply::shared(good.clone(), "image/png").header("X-Robots-Tag", "noai"),
             "/otherbot.png" => {
                 Reply::shared(good.clone(), "image/png").header("X-Robots-Tag", "otherbot: noai")
@@ -107,6 +111,10 @@ fn every_misbehaviour_maps_to_its_status_and_stats_add_up() {
         (server.url("/huge.jpg"), SampleStatus::TooLarge),
         (server.url("/loop"), SampleStatus::RedirectError),
         (server.url("/moved.jpg"), SampleStatus::Success),
+        (server.url("/to-file.jpg"), SampleStatus::RedirectError),
+        (server.url("/to-data.jpg"), SampleStatus::RedirectError),
+        (server.url("/to-ftp.jpg"), SampleStatus::RedirectError),
+        (server.url("/nowhere.jpg"), SampleStatus::RedirectError),
         (server.url("/noai.png"), SampleStatus::RobotsDisallowed),
         (server.url("/otherbot.png"), SampleStatus::Success),
         (server.url("/flaky.png"), SampleStatus::Success),
@@ -130,7 +138,10 @@ fn every_misbehaviour_maps_to_its_status_and_stats_add_up() {
     let summary = ingest(&cfg, dir.path(), false).unwrap();
     assert_eq!(cfg.stage::<Ingest>().unwrap().sources, vec![Source::Cc]);
     let split = &summary[0].splits[0];
-    assert_eq!((split.rows, split.shards_written), (cases.len() as u64, 3));
+    assert_eq!(
+        (split.rows, split.shards_written),
+        (cases.len() as u64, cases.len().div_ceil(5))
+    );
 
     let rows = all_rows(dir.path());
     assert_eq!(rows.len(), cases.len(), "no sample is lost");
@@ -151,6 +162,27 @@ fn every_misbehaviour_maps_to_its_status_and_stats_add_up() {
             assert!(row.image.is_none() && !row.error.as_ref().unwrap().is_empty());
         }
     }
+    // A redirect that is not followed says why: the target's scheme, or no Location.
+    let error_of = |path: &str| {
+        let url = server.url(path);
+        rows.iter()
+            .find(|r| r.url == url)
+            .unwrap()
+            .error
+            .clone()
+            .unwrap()
+    };
+    for (path, why) in [
+        ("/to-file.jpg", "`file:`"),
+        ("/to-data.jpg", "`data:`"),
+        ("/to-ftp.jpg", "`ftp:`"),
+        ("/nowhere.jpg", "no Location"),
+        ("/loop", "redirects"),
+    ] {
+        let error = error_of(path);
+        assert!(error.contains(why), "{path}: {error}");
+    }
+    assert!(error_of("/to-file.jpg").contains("file:///etc/passwd"));
     // The stats files add up to what the shards hold.
     let set = ShardSet::new(dir.path(), "cc", "train");
     let mut by_cause: BTreeMap<String, u64> = BTreeMap::new();

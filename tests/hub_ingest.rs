@@ -3,18 +3,15 @@
 //! StoryReasoning parquet with PNG/JPEG images), and the shards are read back and checked
 //! for rows, filters, splits, captions, provenance and resumability. Offline.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, BinaryArray, Float64Array, Int32Array, LargeBinaryArray, LargeListArray,
-    LargeStringArray, ListArray, RecordBatch, StringArray, StructArray,
-};
-use arrow::buffer::OffsetBuffer;
+use arrow::array::{ArrayRef, BinaryArray, Int32Array, LargeBinaryArray, StringArray, StructArray};
 use arrow::datatypes::{DataType, Field, Fields};
-use parquet::arrow::ArrowWriter;
 
 use prefcap::data::hub::HubConfig;
 use prefcap::data::records::{PreferencePair, StoryFrame};
@@ -25,132 +22,14 @@ use prefcap::stages::ingest::{Ingest, IngestConfig, Source, SourceSummary, Split
 use prefcap::stages::{Stage, StageContext};
 use prefcap::testkit::loopback::MockHub;
 
-const H4: &str = "HuggingFaceH4/ultrafeedback_binarized";
-/// The revision the default config pins; fixtures are served there, so the pin is exercised.
-const H4_REV: &str = "3949bf5f8c17c394422ccfab0c31ea9c20bdeb85";
+use common::hub_fixtures::{h4_parquet, h4_row, list_of, parquet_bytes, strings, H4, H4_REV};
+
 const OPENBMB: &str = "openbmb/UltraFeedback";
 const OPENBMB_REV: &str = "40b436560ca83a8dba36114c22ab3c66e43f6d5e";
 const STORIES: &str = "daniel3303/StoryReasoning";
 
 // ---------------------------------------------------------------------------------------
 // Fixture builders in the hub schemas.
-
-fn parquet_bytes(columns: Vec<(&str, ArrayRef)>) -> Vec<u8> {
-    let batch = RecordBatch::try_from_iter(columns).unwrap();
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
-    out
-}
-
-fn strings(values: &[&str], large: bool) -> ArrayRef {
-    if large {
-        Arc::new(
-            values
-                .iter()
-                .map(|v| Some(*v))
-                .collect::<LargeStringArray>(),
-        )
-    } else {
-        Arc::new(values.iter().map(|v| Some(*v)).collect::<StringArray>())
-    }
-}
-
-/// `list<item>` (or `large_list`) with one list per row over the flattened `values`.
-fn list_of(values: ArrayRef, lengths: &[usize], large: bool) -> ArrayRef {
-    let item = Arc::new(Field::new("item", values.data_type().clone(), true));
-    if large {
-        let offsets = OffsetBuffer::<i64>::from_lengths(lengths.iter().copied());
-        Arc::new(LargeListArray::new(item, offsets, values, None))
-    } else {
-        let offsets = OffsetBuffer::<i32>::from_lengths(lengths.iter().copied());
-        Arc::new(ListArray::new(item, offsets, values, None))
-    }
-}
-
-/// H4 conversation column: `list<struct<content: string, role: string>>`.
-fn conversations(rows: &[Vec<(&str, &str)>], large: bool) -> ArrayRef {
-    let flat: Vec<(&str, &str)> = rows.iter().flatten().copied().collect();
-    let contents: Vec<&str> = flat.iter().map(|(_, c)| *c).collect();
-    let roles: Vec<&str> = flat.iter().map(|(r, _)| *r).collect();
-    let content = strings(&contents, large);
-    let role = strings(&roles, large);
-    let fields = Fields::from(vec![
-        Field::new("content", content.data_type().clone(), true),
-        Field::new("role", role.data_type().clone(), true),
-    ]);
-    let structs = StructArray::new(fields, vec![content, role], None);
-    let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
-    list_of(Arc::new(structs), &lengths, large)
-}
-
-/// One H4 `*_prefs` row: prompt, chosen response, rejected response and the two scores.
-struct H4Row {
-    prompt: String,
-    chosen: Vec<(&'static str, String)>,
-    rejected: String,
-    scores: (f64, f64),
-}
-
-fn h4_row(prompt: &str, chosen: &str, rejected: &str, scores: (f64, f64)) -> H4Row {
-    H4Row {
-        prompt: prompt.into(),
-        chosen: vec![("user", prompt.into()), ("assistant", chosen.into())],
-        rejected: rejected.into(),
-        scores,
-    }
-}
-
-fn h4_parquet(rows: &[H4Row], large: bool) -> Vec<u8> {
-    let prompts: Vec<&str> = rows.iter().map(|r| r.prompt.as_str()).collect();
-    let ids: Vec<String> = rows
-        .iter()
-        .map(|r| format!("id-{}", r.prompt.len()))
-        .collect();
-    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let chosen: Vec<Vec<(&str, &str)>> = rows
-        .iter()
-        .map(|r| {
-            r.chosen
-                .iter()
-                .map(|(role, c)| (*role, c.as_str()))
-                .collect()
-        })
-        .collect();
-    let rejected: Vec<Vec<(&str, &str)>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                ("user", r.prompt.as_str()),
-                ("assistant", r.rejected.as_str()),
-            ]
-        })
-        .collect();
-    parquet_bytes(vec![
-        ("prompt", strings(&prompts, large)),
-        ("prompt_id", strings(&id_refs, large)),
-        ("chosen", conversations(&chosen, large)),
-        ("rejected", conversations(&rejected, large)),
-        ("messages", conversations(&chosen, large)),
-        (
-            "score_chosen",
-            Arc::new(
-                rows.iter()
-                    .map(|r| Some(r.scores.0))
-                    .collect::<Float64Array>(),
-            ),
-        ),
-        (
-            "score_rejected",
-            Arc::new(
-                rows.iter()
-                    .map(|r| Some(r.scores.1))
-                    .collect::<Float64Array>(),
-            ),
-        ),
-    ])
-}
 
 fn png(seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(8, 6, |x, y| image::Rgb([x as u8 * 30, y as u8 * 40, seed]));
@@ -689,6 +568,98 @@ fn raw_jsonl_is_binarized_split_and_filtered() {
         .read_all()
         .unwrap();
     assert_eq!(again, test_rows);
+}
+
+/// `raw_line` with completion `i`'s response replaced by `response`.
+fn raw_line_with_response(
+    prompt: &str,
+    scores: &[serde_json::Value],
+    i: usize,
+    response: &str,
+) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&raw_line("flan", prompt, scores)).unwrap();
+    v["completions"][i]["response"] = response.into();
+    v.to_string()
+}
+
+/// UltraFeedback has rows whose chosen or rejected reply is empty or whitespace only: both
+/// formats drop them, counted under their own cause, and keep every other row.
+#[test]
+fn empty_replies_on_either_side_are_dropped_and_counted_in_both_formats() {
+    use serde_json::json;
+    let hub = MockHub::start().unwrap();
+    let train = vec![
+        h4_row(
+            "Why is the sky blue?",
+            "Rayleigh scattering.",
+            "Because.",
+            (8.0, 3.0),
+        ),
+        h4_row("Empty chosen.", "", "Something.", (9.0, 2.0)),
+        h4_row("Blank rejected.", "An answer.", "  \n\t", (9.0, 2.0)),
+        h4_row("Blank chosen.", "\n", "Something.", (9.0, 2.0)),
+        h4_row("Say hi.", "Hi!", "No.", (6.0, 1.0)),
+    ];
+    hub.add_dataset_file(
+        H4,
+        H4_REV,
+        "data/train_prefs-00000-of-00001.parquet",
+        h4_parquet(&train, false),
+    );
+    let test = vec![
+        h4_row("2+2?", "4", " ", (10.0, 1.0)),
+        h4_row("3+3?", "6", "7", (9.0, 1.0)),
+    ];
+    hub.add_dataset_file(
+        H4,
+        H4_REV,
+        "data/test_prefs-00000-of-00001.parquet",
+        h4_parquet(&test, true),
+    );
+    let (work, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = config(&hub, cache.path(), Source::Ultrafeedback);
+    let summary = run(&cfg, work.path()).unwrap();
+    assert_eq!(split(&summary[0], "train_prefs").rows, 2, "{summary:?}");
+    assert_eq!(split(&summary[0], "test_prefs").rows, 1, "{summary:?}");
+    assert_eq!(
+        failures(work.path(), "ultrafeedback", "train_prefs"),
+        counts(&[("dropped_empty_response", 3)])
+    );
+    assert_eq!(
+        failures(work.path(), "ultrafeedback", "test_prefs"),
+        counts(&[("dropped_empty_response", 1)])
+    );
+    let kept: Vec<PreferencePair> = ShardSet::new(work.path(), "ultrafeedback", "train_prefs")
+        .read_all()
+        .unwrap();
+    assert!(kept
+        .iter()
+        .all(|p| !p.chosen.trim().is_empty() && !p.rejected.trim().is_empty()));
+
+    // Raw: the best completion's reply blank (it is chosen), or the only other one empty (it
+    // is rejected).
+    let lines = [
+        raw_line("flan", "fine", &[json!(9), json!(2)]),
+        raw_line_with_response("blank best", &[json!(2), json!(9)], 1, "   "),
+        raw_line_with_response("empty other", &[json!(9), json!(2)], 1, ""),
+        raw_line("flan", "also fine", &[json!(8), json!(1)]),
+    ];
+    hub.add_dataset_file(
+        OPENBMB,
+        OPENBMB_REV,
+        "flan.jsonl",
+        (lines.join("\n") + "\n").into_bytes(),
+    );
+    let (work, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cfg = config(&hub, cache.path(), Source::Ultrafeedback);
+    cfg.ingest.ultrafeedback.format = UltraFeedbackFormat::Raw;
+    cfg.ingest.ultrafeedback.raw_test_size = 0;
+    let summary = run(&cfg, work.path()).unwrap();
+    assert_eq!(split(&summary[0], "train").rows, 2, "{summary:?}");
+    assert_eq!(
+        failures(work.path(), "ultrafeedback", "train"),
+        counts(&[("dropped_empty_response", 2)])
+    );
 }
 
 #[test]

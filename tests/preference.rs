@@ -4,12 +4,14 @@
 //! count a batch whose loss is NaN without any parameter becoming NaN.
 
 mod common;
+use common::hub_fixtures::{h4_parquet, h4_row, H4Row, H4, H4_REV};
 use common::{newest_run, pipeline};
 
 use std::path::{Path, PathBuf};
 
 use prefcap::data::records::{MetricRow, PreferencePair, ReferenceLogps};
 use prefcap::data::shard::{read_parquet, write_parquet, ShardSet};
+use prefcap::testkit::loopback::MockHub;
 
 const SMALL: [&str; 12] = [
     "--set",
@@ -408,6 +410,65 @@ fn text_only_pairs_train_beside_image_pairs_and_truncate_as_trl() {
         log.contains("uf:train:0") && log.contains("no image_key") && log.contains("part-00000"),
         "{log}"
     );
+
+    // UltraFeedback as ingest writes it from the hub, whose rows include empty and blank
+    // replies: ingest drops and counts those, and train-dpo trains on the rest.
+    let hub = MockHub::start().unwrap();
+    let rows = |split: &str, n: usize| -> Vec<H4Row> {
+        (0..n)
+            .map(|i| {
+                let (chosen, rejected) = match i % 4 {
+                    0 => ("", "No."),
+                    1 => ("A fine answer.", " \n "),
+                    _ => ("A fine answer.", "No."),
+                };
+                h4_row(
+                    &format!("{split} question {i}?"),
+                    chosen,
+                    rejected,
+                    (8.0, 2.0),
+                )
+            })
+            .collect()
+    };
+    for (split, n) in [("train_prefs", 12), ("test_prefs", 4)] {
+        hub.add_dataset_file(
+            H4,
+            H4_REV,
+            &format!("data/{split}-00000-of-00001.parquet"),
+            h4_parquet(&rows(split, n), false),
+        );
+    }
+    let hub_cache = tempfile::tempdir().unwrap();
+    let endpoint = format!("hub.endpoint=\"{}\"", hub.endpoint());
+    let cache_dir = format!("hub.cache_dir=\"{}\"", hub_cache.path().display());
+    let (out, log) = pipeline(
+        &[
+            "run",
+            "ingest",
+            "--set",
+            "ingest.sources=[\"ultrafeedback\"]",
+            "--set",
+            &endpoint,
+            "--set",
+            &cache_dir,
+        ],
+        work,
+    );
+    assert!(out.status.success(), "{log}");
+    let set = ShardSet::new(work, "ultrafeedback", "train_prefs");
+    let dropped: u64 = set
+        .finished()
+        .unwrap()
+        .into_iter()
+        .map(|s| set.read_stats(s).unwrap().failures["dropped_empty_response"])
+        .sum();
+    assert_eq!(dropped, 6, "{log}");
+    let mut args = with_small(&["run", "train-dpo", "--set", "preference.pairs_dataset=\"\""]);
+    args.extend(text);
+    let (out, log) = pipeline(&args, work);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("over 6 pairs"), "{log}");
 }
 
 #[test]

@@ -254,7 +254,7 @@ pub fn bench_embed(args: &BenchEmbedArgs) -> anyhow::Result<()> {
             .arg(&work)
             .args(["--set", &format!("run.workers={threads}")])
             .args(["--set", &format!("embed.batch_size={}", args.batch)])
-            .args(["--set", &format!("embed.dtype=\"{}\"", args.dtype)])
+            .args(["--set", &format!("clip.dtype=\"{}\"", args.dtype)])
             .env("PREFCAP_QUIET", "1")
             .env("RAYON_NUM_THREADS", threads.to_string());
         if let Some(g) = args.gpu {

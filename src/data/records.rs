@@ -21,7 +21,8 @@ pub enum SampleStatus {
     Timeout,
     /// Connection refused/reset, DNS failure.
     ConnectionError,
-    /// Too many redirects, or a redirect loop.
+    /// Too many redirects, a loop, or a redirect that is not followed: to a URL that is not
+    /// http(s) (`file:`, `data:`, `ftp:`), or without a `Location`; `error` names the target.
     RedirectError,
     /// Body larger than `max_image_bytes`.
     TooLarge,

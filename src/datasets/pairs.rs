@@ -435,7 +435,7 @@ impl PairSplit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
     use candle_nn::VarMap;
@@ -450,7 +450,7 @@ mod tests {
         }
     }
 
-    fn side(prompt: &[u32], completion: &[u32]) -> Side {
+    pub(crate) fn side(prompt: &[u32], completion: &[u32]) -> Side {
         Side {
             prompt: prompt.to_vec(),
             completion: completion.to_vec(),
@@ -484,7 +484,7 @@ mod tests {
         assert_eq!(c, side(&[1], &[2, 3]));
     }
 
-    fn tiny_captioner() -> Captioner {
+    pub(crate) fn tiny_captioner() -> Captioner {
         let files = DecoderFiles::from_dir(&crate::hf_tiny_fixture("gpt2-tiny")).unwrap();
         let cfg = CaptionerConfig {
             prefix_length: 2,
@@ -497,7 +497,7 @@ mod tests {
     }
 
     /// The fixture reference's prompt and completion (and a shorter rejected one), tokenized.
-    fn fixture_pair(m: &Captioner) -> PairIds {
+    pub(crate) fn fixture_pair(m: &Captioner) -> PairIds {
         tokenize_pair(
             &m.tokenizer,
             m.eos,

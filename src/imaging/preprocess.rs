@@ -202,7 +202,7 @@ impl ClipPreprocessConfig {
         {
             return Err(format!(
                 "resample {} with transformers' torchvision image backend is not reproduced \
-                 (2 bilinear and 3 bicubic are); set embed.image_backend = \"pil\" for \
+                 (2 bilinear and 3 bicubic are); set clip.image_backend = \"pil\" for \
                  Pillow's",
                 self.resample
             ));

@@ -969,6 +969,7 @@ impl candle_core::CustomOp3 for QkvAttentionGrad<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::max_abs_diff as max_abs;
     use candle_core::{Device, D};
 
     #[test]
@@ -1076,33 +1077,11 @@ mod tests {
         let att = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
         let theirs = att.matmul(&v).unwrap().transpose(1, 2).unwrap();
         let theirs = theirs.reshape((b, t, d)).unwrap();
-        let worst = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let worst = max_abs(&ours, &theirs);
         assert!(
             worst < 1e-5,
             "{b}×{heads}×{t}×{hd}: max abs difference {worst}"
         );
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// The fused linear op and its three gradients equal candle's `x·wᵀ + b` composition.

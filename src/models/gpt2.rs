@@ -1057,18 +1057,7 @@ mod tests {
             .unwrap()
             .squeeze(D::Minus1)
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::testkit::max_abs_diff;
         assert!(diff(&fused, &plain) < 1e-5);
         let grad = |t: &Tensor| {
             (t * &weight)

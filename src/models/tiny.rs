@@ -520,7 +520,7 @@ pub fn ensure_random_gpt2(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::models::clip::{ClipEmbedder, ClipModelFiles};
     use candle_core::{DType, Device};
@@ -542,7 +542,8 @@ mod tests {
         out
     }
 
-    fn small() -> TinyClipSpec {
+    /// A tiny CLIP smaller still, for tests.
+    pub(crate) fn small() -> TinyClipSpec {
         TinyClipSpec {
             image_size: 32,
             vision_hidden: 32,

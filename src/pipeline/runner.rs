@@ -31,8 +31,12 @@ pub enum StepOutcome {
         /// The stage's typed summary.
         details: serde_json::Value,
     },
-    /// Not run because an input step did not complete.
-    Skipped { because: String },
+    /// The step failed and the run stopped there.
+    Failed {
+        /// The error and its causes.
+        error: String,
+        seconds: f64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,8 +46,9 @@ pub struct RunRecord {
     pub steps: Vec<(String, StepOutcome)>,
 }
 
-/// Runs `plan` under `opts.workdir`. A failing step stops the run with its error (the stage
-/// named, its cause kept as the error's source).
+/// Runs `plan` under `opts.workdir`, recording each step in `run.json` as it ends. A failing
+/// step is recorded and stops the run with its error (the stage named, its cause kept as the
+/// error's source); what earlier steps wrote stays.
 pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
     let run_id = new_run_id(&plan.name);
     let run_dir = opts.workdir.join("runs").join(&run_id);
@@ -65,13 +70,12 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
         pipeline: plan.name.clone(),
         steps: Vec::new(),
     };
+    let save = |record: &RunRecord| -> Result<()> {
+        let json = serde_json::to_vec_pretty(record).map_err(|e| Error::Config(e.to_string()))?;
+        write_atomic(&run_dir.join("run.json"), &json)
+    };
+    // Plans run in dependency order and a failure stops the run: a step's inputs are done.
     for step in &plan.steps {
-        let blocked = step.inputs.iter().find(|input| {
-            !matches!(
-                record.steps.iter().find(|(n, _)| n == *input),
-                Some((_, StepOutcome::Done { .. }))
-            )
-        });
         let registered = stage(&step.stage).ok_or_else(|| {
             Error::Plan(vec![format!(
                 "step `{}`: unknown stage `{}`",
@@ -79,45 +83,44 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
                 step.stage
             )])
         })?;
-        let outcome = if let Some(input) = blocked {
-            StepOutcome::Skipped {
-                because: format!("input `{input}` did not run"),
-            }
-        } else {
-            let started = Instant::now();
-            let mut ctx =
-                StageContext::new(&opts.workdir, &record.run_id, plan.config.shared.clone());
-            ctx.gpu = opts.gpu;
-            ctx.retry_failed = opts.retry_failed;
-            let done = (registered.run)(plan.config.section(registered), &ctx).map_err(|e| {
-                Error::Stage {
-                    stage: step.name().to_string(),
-                    source: Box::new(e),
-                }
-            })?;
-            StepOutcome::Done {
-                summary: done.text,
-                seconds: started.elapsed().as_secs_f64(),
-                details: done.details,
-            }
-        };
-        match &outcome {
-            StepOutcome::Done {
-                summary, seconds, ..
-            } => {
+        let started = Instant::now();
+        let mut ctx = StageContext::new(&opts.workdir, &record.run_id, plan.config.shared.clone());
+        ctx.gpu = opts.gpu;
+        ctx.retry_failed = opts.retry_failed;
+        match (registered.run)(plan.config.section(registered), &ctx) {
+            Ok(done) => {
+                let seconds = started.elapsed().as_secs_f64();
                 eprintln!(
                     "step {}: done in {seconds:.1}s\n    {}",
                     step.name(),
-                    summary.replace("; ", "\n    ")
-                )
+                    done.text.replace("; ", "\n    ")
+                );
+                record.steps.push((
+                    step.name().to_string(),
+                    StepOutcome::Done {
+                        summary: done.text,
+                        seconds,
+                        details: done.details,
+                    },
+                ));
+                save(&record)?;
             }
-            StepOutcome::Skipped { because } => {
-                eprintln!("step {}: skipped ({because})", step.name())
+            Err(e) => {
+                let error = Error::Stage {
+                    stage: step.name().to_string(),
+                    source: Box::new(e),
+                };
+                record.steps.push((
+                    step.name().to_string(),
+                    StepOutcome::Failed {
+                        error: error.report(),
+                        seconds: started.elapsed().as_secs_f64(),
+                    },
+                ));
+                save(&record)?;
+                return Err(error);
             }
         }
-        record.steps.push((step.name().to_string(), outcome));
     }
-    let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Config(e.to_string()))?;
-    write_atomic(&run_dir.join("run.json"), &json)?;
     Ok((run_dir, record))
 }

@@ -652,39 +652,9 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    use crate::datasets::pairs::{tokenize_pair, PairIds, PairRow, Side};
+    use crate::datasets::pairs::tests::{fixture_pair, side, tiny_captioner};
+    use crate::datasets::pairs::PairRow;
     use crate::models::captioner::{CaptionerConfig, DecoderFiles};
-
-    fn side(prompt: &[u32], completion: &[u32]) -> Side {
-        Side {
-            prompt: prompt.to_vec(),
-            completion: completion.to_vec(),
-        }
-    }
-
-    fn tiny_captioner() -> Captioner {
-        let files = DecoderFiles::from_dir(&crate::hf_tiny_fixture("gpt2-tiny")).unwrap();
-        let cfg = CaptionerConfig {
-            prefix_length: 2,
-            freeze_decoder: true,
-            ..CaptionerConfig::default()
-        };
-        let mut m = Captioner::build(&cfg, 8, &files, &VarMap::new(), &Device::Cpu).unwrap();
-        m.decoder.set_differentiable(false);
-        m
-    }
-
-    /// The fixture reference's prompt and completion (and a shorter rejected one), tokenized.
-    fn fixture_pair(m: &Captioner) -> PairIds {
-        tokenize_pair(
-            &m.tokenizer,
-            m.eos,
-            "Caption:",
-            " a red circle above a blue square.",
-            " two shapes.",
-        )
-        .unwrap()
-    }
 
     #[test]
     fn text_only_completion_logprob_matches_transformers() {

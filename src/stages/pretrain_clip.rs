@@ -396,17 +396,8 @@ impl Objective for ContrastiveClip {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::tiny::{ensure_tiny_clip, TinyClipSpec};
-
-    fn small_spec() -> TinyClipSpec {
-        TinyClipSpec {
-            image_size: 32,
-            vision_hidden: 32,
-            text_hidden: 32,
-            projection_dim: 16,
-            ..TinyClipSpec::default()
-        }
-    }
+    use crate::models::tiny::ensure_tiny_clip;
+    use crate::models::tiny::tests::small as small_spec;
 
     fn small_cfg(steps: usize) -> PretrainClipConfig {
         PretrainClipConfig {
@@ -470,16 +461,7 @@ mod tests {
         let flat: Vec<f32> = batch.pixels.flatten_all().unwrap().to_vec1().unwrap();
         let want = model.embed_pixels(&flat, 2).unwrap();
         let got = trained.image_features(&batch.pixels).unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::testkit::max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "{diff}");
     }
 }

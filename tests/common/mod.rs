@@ -1,10 +1,14 @@
 //! Helpers shared by the integration tests.
 
+#[allow(dead_code)] // not every test file serves hub datasets
+pub mod hub_fixtures;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
 /// Runs the real `pipeline` binary in `cwd`; returns its output and a printable transcript
 /// (command, stdout, stderr) for assertion messages.
+#[allow(dead_code)] // not every test file runs the binary
 pub fn pipeline(args: &[&str], cwd: &Path) -> (Output, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(args)

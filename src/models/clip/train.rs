@@ -252,14 +252,7 @@ mod tests {
     use super::*;
     use crate::models::clip::ClipEmbedder;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .unwrap()
-    }
+    use crate::testkit::max_abs_diff as max_diff;
 
     /// The differentiable forward pass is transformers' `CLIPModel`: on the HF-saved tiny
     /// checkpoint it gives what the inference model (itself checked against transformers'

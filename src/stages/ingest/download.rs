@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, CONTENT_LENGTH};
+use reqwest::header::{HeaderMap, CONTENT_LENGTH, LOCATION};
 
 use crate::data::records::SampleStatus;
 use crate::error::{Error, Result};
@@ -64,7 +64,7 @@ impl Fetcher {
             .user_agent(cfg.user_agent.clone())
             .timeout(timeout)
             .connect_timeout(timeout)
-            .redirect(reqwest::redirect::Policy::limited(cfg.max_redirects))
+            .redirect(redirect_policy(cfg.max_redirects))
             .pool_max_idle_per_host(cfg.concurrency.max(1))
             .build()
             .map_err(|e| Error::Http(e.to_string()))?;
@@ -121,6 +121,22 @@ impl Fetcher {
     async fn fetch_once(&self, url: reqwest::Url) -> std::result::Result<Vec<u8>, FetchFailure> {
         let mut resp = self.client.get(url).send().await.map_err(classify)?;
         let status = resp.status();
+        if status.is_redirection() {
+            // A redirect that was not followed: no `Location`, or one the client could not
+            // take as an http(s) URL. It is never fetched.
+            let target = resp.headers().get(LOCATION).map(|l| {
+                let l = String::from_utf8_lossy(l.as_bytes()).into_owned();
+                resp.url().join(&l).map_or(l, |u| u.to_string())
+            });
+            return Err(FetchFailure::new(
+                SampleStatus::RedirectError,
+                match target {
+                    None => format!("HTTP {status} with no Location"),
+                    Some(t) => refused_redirect(&t),
+                },
+                false,
+            ));
+        }
         if !status.is_success() {
             let retryable = status.as_u16() == 429 || status.is_server_error();
             return Err(FetchFailure::new(
@@ -168,6 +184,46 @@ impl Fetcher {
             _ => Ok(body),
         }
     }
+}
+
+/// Why a redirect to `target` is not followed: its scheme is not http(s).
+fn refused_redirect(target: &str) -> String {
+    let scheme = target.split_once(':').map_or("", |(s, _)| s);
+    let shown: String = target.chars().take(80).collect();
+    let cut = if shown.len() < target.len() {
+        "…"
+    } else {
+        ""
+    };
+    format!("redirect to a `{scheme}:` URL is not followed ({shown}{cut})")
+}
+
+/// A redirect prefcap refuses to follow.
+#[derive(Debug)]
+struct RefusedRedirect(String);
+
+impl std::fmt::Display for RefusedRedirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RefusedRedirect {}
+
+/// Follows at most `max` redirects, and only to http(s) URLs: a redirect elsewhere (`file:`,
+/// `data:`, `ftp:`) is an error before anything is requested from it.
+fn redirect_policy(max: usize) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let url = attempt.url();
+        if !matches!(url.scheme(), "http" | "https") {
+            let why = refused_redirect(url.as_str());
+            attempt.error(RefusedRedirect(why))
+        } else if attempt.previous().len() > max {
+            attempt.error(RefusedRedirect(format!("more than {max} redirects")))
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 fn too_large(len: u64, max: u64) -> FetchFailure {

@@ -1,8 +1,8 @@
 //! UltraFeedback preference pairs: the binarized H4 parquet splits, or the raw openbmb jsonl
 //! binarized here (chosen = best overall_score, rejected = a seeded random other completion).
 //!
-//! Both formats go through the same filters (ties, score margin, prompt and response length)
-//! and land in `data/ultrafeedback/<split>/` as [`PreferencePair`] shards. Every dropped pair
+//! Both formats go through the same filters (an empty reply, ties, score margin, prompt and
+//! response length) and land in `data/ultrafeedback/<split>/` as [`PreferencePair`] shards. Every dropped pair
 //! is counted by reason in the `failures` map of the shard stats (`dropped_tie`, ...), so
 //! `successes` is always the number of rows in the shard.
 //!
@@ -106,6 +106,9 @@ pub enum DropReason {
     NoDistinctRejected,
     /// Binarized row whose chosen or rejected conversation has no assistant turn.
     MissingResponse,
+    /// Chosen or rejected reply empty or whitespace only: nothing to learn a preference
+    /// from, and the preference trainers refuse such pairs.
+    EmptyResponse,
     /// `drop_ties`: equal scores.
     Tie,
     /// score_chosen - score_rejected < `min_score_margin`.
@@ -123,6 +126,7 @@ impl DropReason {
             DropReason::TooFewCompletions => "dropped_too_few_completions",
             DropReason::NoDistinctRejected => "dropped_no_distinct_rejected",
             DropReason::MissingResponse => "dropped_missing_response",
+            DropReason::EmptyResponse => "dropped_empty_response",
             DropReason::Tie => "dropped_tie",
             DropReason::Margin => "dropped_margin",
             DropReason::PromptLength => "dropped_prompt_length",
@@ -135,12 +139,14 @@ impl DropReason {
 /// rounding of scores computed upstream (fine-grained means).
 const SCORE_EPSILON: f64 = 1e-9;
 
-/// The filter a pair fails first, in the order tie, margin, prompt length, response length;
-/// `None` keeps it. Lengths count Unicode scalar values.
+/// The filter a pair fails first, in the order empty reply, tie, margin, prompt length,
+/// response length; `None` keeps it. Lengths count Unicode scalar values.
 pub fn drop_reason(pair: &PreferencePair, cfg: &UltraFeedbackConfig) -> Option<DropReason> {
     let margin = pair.score_chosen - pair.score_rejected;
     let too_long = |text: &str, limit: usize| limit > 0 && text.chars().count() > limit;
-    if cfg.drop_ties && margin.abs() <= SCORE_EPSILON {
+    if pair.chosen.trim().is_empty() || pair.rejected.trim().is_empty() {
+        Some(DropReason::EmptyResponse)
+    } else if cfg.drop_ties && margin.abs() <= SCORE_EPSILON {
         Some(DropReason::Tie)
     } else if margin + SCORE_EPSILON < cfg.min_score_margin {
         Some(DropReason::Margin)
@@ -318,6 +324,7 @@ fn filtered(
 fn settings(cfg: &UltraFeedbackConfig) -> serde_json::Value {
     let mut v = serde_json::json!({
         "format": cfg.format,
+        "drop_empty_responses": true,
         "drop_ties": cfg.drop_ties,
         "min_score_margin": cfg.min_score_margin,
         "max_prompt_chars": cfg.max_prompt_chars,
@@ -724,6 +731,27 @@ mod tests {
         let mut backward = binarize(&reversed_rows, &[], 42);
         backward.reverse();
         assert_eq!(forward, backward);
+    }
+
+    #[test]
+    fn an_empty_or_blank_reply_on_either_side_drops_the_pair_first() {
+        let cfg = UltraFeedbackConfig {
+            drop_ties: false,
+            ..UltraFeedbackConfig::default()
+        };
+        for (chosen, rejected) in [("", "no"), ("yes", "  \n\t"), (" ", "")] {
+            let mut p = pair(8.0, 8.0);
+            (p.chosen, p.rejected) = (chosen.into(), rejected.into());
+            assert_eq!(
+                drop_reason(&p, &cfg),
+                Some(DropReason::EmptyResponse),
+                "{chosen:?} / {rejected:?}"
+            );
+        }
+        assert_eq!(DropReason::EmptyResponse.as_str(), "dropped_empty_response");
+        let mut p = pair(8.0, 7.0);
+        p.rejected = " x ".into();
+        assert_eq!(drop_reason(&p, &cfg), None);
     }
 
     #[test]
