@@ -654,7 +654,6 @@ mod tests {
 
     use crate::datasets::pairs::tests::{fixture_pair, side, tiny_captioner};
     use crate::datasets::pairs::PairRow;
-    use crate::models::captioner::{CaptionerConfig, DecoderFiles};
 
     #[test]
     fn text_only_completion_logprob_matches_transformers() {
