@@ -83,10 +83,6 @@ impl ContentCache {
         &self.root
     }
 
-    pub fn bucket(&self) -> &'static str {
-        self.bucket
-    }
-
     /// The data file and manifest of `digest`.
     pub fn paths(&self, digest: &str) -> (PathBuf, PathBuf) {
         let dir = self.root.join(digest.get(..2).unwrap_or("00"));

@@ -1,7 +1,8 @@
 //! `pipeline run score`: caption metrics of `generations.parquet` against the dataset's
 //! references — BLEU-1..4, METEOR, ROUGE-L and CIDEr-D as pycocoevalcap computes them (see
-//! [`crate::metrics::text`] and [`crate::metrics::meteor`]; METEOR with its exact and stem modules), CLIPScore and RefCLIPScore with the embed stage's CLIP, and, on the
-//! synthetic world, attribute accuracy — into `scores.parquet` (one row per caption) and
+//! [`crate::metrics::text`] and [`crate::metrics::meteor`]; METEOR with its exact and stem
+//! modules), CLIPScore and RefCLIPScore with `[clip]`'s model, and, on the synthetic world,
+//! attribute accuracy — into `scores.parquet` (one row per caption) and
 //! `scores_summary.parquet` (one row per model, method and metric). `pipeline score --refs
 //! --cands` scores any model's captions from COCO-format JSON, JSONL or Parquet files.
 
@@ -31,13 +32,6 @@ impl Default for ScoreConfig {
     fn default() -> Self {
         Self { clip_score: true }
     }
-}
-
-/// Scores of one candidate set: per image and corpus-level.
-#[derive(Debug, Clone, Default)]
-pub struct SetScores {
-    pub per_image: Vec<ScoreRow>,
-    pub corpus: BTreeMap<String, f64>,
 }
 
 /// References of the images of `dataset/split`: key → captions (for the synthetic world, the
