@@ -25,14 +25,18 @@ pub fn pipeline(args: &[&str], cwd: &Path) -> (Output, String) {
     (out, text)
 }
 
-/// The newest run directory under `work/runs` (run ids sort by start time).
+/// The newest run directory under `work/runs`: the one that started last (run ids begin
+/// with their pipeline's name, so not the last by name).
 #[allow(dead_code)] // not every test file looks at runs
 pub fn newest_run(work: &Path) -> std::path::PathBuf {
     let mut runs: Vec<_> = std::fs::read_dir(work.join("runs"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    runs.sort();
+    runs.sort_by_key(|r| {
+        let name = r.file_name().unwrap().to_string_lossy().into_owned();
+        (prefcap::stages::context::run_started(&name), name)
+    });
     runs.pop().unwrap()
 }
 
