@@ -57,8 +57,8 @@ const NARROWED: &[(&str, &[&str])] = &[
     ("synthetic", &["foundation", "imaging", "data"]),
     // models also never use shards, caches or features (see FORBIDDEN).
     ("models", &["foundation", "kernels", "imaging", "data"]),
-    // losses and metrics are pure.
-    ("losses", &["foundation"]),
+    // losses and metrics are pure (losses are tensor functions, kernels' among them).
+    ("losses", &["foundation", "kernels"]),
     ("metrics", &["foundation"]),
     // train is generic: it never names a model, a dataset or a stage.
     ("train", &["foundation", "kernels", "data"]),

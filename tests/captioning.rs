@@ -28,6 +28,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     for step in [
         "ingest",
         "embed",
+        "train-contrastive",
         "train-sft",
         "train-dpo",
         "train-orpo",
@@ -109,6 +110,32 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         training.lines().any(|l| l.contains("train-sft")),
         "{training}"
     );
+    // Stage 1 against the pretrained tiny CLIP: its held-out retrieval beside the CLIP text
+    // tower's on the same pairs (both near the ceiling of those image features).
+    let retrieval = std::fs::read_to_string(report.join("retrieval.csv")).unwrap();
+    let header: Vec<&str> = retrieval.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let row = |encoder: &str| -> Vec<f64> {
+        let line = retrieval
+            .lines()
+            .find(|l| {
+                l.split(',')
+                    .nth(col("encoder"))
+                    .is_some_and(|e| e.starts_with(encoder))
+            })
+            .unwrap_or_else(|| panic!("{encoder}:\n{retrieval}"));
+        let cells: Vec<&str> = line.split(',').collect();
+        ["i2t_r1", "t2i_r1", "chance_r1"]
+            .iter()
+            .map(|c| cells[col(c)].parse().unwrap())
+            .collect()
+    };
+    let (trained, clip) = (row("train-contrastive (step"), row("clip"));
+    assert!(
+        trained[0] > 5.0 * trained[2] && trained[1] > 5.0 * trained[2],
+        "{retrieval}"
+    );
+    assert!(trained[0] >= 0.8 * clip[0], "{retrieval}");
     let scores = std::fs::read_to_string(report.join("scores.csv")).unwrap();
     assert!(
         scores

@@ -106,6 +106,15 @@ impl CaptionedSplit {
             .collect()
     }
 
+    /// `(key, embedding, caption)` of every row kept, in shard order.
+    pub fn all_rows(&self) -> Result<Vec<(String, Vec<f32>, String)>> {
+        let mut rows = Vec::new();
+        for i in 0..self.entries.len() {
+            rows.extend(self.load(i)?);
+        }
+        Ok(rows)
+    }
+
     /// Batches over a bounded channel from a loader thread: shards in a seeded order (or in
     /// order when `shuffle_seed` is None), rows shuffled within each shard.
     pub fn batches(
@@ -117,8 +126,7 @@ impl CaptionedSplit {
         shuffle_seed: Option<(u64, usize)>,
         capacity: usize,
     ) -> Receiver<Result<CaptionBatch>> {
-        let (split, tok) = (self.clone(), tok.clone());
-        let loader = move |i: usize| split.load(i);
+        let tok = tok.clone();
         let make = move |chunk: &[(String, Vec<f32>, String)]| -> Result<CaptionBatch> {
             let rows = chunk
                 .iter()
@@ -127,6 +135,21 @@ impl CaptionedSplit {
             Ok(pad_batch(rows, eos))
         };
         let shuffle = shuffle_seed.map(|(seed, epoch)| (seed, format!("sft-epoch-{epoch}")));
+        self.stream(batch_size, make, shuffle, capacity)
+    }
+
+    /// Batches that `make` builds from `(key, embedding, caption)` rows, over a bounded
+    /// channel from a loader thread ([`shard_batches`]: shards in the order `shuffle` seeds,
+    /// else in order, rows shuffled within each shard).
+    pub fn stream<B: Send + 'static>(
+        &self,
+        batch_size: usize,
+        make: impl Fn(&[(String, Vec<f32>, String)]) -> Result<B> + Send + 'static,
+        shuffle: Option<(u64, String)>,
+        capacity: usize,
+    ) -> Receiver<Result<B>> {
+        let split = self.clone();
+        let loader = move |i: usize| split.load(i);
         shard_batches(
             self.entries.len(),
             loader,

@@ -647,6 +647,11 @@ impl Activation for QuickGelu {
 
 /// `x·σ(x)` (SiLU) of a contiguous f32 CPU tensor in one parallel, vectorised pass
 /// (candle's is serial, with a libm `exp` per element); inference only.
+/// Rows of `x` scaled to unit L2 norm (along the last dimension); differentiable.
+pub fn l2_normalized(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.broadcast_div(&x.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt()?)
+}
+
 pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Silu)
 }

@@ -1,9 +1,10 @@
 //! Caption metrics as pure functions over token lists and embeddings: BLEU, METEOR, ROUGE-L
 //! and CIDEr-D as pycocoevalcap computes them ([`text`], [`meteor`]), and CLIPScore and
-//! RefCLIPScore ([`embedding`]).
+//! RefCLIPScore ([`embedding`]), and retrieval recall ([`retrieval`]).
 
 pub mod embedding;
 pub mod meteor;
+pub mod retrieval;
 pub mod text;
 
 use std::collections::BTreeMap;

@@ -19,7 +19,9 @@ use tokenizers::Tokenizer;
 use crate::data::hub::HubClient;
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::io::write_atomic;
-use crate::models::gpt2::{softmax_train, train_norm, Gpt2, Gpt2Config, KvCache};
+use crate::models::gpt2::{
+    load_gpt2_weights, softmax_train, train_norm, Gpt2, Gpt2Config, KvCache,
+};
 use crate::rng::SplitMix64;
 
 /// The mapper architecture.
@@ -251,7 +253,7 @@ impl Captioner {
         } else {
             let vb = VarBuilder::from_varmap(vars, DType::F32, device).pp("decoder");
             let model = Gpt2::new(&gcfg, vb).during(err.as_str())?;
-            load_decoder_weights(vars, &files.weights, device)?;
+            load_gpt2_weights(vars, "decoder", &files.weights, device)?;
             model
         };
         let mut decoder = decoder;
@@ -635,63 +637,9 @@ impl Captioner {
     }
 }
 
-/// Re-initialises the mapper's variables from `seed` (candle's CPU generator cannot be
-/// seeded): weights N(0, 1/fan_in), biases 0, LayerNorm gains 1, prefix constants N(0, 1).
+/// Re-initialises the mapper's variables from `seed` ([`crate::models::seed_vars`]).
 pub fn seed_mapper(vars: &VarMap, seed: u64) -> Result<()> {
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| Error::Config("var map lock poisoned".into()))?;
-    let mut names: Vec<&String> = data.keys().filter(|k| k.starts_with("mapper.")).collect();
-    names.sort();
-    let mut rng = SplitMix64::derived(seed, "captioner-mapper-init");
-    for name in names {
-        let var = &data[name];
-        let dims = var.dims().to_vec();
-        let n: usize = dims.iter().product();
-        let values = if name.ends_with(".bias") {
-            vec![0.0; n]
-        } else if name.contains(".ln") {
-            vec![1.0; n]
-        } else if name.ends_with("constants") {
-            rng.normal_samples(n, 1.0)
-        } else {
-            let fan_in = *dims.last().unwrap_or(&1) as f32;
-            rng.normal_samples(n, 1.0 / fan_in.sqrt())
-        };
-        let t = Tensor::from_vec(values, dims, var.device())
-            .map_err(|e| Error::Config(e.to_string()))?;
-        var.set(&t)
-            .map_err(|e| Error::Config(format!("{name}: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Copies a GPT-2 checkpoint's tensors into the `decoder.` variables of `vars` (names with or
-/// without `transformer.`).
-fn load_decoder_weights(vars: &VarMap, weights: &Path, device: &Device) -> Result<()> {
-    let err = |m: String| Error::BadFile {
-        path: weights.to_path_buf(),
-        message: m,
-    };
-    let tensors =
-        candle_core::safetensors::load(weights, device).map_err(|e| err(e.to_string()))?;
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| err("var map lock poisoned".into()))?;
-    for (name, var) in data.iter() {
-        let Some(rest) = name.strip_prefix("decoder.") else {
-            continue;
-        };
-        let t = tensors
-            .get(&format!("transformer.{rest}"))
-            .or_else(|| tensors.get(rest))
-            .ok_or_else(|| err(format!("no tensor `{rest}` in the checkpoint")))?;
-        var.set(&t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?)
-            .map_err(|e| err(format!("`{rest}`: {e}")))?;
-    }
-    Ok(())
+    crate::models::seed_vars(vars, "mapper.", "captioner-mapper-init", seed)
 }
 
 /// Token ids of `caption` followed by end-of-text, at most `max_tokens` in all.

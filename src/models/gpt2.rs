@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, D};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder, VarMap};
 use rayon::prelude::*;
 use serde::Deserialize;
 
@@ -42,6 +42,10 @@ pub struct Gpt2Config {
     pub scale_attn_weights: bool,
     #[serde(default)]
     pub scale_attn_by_inverse_layer_idx: bool,
+    /// transformers' `add_cross_attention`: every block attends to encoder states
+    /// (`crossattention.{q_attn,c_attn,c_proj}`, `ln_cross_attn`) after its self-attention.
+    #[serde(default)]
+    pub add_cross_attention: bool,
 }
 
 mod defaults {
@@ -106,6 +110,7 @@ impl Gpt2Config {
             activation_function: "gelu_new".into(),
             scale_attn_weights: true,
             scale_attn_by_inverse_layer_idx: false,
+            add_cross_attention: false,
         }
     }
 }
@@ -170,6 +175,8 @@ struct Block {
     n_head: usize,
     scale: f64,
     exact_gelu: bool,
+    /// With `add_cross_attention`.
+    cross: Option<CrossAttention>,
 }
 
 /// LayerNorm from differentiable primitives (candle's fused kernel has no backward pass).
@@ -327,7 +334,74 @@ impl Block {
             n_head: cfg.n_head,
             scale,
             exact_gelu: cfg.activation_function == "gelu",
+            cross: if cfg.add_cross_attention {
+                let c = vb.pp("crossattention");
+                Some(CrossAttention {
+                    ln: candle_nn::layer_norm(d, cfg.layer_norm_epsilon, vb.pp("ln_cross_attn"))?,
+                    q_attn: Conv1D::new(d, d, c.pp("q_attn"))?,
+                    c_attn: Conv1D::new(d, 2 * d, c.pp("c_attn"))?,
+                    c_proj: Conv1D::new(d, d, c.pp("c_proj"))?,
+                })
+            } else {
+                None
+            },
         })
+    }
+
+    /// This block's keys and values `(b, h, s, hd)` of encoder states `(b, s, d)`.
+    fn cross_keys_values(
+        &self,
+        enc: &Tensor,
+        diff: bool,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let Some(c) = &self.cross else {
+            return Ok(None);
+        };
+        let (b, s, d) = enc.dims3()?;
+        let hd = d / self.n_head;
+        let kv = c.c_attn.apply(enc, diff)?;
+        let split = |i: usize| -> candle_core::Result<Tensor> {
+            kv.narrow(D::Minus1, i * d, d)?
+                .reshape((b, s, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        Ok(Some((split(0)?, split(1)?)))
+    }
+
+    /// Cross-attention of `x` `(b, t, d)` (already through the self-attention residual) over
+    /// the encoder's keys and values, its output projected (the residual is the caller's).
+    fn cross_attend(
+        &self,
+        x: &Tensor,
+        (k, v): &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        diff: bool,
+    ) -> candle_core::Result<Tensor> {
+        let Some(c) = &self.cross else {
+            candle_core::bail!("encoder states given to a GPT-2 without cross-attention");
+        };
+        let (b, t, d) = x.dims3()?;
+        let hd = d / self.n_head;
+        let q = c
+            .q_attn
+            .apply(&norm(x, &c.ln, diff)?, diff)?
+            .reshape((b, t, self.n_head, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = (q * self.scale)?;
+        let att = q.matmul(&k.t()?)?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = if diff {
+            softmax_train(&att)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
+        let y = att.matmul(v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        c.c_proj.apply(&y, diff)
     }
 
     /// `x`: `(b, t, d)`; `mask`: additive `(b|1, 1, t, past + t)` (causal and padding);
@@ -337,6 +411,7 @@ impl Block {
         x: &Tensor,
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cross: Option<(&(Tensor, Tensor), Option<&Tensor>)>,
         diff: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
@@ -354,7 +429,7 @@ impl Block {
             } else {
                 qkv.apply_op1_no_bwd(&op)?
             };
-            return self.finish(x, &y, diff);
+            return self.finish(x, &y, cross, diff);
         }
         let split = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(D::Minus1, i * d, d)?
@@ -382,12 +457,23 @@ impl Block {
             candle_nn::ops::softmax_last_dim(&att)?
         };
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        self.finish(x, &y, diff)
+        self.finish(x, &y, cross, diff)
     }
 
-    /// The rest of the block after attention: `y` `(b, t, d)`, heads merged.
-    fn finish(&self, x: &Tensor, y: &Tensor, diff: bool) -> candle_core::Result<Tensor> {
-        let x = (x + self.attn_proj.apply(y, diff)?)?;
+    /// The rest of the block after self-attention: `y` `(b, t, d)`, heads merged; then the
+    /// cross-attention over `cross` (this layer's encoder keys and values and the encoder's
+    /// padding mask) when given, as transformers' `GPT2Block`; then the MLP.
+    fn finish(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        cross: Option<(&(Tensor, Tensor), Option<&Tensor>)>,
+        diff: bool,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = (x + self.attn_proj.apply(y, diff)?)?;
+        if let Some((kv, mask)) = cross {
+            x = (&x + self.cross_attend(&x, kv, mask, diff)?)?;
+        }
         let h = self.c_fc.apply(&norm(&x, &self.ln_2, diff)?, diff)?;
         let h = if self.exact_gelu {
             h.gelu_erf()?
@@ -395,6 +481,48 @@ impl Block {
             gelu_new(&h)?
         };
         x + self.mlp_proj.apply(&h, diff)?
+    }
+}
+
+/// A block's cross-attention (transformers' `GPT2Attention` with `is_cross_attention`):
+/// queries from the decoder (`q_attn`), keys and values from the encoder states (`c_attn`).
+#[derive(Debug, Clone)]
+struct CrossAttention {
+    /// `ln_cross_attn`, before the queries.
+    ln: LayerNorm,
+    q_attn: Conv1D,
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+}
+
+/// The encoder side of cross-attention, computed once for a batch
+/// ([`Gpt2::cross_states`]): each layer's keys and values of the encoder states and their
+/// additive padding mask `(b, 1, 1, s)`.
+#[derive(Debug, Clone)]
+pub struct CrossStates {
+    layers: Vec<(Tensor, Tensor)>,
+    mask: Option<Tensor>,
+}
+
+impl CrossStates {
+    /// The states of `rows` (`(n,)` u32 indices into the batch), as beam search reorders them.
+    pub fn select_rows(&self, rows: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|(k, v)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?)))
+                .collect::<candle_core::Result<_>>()?,
+            mask: self
+                .mask
+                .as_ref()
+                .map(|m| m.index_select(rows, 0))
+                .transpose()?,
+        })
+    }
+
+    fn layer(&self, i: usize) -> Option<(&(Tensor, Tensor), Option<&Tensor>)> {
+        self.layers.get(i).map(|kv| (kv, self.mask.as_ref()))
     }
 }
 
@@ -473,6 +601,60 @@ impl Gpt2 {
         embeds: &Tensor,
         keep: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        self.forward_hidden_with(embeds, keep, None)
+    }
+
+    /// Whether the blocks have cross-attention (`add_cross_attention`).
+    pub fn has_cross_attention(&self) -> bool {
+        self.config.add_cross_attention
+    }
+
+    /// Every layer's cross-attention keys and values of encoder states `(b, s, d)`, with
+    /// `keep` `(b, s)` (1 = token, 0 = padding; `None`: all tokens), as transformers'
+    /// `encoder_hidden_states` and `encoder_attention_mask`. Differentiable when the model is.
+    pub fn cross_states(
+        &self,
+        encoder: &Tensor,
+        keep: Option<&Tensor>,
+    ) -> candle_core::Result<CrossStates> {
+        if !self.has_cross_attention() {
+            candle_core::bail!("this GPT-2 has no cross-attention (add_cross_attention is false)");
+        }
+        let (b, s, d) = encoder.dims3()?;
+        if d != self.config.n_embd {
+            candle_core::bail!(
+                "encoder states of width {d} for a GPT-2 of width {}",
+                self.config.n_embd
+            );
+        }
+        let layers = self
+            .blocks
+            .iter()
+            .map(|blk| {
+                blk.cross_keys_values(encoder, self.differentiable)?
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg("a block without cross-attention".into())
+                    })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mask = keep
+            .map(|k| {
+                let neg = f64::from(f32::MIN / 2.0);
+                (k.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * neg)?
+                    .reshape((b, 1, 1, s))?
+                    .to_dtype(encoder.dtype())
+            })
+            .transpose()?;
+        Ok(CrossStates { layers, mask })
+    }
+
+    /// [`Self::forward_hidden`] attending to `cross` (encoder states) in every block.
+    pub fn forward_hidden_with(
+        &self,
+        embeds: &Tensor,
+        keep: Option<&Tensor>,
+        cross: Option<&CrossStates>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         if t > self.config.n_positions {
             candle_core::bail!(
@@ -483,8 +665,9 @@ impl Gpt2 {
         let x = embeds.broadcast_add(&self.wpe.narrow(0, 0, t)?)?;
         let mask = attention_mask(b, t, keep, x.device(), x.dtype())?;
         let mut x = x;
-        for block in &self.blocks {
-            x = block.forward(&x, &mask, None, self.differentiable)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let c = cross.and_then(|c| c.layer(i));
+            x = block.forward(&x, &mask, None, c, self.differentiable)?;
         }
         norm(&x, &self.ln_f, self.differentiable)
     }
@@ -496,6 +679,16 @@ impl Gpt2 {
         &self,
         embeds: &Tensor,
         cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_cached_with(embeds, cache, None)
+    }
+
+    /// [`Self::forward_cached`] attending to `cross` (encoder states, rows as the cache's).
+    pub fn forward_cached_with(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        cross: Option<&CrossStates>,
     ) -> candle_core::Result<Tensor> {
         let (_, t, _) = embeds.dims3()?;
         let past = cache.len;
@@ -516,8 +709,9 @@ impl Gpt2 {
             cache.layers = vec![None; self.blocks.len()];
         }
         let mut x = x;
-        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, &mask, Some(layer), self.differentiable)?;
+        for (i, (block, layer)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let c = cross.and_then(|c| c.layer(i));
+            x = block.forward(&x, &mask, Some(layer), c, self.differentiable)?;
         }
         cache.len += t;
         norm(&x, &self.ln_f, self.differentiable)
@@ -565,6 +759,58 @@ impl Gpt2 {
     pub fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> candle_core::Result<Tensor> {
         self.forward_embeds(&self.embed_tokens(ids)?, keep)
     }
+}
+
+/// Sets the variables of `vars` under `prefix.` (a GPT-2 built from
+/// `VarBuilder::from_varmap(vars, ..).pp(prefix)`) from the checkpoint `weights`, whose names
+/// may carry `transformer.` or not. An error names the file and the tensor (missing, or of
+/// another shape: a checkpoint whose `config.json` does not match its weights).
+pub fn load_gpt2_weights(
+    vars: &VarMap,
+    prefix: &str,
+    weights: &Path,
+    device: &Device,
+) -> Result<()> {
+    let err = |m: String| Error::BadFile {
+        path: weights.to_path_buf(),
+        message: m,
+    };
+    let tensors =
+        candle_core::safetensors::load(weights, device).map_err(|e| err(e.to_string()))?;
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| err("var map lock poisoned".into()))?;
+    let prefix = format!("{prefix}.");
+    for (name, var) in data.iter() {
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let t = tensors
+            .get(&format!("transformer.{rest}"))
+            .or_else(|| tensors.get(rest))
+            .ok_or_else(|| err(format!("no tensor `{rest}` in the checkpoint")))?;
+        if t.dims() != var.dims() {
+            return Err(err(format!(
+                "tensor `{rest}` is {:?}, the model (from config.json) needs {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?)
+            .map_err(|e| err(format!("`{rest}`: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The attention-masked mean over positions of hidden states `(b, t, d)`, with `keep`
+/// `(b, t)` (1 = real token, 0 = padding): `Σ_t h·m / Σ_t m`, as sentence-transformers pool
+/// (and the contrastive recipes pool GPT-2's last hidden state). Differentiable.
+pub fn masked_mean_pool(hidden: &Tensor, keep: &Tensor) -> candle_core::Result<Tensor> {
+    let m = keep.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    sum.broadcast_div(&count)
 }
 
 /// Keys and values of the positions decoded so far, per layer.
@@ -841,6 +1087,130 @@ mod tests {
 
     fn fixture(p: &str) -> PathBuf {
         crate::hf_tiny_fixture(p)
+    }
+
+    /// transformers' `GPT2LMHeadModel` with `add_cross_attention=True` on a tiny random
+    /// checkpoint (`tests/fixtures/gpt2-cross/make_reference.py`): the same logits within 1e-4
+    /// with padded decoder and encoder inputs, by the fused kernels, the differentiable path,
+    /// and token-by-token decoding with the key/value cache.
+    #[test]
+    fn cross_attention_logits_equal_transformers() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-cross");
+        let dev = Device::Cpu;
+        let ids = crate::testkit::npy::read_npy_i64(&dir.join("ids.npy")).unwrap();
+        let ids: Vec<u32> = ids.data.iter().map(|&i| i as u32).collect();
+        let keep = read_npy(&dir.join("attention_mask.npy")).unwrap();
+        let enc = read_npy(&dir.join("encoder.npy")).unwrap();
+        let enc_keep = read_npy(&dir.join("encoder_mask.npy")).unwrap();
+        let want = read_npy(&dir.join("logits.npy")).unwrap();
+        let ids = Tensor::from_vec(ids, (2, 5), &dev).unwrap();
+        let keep = Tensor::from_vec(keep.data, (2, 5), &dev).unwrap();
+        let enc = Tensor::from_vec(enc.data, (2, 3, 32), &dev).unwrap();
+        let enc_keep = Tensor::from_vec(enc_keep.data, (2, 3), &dev).unwrap();
+        let mut model = Gpt2::load(&dir, &dev, DType::F32).unwrap();
+        assert!(model.has_cross_attention());
+        // Only positions that are real tokens: padded ones are free in either implementation.
+        let real = [5usize, 3];
+        let check = |got: &Tensor, what: &str| {
+            let got: Vec<Vec<Vec<f32>>> = got.to_vec3().unwrap();
+            let mut worst = 0f32;
+            for (b, n) in real.iter().enumerate() {
+                for (t, row) in got[b].iter().take(*n).enumerate() {
+                    for (v, g) in row.iter().enumerate() {
+                        let w = want.data[(b * 5 + t) * 64 + v];
+                        worst = worst.max((g - w).abs());
+                    }
+                }
+            }
+            assert!(worst < 1e-4, "{what}: {worst}");
+        };
+        for diff in [false, true] {
+            model.set_differentiable(diff);
+            let cross = model.cross_states(&enc, Some(&enc_keep)).unwrap();
+            let h = model
+                .forward_hidden_with(
+                    &model.embed_tokens(&ids).unwrap(),
+                    Some(&keep),
+                    Some(&cross),
+                )
+                .unwrap();
+            check(
+                &model.lm_logits(&h).unwrap(),
+                &format!("differentiable {diff}"),
+            );
+        }
+        // One token at a time through the cache.
+        model.set_differentiable(false);
+        let cross = model.cross_states(&enc, Some(&enc_keep)).unwrap();
+        let mut cache = KvCache::default();
+        let steps: Vec<Tensor> = (0..5)
+            .map(|t| {
+                let x = model.embed_tokens(&ids.narrow(1, t, 1).unwrap()).unwrap();
+                let h = model
+                    .forward_cached_with(&x, &mut cache, Some(&cross))
+                    .unwrap();
+                model.lm_logits(&h).unwrap()
+            })
+            .collect();
+        check(&Tensor::cat(&steps, 1).unwrap(), "cached");
+        // Without encoder states the blocks skip cross-attention (as transformers does), so
+        // the logits differ.
+        let plain = model.forward(&ids, Some(&keep)).unwrap();
+        let a: Vec<f32> = plain.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(a.iter().zip(&want.data).any(|(x, y)| (x - y).abs() > 1e-3));
+    }
+
+    /// Masked mean pooling: padding positions count for nothing, so a padded caption pools to
+    /// what it pools to alone (the causal mask keeps padding out of the real positions too),
+    /// and the value is the plain mean of the real positions' hidden states.
+    #[test]
+    fn masked_mean_pooling_ignores_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus: Vec<String> = ["a red circle above a blue square", "a green triangle"]
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let dir = crate::models::tiny::ensure_tiny_gpt2(dir.path(), 42, &corpus).unwrap();
+        let model = Gpt2::load(&dir, &Device::Cpu, DType::F32).unwrap();
+        let alone = Tensor::new(&[[5u32, 9, 13]], &Device::Cpu).unwrap();
+        let padded = Tensor::new(&[[5u32, 9, 13, 0, 0], [7, 8, 0, 0, 0]], &Device::Cpu).unwrap();
+        let keep = Tensor::new(
+            &[[1f32, 1., 1., 0., 0.], [1., 1., 0., 0., 0.]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let h_alone = model
+            .forward_hidden(&model.embed_tokens(&alone).unwrap(), None)
+            .unwrap();
+        let want: Vec<f32> = h_alone
+            .mean(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let h = model
+            .forward_hidden(&model.embed_tokens(&padded).unwrap(), Some(&keep))
+            .unwrap();
+        let pooled = masked_mean_pool(&h, &keep).unwrap();
+        let got: Vec<f32> = pooled.get(0).unwrap().to_vec1().unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{diff}");
+        // Against the formula on the second row: the mean of its two real positions.
+        let row: Vec<Vec<f32>> = h.get(1).unwrap().to_vec2().unwrap();
+        let got: Vec<f32> = pooled.get(1).unwrap().to_vec1().unwrap();
+        for (j, g) in got.iter().enumerate() {
+            assert!((g - (row[0][j] + row[1][j]) / 2.0).abs() < 1e-6);
+        }
+        let not_masked: Vec<f32> = h.get(1).unwrap().mean(0).unwrap().to_vec1().unwrap();
+        assert!(not_masked
+            .iter()
+            .zip(&got)
+            .any(|(a, b)| (a - b).abs() > 1e-3));
     }
 
     fn reference(name: &str) -> serde_json::Value {

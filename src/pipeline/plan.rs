@@ -19,6 +19,10 @@ pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
         include_str!("../../pipelines/synthetic-grounded.toml"),
     ),
     (
+        "contrastive",
+        include_str!("../../pipelines/contrastive.toml"),
+    ),
+    (
         "ingest-real",
         include_str!("../../pipelines/ingest-real.toml"),
     ),

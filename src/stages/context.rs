@@ -334,11 +334,15 @@ impl StageContext {
             .split_features(&self.workdir, dataset, split, modality)
     }
 
-    /// The files of `captioner.decoder`: a local directory, a hub repo at
-    /// `captioner.decoder_revision`, or `tiny`, the embedded tiny GPT-2 (generated on first use).
+    /// The files of `captioner.decoder` ([`Self::gpt2_files`]).
     pub fn decoder_files(&self) -> Result<DecoderFiles> {
-        let cap = &self.captioner;
-        if cap.decoder == "tiny" {
+        self.gpt2_files(&self.captioner.decoder, &self.captioner.decoder_revision)
+    }
+
+    /// The files of GPT-2 checkpoint `name`: a local directory, a hub repo at `revision`, or
+    /// `tiny`, the embedded tiny GPT-2 (generated on first use).
+    pub fn gpt2_files(&self, name: &str, revision: &str) -> Result<DecoderFiles> {
+        if name == "tiny" {
             let dir = ensure_tiny_gpt2(
                 &self.workdir.join(TINY_GPT2_DIR),
                 self.run.seed,
@@ -346,7 +350,7 @@ impl StageContext {
             )?;
             return DecoderFiles::from_dir(&dir);
         }
-        DecoderFiles::resolve(&cap.decoder, &cap.decoder_revision, || self.hub_client())
+        DecoderFiles::resolve(name, revision, || self.hub_client())
     }
 
     /// How the embedding passes run: `batch_size` per model call, `[run]`'s threads and

@@ -15,6 +15,7 @@ pub mod pretrain_clip;
 pub mod report;
 pub mod sample_pairs;
 pub mod score;
+pub mod train_contrastive;
 pub mod train_sft;
 
 use std::fmt::Display;
@@ -68,6 +69,7 @@ pub const STAGES: &[Registered] = &[
     register::<ingest::Ingest>(),
     register::<pretrain_clip::PretrainClip>(),
     register::<embed::Embed>(),
+    register::<train_contrastive::TrainContrastive>(),
     register::<train_sft::TrainSft>(),
     register::<sample_pairs::SamplePairs>(),
     register::<preference::TrainDpo>(),

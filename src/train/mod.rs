@@ -97,6 +97,61 @@ impl TrainConfig {
     }
 }
 
+/// A stage section that holds the loop and optimiser keys of [`TrainConfig`] beside the
+/// method's own (`[train_contrastive]`: `epochs`, `lr`, ... and `temperature`, ...), both
+/// parsed strictly: a key neither knows is an error naming it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WithTraining<T> {
+    pub train: TrainConfig,
+    pub method: T,
+}
+
+impl<T: Serialize> Serialize for WithTraining<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let table = |v: toml::Value| match v {
+            toml::Value::Table(t) => Ok(t),
+            _ => Err(S::Error::custom("a training section is a table")),
+        };
+        let mut all = table(toml::Value::try_from(&self.train).map_err(S::Error::custom)?)?;
+        all.extend(table(
+            toml::Value::try_from(&self.method).map_err(S::Error::custom)?,
+        )?);
+        all.serialize(s)
+    }
+}
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for WithTraining<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let all = toml::Table::deserialize(d)?;
+        let train_keys = match toml::Value::try_from(TrainConfig::default()) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => return Err(D::Error::custom("cannot list the training keys")),
+        };
+        let (train, method): (toml::Table, toml::Table) = all
+            .into_iter()
+            .partition(|(k, _)| train_keys.contains_key(k));
+        // Each part strictly, its errors naming the key.
+        fn part<T: serde::de::DeserializeOwned, E: serde::de::Error>(
+            t: toml::Table,
+        ) -> std::result::Result<T, E> {
+            serde_path_to_error::deserialize(toml::Value::Table(t)).map_err(|e| {
+                let path = e.path().to_string();
+                if path == "." {
+                    E::custom(e.into_inner())
+                } else {
+                    E::custom(format!("`{path}`: {}", e.into_inner()))
+                }
+            })
+        }
+        Ok(Self {
+            train: part(train)?,
+            method: part(method)?,
+        })
+    }
+}
+
 /// How a group's learning rate moves over the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -198,6 +253,12 @@ pub trait Objective {
     /// logit scale).
     fn after_update(&mut self, _group: usize) -> candle_core::Result<()> {
         Ok(())
+    }
+    /// Scalars over the whole validation pass (retrieval recall over every held-out pair),
+    /// called after its last batch: the objective gathers what it needs in its validation
+    /// steps (`ctx.train` false) and starts afresh here.
+    fn validation_end(&mut self) -> candle_core::Result<Vec<(String, f64)>> {
+        Ok(Vec::new())
     }
     /// Which validation scalar decides the best checkpoint, and whether higher is better;
     /// `None`: the first group's loss, lower is better.
@@ -569,6 +630,7 @@ fn validate<O: Objective, D: Batches<O::Batch>>(
         }
     }
     let mut out = means.means();
+    out.extend(obj.validation_end().during("validation")?);
     out.push(("skipped_nonfinite_batches".into(), skipped as f64));
     Ok(out)
 }

@@ -5,7 +5,8 @@
 //! `<out>/`: `training.parquet`/`.csv` (per run and training stage: steps, final and best
 //! validation loss, final train loss, skipped non-finite batches), `preference.parquet`/`.csv`
 //! (per run, preference stage and pair source: held-out pairs, accuracy and margin),
-//! `scores.parquet`/`.csv`
+//! `retrieval.parquet`/`.csv` (per run, contrastive stage and encoder: held-out recall both
+//! ways, the trained encoder beside its baselines and chance), `scores.parquet`/`.csv`
 //! (per run, model and decoding method: one column per metric), and one PNG of train/val loss
 //! curves per run and stage. The tables are printed too.
 
@@ -65,6 +66,8 @@ pub struct ReportSummary {
     pub training: Option<DataFrame>,
     /// Held-out preference accuracy per pair source (when a preference stage ran).
     pub preference: Option<DataFrame>,
+    /// Held-out retrieval recall of contrastive stages and their baselines.
+    pub retrieval: Option<DataFrame>,
     pub scores: Option<DataFrame>,
     pub charts: Vec<PathBuf>,
 }
@@ -134,29 +137,10 @@ pub fn training_table(metrics: DataFrame) -> Result<DataFrame> {
 /// Per run, preference stage and pair source: held-out pairs, `rewards/accuracies` and
 /// `rewards/margins` of the selected checkpoint (the `by_source/<source>/...` metrics).
 pub fn preference_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
-    let val = metrics
-        .clone()
-        .lazy()
-        .filter(col("split").eq(lit("val")))
-        .collect()
-        .map_err(perr("preference table"))?;
-    let text = |name: &str| -> Result<Vec<String>> {
-        let c = val.column(name).map_err(perr("preference table"))?;
-        let c = c.str().map_err(perr("preference table"))?;
-        Ok((0..c.len())
-            .map(|i| c.get(i).unwrap_or_default().to_string())
-            .collect())
-    };
-    let (runs, stages, names) = (text("run_id")?, text("stage")?, text("name")?);
-    let values = val.column("value").map_err(perr("preference table"))?;
-    let values = values.f64().map_err(perr("preference table"))?;
-    let values: Vec<f64> = (0..values.len())
-        .map(|i| values.get(i).unwrap_or(f64::NAN))
-        .collect();
     let mut table: std::collections::BTreeMap<(String, String, String), [f64; 3]> =
         Default::default();
-    for i in 0..names.len() {
-        let Some(rest) = names[i].strip_prefix("by_source/") else {
+    for r in val_rows(metrics, "preference table")? {
+        let Some(rest) = r.name.strip_prefix("by_source/") else {
             continue;
         };
         let found = ["/pairs", "/rewards/accuracies", "/rewards/margins"]
@@ -164,8 +148,8 @@ pub fn preference_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
             .enumerate()
             .find_map(|(j, m)| rest.strip_suffix(m).map(|source| (j, source)));
         if let Some((j, source)) = found {
-            let key = (runs[i].clone(), stages[i].clone(), source.to_string());
-            table.entry(key).or_insert([f64::NAN; 3])[j] = values[i];
+            let key = (r.run_id.clone(), r.stage.clone(), source.to_string());
+            table.entry(key).or_insert([f64::NAN; 3])[j] = r.value;
         }
     }
     if table.is_empty() {
@@ -185,6 +169,121 @@ pub fn preference_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
     )
     .map(Some)
     .map_err(perr("preference table"))
+}
+
+/// One validation row of a metrics table.
+struct ValRow {
+    run_id: String,
+    stage: String,
+    step: i64,
+    name: String,
+    value: f64,
+}
+
+/// The validation rows of `metrics`, in table order.
+fn val_rows(metrics: &DataFrame, what: &str) -> Result<Vec<ValRow>> {
+    let val = metrics
+        .clone()
+        .lazy()
+        .filter(col("split").eq(lit("val")))
+        .collect()
+        .map_err(perr(what))?;
+    let text = |name: &str| -> Result<Vec<String>> {
+        let c = val.column(name).map_err(perr(what))?;
+        let c = c.str().map_err(perr(what))?;
+        Ok((0..c.len())
+            .map(|i| c.get(i).unwrap_or_default().to_string())
+            .collect())
+    };
+    let (runs, stages, names) = (text("run_id")?, text("stage")?, text("name")?);
+    let steps = val.column("step").map_err(perr(what))?;
+    let steps = steps.i64().map_err(perr(what))?;
+    let values = val.column("value").map_err(perr(what))?;
+    let values = values.f64().map_err(perr(what))?;
+    Ok((0..names.len())
+        .map(|i| ValRow {
+            run_id: runs[i].clone(),
+            stage: stages[i].clone(),
+            step: steps.get(i).unwrap_or(0),
+            name: names[i].clone(),
+            value: values.get(i).unwrap_or(f64::NAN),
+        })
+        .collect())
+}
+
+/// Per run, contrastive stage and encoder: held-out retrieval recall both ways. The trained
+/// encoder at its best checkpoint (lowest validation loss; `retrieval/<k>`), and beside it
+/// every baseline the stage logged on the same pairs (`retrieval/<baseline>/<k>`, such as
+/// the frozen CLIP text tower), with the chance level.
+pub fn retrieval_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
+    const COLUMNS: [&str; 6] = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"];
+    let rows = val_rows(metrics, "retrieval table")?;
+    let mut best: std::collections::BTreeMap<(String, String), (f64, i64)> = Default::default();
+    for r in &rows {
+        if r.name == "loss" && r.value.is_finite() {
+            let e = best
+                .entry((r.run_id.clone(), r.stage.clone()))
+                .or_insert((r.value, r.step));
+            if r.value < e.0 {
+                *e = (r.value, r.step);
+            }
+        }
+    }
+    type Key = (String, String, String);
+    let mut table: std::collections::BTreeMap<Key, [f64; 7]> = Default::default();
+    for r in &rows {
+        let Some(rest) = r.name.strip_prefix("retrieval/") else {
+            continue;
+        };
+        let (encoder, metric) = match rest.split_once('/') {
+            Some((baseline, metric)) => (baseline.to_string(), metric),
+            None => {
+                let Some((_, at)) = best.get(&(r.run_id.clone(), r.stage.clone())) else {
+                    continue;
+                };
+                if r.step != *at {
+                    continue;
+                }
+                (format!("{} (step {at})", r.stage), rest)
+            }
+        };
+        let key = (r.run_id.clone(), r.stage.clone(), encoder);
+        let entry = table.entry(key).or_insert([f64::NAN; 7]);
+        if let Some(j) = COLUMNS.iter().position(|c| *c == metric) {
+            entry[j] = r.value;
+        } else if metric == "chance_r1" {
+            entry[6] = r.value;
+        }
+    }
+    // The chance level belongs to the pairs, not the encoder: every row of a stage shows it.
+    let chance: std::collections::BTreeMap<(String, String), f64> = table
+        .iter()
+        .filter(|(_, v)| v[6].is_finite())
+        .map(|((r, s, _), v)| ((r.clone(), s.clone()), v[6]))
+        .collect();
+    for ((r, s, _), v) in table.iter_mut() {
+        v[6] = chance
+            .get(&(r.clone(), s.clone()))
+            .copied()
+            .unwrap_or(f64::NAN);
+    }
+    if table.is_empty() {
+        return Ok(None);
+    }
+    let column = |j: usize| table.values().map(|v| v[j]).collect::<Vec<f64>>();
+    let key = |f: fn(&Key) -> &String| table.keys().map(|k| f(k).clone()).collect::<Vec<_>>();
+    let mut cols = vec![
+        Column::new("run_id".into(), key(|k| &k.0)),
+        Column::new("stage".into(), key(|k| &k.1)),
+        Column::new("encoder".into(), key(|k| &k.2)),
+    ];
+    for (j, name) in COLUMNS.iter().enumerate() {
+        cols.push(Column::new((*name).into(), column(j)));
+    }
+    cols.push(Column::new("chance_r1".into(), column(6)));
+    DataFrame::new(table.len(), cols)
+        .map(Some)
+        .map_err(perr("retrieval table"))
 }
 
 /// Per run, model and method: one column per metric.
@@ -309,6 +408,10 @@ pub fn report(workdir: &Path, out: &Path) -> Result<ReportSummary> {
             write_table(&mut t, out, "preference")?;
             summary.preference = Some(t);
         }
+        if let Some(mut t) = retrieval_table(&metrics)? {
+            write_table(&mut t, out, "retrieval")?;
+            summary.retrieval = Some(t);
+        }
     }
     if let Some(scores) = read_all(&run_files(workdir, "scores_summary.parquet"))? {
         let mut t = scores_table(scores)?;
@@ -361,6 +464,9 @@ impl Stage for Report {
         }
         if let Some(t) = &s.preference {
             text.push_str(&format!("preference pairs by source (val):\n{t}\n"));
+        }
+        if let Some(t) = &s.retrieval {
+            text.push_str(&format!("retrieval (val):\n{t}\n"));
         }
         if let Some(t) = &s.scores {
             text.push_str(&format!("scores:\n{t}\n"));
