@@ -158,12 +158,19 @@ fn validate_reports_all_plan_errors_at_once() {
     );
     assert!(log.contains("embed <- ingest, pretrain-clip\n"), "{log}");
     assert!(log.contains("train-sft <- embed\n"), "{log}");
-    for real in ["cc-ultrafeedback-dpo", "cc-ultrafeedback-orpo"] {
+    for real in [
+        "cc-ultrafeedback-dpo",
+        "cc-ultrafeedback-orpo",
+        "cc-contrastive-dpo",
+    ] {
         let (out, log) = pipeline(&["validate", real], dir.path());
         assert!(out.status.success(), "{real}: {log}");
         assert!(log.contains("sample-pairs <- train-sft\n"), "{log}");
         assert!(log.contains("embed <- ingest\n"), "{log}");
     }
+    let (out, log) = pipeline(&["validate", "cc-contrastive-dpo"], dir.path());
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("train-sft <- train-contrastive\n"), "{log}");
 }
 
 #[test]
@@ -213,7 +220,9 @@ fn list_names_every_stage_and_pipeline() {
             "default",
             "ingest-real",
             "cc-ultrafeedback-dpo",
-            "cc-ultrafeedback-orpo"
+            "cc-ultrafeedback-orpo",
+            "contrastive",
+            "cc-contrastive-dpo"
         ]
         .iter()
         .all(|p| log.contains(p)),

@@ -19,8 +19,10 @@ fn val(rows: &[MetricRow], name: &str, step: Option<i64>) -> f64 {
 /// Against a frozen CLIP that never trained (its text tower is at chance), the GPT-2 text
 /// encoder and the projections learn the alignment: held-out recall both ways far above
 /// chance and above the CLIP text tower on the same pairs; the best checkpoint and the
-/// manifest that rebuilds it are written; the report has the retrieval table. Without the
-/// image features, the stage says to run embed.
+/// manifest that rebuilds it are written; the report has the retrieval table. The pipeline's
+/// cross-attention captioner starts from stage 1's image head and goes through SFT, DPO and
+/// generation (a few epochs here: the learning is measured by the pipeline itself). Without
+/// the image features, the stage says to run embed.
 #[test]
 fn stage_one_learns_an_alignment_the_frozen_clip_text_tower_does_not_have() {
     let tmp = tempfile::tempdir().unwrap();
@@ -52,7 +54,20 @@ fn stage_one_learns_an_alignment_the_frozen_clip_text_tower_does_not_have() {
 
     let (out, log) = pipeline(
         &[
-            &["run", "contrastive", "--set", "train_contrastive.epochs=10"][..],
+            &[
+                "run",
+                "contrastive",
+                "--set",
+                "train_contrastive.epochs=10",
+                "--set",
+                "captioner.max_train_samples=0",
+                "--set",
+                "train_sft.epochs=3",
+                "--set",
+                "train_dpo.epochs=1",
+                "--set",
+                "generate.methods=[\"greedy\"]",
+            ][..],
             &sizes,
         ]
         .concat(),
@@ -101,6 +116,25 @@ fn stage_one_learns_an_alignment_the_frozen_clip_text_tower_does_not_have() {
     assert_eq!(manifest["spec"]["projection_dim"], 64);
     assert_eq!(manifest["clip_model"], "tiny");
 
+    // Stage 2: the cross-attention captioner started from stage 1's image head, trained,
+    // aligned and decoded like any captioner.
+    let sft = run.join("train-sft");
+    let captioner: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sft.join("captioner.json")).unwrap()).unwrap();
+    assert_eq!(captioner["captioner"]["conditioning"], "cross_attention");
+    assert_eq!(captioner["captioner"]["image_encoder"], "contrastive");
+    assert_eq!(captioner["image_head"]["spec"]["projection_dim"], 64);
+    let gens: Vec<prefcap::data::records::GenerationRow> =
+        read_parquet(&run.join("generations.parquet")).unwrap();
+    assert_eq!(
+        gens.len(),
+        3 * 128,
+        "untrained, train-sft, train-dpo on 128 images"
+    );
+    assert!(gens
+        .iter()
+        .filter(|g| g.model != "untrained")
+        .all(|g| !g.caption.is_empty()));
     let table = std::fs::read_to_string(run.join("report/retrieval.csv")).unwrap();
     assert!(table.lines().any(|l| l.contains(",clip,")), "{table}");
     assert!(

@@ -303,6 +303,117 @@ fn image_embeddings_are_bit_identical_across_worker_counts() {
     }
 }
 
+/// `embed.image_tokens`: each image shard gains a token entry (f16 by default) holding, under
+/// each sample's key, the model's tokens of that image; it is reused, recomputed when its
+/// shard changes and when `clip.tokens_dtype` changes, and a missing one is an error that says
+/// how to make it.
+#[test]
+fn image_tokens_are_cached_per_shard_and_invalidated_like_the_pooled_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path();
+    let cfg = small_config();
+    run_stage::<Ingest>(&cfg, work).unwrap();
+    let err = features(&cfg, work, "synthetic", "val", "image_tokens")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("embed.image_tokens = true"), "{err}");
+    let mut with_tokens = cfg.clone();
+    with_tokens.set("embed.image_tokens=true").unwrap();
+    let first = run_stage::<Embed>(&with_tokens, work).unwrap();
+    let image_shards = ShardSet::new(work, "synthetic", "train")
+        .finished()
+        .unwrap()
+        .len()
+        + ShardSet::new(work, "synthetic", "val")
+            .finished()
+            .unwrap()
+            .len()
+        + ShardSet::new(work, "synthetic_stories", "train")
+            .finished()
+            .unwrap()
+            .len()
+        + ShardSet::new(work, "synthetic_stories", "val")
+            .finished()
+            .unwrap()
+            .len();
+    assert_eq!(first.computed, 3 * image_shards, "{first:?}");
+    assert_eq!(first.image_tokens, first.images, "{first:?}");
+
+    let ctx = with_tokens.context(work, "test");
+    let identity = ctx.feature_identity(&ctx.clip).unwrap();
+    let (t, h) = identity.token_shape();
+    let entries = features(&with_tokens, work, "synthetic", "val", "image_tokens").unwrap();
+    let pooled = features(&with_tokens, work, "synthetic", "val", "image").unwrap();
+    assert_eq!(entries[0].manifest.key.dim, t * h);
+    assert_eq!(
+        entries[0].manifest.key.dtype,
+        prefcap::data::features::CacheDtype::F16
+    );
+    let table = entries[0].open().unwrap();
+    assert_eq!(table.keys(), pooled[0].open().unwrap().keys());
+    // Row i holds the model's tokens of sample i's image (to f16 rounding).
+    let model = ctx.load_clip(&identity).unwrap();
+    let samples: Vec<ImageTextSample> =
+        read_parquet(&work.join(&entries[0].manifest.key.source)).unwrap();
+    let keys = table.keys();
+    let values = table.embeddings();
+    for (row, key) in keys.iter().enumerate().take(3) {
+        let sample = samples.iter().find(|s| &s.key == key).unwrap();
+        let px = preprocess_bytes(sample.image.as_ref().unwrap(), &model.preprocess).unwrap();
+        let size = model.config.vision_config.image_size;
+        let x = candle_core::Tensor::from_vec(px, (1, 3, size, size), &Device::Cpu).unwrap();
+        let want: Vec<f32> = model
+            .image_tokens_tensor(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = &values[row * t * h..(row + 1) * t * h];
+        let diff = max_diff(got, &want);
+        assert!(diff < 2e-2, "{key}: {diff}");
+    }
+
+    // What generate and sample-pairs read for a token captioner: the tokens of the images
+    // they name, in that order; an image without tokens is named.
+    let mut cap = ctx.captioner.clone();
+    cap.conditioning = prefcap::models::captioner::Conditioning::CrossAttention;
+    let two = vec![keys[1].clone(), keys[0].clone()];
+    let got = ctx
+        .image_tokens_for(&cap, &ctx.clip, "synthetic", "val", &two)
+        .unwrap();
+    assert_eq!(&got[..t * h], &values[t * h..2 * t * h]);
+    let err = ctx
+        .image_tokens_for(
+            &cap,
+            &ctx.clip,
+            "synthetic",
+            "val",
+            &[keys[0].clone(), "syn-val-999999".into()],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("syn-val-999999") && err.contains("image_tokens"), "{err}");
+
+    // Unchanged: cached; a changed shard redoes its three entries; another dtype redoes
+    // every token entry and nothing else.
+    let again = run_stage::<Embed>(&with_tokens, work).unwrap();
+    assert_eq!((again.computed, again.cached), (0, 3 * image_shards));
+    let changed = ShardSet::new(work, "synthetic", "train").parquet_path(1);
+    let mut rows: Vec<ImageTextSample> = read_parquet(&changed).unwrap();
+    rows[0].caption = "a purple triangle below a green circle".into();
+    write_parquet(&changed, &rows).unwrap();
+    let partial = run_stage::<Embed>(&with_tokens, work).unwrap();
+    assert_eq!(partial.computed, 3, "{partial:?}");
+    with_tokens.set("clip.tokens_dtype=\"f32\"").unwrap();
+    let redo = run_stage::<Embed>(&with_tokens, work).unwrap();
+    assert_eq!(
+        (redo.computed, redo.cached),
+        (image_shards, 2 * image_shards),
+        "{redo:?}"
+    );
+}
+
 #[test]
 fn trainers_get_a_clear_error_when_features_are_missing_or_stale() {
     let tmp = tempfile::tempdir().unwrap();

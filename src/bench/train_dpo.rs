@@ -185,7 +185,7 @@ fn run_prefcap(args: &BenchTrainDpoArgs, ckpt: &Path, out: &Path) -> anyhow::Res
         ..CaptionerConfig::default()
     };
     let files = DecoderFiles::from_dir(ckpt)?;
-    let mut model = Captioner::build(&cap_cfg, 8, &files, &vars, &device)?;
+    let mut model = Captioner::build(&cap_cfg, 8, 0, &files, None, &vars, &device)?;
     let pref = PreferenceConfig {
         pairs_dataset: String::new(),
         text_pairs_dataset: DATASET.into(),

@@ -129,7 +129,9 @@ fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Resu
     let model = Captioner::build(
         &cfg,
         CLIP_DIM,
+        0,
         &DecoderFiles::from_dir(ckpt)?,
+        None,
         &vars,
         &device,
     )?;

@@ -157,8 +157,15 @@ impl FeatureCache {
         match self.lookup(key)? {
             Lookup::Hit(entry) => Ok(*entry),
             Lookup::Missing => Err(Error::Config(format!(
-                "no cached {} features of {} ({}); run `pipeline run embed` first",
-                key.modality, key.source, key.column
+                "no cached {} features of {} ({}); run `pipeline run embed` first{}",
+                key.modality,
+                key.source,
+                key.column,
+                if key.modality == "image_tokens" {
+                    " with embed.image_tokens = true"
+                } else {
+                    ""
+                }
             ))),
             Lookup::Corrupt { reason } => Err(Error::Config(format!(
                 "cached {} features of {} are corrupt ({reason}); re-run `pipeline run embed`",

@@ -40,6 +40,8 @@ pub struct EmbedSummary {
     pub repaired: usize,
     pub images: u64,
     pub texts: u64,
+    /// Images whose tokens were cached (`embed.image_tokens`).
+    pub image_tokens: u64,
     /// Samples without a usable image (failed downloads, undecodable bytes), skipped.
     pub skipped: u64,
     /// Whether the model was loaded at all (not when everything was cached).
@@ -59,7 +61,11 @@ impl std::fmt::Display for EmbedSummary {
                 f,
                 "{} entries computed ({} repaired), {} cached; {} images, {} texts embedded, {} samples skipped",
                 self.computed, self.repaired, self.cached, self.images, self.texts, self.skipped
-            )
+            )?;
+            if self.image_tokens > 0 {
+                write!(f, "; tokens of {} images cached", self.image_tokens)?;
+            }
+            Ok(())
         }
     }
 }
@@ -138,6 +144,15 @@ struct ByteBatch {
 /// One embedding on its way to the writer: `None` for an undecodable image.
 type Embedded = (usize, usize, Option<Vec<f32>>);
 
+/// What the image pass stores per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageOutput {
+    /// The projected image embedding.
+    Pooled,
+    /// The vision tower's last hidden states after the post-layernorm, flattened.
+    Tokens,
+}
+
 /// Embeds the images of every unit into its cache entry: a reader thread loads one unit at a
 /// time → decode/resize/crop workers → a batcher that packs their bytes → batched model calls
 /// on this thread → a writer thread that finishes each entry once all its rows are in.
@@ -147,11 +162,16 @@ pub fn embed_images_into(
     cache: &FeatureCache,
     units: &dyn ImageUnits,
     opts: &EmbedOptions,
+    output: ImageOutput,
 ) -> Result<(u64, u64)> {
-    let progress = Progress::new("embed image", "images", None);
+    let label = match output {
+        ImageOutput::Pooled => "embed image",
+        ImageOutput::Tokens => "embed image tokens",
+    };
+    let progress = Progress::new(label, "images", None);
     let cap = opts.channel_capacity.max(1);
     let batch = opts.batch_size.max(1);
-    let dim = model.dim();
+    let dim = output_dim(model, output);
     // Image `i` of the stream goes to worker `i mod w` and the batcher takes results back in
     // the same rotation: batches are then the same whatever order the workers finish in (a
     // GEMM's rounding can depend on how many rows it is given), with no reorder buffer.
@@ -200,7 +220,7 @@ pub fn embed_images_into(
         let skipped_tx = out_tx.clone();
         scope.spawn(move || pack_batches(&prep_rxs, batch_tx, skipped_tx, batch));
         let writer = scope.spawn(move || write_entries(cache, units, meta_rx, out_rx, dim));
-        let computed = run_model(model, batch_rx, out_tx, &progress);
+        let computed = run_model(model, output, batch_rx, out_tx, &progress);
         let panicked = |what: &str| Error::Panicked(what.into());
         let written = writer
             .join()
@@ -282,11 +302,12 @@ fn pack_batches(
 /// forward passes the device waits only for that readback.
 fn run_model(
     model: &ClipEmbedder,
+    output: ImageOutput,
     batches: Receiver<ByteBatch>,
     out: Sender<Embedded>,
     progress: &Progress,
 ) -> Result<()> {
-    let dim = model.dim();
+    let dim = output_dim(model, output);
     let mut running: Option<(Vec<(usize, usize)>, Tensor)> = None;
     loop {
         let next = match batches.recv() {
@@ -313,14 +334,24 @@ fn run_model(
         }
         match next {
             Some((rows, x)) => {
-                running = Some((
-                    rows,
-                    model
-                        .embed_pixel_tensor(&x)
-                        .during("CLIP image embeddings")?,
-                ));
+                let y = match output {
+                    ImageOutput::Pooled => model.embed_pixel_tensor(&x),
+                    ImageOutput::Tokens => model.image_tokens_tensor(&x),
+                };
+                running = Some((rows, y.during("CLIP image embeddings")?));
             }
             None => return Ok(()),
+        }
+    }
+}
+
+/// Values stored per image for `output`.
+fn output_dim(model: &ClipEmbedder, output: ImageOutput) -> usize {
+    match output {
+        ImageOutput::Pooled => model.dim(),
+        ImageOutput::Tokens => {
+            let (t, h) = model.token_shape();
+            t * h
         }
     }
 }
@@ -581,7 +612,8 @@ pub fn embed_user_inputs(
         if !image_units.is_empty() {
             summary.embed.computed += image_units.len();
             let units = FileImages { units: image_units };
-            let (images, skipped) = embed_images_into(&model, &cache, &units, opts)?;
+            let (images, skipped) =
+                embed_images_into(&model, &cache, &units, opts, ImageOutput::Pooled)?;
             summary.embed.images += images;
             summary.embed.skipped += skipped;
         }

@@ -15,6 +15,9 @@ use crate::imaging::preprocess::{ClipPreprocessConfig, ImageBackend};
 use crate::io::sha256_file;
 use crate::models::clip::{ClipEmbedder, ClipModelFiles, HfClipConfig};
 
+/// The modality of image-token entries.
+pub const IMAGE_TOKENS: &str = "image_tokens";
+
 /// What, besides the checkpoint, decides the cached numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FeatureSettings {
@@ -22,6 +25,8 @@ pub struct FeatureSettings {
     pub compute_dtype: ComputeDtype,
     /// Precision of the stored embeddings.
     pub cache_dtype: CacheDtype,
+    /// Precision of the stored image tokens.
+    pub tokens_dtype: CacheDtype,
     /// Whose image preprocessing to reproduce; `None`: as the checkpoint's
     /// `preprocessor_config.json` says.
     pub image_backend: Option<ImageBackend>,
@@ -40,6 +45,7 @@ pub struct ModelIdentity {
     /// sha256 of `tokenizer.json` and the position limit: what changes text token ids.
     text_fingerprint: String,
     cache_dtype: CacheDtype,
+    tokens_dtype: CacheDtype,
 }
 
 impl ModelIdentity {
@@ -67,6 +73,7 @@ impl ModelIdentity {
             preprocess,
             text_fingerprint,
             cache_dtype: settings.cache_dtype,
+            tokens_dtype: settings.tokens_dtype,
         })
     }
 
@@ -74,7 +81,13 @@ impl ModelIdentity {
         self.config.projection_dim
     }
 
-    /// The cache key of `column` of `source` embedded as `modality` (`image` or `text`).
+    /// `(tokens, hidden)` of the image-token entries.
+    pub fn token_shape(&self) -> (usize, usize) {
+        self.config.token_shape()
+    }
+
+    /// The cache key of `column` of `source` embedded as `modality`: `image`, `text`, or
+    /// `image_tokens` (the vision tower's last hidden states, `tokens · hidden` per row).
     pub fn key(
         &self,
         modality: &str,
@@ -93,7 +106,7 @@ impl ModelIdentity {
                 ComputeDtype::Bf16 => "bf16",
             }
             .into(),
-            preprocess: if modality == "image" {
+            preprocess: if modality.starts_with("image") {
                 self.preprocess.fingerprint()
             } else {
                 self.text_fingerprint.clone()
@@ -102,8 +115,17 @@ impl ModelIdentity {
             source: source.into(),
             source_sha256: source_sha256.into(),
             column: column.into(),
-            dtype: self.cache_dtype,
-            dim: self.dim(),
+            dtype: if modality == IMAGE_TOKENS {
+                self.tokens_dtype
+            } else {
+                self.cache_dtype
+            },
+            dim: if modality == IMAGE_TOKENS {
+                let (t, h) = self.token_shape();
+                t * h
+            } else {
+                self.dim()
+            },
         }
     }
 
@@ -124,7 +146,7 @@ impl ModelIdentity {
         modality: &str,
     ) -> Result<Vec<FeatureEntry>> {
         let cache = FeatureCache::new(workdir);
-        let column = if modality == "image" {
+        let column = if modality.starts_with("image") {
             "image"
         } else {
             "caption"

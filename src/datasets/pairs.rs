@@ -491,7 +491,8 @@ pub(crate) mod tests {
             freeze_decoder: true,
             ..CaptionerConfig::default()
         };
-        let mut m = Captioner::build(&cfg, 8, &files, &VarMap::new(), &Device::Cpu).unwrap();
+        let mut m =
+            Captioner::build(&cfg, 8, 0, &files, None, &VarMap::new(), &Device::Cpu).unwrap();
         m.decoder.set_differentiable(false);
         m
     }

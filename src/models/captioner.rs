@@ -19,8 +19,11 @@ use tokenizers::Tokenizer;
 use crate::data::hub::HubClient;
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::io::write_atomic;
+use crate::kernels::l2_normalized;
+use crate::models::contrastive::{ContrastiveSpec, ProjectionHead};
 use crate::models::gpt2::{
-    load_gpt2_weights, softmax_train, train_norm, Gpt2, Gpt2Config, KvCache,
+    is_cross_attention_tensor, load_gpt2_weights_but, softmax_train, train_norm, CrossStates, Gpt2,
+    Gpt2Config, KvCache,
 };
 use crate::rng::SplitMix64;
 
@@ -30,6 +33,45 @@ use crate::rng::SplitMix64;
 pub enum MapperKind {
     Mlp,
     Transformer,
+}
+
+/// How the image reaches GPT-2.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Conditioning {
+    /// ClipCap: the image becomes `prefix_length` input embeddings in front of the caption.
+    #[default]
+    Prefix,
+    /// Every GPT-2 block attends to image tokens (transformers' `add_cross_attention`); the
+    /// caption starts after an end-of-text token.
+    CrossAttention,
+}
+
+impl CaptionerConfig {
+    /// The cached features this captioner reads: `image_tokens` (the CLIP tokens of a
+    /// cross-attention captioner with `image_encoder = "clip"`), else `image` (pooled).
+    pub fn feature_modality(&self) -> &'static str {
+        if self.conditioning == Conditioning::CrossAttention
+            && self.image_encoder == ImageEncoder::Clip
+        {
+            "image_tokens"
+        } else {
+            "image"
+        }
+    }
+}
+
+/// The image tokens a cross-attention captioner attends to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageEncoder {
+    /// The cached CLIP features through a learned projection to GPT-2's width (the pooled
+    /// embedding is one token).
+    #[default]
+    Clip,
+    /// Contrastive stage 1's image head (initialised from `train-contrastive`'s best
+    /// checkpoint, trained on) as one token, then a learned projection.
+    Contrastive,
 }
 
 /// `[captioner]`: the model and the data it is trained on.
@@ -47,6 +89,10 @@ pub struct CaptionerConfig {
     pub mapper_layers: usize,
     /// Train the prefix only, GPT-2 frozen.
     pub freeze_decoder: bool,
+    /// `prefix` (ClipCap) or `cross_attention`.
+    pub conditioning: Conditioning,
+    /// With cross-attention: `clip` or `contrastive` image tokens.
+    pub image_encoder: ImageEncoder,
     /// Caption tokens kept (the end-of-text token included).
     pub max_caption_tokens: usize,
     /// Image–caption dataset under `data/` the captioner learns from.
@@ -68,6 +114,8 @@ impl Default for CaptionerConfig {
             mapper: MapperKind::Mlp,
             mapper_layers: 2,
             freeze_decoder: false,
+            conditioning: Conditioning::Prefix,
+            image_encoder: ImageEncoder::Clip,
             max_caption_tokens: 40,
             dataset: "cc".into(),
             train_split: "train".into(),
@@ -182,14 +230,47 @@ enum Mapper {
     },
 }
 
-/// The captioner: mapper, GPT-2 and its tokenizer.
+/// Contrastive stage 1's image head that a `contrastive` cross-attention captioner starts
+/// from: its shape and the checkpoint holding its weights (`image_projection.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageHeadInit {
+    pub spec: ContrastiveSpec,
+    pub weights: PathBuf,
+}
+
+/// The image tokens of a cross-attention captioner: the stage-1 head (optional) and the
+/// projection to GPT-2's width.
+struct CrossImage {
+    head: Option<ProjectionHead>,
+    proj: Linear,
+}
+
+/// How the captioner conditions on the image.
+enum Conditioner {
+    Prefix(Mapper),
+    Cross(CrossImage),
+}
+
+/// What decoding starts from: the input embeddings before the first caption token (the
+/// prefix, or the start token) and, with cross-attention, the image's encoder states.
+struct Start {
+    embeds: Tensor,
+    cross: Option<CrossStates>,
+}
+
+/// The captioner: mapper (or cross-attention image tokens), GPT-2 and its tokenizer.
 pub struct Captioner {
-    mapper: Mapper,
+    conditioner: Conditioner,
     pub decoder: Gpt2,
     pub tokenizer: Tokenizer,
     pub eos: u32,
+    /// Positions the image takes before the caption: the prefix, or the one start token of
+    /// a cross-attention captioner.
     pub prefix_length: usize,
     pub clip_dim: usize,
+    /// Image tokens per row of the features (`clip_dim` = tokens × width); 0 = one pooled
+    /// embedding.
+    pub image_tokens: usize,
     device: Device,
 }
 
@@ -237,12 +318,23 @@ impl Captioner {
     pub fn build(
         cfg: &CaptionerConfig,
         clip_dim: usize,
+        image_tokens: usize,
         files: &DecoderFiles,
+        image_head: Option<&ImageHeadInit>,
         vars: &VarMap,
         device: &Device,
     ) -> Result<Self> {
-        let gcfg = Gpt2Config::from_file(&files.config)?;
+        let mut gcfg = Gpt2Config::from_file(&files.config)?;
         let err = format!("building the captioner from {}", files.weights.display());
+        let cross = cfg.conditioning == Conditioning::CrossAttention;
+        if cross {
+            if cfg.freeze_decoder {
+                return Err(Error::Config(
+                    "captioner.freeze_decoder = true is for the prefix captioner: a cross-attention captioner's new layers live in GPT-2's blocks and must train".into(),
+                ));
+            }
+            gcfg.add_cross_attention = true;
+        }
         let decoder = if cfg.freeze_decoder {
             // SAFETY: checkpoints are mapped read-only and never written while mapped.
             let vb = unsafe {
@@ -253,40 +345,86 @@ impl Captioner {
         } else {
             let vb = VarBuilder::from_varmap(vars, DType::F32, device).pp("decoder");
             let model = Gpt2::new(&gcfg, vb).during(err.as_str())?;
-            load_gpt2_weights(vars, "decoder", &files.weights, device)?;
+            let new = load_gpt2_weights_but(
+                vars,
+                "decoder",
+                &files.weights,
+                device,
+                is_cross_attention_tensor,
+            )?;
+            init_new_cross_attention(vars, &new, gcfg.n_layer)?;
             model
         };
         let mut decoder = decoder;
         decoder.set_differentiable(true);
         let d = gcfg.n_embd;
-        let p = cfg.prefix_length.max(1);
+        let p = if cross { 1 } else { cfg.prefix_length.max(1) };
         let vb = VarBuilder::from_varmap(vars, DType::F32, device).pp("mapper");
-        let mapper = match cfg.mapper {
-            MapperKind::Mlp => Mapper::Mlp {
-                l1: candle_nn::linear(clip_dim, d * p / 2, vb.pp("l1")).during(err.as_str())?,
-                l2: candle_nn::linear(d * p / 2, d * p, vb.pp("l2")).during(err.as_str())?,
-            },
-            MapperKind::Transformer => {
-                let heads = if d % 8 == 0 { 8 } else { 4 };
-                Mapper::Transformer {
-                    input: candle_nn::linear(clip_dim, d * p, vb.pp("input"))
-                        .during(err.as_str())?,
-                    constants: vb
-                        .get_with_hints(
-                            (p, d),
-                            "constants",
-                            Init::Randn {
-                                mean: 0.0,
-                                stdev: 1.0,
-                            },
-                        )
-                        .during(err.as_str())?,
-                    layers: (0..cfg.mapper_layers)
-                        .map(|i| MapperLayer::new(d, heads, vb.pp(format!("layers.{i}"))))
-                        .collect::<candle_core::Result<_>>()
-                        .during(err.as_str())?,
+        let conditioner = if cross {
+            let root = VarBuilder::from_varmap(vars, DType::F32, device);
+            let (head, width) = match (cfg.image_encoder, image_head) {
+                (ImageEncoder::Clip, _) if image_tokens > 0 => {
+                    if !clip_dim.is_multiple_of(image_tokens) {
+                        return Err(Error::Config(format!(
+                            "image features of width {clip_dim} are not {image_tokens} tokens"
+                        )));
+                    }
+                    (None, clip_dim / image_tokens)
                 }
-            }
+                (ImageEncoder::Clip, _) => (None, clip_dim),
+                (ImageEncoder::Contrastive, None) => {
+                    return Err(Error::Config(
+                        "captioner.image_encoder = \"contrastive\" needs a train-contrastive checkpoint".into(),
+                    ))
+                }
+                (ImageEncoder::Contrastive, Some(init)) => {
+                    if init.spec.clip_dim != clip_dim {
+                        return Err(Error::Config(format!(
+                            "the train-contrastive checkpoint {} takes CLIP features of width {}, these are {clip_dim}",
+                            init.weights.display(),
+                            init.spec.clip_dim
+                        )));
+                    }
+                    let head = ProjectionHead::new(
+                        clip_dim,
+                        init.spec.projection_dim,
+                        root.pp("image_encoder"),
+                    )
+                    .during(err.as_str())?;
+                    load_image_head(vars, &init.weights, device)?;
+                    (Some(head), init.spec.projection_dim)
+                }
+            };
+            let proj = candle_nn::linear(width, d, root.pp("image_proj")).during(err.as_str())?;
+            Conditioner::Cross(CrossImage { head, proj })
+        } else {
+            Conditioner::Prefix(match cfg.mapper {
+                MapperKind::Mlp => Mapper::Mlp {
+                    l1: candle_nn::linear(clip_dim, d * p / 2, vb.pp("l1")).during(err.as_str())?,
+                    l2: candle_nn::linear(d * p / 2, d * p, vb.pp("l2")).during(err.as_str())?,
+                },
+                MapperKind::Transformer => {
+                    let heads = if d % 8 == 0 { 8 } else { 4 };
+                    Mapper::Transformer {
+                        input: candle_nn::linear(clip_dim, d * p, vb.pp("input"))
+                            .during(err.as_str())?,
+                        constants: vb
+                            .get_with_hints(
+                                (p, d),
+                                "constants",
+                                Init::Randn {
+                                    mean: 0.0,
+                                    stdev: 1.0,
+                                },
+                            )
+                            .during(err.as_str())?,
+                        layers: (0..cfg.mapper_layers)
+                            .map(|i| MapperLayer::new(d, heads, vb.pp(format!("layers.{i}"))))
+                            .collect::<candle_core::Result<_>>()
+                            .during(err.as_str())?,
+                    }
+                }
+            })
         };
         let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| Error::BadFile {
             path: files.tokenizer.clone(),
@@ -299,12 +437,13 @@ impl Captioner {
                 message: format!("no `{END_OF_TEXT}` token"),
             })?;
         Ok(Self {
-            mapper,
+            conditioner,
             decoder,
             tokenizer,
             eos,
             prefix_length: p,
             clip_dim,
+            image_tokens,
             device: device.clone(),
         })
     }
@@ -313,8 +452,41 @@ impl Captioner {
         &self.device
     }
 
+    /// What decoding and teacher forcing start from, for CLIP embeddings `(b, clip_dim)`:
+    /// the prefix; or, with cross-attention, the start token (end-of-text) and the encoder
+    /// states of the image tokens.
+    fn start(&self, clip: &Tensor) -> candle_core::Result<Start> {
+        let Conditioner::Cross(c) = &self.conditioner else {
+            return Ok(Start {
+                embeds: self.prefix(clip)?,
+                cross: None,
+            });
+        };
+        let b = clip.dim(0)?;
+        let tokens = if self.image_tokens > 0 {
+            let t = self.image_tokens;
+            clip.reshape((b, t, clip.dim(1)? / t))?
+        } else {
+            let unit = l2_normalized(clip)?;
+            match &c.head {
+                Some(head) => l2_normalized(&head.forward(&unit, None)?)?,
+                None => unit,
+            }
+            .unsqueeze(1)?
+        };
+        let states = c.proj.forward(&tokens)?;
+        let bos = Tensor::from_vec(vec![self.eos; b], (b, 1), &self.device)?;
+        Ok(Start {
+            embeds: self.decoder.embed_tokens(&bos)?,
+            cross: Some(self.decoder.cross_states(&states, None)?),
+        })
+    }
+
     /// Prefix embeddings `(b, P, d)` of L2-normalised CLIP embeddings `(b, clip_dim)`.
     pub fn prefix(&self, clip: &Tensor) -> candle_core::Result<Tensor> {
+        let Conditioner::Prefix(mapper) = &self.conditioner else {
+            candle_core::bail!("a cross-attention captioner has no prefix");
+        };
         let clip = clip.broadcast_div(
             &clip
                 .sqr()?
@@ -324,7 +496,7 @@ impl Captioner {
         )?;
         let b = clip.dim(0)?;
         let (p, d) = (self.prefix_length, self.decoder.hidden_size());
-        match &self.mapper {
+        match mapper {
             Mapper::Mlp { l1, l2 } => l2.forward(&l1.forward(&clip)?.tanh()?)?.reshape((b, p, d)),
             Mapper::Transformer {
                 input,
@@ -385,20 +557,23 @@ impl Captioner {
     ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
         let (b, t) = ids.dims2()?;
         let tokens = self.decoder.embed_tokens(ids)?;
-        let (x, keep, p) = match clip {
+        let (x, keep, p, cross) = match clip {
             Some(clip) => {
-                let prefix = self.prefix(clip)?;
-                let p = prefix.dim(1)?;
+                let start = self.start(clip)?;
+                let p = start.embeds.dim(1)?;
                 let ones = Tensor::ones((b, p), DType::F32, &self.device)?;
                 (
-                    Tensor::cat(&[&prefix, &tokens], 1)?,
+                    Tensor::cat(&[&start.embeds, &tokens], 1)?,
                     Tensor::cat(&[&ones, attention], 1)?,
                     p,
+                    start.cross,
                 )
             }
-            None => (tokens, attention.clone(), 0),
+            None => (tokens, attention.clone(), 0, None),
         };
-        let hidden = self.decoder.forward_hidden(&x, Some(&keep))?;
+        let hidden = self
+            .decoder
+            .forward_hidden_with(&x, Some(&keep), cross.as_ref())?;
         // Position j of `pred` predicts `targets` column j. The LM head runs on those
         // positions only.
         let (pred, targets) = if p > 0 {
@@ -473,8 +648,9 @@ impl Captioner {
         &self,
         embeds: &Tensor,
         cache: &mut KvCache,
+        cross: Option<&CrossStates>,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let h = self.decoder.forward_cached(embeds, cache)?;
+        let h = self.decoder.forward_cached_with(embeds, cache, cross)?;
         let t = h.dim(1)?;
         let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
         candle_nn::ops::log_softmax(&self.decoder.lm_logits(&last)?, D::Minus1)?.to_vec2::<f32>()
@@ -489,7 +665,9 @@ impl Captioner {
     ) -> candle_core::Result<Vec<Generated>> {
         let b = clip.dim(0)?;
         let mut cache = KvCache::default();
-        let mut lps = self.step_logprobs(&self.prefix(clip)?, &mut cache)?;
+        let start = self.start(clip)?;
+        let cross = start.cross.as_ref();
+        let mut lps = self.step_logprobs(&start.embeds, &mut cache, cross)?;
         let mut out: Vec<(Vec<u32>, f64, bool)> = vec![(Vec::new(), 0.0, false); b];
         let mut rngs: Vec<SplitMix64> = (0..b)
             .map(|i| SplitMix64::derived(sampling.map_or(0, |s| s.2), &format!("row{i}")))
@@ -518,7 +696,7 @@ impl Captioner {
                 break;
             }
             let ids = Tensor::from_vec(next, (b, 1), &self.device)?;
-            lps = self.step_logprobs(&self.decoder.embed_tokens(&ids)?, &mut cache)?;
+            lps = self.step_logprobs(&self.decoder.embed_tokens(&ids)?, &mut cache, cross)?;
         }
         Ok(out
             .into_iter()
@@ -540,8 +718,10 @@ impl Captioner {
         max_tokens: usize,
     ) -> candle_core::Result<Generated> {
         let mut cache = KvCache::default();
+        let start = self.start(clip)?;
+        let mut cross = start.cross;
         let first = self
-            .step_logprobs(&self.prefix(clip)?, &mut cache)?
+            .step_logprobs(&start.embeds, &mut cache, cross.as_ref())?
             .remove(0);
         let norm = |score: f64, len: usize| score / (len.max(1) as f64).powf(length_penalty);
         let mut finished: Vec<(Vec<u32>, f64, f64)> = Vec::new();
@@ -561,6 +741,7 @@ impl Captioner {
             .saturating_sub(self.prefix_length);
         let rows = Tensor::from_vec(vec![0u32; live.len()], live.len(), &self.device)?;
         cache.select_rows(&rows)?;
+        cross = cross.map(|c| c.select_rows(&rows)).transpose()?;
         for step in 1..max_tokens.min(room) {
             if live.is_empty() {
                 break;
@@ -570,7 +751,11 @@ impl Captioner {
                 .map(|(ids, _)| *ids.last().unwrap_or(&self.eos))
                 .collect();
             let ids = Tensor::from_vec(last, (live.len(), 1), &self.device)?;
-            let lps = self.step_logprobs(&self.decoder.embed_tokens(&ids)?, &mut cache)?;
+            let lps = self.step_logprobs(
+                &self.decoder.embed_tokens(&ids)?,
+                &mut cache,
+                cross.as_ref(),
+            )?;
             let mut cands: Vec<(usize, u32, f64)> = Vec::new();
             for (row, lp) in lps.iter().enumerate() {
                 for tok in top_k(lp, 2 * beams) {
@@ -599,11 +784,9 @@ impl Captioner {
                 live.clear();
                 break;
             }
-            cache.select_rows(&Tensor::from_vec(
-                parents.clone(),
-                parents.len(),
-                &self.device,
-            )?)?;
+            let rows = Tensor::from_vec(parents.clone(), parents.len(), &self.device)?;
+            cache.select_rows(&rows)?;
+            cross = cross.map(|c| c.select_rows(&rows)).transpose()?;
             live = next;
             if finished.len() >= beams {
                 let best_live = live
@@ -637,9 +820,76 @@ impl Captioner {
     }
 }
 
-/// Re-initialises the mapper's variables from `seed` ([`crate::models::seed_vars`]).
+/// Re-initialises the mapper's variables (a cross-attention captioner's image projection)
+/// from `seed` ([`crate::models::seed_vars`]).
 pub fn seed_mapper(vars: &VarMap, seed: u64) -> Result<()> {
-    crate::models::seed_vars(vars, "mapper.", "captioner-mapper-init", seed)
+    crate::models::seed_vars(vars, "mapper.", "captioner-mapper-init", seed)?;
+    crate::models::seed_vars(vars, "image_proj.", "captioner-image-proj-init", seed)
+}
+
+/// Cross-attention variables `names` that the decoder checkpoint did not have, initialised
+/// as transformers initialises GPT-2 (seeded): weights N(0, 0.02), `c_proj` weights
+/// N(0, 0.02/sqrt(2·n_layer)), biases 0, LayerNorm gains 1.
+fn init_new_cross_attention(vars: &VarMap, names: &[String], n_layer: usize) -> Result<()> {
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("var map lock poisoned".into()))?;
+    let mut rng = SplitMix64::derived(0, "gpt2-cross-attention-init");
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let values = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if name.contains(".ln_cross_attn.") {
+            vec![1.0; n]
+        } else if name.contains(".c_proj.") {
+            rng.normal_samples(n, 0.02 / (2.0 * n_layer as f32).sqrt())
+        } else {
+            rng.normal_samples(n, 0.02)
+        };
+        let t = Tensor::from_vec(values, dims, var.device())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        var.set(&t)
+            .map_err(|e| Error::Config(format!("{name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Sets the `image_encoder.` variables from a train-contrastive checkpoint's
+/// `image_projection.*` tensors.
+fn load_image_head(vars: &VarMap, weights: &Path, device: &Device) -> Result<()> {
+    let err = |m: String| Error::BadFile {
+        path: weights.to_path_buf(),
+        message: m,
+    };
+    let tensors =
+        candle_core::safetensors::load(weights, device).map_err(|e| err(e.to_string()))?;
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| err("var map lock poisoned".into()))?;
+    for (name, var) in data.iter() {
+        let Some(rest) = name.strip_prefix("image_encoder.") else {
+            continue;
+        };
+        let key = format!("image_projection.{rest}");
+        let t = tensors.get(&key).ok_or_else(|| {
+            err(format!(
+                "no tensor `{key}` (not a train-contrastive checkpoint?)"
+            ))
+        })?;
+        if t.dims() != var.dims() {
+            return Err(err(format!(
+                "tensor `{key}` is {:?}, the captioner needs {:?}",
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(t).map_err(|e| err(format!("`{key}`: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Token ids of `caption` followed by end-of-text, at most `max_tokens` in all.
@@ -726,6 +976,12 @@ pub struct CaptionerManifest {
     /// The `[embed]` model (and revision) whose features the captioner was trained on.
     pub clip_model: String,
     pub clip_revision: String,
+    /// A `contrastive` cross-attention captioner's starting image head.
+    #[serde(default)]
+    pub image_head: Option<ImageHeadInit>,
+    /// Image tokens per feature row (`image_encoder = "clip"` over cached tokens); 0 = pooled.
+    #[serde(default)]
+    pub image_tokens: usize,
 }
 
 impl CaptionerManifest {
@@ -753,7 +1009,9 @@ impl CaptionerManifest {
         let mut model = Captioner::build(
             &self.captioner,
             self.clip_dim,
+            self.image_tokens,
             &self.decoder_files,
+            self.image_head.as_ref(),
             &vars,
             device,
         )?;
@@ -791,8 +1049,16 @@ mod tests {
         for (mapper, freeze) in [(MapperKind::Mlp, true), (MapperKind::Transformer, false)] {
             let vars = VarMap::new();
             let files = DecoderFiles::from_dir(&fixture("gpt2-tiny")).unwrap();
-            let model =
-                Captioner::build(&cfg(mapper, freeze), 16, &files, &vars, &Device::Cpu).unwrap();
+            let model = Captioner::build(
+                &cfg(mapper, freeze),
+                16,
+                0,
+                &files,
+                None,
+                &vars,
+                &Device::Cpu,
+            )
+            .unwrap();
             let clip = Tensor::randn(0f32, 1.0, (2, 16), &Device::Cpu).unwrap();
             assert_eq!(model.prefix(&clip).unwrap().dims(), &[2, 4, 32]);
             let a = caption_ids(&model.tokenizer, model.eos, "a red circle", 12).unwrap();
@@ -827,12 +1093,108 @@ mod tests {
         }
     }
 
+    fn cross(image_encoder: ImageEncoder) -> CaptionerConfig {
+        CaptionerConfig {
+            conditioning: Conditioning::CrossAttention,
+            image_encoder,
+            ..cfg(MapperKind::Mlp, false)
+        }
+    }
+
+    /// The prefix captioner and the cross-attention one over one pooled token and over
+    /// four image tokens of width 4 (the features' rows are 16 wide in each case).
+    fn both() -> [(CaptionerConfig, usize); 3] {
+        [
+            (cfg(MapperKind::Mlp, true), 0),
+            (cross(ImageEncoder::Clip), 0),
+            (cross(ImageEncoder::Clip), 4),
+        ]
+    }
+
+    /// Cross-attention on a plain GPT-2 checkpoint: its blocks gain the layers (seeded as
+    /// transformers initialises them), the image projection is new, every trainable
+    /// variable gets a gradient from the caption loss, the caption starts after one start
+    /// token; a frozen decoder or a missing stage-1 checkpoint is refused with the reason.
+    #[test]
+    fn a_cross_attention_captioner_trains_its_new_layers() {
+        let files = DecoderFiles::from_dir(&fixture("gpt2-tiny")).unwrap();
+        let vars = VarMap::new();
+        let model = Captioner::build(
+            &cross(ImageEncoder::Clip),
+            16,
+            0,
+            &files,
+            None,
+            &vars,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(model.prefix_length, 1);
+        let names: Vec<String> = vars.data().lock().unwrap().keys().cloned().collect();
+        for want in [
+            "decoder.h.0.crossattention.q_attn.weight",
+            "decoder.h.1.crossattention.c_attn.weight",
+            "decoder.h.0.ln_cross_attn.weight",
+            "image_proj.weight",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want}");
+        }
+        assert!(!names.iter().any(|n| n.starts_with("mapper.")));
+        let q = vars.data().lock().unwrap()["decoder.h.0.crossattention.q_attn.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let std = (q.iter().map(|x| x * x).sum::<f32>() / q.len() as f32).sqrt();
+        assert!((0.015..0.025).contains(&std), "N(0, 0.02) init: {std}");
+        let clip = Tensor::randn(0f32, 1.0, (2, 16), &Device::Cpu).unwrap();
+        let ids = caption_ids(&model.tokenizer, model.eos, "a red circle", 12).unwrap();
+        let t = ids.len();
+        let ids = Tensor::from_vec([ids.clone(), ids].concat(), (2, t), &Device::Cpu).unwrap();
+        let mask = Tensor::ones((2, t), DType::F32, &Device::Cpu).unwrap();
+        let grads = model.nll(&clip, &ids, &mask).unwrap().backward().unwrap();
+        for (name, var) in vars.data().lock().unwrap().iter() {
+            // Position embeddings past the caption and unused token rows get none.
+            if name.ends_with("wpe.weight") || name.ends_with("wte.weight") {
+                continue;
+            }
+            assert!(grads.get(var.as_tensor()).is_some(), "{name}");
+        }
+        let frozen = CaptionerConfig {
+            freeze_decoder: true,
+            ..cross(ImageEncoder::Clip)
+        };
+        let err = Captioner::build(&frozen, 16, 0, &files, None, &VarMap::new(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("freeze_decoder"), "{err}");
+        let err = Captioner::build(
+            &cross(ImageEncoder::Contrastive),
+            16,
+            0,
+            &files,
+            None,
+            &VarMap::new(),
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("train-contrastive"), "{err}");
+    }
+
     #[test]
     fn padding_does_not_change_a_rows_log_probability() {
+        for (c, tokens) in both() {
+            padding_invariance(&c, tokens);
+        }
+    }
+
+    fn padding_invariance(c: &CaptionerConfig, tokens: usize) {
         let vars = VarMap::new();
         let files = DecoderFiles::from_dir(&fixture("gpt2-tiny")).unwrap();
-        let model =
-            Captioner::build(&cfg(MapperKind::Mlp, true), 16, &files, &vars, &Device::Cpu).unwrap();
+        let model = Captioner::build(c, 16, tokens, &files, None, &vars, &Device::Cpu).unwrap();
         let clip = Tensor::randn(0f32, 1.0, (1, 16), &Device::Cpu).unwrap();
         let ids = caption_ids(
             &model.tokenizer,
@@ -868,10 +1230,15 @@ mod tests {
 
     #[test]
     fn greedy_beam_and_sampling_decode_consistently() {
+        for (c, tokens) in both() {
+            decoding_consistency(&c, tokens);
+        }
+    }
+
+    fn decoding_consistency(c: &CaptionerConfig, tokens: usize) {
         let vars = VarMap::new();
         let files = DecoderFiles::from_dir(&fixture("gpt2-tiny")).unwrap();
-        let mut model =
-            Captioner::build(&cfg(MapperKind::Mlp, true), 16, &files, &vars, &Device::Cpu).unwrap();
+        let mut model = Captioner::build(c, 16, tokens, &files, None, &vars, &Device::Cpu).unwrap();
         model.decoder.set_differentiable(false);
         let clip = Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu).unwrap();
         let greedy = model.generate(&clip, &DecodeMethod::Greedy, 6).unwrap();

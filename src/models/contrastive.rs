@@ -74,7 +74,7 @@ pub struct ProjectionHead {
 }
 
 impl ProjectionHead {
-    fn new(input: usize, dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(input: usize, dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
             l1: candle_nn::linear(input, dim, vb.pp("l1"))?,
             l2: candle_nn::linear(dim, dim, vb.pp("l2"))?,
@@ -84,7 +84,7 @@ impl ProjectionHead {
 
     /// The head on `x` `(b, in)`; `drop` is a `(b, dim)` mask already scaled by `1/(1-p)`
     /// (training) or `None` (evaluation).
-    fn forward(&self, x: &Tensor, drop: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, drop: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let mut h = self.l1.forward(x)?.relu()?;
         if let Some(m) = drop {
             h = (h * m)?;

@@ -771,6 +771,19 @@ pub fn load_gpt2_weights(
     weights: &Path,
     device: &Device,
 ) -> Result<()> {
+    load_gpt2_weights_but(vars, prefix, weights, device, |_| false).map(|_| ())
+}
+
+/// [`load_gpt2_weights`], where tensors for which `may_be_new` holds may be absent from the
+/// checkpoint (cross-attention layers added to a plain GPT-2): their names are returned,
+/// their variables left as they are.
+pub fn load_gpt2_weights_but(
+    vars: &VarMap,
+    prefix: &str,
+    weights: &Path,
+    device: &Device,
+    may_be_new: impl Fn(&str) -> bool,
+) -> Result<Vec<String>> {
     let err = |m: String| Error::BadFile {
         path: weights.to_path_buf(),
         message: m,
@@ -782,14 +795,21 @@ pub fn load_gpt2_weights(
         .lock()
         .map_err(|_| err("var map lock poisoned".into()))?;
     let prefix = format!("{prefix}.");
+    let mut absent = Vec::new();
     for (name, var) in data.iter() {
         let Some(rest) = name.strip_prefix(&prefix) else {
             continue;
         };
-        let t = tensors
+        let Some(t) = tensors
             .get(&format!("transformer.{rest}"))
             .or_else(|| tensors.get(rest))
-            .ok_or_else(|| err(format!("no tensor `{rest}` in the checkpoint")))?;
+        else {
+            if may_be_new(rest) {
+                absent.push(name.clone());
+                continue;
+            }
+            return Err(err(format!("no tensor `{rest}` in the checkpoint")));
+        };
         if t.dims() != var.dims() {
             return Err(err(format!(
                 "tensor `{rest}` is {:?}, the model (from config.json) needs {:?}",
@@ -800,7 +820,13 @@ pub fn load_gpt2_weights(
         var.set(&t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?)
             .map_err(|e| err(format!("`{rest}`: {e}")))?;
     }
-    Ok(())
+    absent.sort();
+    Ok(absent)
+}
+
+/// Whether `name` (relative to the model) is a cross-attention tensor.
+pub fn is_cross_attention_tensor(name: &str) -> bool {
+    name.contains(".crossattention.") || name.contains(".ln_cross_attn.")
 }
 
 /// The attention-masked mean over positions of hidden states `(b, t, d)`, with `keep`

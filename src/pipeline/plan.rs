@@ -31,6 +31,10 @@ pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
         include_str!("../../pipelines/cc-ultrafeedback-dpo.toml"),
     ),
     (
+        "cc-contrastive-dpo",
+        include_str!("../../pipelines/cc-contrastive-dpo.toml"),
+    ),
+    (
         "cc-ultrafeedback-orpo",
         include_str!("../../pipelines/cc-ultrafeedback-orpo.toml"),
     ),

@@ -12,14 +12,17 @@ use serde::{Deserialize, Serialize};
 use crate::data::features::{CacheDtype, FeatureEntry};
 use crate::data::hub::{HubClient, HubConfig};
 use crate::datasets::embedding::EmbedOptions;
-use crate::datasets::features::{FeatureSettings, ModelIdentity};
+use crate::datasets::features::{FeatureSettings, ModelIdentity, IMAGE_TOKENS};
 use crate::datasets::pairs::TruncationMode;
 use crate::device::{device_for, ComputeDtype};
 use crate::error::{Error, Result};
 use crate::imaging::preprocess::ImageBackend;
 use crate::losses::preference::DpoLoss;
-use crate::models::captioner::{CaptionerConfig, DecoderFiles};
+use crate::models::captioner::{
+    CaptionerConfig, Conditioning, DecoderFiles, ImageEncoder, ImageHeadInit,
+};
 use crate::models::clip::{ClipEmbedder, ClipModelFiles};
+use crate::models::contrastive::ContrastiveManifest;
 use crate::models::tiny::{ensure_tiny_clip, ensure_tiny_gpt2, TinyClipSpec};
 
 /// `[run]`: settings shared by all stages.
@@ -71,6 +74,8 @@ pub struct ClipConfig {
     pub dtype: ComputeDtype,
     /// Precision of the stored embeddings.
     pub cache_dtype: CacheDtype,
+    /// Precision of the stored image tokens (`embed.image_tokens`).
+    pub tokens_dtype: CacheDtype,
     /// Whose image preprocessing to reproduce: transformers' Pillow backend or its
     /// torchvision one. Unset: torchvision's for a checkpoint whose
     /// `preprocessor_config.json` names a `...Fast` processor, else Pillow's.
@@ -84,6 +89,7 @@ impl Default for ClipConfig {
             revision: "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268".into(),
             dtype: ComputeDtype::F32,
             cache_dtype: CacheDtype::F32,
+            tokens_dtype: CacheDtype::F16,
             image_backend: None,
         }
     }
@@ -103,6 +109,7 @@ impl ClipConfig {
         FeatureSettings {
             compute_dtype: self.dtype,
             cache_dtype: self.cache_dtype,
+            tokens_dtype: self.tokens_dtype,
             image_backend: self.image_backend,
         }
     }
@@ -334,6 +341,66 @@ impl StageContext {
             .split_features(&self.workdir, dataset, split, modality)
     }
 
+    /// The cached features captioner `cap` reads for `dataset/split` under `clip` (pooled
+    /// image embeddings, or image tokens for a cross-attention captioner over CLIP tokens),
+    /// and the image tokens per row (0 = pooled).
+    pub fn captioner_features(
+        &self,
+        cap: &CaptionerConfig,
+        clip: &ClipConfig,
+        dataset: &str,
+        split: &str,
+    ) -> Result<(Vec<FeatureEntry>, usize)> {
+        let identity = self.feature_identity(clip)?;
+        let modality = cap.feature_modality();
+        let entries = identity.split_features(&self.workdir, dataset, split, modality)?;
+        let tokens = if modality == IMAGE_TOKENS {
+            identity.token_shape().0
+        } else {
+            0
+        };
+        Ok((entries, tokens))
+    }
+
+    /// The cached image tokens of `dataset/split` under `clip` for the images `keys` (the
+    /// pooled entries' rows), in that order, `tokens · hidden` values each; an error names the
+    /// first image without tokens.
+    pub fn image_tokens_for(
+        &self,
+        cap: &CaptionerConfig,
+        clip: &ClipConfig,
+        dataset: &str,
+        split: &str,
+        keys: &[String],
+    ) -> Result<Vec<f32>> {
+        let (entries, _) = self.captioner_features(cap, clip, dataset, split)?;
+        let dim = entries.first().map_or(0, |e| e.manifest.key.dim);
+        let (mut token_keys, mut values) = (Vec::new(), Vec::new());
+        for e in &entries {
+            let t = e.open()?;
+            token_keys.extend(t.keys());
+            values.extend(t.embeddings());
+        }
+        if token_keys == keys {
+            return Ok(values);
+        }
+        let row: std::collections::HashMap<&str, usize> = token_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.as_str(), i))
+            .collect();
+        let mut out = Vec::with_capacity(keys.len() * dim);
+        for key in keys {
+            let i = row.get(key.as_str()).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "no cached image tokens for image `{key}` of {dataset}/{split}; re-run `pipeline run embed` with embed.image_tokens = true"
+                ))
+            })?;
+            out.extend_from_slice(&values[i * dim..(i + 1) * dim]);
+        }
+        Ok(out)
+    }
+
     /// The files of `captioner.decoder` ([`Self::gpt2_files`]).
     pub fn decoder_files(&self) -> Result<DecoderFiles> {
         self.gpt2_files(&self.captioner.decoder, &self.captioner.decoder_revision)
@@ -351,6 +418,39 @@ impl StageContext {
             return DecoderFiles::from_dir(&dir);
         }
         DecoderFiles::resolve(name, revision, || self.hub_client())
+    }
+
+    /// The stage-1 image head a `contrastive` cross-attention `[captioner]` starts from: the
+    /// best checkpoint of `train-contrastive` (this run's, else the newest run's); `None` for
+    /// every other captioner.
+    pub fn image_head_init(&self) -> Result<Option<ImageHeadInit>> {
+        let cap = &self.captioner;
+        if cap.conditioning != Conditioning::CrossAttention
+            || cap.image_encoder != ImageEncoder::Contrastive
+        {
+            return Ok(None);
+        }
+        let stage = "train-contrastive";
+        let weights = self
+            .find_output(&format!("{stage}/best/model.safetensors"))
+            .ok_or_else(|| self.missing("train-contrastive checkpoint", stage))?;
+        let dir = weights
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.workdir);
+        let manifest = ContrastiveManifest::load(&dir.join("contrastive.json"))?;
+        if manifest.clip_model != self.clip.model {
+            return Err(Error::Config(format!(
+                "{} was trained on features of CLIP `{}`; clip.model is `{}`",
+                dir.display(),
+                manifest.clip_model,
+                self.clip.model
+            )));
+        }
+        Ok(Some(ImageHeadInit {
+            spec: manifest.spec,
+            weights,
+        }))
     }
 
     /// How the embedding passes run: `batch_size` per model call, `[run]`'s threads and

@@ -11,13 +11,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::features::CacheDtype;
 use crate::data::features::{FeatureCache, FeatureKey};
 use crate::data::shard::{shard_captions, shard_images, ShardSet};
 use crate::datasets::embedding::{
-    embed_images_into, embed_texts_into, needs_work, EmbedSummary, ImageUnits, KeyedImage,
+    embed_images_into, embed_texts_into, needs_work, EmbedSummary, ImageOutput, ImageUnits,
+    KeyedImage,
 };
-use crate::datasets::features::workdir_relative;
-use crate::error::{Error, Result};
+use crate::datasets::features::{workdir_relative, IMAGE_TOKENS};
+use crate::error::{Error, IoContext, Result};
 use crate::io::sha256_file;
 use crate::progress::Progress;
 use crate::stages::{Stage, StageContext};
@@ -30,6 +32,10 @@ pub struct EmbedConfig {
     pub datasets: Vec<String>,
     /// Also embed every sample's caption.
     pub texts: bool,
+    /// Also cache each image's tokens (CLIP's last hidden states after the post-layernorm,
+    /// in `clip.tokens_dtype`): what a cross-attention captioner with `image_encoder = "clip"`
+    /// attends to. Large: 50 × 768 values per image for ViT-B/32.
+    pub image_tokens: bool,
     /// Images (or texts) per model call.
     pub batch_size: usize,
 }
@@ -44,6 +50,7 @@ impl Default for EmbedConfig {
                 "storyreasoning".into(),
             ],
             texts: true,
+            image_tokens: false,
             batch_size: 64,
         }
     }
@@ -78,6 +85,7 @@ impl Stage for Embed {
         let mut summary = EmbedSummary::default();
         // Planning hashes each shard but loads no rows, so memory does not grow with the data.
         let mut image_work = Vec::new();
+        let mut token_work = Vec::new();
         let mut text_work = Vec::new();
         for path in shards {
             let source = workdir_relative(workdir, &path);
@@ -86,6 +94,12 @@ impl Stage for Embed {
             if needs_work(&cache, &key, &mut summary)? {
                 image_work.push((path.clone(), key));
             }
+            if cfg.image_tokens {
+                let key = identity.key(IMAGE_TOKENS, &source, &sha256, "image");
+                if needs_work(&cache, &key, &mut summary)? {
+                    token_work.push((path.clone(), key));
+                }
+            }
             if cfg.texts {
                 let key = identity.key("text", &source, &sha256, "caption");
                 if needs_work(&cache, &key, &mut summary)? {
@@ -93,8 +107,27 @@ impl Stage for Embed {
                 }
             }
         }
-        if image_work.is_empty() && text_work.is_empty() {
+        if image_work.is_empty() && text_work.is_empty() && token_work.is_empty() {
             return Ok(summary);
+        }
+        if !token_work.is_empty() {
+            // Say what the tokens will take before computing them.
+            let rows: u64 = token_work
+                .iter()
+                .map(|(path, _)| shard_rows(path))
+                .sum::<Result<u64>>()?;
+            let (t, h) = identity.token_shape();
+            let bytes = match ctx.clip.tokens_dtype {
+                CacheDtype::F16 => 2,
+                CacheDtype::F32 => 4,
+            };
+            let per_image = (t * h * bytes) as u64;
+            eprintln!(
+                "[embed] image tokens: {t} x {h} x {bytes} bytes = {:.1} KiB per image; {rows} rows in {} shard(s): about {:.2} GiB in cache/features-v1/",
+                per_image as f64 / 1024.0,
+                token_work.len(),
+                (per_image * rows) as f64 / (1u64 << 30) as f64
+            );
         }
         let model = ctx.load_clip(&identity)?;
         summary.model_loaded = true;
@@ -115,15 +148,36 @@ impl Stage for Embed {
             summary.computed += image_work.len();
             let units = ShardImages { units: image_work };
             let opts = ctx.embed_options(cfg.batch_size);
-            let (images, skipped) = embed_images_into(&model, &cache, &units, &opts)?;
+            let (images, skipped) =
+                embed_images_into(&model, &cache, &units, &opts, ImageOutput::Pooled)?;
             summary.images += images;
             summary.skipped += skipped;
+        }
+        if !token_work.is_empty() {
+            summary.computed += token_work.len();
+            let units = ShardImages { units: token_work };
+            let opts = ctx.embed_options(cfg.batch_size);
+            let (images, _) =
+                embed_images_into(&model, &cache, &units, &opts, ImageOutput::Tokens)?;
+            summary.image_tokens += images;
         }
         Ok(summary)
     }
 }
 
 /// Finished shards of the configured datasets, in a stable order.
+/// Rows of a finished shard, from its Parquet footer.
+fn shard_rows(path: &Path) -> Result<u64> {
+    use parquet::file::reader::FileReader;
+    let file = std::fs::File::open(path).at(path)?;
+    let reader =
+        parquet::file::reader::SerializedFileReader::new(file).map_err(|e| Error::BadFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
+}
+
 fn input_shards(datasets: &[String], workdir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for dataset in datasets {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::records::GenerationRow;
 use crate::data::shard::write_parquet;
 use crate::datasets::embedding::{embed_user_inputs, UserInputs};
+use crate::datasets::features::IMAGE_TOKENS;
 use crate::error::{CandleContext, Error, Result};
 use crate::io::write_atomic;
 use crate::models::captioner::{seed_mapper, CaptionerManifest, DecodeMethod};
@@ -190,9 +191,20 @@ impl Stage for Generate {
                     None => CaptionerManifest {
                         captioner: ctx.captioner.clone(),
                         decoder_files: ctx.decoder_files()?,
-                        clip_dim: dim,
+                        clip_dim: if ctx.captioner.feature_modality() == IMAGE_TOKENS {
+                            let (t, h) = ctx.feature_identity(&clip)?.token_shape();
+                            t * h
+                        } else {
+                            dim
+                        },
                         clip_model: clip.model.clone(),
                         clip_revision: clip.revision.clone(),
+                        image_head: ctx.image_head_init()?,
+                        image_tokens: if ctx.captioner.feature_modality() == IMAGE_TOKENS {
+                            ctx.feature_identity(&clip)?.token_shape().0
+                        } else {
+                            0
+                        },
                     },
                 };
                 (manifest, None)
@@ -204,6 +216,22 @@ impl Stage for Generate {
                         ctx.missing(&format!("`{model_name}` checkpoint"), model_name)
                     })?;
                 (m.clone(), Some(best.clone()))
+            };
+            // A captioner over image tokens reads the token entries of the same shards (the
+            // same rows: both skip the same undecodable images).
+            let tokens;
+            let (embeddings, dim) = if manifest.captioner.feature_modality() == IMAGE_TOKENS {
+                if !g.images.is_empty() {
+                    return Err(Error::Config(format!(
+                        "generate.images: the `{model_name}` captioner attends to CLIP image tokens, which are cached for dataset shards only"
+                    )));
+                }
+                tokens =
+                    ctx.image_tokens_for(&manifest.captioner, &clip, &dataset, &split, &keys)?;
+                let dim = tokens.len() / keys.len().max(1);
+                (&tokens, dim)
+            } else {
+                (&embeddings, dim)
             };
             if manifest.clip_dim != dim {
                 return Err(Error::Config(format!(

@@ -520,7 +520,9 @@ fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<
                 split: image_split.to_string(),
                 grounded: true,
             });
-            features = ctx.split_features(&clip, &p.image_dataset, image_split, "image")?;
+            features = ctx
+                .captioner_features(&manifest.captioner, &clip, &p.image_dataset, image_split)?
+                .0;
         }
         if !p.text_pairs_dataset.is_empty() {
             sources.push(PairSource {

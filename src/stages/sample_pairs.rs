@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::records::PreferencePair;
 use crate::data::shard::{ShardSet, ShardStats};
+use crate::datasets::features::IMAGE_TOKENS;
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::io::{sha256_file, write_atomic};
 use crate::metrics::embedding::clip_score;
@@ -215,11 +216,25 @@ fn sample_pairs(s: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairs
             keys.extend(t.keys());
             images.extend(t.embeddings());
         }
-        let dim = manifest.clip_dim;
+        // What the captioner reads: the same pooled embeddings, or the image tokens of the
+        // same rows (CLIPScore always ranks with the pooled ones).
+        let mut inputs = None;
+        if manifest.captioner.feature_modality() == IMAGE_TOKENS {
+            inputs = Some(ctx.image_tokens_for(
+                &manifest.captioner,
+                &clip_cfg,
+                &dataset,
+                split,
+                &keys,
+            )?);
+        }
+        let dim = identity.dim();
+        let in_dim = manifest.clip_dim;
         if s.max_images > 0 {
             keys.truncate(s.max_images);
             images.truncate(s.max_images * dim);
         }
+        let inputs: &[f32] = inputs.as_deref().unwrap_or(&images);
         let shard_size = s.shard_size.max(1);
         let shards = keys.len().div_ceil(shard_size);
         let progress = Progress::new(
@@ -254,15 +269,15 @@ fn sample_pairs(s: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairs
                 let end = (start + batch).min(hi);
                 let k = s.candidates;
                 // Each image k times; every row samples with its own stream.
-                let mut rows = Vec::with_capacity((end - start) * k * dim);
+                let mut rows = Vec::with_capacity((end - start) * k * in_dim);
                 for i in start..end {
                     for _ in 0..k {
-                        rows.extend_from_slice(&images[i * dim..(i + 1) * dim]);
+                        rows.extend_from_slice(&inputs[i * in_dim..(i + 1) * in_dim]);
                     }
                 }
                 let n = (end - start) * k;
-                let clip_in =
-                    Tensor::from_vec(rows, (n, dim), &device).during("uploading image features")?;
+                let clip_in = Tensor::from_vec(rows, (n, in_dim), &device)
+                    .during("uploading image features")?;
                 let method = DecodeMethod::Sample {
                     top_p: s.top_p,
                     temperature: s.temperature,

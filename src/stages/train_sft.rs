@@ -89,14 +89,23 @@ impl Stage for TrainSft {
 
     fn run(cfg: &TrainConfig, ctx: &StageContext) -> Result<TrainingSummary> {
         let cap = &ctx.captioner;
-        let features = |split: &str| ctx.split_features(&ctx.clip, &cap.dataset, split, "image");
-        let train = CaptionedSplit::new(&ctx.workdir, features(&cap.train_split)?)
-            .first(cap.max_train_samples as u64);
-        let val = CaptionedSplit::new(&ctx.workdir, features(&cap.val_split)?);
+        let features = |split: &str| ctx.captioner_features(cap, &ctx.clip, &cap.dataset, split);
+        let (train, image_tokens) = features(&cap.train_split)?;
+        let train = CaptionedSplit::new(&ctx.workdir, train).first(cap.max_train_samples as u64);
+        let val = CaptionedSplit::new(&ctx.workdir, features(&cap.val_split)?.0);
         let clip_dim = train.entries.first().map_or(0, |e| e.manifest.key.dim);
         let files = ctx.decoder_files()?;
         let vars = VarMap::new();
-        let model = Captioner::build(cap, clip_dim, &files, &vars, &ctx.device()?)?;
+        let image_head = ctx.image_head_init()?;
+        let model = Captioner::build(
+            cap,
+            clip_dim,
+            image_tokens,
+            &files,
+            image_head.as_ref(),
+            &vars,
+            &ctx.device()?,
+        )?;
         seed_mapper(&vars, cfg.seed)?;
         let dir = ctx.stage_dir(Self::NAME);
         std::fs::create_dir_all(&dir).at(&dir)?;
@@ -106,6 +115,8 @@ impl Stage for TrainSft {
             clip_dim,
             clip_model: ctx.clip.model.clone(),
             clip_revision: ctx.clip.revision.clone(),
+            image_head,
+            image_tokens,
         };
         manifest.save(&dir.join("captioner.json"))?;
         let data = CaptionBatches {

@@ -105,6 +105,14 @@ mod defaults {
 }
 
 impl HfClipConfig {
+    /// `(tokens, hidden)` of the vision tower's last hidden states: the class token plus
+    /// one per patch (50 × 768 for ViT-B/32).
+    pub fn token_shape(&self) -> (usize, usize) {
+        let v = &self.vision_config;
+        let g = v.image_size / v.patch_size.max(1);
+        (g * g + 1, v.hidden_size)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).at(path)?;
         serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
@@ -396,6 +404,22 @@ impl ClipEmbedder {
             .reshape(x.shape())
     }
 
+    /// `(tokens, hidden)` of [`Self::image_tokens_tensor`]: the class token and one per
+    /// patch, of the vision tower's width.
+    pub fn token_shape(&self) -> (usize, usize) {
+        self.config.token_shape()
+    }
+
+    /// Image tokens `[n, tokens · hidden]` f32 of a pixel tensor (as
+    /// [`Self::embed_pixel_tensor`]): the last hidden states after the post-layernorm,
+    /// flattened per image.
+    pub fn image_tokens_tensor(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.vision
+            .forward_tokens(x)?
+            .flatten_from(1)?
+            .to_dtype(DType::F32)
+    }
+
     /// Image embeddings of a pixel tensor `[n, 3, size, size]` already on the model's
     /// device and in its dtype.
     pub fn embed_pixel_tensor(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -597,6 +621,31 @@ mod tests {
             .to_vec2::<f32>()
             .unwrap();
         let diff = max_abs_diff(&emb, &rows(&reference()["image_embeds"]));
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+
+    /// The image tokens `embed.image_tokens` caches equal transformers'
+    /// `post_layernorm(vision_model(pixels).last_hidden_state)`
+    /// (`tests/fixtures/clip-tokens/make_reference.py`), the class token first.
+    #[test]
+    fn image_tokens_match_transformers_last_hidden_state_after_the_post_layernorm() {
+        let model = tiny();
+        assert_eq!(model.token_shape(), (17, 32));
+        let pv = read_npy(&fixture("reference/clip/pixel_values.npy")).unwrap();
+        let x = Tensor::from_vec(pv.data, (4, 3, 32, 32), &Device::Cpu).unwrap();
+        let got = model.image_tokens_tensor(&x).unwrap();
+        assert_eq!(got.dims(), &[4, 17 * 32]);
+        let want = read_npy(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip-tokens/tokens.npy"),
+        )
+        .unwrap();
+        assert_eq!(want.shape, vec![4, 17, 32]);
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let diff = got
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-4, "max abs diff {diff}");
     }
 

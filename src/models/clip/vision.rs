@@ -208,6 +208,35 @@ impl VisionTower {
         pixels: &Tensor,
         observe: &mut dyn FnMut(&'static str) -> candle_core::Result<()>,
     ) -> candle_core::Result<Tensor> {
+        let (x, n, tokens, hidden) = self.encode(pixels, observe)?;
+        // The class token of every image.
+        let pooled = x
+            .reshape((n, tokens, hidden))?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?;
+        let out = self
+            .post_norm
+            .forward(&pooled)?
+            .matmul(&self.projection.t()?)?;
+        observe("head")?;
+        Ok(out)
+    }
+
+    /// Every token's last hidden state after the post-layernorm, `[n, 1 + patches, hidden]`
+    /// (the class token first): the image tokens a cross-attention captioner attends to.
+    /// transformers' `post_layernorm(vision_model(pixels).last_hidden_state)`.
+    pub fn forward_tokens(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let (x, n, tokens, hidden) = self.encode(pixels, &mut |_| Ok(()))?;
+        self.post_norm.forward(&x)?.reshape((n, tokens, hidden))
+    }
+
+    /// The encoder's output rows `[n · tokens, hidden]` (before the post-layernorm), with
+    /// `n`, `tokens` and `hidden`.
+    fn encode(
+        &self,
+        pixels: &Tensor,
+        observe: &mut dyn FnMut(&'static str) -> candle_core::Result<()>,
+    ) -> candle_core::Result<(Tensor, usize, usize, usize)> {
         let (n, c, s, _) = pixels.dims4()?;
         let (p, g) = (self.patch, s / self.patch);
         let hidden = self.class_embedding.dim(0)?;
@@ -228,17 +257,7 @@ impl VisionTower {
         for layer in &self.layers {
             x = self.layer(layer, &x, n, tokens, observe)?;
         }
-        // The class token of every image.
-        let pooled = x
-            .reshape((n, tokens, hidden))?
-            .narrow(1, 0, 1)?
-            .squeeze(1)?;
-        let out = self
-            .post_norm
-            .forward(&pooled)?
-            .matmul(&self.projection.t()?)?;
-        observe("head")?;
-        Ok(out)
+        Ok((x, n, tokens, hidden))
     }
 
     fn layer(
