@@ -52,11 +52,21 @@ fn stage_one_learns_an_alignment_the_frozen_clip_text_tower_does_not_have() {
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("pipeline run embed"), "{log}");
 
+    let bert = format!(
+        "score.bertscore_model={}",
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/bertscore/bert-tiny")
+            .display()
+    );
     let (out, log) = pipeline(
         &[
             &[
                 "run",
                 "contrastive",
+                "--set",
+                &bert,
+                "--set",
+                "score.bertscore_layer=1",
                 "--set",
                 "train_contrastive.epochs=10",
                 "--set",
@@ -135,6 +145,15 @@ fn stage_one_learns_an_alignment_the_frozen_clip_text_tower_does_not_have() {
         .iter()
         .filter(|g| g.model != "untrained")
         .all(|g| !g.caption.is_empty()));
+    // score's BERTScore, with a BERT checkpoint from a local directory.
+    let scores: Vec<prefcap::data::records::ScoreRow> =
+        read_parquet(&run.join("scores.parquet")).unwrap();
+    assert_eq!(scores.len(), gens.len());
+    assert!(scores.iter().all(
+        |r| r.bertscore_f1.is_some_and(|f| (-1.0..=1.0).contains(&f))
+            && r.bertscore_p.is_some()
+            && r.bertscore_r.is_some()
+    ));
     let table = std::fs::read_to_string(run.join("report/retrieval.csv")).unwrap();
     assert!(table.lines().any(|l| l.contains(",clip,")), "{table}");
     assert!(

@@ -393,7 +393,10 @@ fn image_tokens_are_cached_per_shard_and_invalidated_like_the_pooled_features() 
         )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("syn-val-999999") && err.contains("image_tokens"), "{err}");
+    assert!(
+        err.contains("syn-val-999999") && err.contains("image_tokens"),
+        "{err}"
+    );
 
     // Unchanged: cached; a changed shard redoes its three entries; another dtype redoes
     // every token entry and nothing else.

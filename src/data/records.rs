@@ -238,6 +238,10 @@ record! {
         pub ref_clip_score: Option<f64>,
         /// Synthetic world only: share of the 5 attributes right.
         pub attribute_accuracy: Option<f64>,
+        /// BERTScore precision, recall and F1, best over the references (`score.bertscore_model`).
+        pub bertscore_p: Option<f64>,
+        pub bertscore_r: Option<f64>,
+        pub bertscore_f1: Option<f64>,
     }
 }
 

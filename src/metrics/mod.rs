@@ -1,7 +1,9 @@
 //! Caption metrics as pure functions over token lists and embeddings: BLEU, METEOR, ROUGE-L
 //! and CIDEr-D as pycocoevalcap computes them ([`text`], [`meteor`]), and CLIPScore and
-//! RefCLIPScore ([`embedding`]), and retrieval recall ([`retrieval`]).
+//! RefCLIPScore ([`embedding`]), BERTScore ([`bertscore`]) and retrieval recall
+//! ([`retrieval`]).
 
+pub mod bertscore;
 pub mod embedding;
 pub mod meteor;
 pub mod retrieval;

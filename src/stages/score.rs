@@ -15,8 +15,10 @@ use crate::data::records::{GenerationRow, ImageTextSample, ScoreRow, SummaryRow}
 use crate::data::shard::{read_parquet, write_parquet, ShardSet};
 use crate::datasets::features::embeddings_by_key;
 use crate::error::{Error, IoContext, Result};
+use crate::metrics::bertscore::{bert_score, BertScore, IdfWeights, TokenEmbeddings};
 use crate::metrics::embedding::{clip_score, ref_clip_score};
 use crate::metrics::{mean, text_metrics, TextScores};
+use crate::models::bert::BertEncoder;
 use crate::stages::{Stage, StageContext};
 use crate::synthetic::{self, AttributeMatch};
 
@@ -26,12 +28,84 @@ use crate::synthetic::{self, AttributeMatch};
 pub struct ScoreConfig {
     /// Compute CLIPScore and RefCLIPScore (loads `[clip]`'s model).
     pub clip_score: bool,
+    /// BERTScore's model: a BERT checkpoint (hub repo or local Hugging Face directory);
+    /// empty = no BERTScore.
+    pub bertscore_model: String,
+    pub bertscore_revision: String,
+    /// The layer whose hidden states are matched (bert-score's `num_layers`; 9 for
+    /// bert-base-uncased).
+    pub bertscore_layer: usize,
+    /// Weight tokens by their idf over each scored set's references.
+    pub idf: bool,
 }
 
 impl Default for ScoreConfig {
     fn default() -> Self {
-        Self { clip_score: true }
+        Self {
+            clip_score: true,
+            bertscore_model: String::new(),
+            bertscore_revision: "main".into(),
+            bertscore_layer: 9,
+            idf: false,
+        }
     }
+}
+
+/// The BERTScore encoder `cfg` names, if any: a local directory or a hub repo.
+fn bertscore_encoder(cfg: &ScoreConfig, ctx: &StageContext) -> Result<Option<BertEncoder>> {
+    if cfg.bertscore_model.is_empty() {
+        return Ok(None);
+    }
+    let dir = Path::new(&cfg.bertscore_model);
+    let dir = if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        let hub = ctx.hub_client()?;
+        let mut local = None;
+        for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+            let got = hub.model_file(&cfg.bertscore_model, &cfg.bertscore_revision, file)?;
+            local = got.local.parent().map(Path::to_path_buf);
+        }
+        local.ok_or_else(|| Error::Config("hub returned no files".into()))?
+    };
+    BertEncoder::load(&dir, cfg.bertscore_layer, &ctx.device()?).map(Some)
+}
+
+/// BERTScore of each candidate against its references (flattened in `flat_refs`, `refs[i]`
+/// of them for candidate `i`), idf over these references when asked.
+pub fn bertscores(
+    encoder: &BertEncoder,
+    cands: &[String],
+    refs: &[Vec<String>],
+    idf: bool,
+) -> Result<Vec<BertScore>> {
+    let tokens = |v: Vec<(Vec<u32>, Vec<Vec<f32>>)>| -> Vec<TokenEmbeddings> {
+        v.into_iter()
+            .map(|(ids, vectors)| TokenEmbeddings { ids, vectors })
+            .collect()
+    };
+    let cand = tokens(encoder.embed(cands, 64)?);
+    let flat: Vec<String> = refs.iter().flatten().cloned().collect();
+    let flat = tokens(encoder.embed(&flat, 64)?);
+    let special = [encoder.cls, encoder.sep];
+    let weights = if idf {
+        IdfWeights::idf(
+            &flat.iter().map(|e| e.ids.clone()).collect::<Vec<_>>(),
+            &special,
+        )
+    } else {
+        IdfWeights::uniform(&special)
+    };
+    let mut at = 0;
+    Ok(cand
+        .iter()
+        .zip(refs)
+        .map(|(c, r)| {
+            let s = bert_score(c, &flat[at..at + r.len()], &weights);
+            at += r.len();
+            s
+        })
+        .collect())
 }
 
 /// References of the images of `dataset/split`: key → captions (for the synthetic world, the
@@ -71,7 +145,7 @@ pub struct Score;
 impl Stage for Score {
     const NAME: &'static str = "score";
     const DESCRIPTION: &'static str =
-        "BLEU, METEOR, ROUGE-L, CIDEr-D, CLIPScore and attribute accuracy into scores.parquet";
+        "BLEU, METEOR, ROUGE-L, CIDEr-D, CLIPScore, BERTScore and attribute accuracy into scores.parquet";
     const USES_GPU: bool = false;
     const SECTION: &'static str = "score";
     type Config = ScoreConfig;
@@ -106,6 +180,7 @@ fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
     } else {
         None
     };
+    let bert = bertscore_encoder(cfg, ctx)?;
     let mut per_image = Vec::new();
     let mut summary = Vec::new();
     let mut refs_cache: HashMap<(String, String), HashMap<String, Vec<String>>> = HashMap::new();
@@ -156,6 +231,21 @@ fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
                 mean(ref_clip.iter().flatten().copied()),
             );
         }
+        let mut berts = vec![None; gens.len()];
+        if let Some(encoder) = &bert {
+            let s = bertscores(encoder, &cands, &refs, cfg.idf)?;
+            for (name, pick) in [
+                (
+                    "BERTScore_P",
+                    (|b: &BertScore| b.precision) as fn(&BertScore) -> f64,
+                ),
+                ("BERTScore_R", |b| b.recall),
+                ("BERTScore_F1", |b| b.f1),
+            ] {
+                corpus.insert(name.into(), mean(s.iter().map(pick)));
+            }
+            berts = s.into_iter().map(Some).collect();
+        }
         let attributes: Vec<Option<f64>> = gens
             .iter()
             .map(|g| {
@@ -188,6 +278,9 @@ fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
                 clip_score: clip_scores[i],
                 ref_clip_score: ref_clip[i],
                 attribute_accuracy: attributes[i],
+                bertscore_p: berts[i].map(|b| b.precision),
+                bertscore_r: berts[i].map(|b| b.recall),
+                bertscore_f1: berts[i].map(|b| b.f1),
             });
         }
         for (metric, value) in corpus {
@@ -395,5 +488,57 @@ mod tests {
         std::fs::write(&cj, "{\"image_id\": \"nat0\"}\n").unwrap();
         let err = score_files(&refs, &cj).unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("caption"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod bertscore_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// BERTScore on a tiny random BERT equals the bert-score package's, without and with
+    /// idf, several references per candidate (`tests/fixtures/bertscore/make_reference.py`).
+    #[test]
+    fn bertscore_equals_the_bert_score_package() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bertscore");
+        let reference: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+        let layer = reference["num_layers"].as_u64().unwrap() as usize;
+        let enc = BertEncoder::load(&dir.join("bert-tiny"), layer, &Device::Cpu).unwrap();
+        let texts = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect()
+        };
+        let cands = texts(&reference["cands"]);
+        let refs: Vec<Vec<String>> = reference["refs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(texts)
+            .collect();
+        for (key, idf) in [("plain", false), ("idf", true)] {
+            let scores = bertscores(&enc, &cands, &refs, idf).unwrap();
+            for (i, s) in scores.iter().enumerate() {
+                for (name, got) in [("P", s.precision), ("R", s.recall), ("F", s.f1)] {
+                    let want = reference[key][name][i].as_f64().unwrap();
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "{key} {name} of `{}`: {got} vs {want}",
+                        cands[i]
+                    );
+                }
+            }
+        }
+        let err = BertEncoder::load(&dir.join("bert-tiny"), 3, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("bertscore_layer") && err.contains("2 layers"),
+            "{err}"
+        );
     }
 }

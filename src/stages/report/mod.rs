@@ -296,6 +296,7 @@ pub fn scores_table(summary: DataFrame) -> Result<DataFrame> {
         "CIDEr",
         "CLIPScore",
         "RefCLIPScore",
+        "BERTScore_F1",
         "attribute_accuracy",
     ];
     let aggs: Vec<Expr> = metrics

@@ -1,0 +1,133 @@
+//! A BERT encoder for BERTScore: a Hugging Face BERT checkpoint (`config.json`,
+//! `model.safetensors`, `tokenizer.json`) cut after `layer` transformer layers (bert-score
+//! keeps `model.encoder.layer[:num_layers]`), giving each token's hidden state there.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use tokenizers::Tokenizer;
+
+use crate::error::{CandleContext, Error, IoContext, Result};
+
+/// A BERT checkpoint cut at one layer, with its tokenizer.
+pub struct BertEncoder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    /// `[CLS]`, `[SEP]` and `[PAD]` ids.
+    pub cls: u32,
+    pub sep: u32,
+    pad: u32,
+    device: Device,
+}
+
+impl BertEncoder {
+    /// Loads the checkpoint in `dir` keeping its first `layer` layers (1 ≤ layer ≤ the
+    /// checkpoint's). Only BERT (`model_type = "bert"`) checkpoints are read.
+    pub fn load(dir: &Path, layer: usize, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).at(&config_path)?;
+        let bad = |m: String| Error::BadFile {
+            path: config_path.clone(),
+            message: m,
+        };
+        let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let model_type = raw["model_type"].as_str().unwrap_or("");
+        if model_type != "bert" {
+            return Err(bad(format!(
+                "model_type `{model_type}`: BERTScore reads BERT checkpoints (model_type \"bert\")"
+            )));
+        }
+        let mut cfg: BertConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if layer == 0 || layer > cfg.num_hidden_layers {
+            return Err(Error::Config(format!(
+                "score.bertscore_layer = {layer}: {} has {} layers (1..={})",
+                dir.display(),
+                cfg.num_hidden_layers,
+                cfg.num_hidden_layers
+            )));
+        }
+        cfg.num_hidden_layers = layer;
+        let weights = dir.join("model.safetensors");
+        let err = format!("loading {}", weights.display());
+        // SAFETY: the checkpoint is mapped read-only and never written while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .during(err.as_str())?;
+        let model = BertModel::load(vb, &cfg).during(err.as_str())?;
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| Error::BadFile {
+            path: tok_path.clone(),
+            message: format!("not a tokenizers file: {e}"),
+        })?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let id = |t: &str| {
+            tokenizer.token_to_id(t).ok_or_else(|| Error::BadFile {
+                path: tok_path.clone(),
+                message: format!("no `{t}` token"),
+            })
+        };
+        Ok(Self {
+            cls: id("[CLS]")?,
+            sep: id("[SEP]")?,
+            pad: id("[PAD]")?,
+            model,
+            tokenizer,
+            device: device.clone(),
+        })
+    }
+
+    /// Token ids of `sentence` (trimmed) with `[CLS]` … `[SEP]`, as bert-score's
+    /// `sent_encode`.
+    pub fn encode(&self, sentence: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(sentence.trim(), true)
+            .map_err(|e| Error::Config(format!("tokenizing `{sentence}`: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Each sentence's token ids and each token's hidden state at the cut layer, `batch`
+    /// sentences per model call (padded on the right and masked).
+    pub fn embed(
+        &self,
+        sentences: &[String],
+        batch: usize,
+    ) -> Result<Vec<(Vec<u32>, Vec<Vec<f32>>)>> {
+        let mut out = Vec::with_capacity(sentences.len());
+        for chunk in sentences.chunks(batch.max(1)) {
+            let ids: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|s| self.encode(s))
+                .collect::<Result<_>>()?;
+            let len = ids.iter().map(Vec::len).max().unwrap_or(1);
+            let n = ids.len();
+            let mut flat = Vec::with_capacity(n * len);
+            let mut mask = Vec::with_capacity(n * len);
+            for s in &ids {
+                flat.extend(s.iter().copied());
+                flat.extend(std::iter::repeat_n(self.pad, len - s.len()));
+                mask.extend((0..len).map(|i| u32::from(i < s.len())));
+            }
+            let input = Tensor::from_vec(flat, (n, len), &self.device).during("BERT input")?;
+            let mask = Tensor::from_vec(mask, (n, len), &self.device).during("BERT input")?;
+            let types = input.zeros_like().during("BERT input")?;
+            let hidden = self
+                .model
+                .forward(&input, &types, Some(&mask))
+                .during("BERT forward")?
+                .to_dtype(DType::F32)
+                .during("BERT forward")?
+                .to_vec3::<f32>()
+                .during("BERT forward")?;
+            for (s, h) in ids.into_iter().zip(hidden) {
+                let vectors = h.into_iter().take(s.len()).collect();
+                out.push((s, vectors));
+            }
+        }
+        Ok(out)
+    }
+}
