@@ -11,6 +11,9 @@ use tokenizers::Tokenizer;
 
 use crate::error::{CandleContext, Error, IoContext, Result};
 
+/// A sentence's token ids (special tokens included) and each token's hidden state.
+pub type SentenceStates = (Vec<u32>, Vec<Vec<f32>>);
+
 /// A BERT checkpoint cut at one layer, with its tokenizer.
 pub struct BertEncoder {
     model: BertModel,

@@ -18,7 +18,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::metrics::bertscore::{bert_score, BertScore, IdfWeights, TokenEmbeddings};
 use crate::metrics::embedding::{clip_score, ref_clip_score};
 use crate::metrics::{mean, text_metrics, TextScores};
-use crate::models::bert::BertEncoder;
+use crate::models::bert::{BertEncoder, SentenceStates};
 use crate::stages::{Stage, StageContext};
 use crate::synthetic::{self, AttributeMatch};
 
@@ -79,7 +79,7 @@ pub fn bertscores(
     refs: &[Vec<String>],
     idf: bool,
 ) -> Result<Vec<BertScore>> {
-    let tokens = |v: Vec<(Vec<u32>, Vec<Vec<f32>>)>| -> Vec<TokenEmbeddings> {
+    let tokens = |v: Vec<SentenceStates>| -> Vec<TokenEmbeddings> {
         v.into_iter()
             .map(|(ids, vectors)| TokenEmbeddings { ids, vectors })
             .collect()
