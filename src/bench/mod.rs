@@ -4,6 +4,7 @@
 
 pub mod embed;
 pub mod score;
+pub mod train_contrastive;
 pub mod train_dpo;
 pub mod train_sft;
 
@@ -33,6 +34,8 @@ pub enum BenchCommand {
     TrainSft(crate::bench::train_sft::BenchTrainSftArgs),
     /// DPO epochs on text-only pairs with a GPT-2-small-size policy, vs TRL's DPOTrainer.
     TrainDpo(crate::bench::train_dpo::BenchTrainDpoArgs),
+    /// Contrastive stage-1 steps with a GPT-2-small-size text encoder, vs PyTorch.
+    TrainContrastive(crate::bench::train_contrastive::BenchTrainContrastiveArgs),
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +76,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Score(args) => crate::bench::score::bench_score(&args),
         BenchCommand::TrainSft(args) => crate::bench::train_sft::bench_train_sft(&args),
         BenchCommand::TrainDpo(args) => crate::bench::train_dpo::bench_train_dpo(&args),
+        BenchCommand::TrainContrastive(args) => {
+            crate::bench::train_contrastive::bench_train_contrastive(&args)
+        }
     }
 }
 

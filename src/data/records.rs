@@ -378,7 +378,10 @@ mod tests {
             [
                 ("clip_score", true),
                 ("ref_clip_score", true),
-                ("attribute_accuracy", true)
+                ("attribute_accuracy", true),
+                ("bertscore_p", true),
+                ("bertscore_r", true),
+                ("bertscore_f1", true)
             ]
         );
     }

@@ -28,8 +28,8 @@ use crate::synthetic::{self, AttributeMatch};
 pub struct ScoreConfig {
     /// Compute CLIPScore and RefCLIPScore (loads `[clip]`'s model).
     pub clip_score: bool,
-    /// BERTScore's model: a BERT checkpoint (hub repo or local Hugging Face directory);
-    /// empty = no BERTScore.
+    /// BERTScore's model: a BERT, DistilBERT or RoBERTa checkpoint (hub repo or local Hugging
+    /// Face directory); empty = no BERTScore.
     pub bertscore_model: String,
     pub bertscore_revision: String,
     /// The layer whose hidden states are matched (bert-score's `num_layers`; 9 for
@@ -496,7 +496,7 @@ mod bertscore_tests {
     use super::*;
     use candle_core::Device;
 
-    /// BERTScore on a tiny random BERT equals the bert-score package's, without and with
+    /// BERTScore on a tiny random BERT, DistilBERT and RoBERTa equals the bert-score package's, without and with
     /// idf, several references per candidate (`tests/fixtures/bertscore/make_reference.py`).
     #[test]
     fn bertscore_equals_the_bert_score_package() {
@@ -504,7 +504,6 @@ mod bertscore_tests {
         let reference: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
         let layer = reference["num_layers"].as_u64().unwrap() as usize;
-        let enc = BertEncoder::load(&dir.join("bert-tiny"), layer, &Device::Cpu).unwrap();
         let texts = |v: &serde_json::Value| -> Vec<String> {
             v.as_array()
                 .unwrap()
@@ -519,16 +518,19 @@ mod bertscore_tests {
             .iter()
             .map(texts)
             .collect();
-        for (key, idf) in [("plain", false), ("idf", true)] {
-            let scores = bertscores(&enc, &cands, &refs, idf).unwrap();
-            for (i, s) in scores.iter().enumerate() {
-                for (name, got) in [("P", s.precision), ("R", s.recall), ("F", s.f1)] {
-                    let want = reference[key][name][i].as_f64().unwrap();
-                    assert!(
-                        (got - want).abs() < 1e-5,
-                        "{key} {name} of `{}`: {got} vs {want}",
-                        cands[i]
-                    );
+        for model in ["bert-tiny", "distilbert-tiny", "roberta-tiny"] {
+            let enc = BertEncoder::load(&dir.join(model), layer, &Device::Cpu).unwrap();
+            for (key, idf) in [("plain", false), ("idf", true)] {
+                let scores = bertscores(&enc, &cands, &refs, idf).unwrap();
+                for (i, s) in scores.iter().enumerate() {
+                    for (name, got) in [("P", s.precision), ("R", s.recall), ("F", s.f1)] {
+                        let want = reference[model][key][name][i].as_f64().unwrap();
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{model} {key} {name} of `{}`: {got} vs {want}",
+                            cands[i]
+                        );
+                    }
                 }
             }
         }

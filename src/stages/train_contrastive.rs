@@ -198,8 +198,8 @@ impl Stage for TrainContrastive {
         let (train_cfg, c) = (&cfg.train, &cfg.method);
         let cap = &ctx.captioner;
         let features = |split: &str| ctx.split_features(&ctx.clip, &cap.dataset, split, "image");
-        let train = CaptionedSplit::new(&ctx.workdir, features(&cap.train_split)?)
-            .first(cap.max_train_samples as u64);
+        // The whole training split (`captioner.max_train_samples` limits SFT's captions only).
+        let train = CaptionedSplit::new(&ctx.workdir, features(&cap.train_split)?);
         let val = CaptionedSplit::new(&ctx.workdir, features(&cap.val_split)?);
         let clip_dim = train.entries.first().map_or(0, |e| e.manifest.key.dim);
         let files = ctx.gpt2_files(&c.text_encoder, &c.text_encoder_revision)?;

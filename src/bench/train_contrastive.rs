@@ -1,0 +1,270 @@
+//! `pipeline bench train-contrastive`: optimizer steps per second and peak RSS of contrastive
+//! stage 1 — a GPT-2-small-size text encoder (random weights, trained) pooled by the masked
+//! mean, two projection heads and symmetric InfoNCE against frozen CLIP image features —
+//! prefcap's trainer step beside the same model in PyTorch (transformers' `GPT2Model`, the
+//! same heads, `torch.optim.AdamW`), on the same checkpoint, batch, lengths, machine and
+//! threads. Dropout is off in both (its masks are drawn differently); each side runs in its
+//! own process, whose peak RSS is sampled.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_nn::VarMap;
+use clap::Args;
+
+use crate::device::device_for;
+use crate::models::captioner::DecoderFiles;
+use crate::models::contrastive::{ContrastiveModel, ContrastiveSpec};
+use crate::models::tiny::{ensure_random_gpt2, Gpt2Spec};
+use crate::rng::SplitMix64;
+use crate::stages::train_contrastive::{ContrastiveObjective, PairBatch};
+use crate::train::{Objective, OptimizerConfig, Schedule, Trainer};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchTrainContrastiveArgs {
+    /// Image–caption pairs per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Caption tokens per row.
+    #[arg(long, default_value_t = 24)]
+    pub tokens: usize,
+    /// Width of the shared space.
+    #[arg(long, default_value_t = 512)]
+    pub projection: usize,
+    /// Timed steps (after two untimed warm-up steps).
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// CPU threads for both tools; 0 = all cores.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Run both tools on this CUDA device (prefcap needs `--features cuda`).
+    #[arg(long)]
+    pub gpu: Option<usize>,
+    /// Skip PyTorch (measure prefcap alone).
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Scratch directory (the random checkpoint).
+    #[arg(long, default_value = ".bench/train")]
+    pub dir: PathBuf,
+    /// Virtual environment for the Python peer (torch, transformers).
+    #[arg(long, default_value = ".bench/venv")]
+    pub venv: PathBuf,
+    /// Internal: run prefcap's side in this process and write its figures here.
+    #[arg(long, hide = true)]
+    pub worker_out: Option<PathBuf>,
+}
+
+/// One side's figures.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Side {
+    params: usize,
+    steps_per_s: f64,
+    first_loss: f64,
+}
+
+const CLIP_DIM: usize = 512;
+
+/// The peer: the same step in PyTorch. Writes steps/s, the first loss and the parameter count.
+const PEER_SCRIPT: &str = r#"
+import json, os, sys, time
+import torch
+from transformers import GPT2Model
+ckpt, out, threads, batch, tokens, proj, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+device = torch.device(os.environ.get("PEER_DEVICE", "cpu"))
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+enc = GPT2Model.from_pretrained(
+    ckpt, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa"
+).to(device).train()
+d = enc.config.n_embd
+def head(i):
+    return torch.nn.Sequential(
+        torch.nn.Linear(i, proj), torch.nn.ReLU(), torch.nn.Dropout(0.0),
+        torch.nn.Linear(proj, proj), torch.nn.LayerNorm(proj),
+    ).to(device)
+text_head, image_head = head(d), head(512)
+params = list(enc.parameters()) + list(text_head.parameters()) + list(image_head.parameters())
+opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+clip = torch.randn(batch, 512, device=device)
+ids = torch.randint(0, enc.config.vocab_size, (batch, tokens), device=device)
+mask = torch.ones(batch, tokens, device=device)
+targets = torch.arange(batch, device=device)
+F = torch.nn.functional
+def step():
+    h = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+    pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    t = F.normalize(text_head(pooled), dim=-1)
+    i = F.normalize(image_head(F.normalize(clip, dim=-1)), dim=-1)
+    logits = i @ t.T / 0.5
+    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+first = step()
+step()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+t0 = time.perf_counter()
+for _ in range(steps):
+    step()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+json.dump({"steps_per_s": steps / (time.perf_counter() - t0), "first_loss": first,
+           "params": sum(p.numel() for p in params)}, open(out, "w"))
+"#;
+
+/// prefcap's side: train-contrastive's objective and the engine's step, constant rate.
+fn run_prefcap(args: &BenchTrainContrastiveArgs, ckpt: &Path) -> anyhow::Result<Side> {
+    let device = device_for(args.gpu, false)?;
+    let vars = VarMap::new();
+    let spec = ContrastiveSpec {
+        projection_dim: args.projection,
+        dropout: 0.0,
+        temperature: 0.5,
+        learnable_temperature: false,
+        train_text_encoder: true,
+        clip_dim: CLIP_DIM,
+    };
+    let model = ContrastiveModel::build(&spec, &DecoderFiles::from_dir(ckpt)?, &vars, 0, &device)?;
+    let params: usize = vars.all_vars().iter().map(|v| v.elem_count()).sum();
+    let mut rng = SplitMix64::new(0);
+    let vocab = Gpt2Spec::SMALL.vocab.unwrap_or(1) as u64;
+    let batch = PairBatch {
+        rows: args.batch,
+        len: args.tokens,
+        clip: (0..args.batch * CLIP_DIM)
+            .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
+            .collect(),
+        ids: (0..args.batch * args.tokens)
+            .map(|_| rng.below(vocab) as u32)
+            .collect(),
+        keep: vec![1.0; args.batch * args.tokens],
+        captions: vec![String::new(); args.batch],
+    };
+    let optimizer = OptimizerConfig {
+        lr: 1e-4,
+        schedule: Schedule::Constant,
+        ..OptimizerConfig::default()
+    };
+    let mut objective = ContrastiveObjective::new(model, vars, optimizer, 0);
+    let mut trainer = Trainer::new(objective.groups())?;
+    let first_loss = trainer.step(&mut objective, &batch, 0, 1)?.losses[0];
+    trainer.step(&mut objective, &batch, 1, 1)?;
+    let start = Instant::now();
+    for step in 0..args.steps {
+        trainer.step(&mut objective, &batch, step, args.steps)?;
+    }
+    Ok(Side {
+        params,
+        steps_per_s: args.steps as f64 / start.elapsed().as_secs_f64(),
+        first_loss,
+    })
+}
+
+fn read_side(path: &Path, who: &str) -> anyhow::Result<Side> {
+    let bytes = std::fs::read(path).with_context(|| format!("{who} wrote no result"))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+pub fn bench_train_contrastive(args: &BenchTrainContrastiveArgs) -> anyhow::Result<()> {
+    let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
+    let ckpt = dir.join("gpt2-small-random");
+    if let Some(out) = &args.worker_out {
+        let ours = run_prefcap(args, &ckpt)?;
+        std::fs::write(out, serde_json::to_vec(&ours)?)?;
+        return Ok(());
+    }
+    eprintln!("writing a random GPT-2-small-size checkpoint (HF format) ...");
+    ensure_random_gpt2(&ckpt, &Gpt2Spec::SMALL, 0, &crate::synthetic::corpus())?;
+    eprintln!(
+        "prefcap: batch {}, {} tokens, projection {} ...",
+        args.batch, args.tokens, args.projection
+    );
+    let ours_out = dir.join("prefcap-contrastive.json");
+    let cmd = crate::bench::worker_command(
+        "train-contrastive",
+        &[
+            ("--batch", args.batch),
+            ("--tokens", args.tokens),
+            ("--projection", args.projection),
+            ("--steps", args.steps),
+        ],
+        &dir,
+        &ours_out,
+        threads,
+        args.gpu,
+    )?;
+    let ours_mem = crate::bench::measure(cmd, "prefcap train-contrastive", args.gpu)?;
+    let ours = read_side(&ours_out, "prefcap")?;
+    let peer = if args.no_peer {
+        None
+    } else {
+        let python = crate::bench::ensure_venv(
+            &args.venv,
+            &["torch", "transformers", "safetensors"],
+            "import torch, transformers",
+        )?;
+        let script = dir.join("peer_train_contrastive.py");
+        std::fs::write(&script, PEER_SCRIPT)?;
+        let theirs_out = dir.join("torch-contrastive.json");
+        let _ = std::fs::remove_file(&theirs_out);
+        eprintln!("PyTorch ...");
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
+            .arg(&ckpt)
+            .arg(&theirs_out)
+            .args(
+                [
+                    threads,
+                    args.batch,
+                    args.tokens,
+                    args.projection,
+                    args.steps,
+                ]
+                .map(|n| n.to_string()),
+            )
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .env(
+                "PEER_DEVICE",
+                args.gpu.map_or("cpu".into(), |g| format!("cuda:{g}")),
+            );
+        let mem = crate::bench::measure(cmd, "PyTorch", args.gpu)?;
+        Some((read_side(&theirs_out, "PyTorch")?, mem))
+    };
+    let on = match args.gpu {
+        Some(g) => format!("CUDA device {g}, f32"),
+        None => format!("CPU, {threads} thread(s), f32"),
+    };
+    println!(
+        "\ntrain-contrastive step: GPT-2-small-size text encoder (trained) + two projection heads ({:.1}M parameters), {on}",
+        ours.params as f64 / 1e6
+    );
+    println!(
+        "batch {}, {} tokens, projection {}, symmetric InfoNCE at temperature 0.5, AdamW, clipping at 1.0",
+        args.batch, args.tokens, args.projection
+    );
+    println!(
+        "{:<10} {:>10} {:>12} {:>14} {:>10}",
+        "tool", "steps/s", "first loss", "peak RSS MiB", "params"
+    );
+    println!(
+        "{:<10} {:>10.3} {:>12.4} {:>14.0} {:>10}",
+        "prefcap", ours.steps_per_s, ours.first_loss, ours_mem.peak_rss_mib, ours.params
+    );
+    if let Some((theirs, mem)) = peer {
+        println!(
+            "{:<10} {:>10.3} {:>12.4} {:>14.0} {:>10}",
+            "PyTorch", theirs.steps_per_s, theirs.first_loss, mem.peak_rss_mib, theirs.params
+        );
+        println!(
+            "\nratio prefcap / PyTorch: steps/s {:.2}x, peak RSS {:.2}x",
+            ours.steps_per_s / theirs.steps_per_s,
+            ours_mem.peak_rss_mib / mem.peak_rss_mib
+        );
+    }
+    Ok(())
+}
