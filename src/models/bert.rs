@@ -144,11 +144,7 @@ impl BertEncoder {
 
     /// Each sentence's token ids and each token's hidden state at the cut layer, `batch`
     /// sentences per model call (padded on the right and masked).
-    pub fn embed(
-        &self,
-        sentences: &[String],
-        batch: usize,
-    ) -> Result<Vec<(Vec<u32>, Vec<Vec<f32>>)>> {
+    pub fn embed(&self, sentences: &[String], batch: usize) -> Result<Vec<SentenceStates>> {
         let mut out = Vec::with_capacity(sentences.len());
         for chunk in sentences.chunks(batch.max(1)) {
             let ids: Vec<Vec<u32>> = chunk

@@ -16,7 +16,6 @@ use candle_nn::{Init, LayerNorm, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::data::hub::HubClient;
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::io::write_atomic;
 use crate::kernels::l2_normalized;
@@ -25,6 +24,7 @@ use crate::models::gpt2::{
     is_cross_attention_tensor, load_gpt2_weights_but, softmax_train, train_norm, CrossStates, Gpt2,
     Gpt2Config, KvCache,
 };
+pub use crate::models::gpt2::{plain_ids, DecoderFiles, END_OF_TEXT};
 use crate::rng::SplitMix64;
 
 /// The mapper architecture.
@@ -124,55 +124,6 @@ impl Default for CaptionerConfig {
         }
     }
 }
-
-/// The files of a GPT-2 checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DecoderFiles {
-    pub config: PathBuf,
-    pub weights: PathBuf,
-    pub tokenizer: PathBuf,
-}
-
-impl DecoderFiles {
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let files = Self {
-            config: dir.join("config.json"),
-            weights: dir.join("model.safetensors"),
-            tokenizer: dir.join("tokenizer.json"),
-        };
-        for p in [&files.config, &files.weights, &files.tokenizer] {
-            if !p.is_file() {
-                return Err(Error::Config(format!(
-                    "GPT-2 directory {}: missing {} (need config.json, model.safetensors, tokenizer.json)",
-                    dir.display(),
-                    p.display()
-                )));
-            }
-        }
-        Ok(files)
-    }
-
-    /// A local directory, or hub repo `decoder` at `revision`.
-    pub fn resolve(
-        decoder: &str,
-        revision: &str,
-        hub: impl FnOnce() -> Result<HubClient>,
-    ) -> Result<Self> {
-        let dir = Path::new(decoder);
-        if dir.is_dir() {
-            return Self::from_dir(dir);
-        }
-        let hub = hub()?;
-        let fetch = |f: &str| hub.model_file(decoder, revision, f).map(|h| h.local);
-        Ok(Self {
-            config: fetch("config.json")?,
-            weights: fetch("model.safetensors")?,
-            tokenizer: fetch("tokenizer.json")?,
-        })
-    }
-}
-
-pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 /// One pre-LN encoder layer of the transformer mapper (bidirectional attention).
 struct MapperLayer {
@@ -831,16 +782,10 @@ pub fn seed_mapper(vars: &VarMap, seed: u64) -> Result<()> {
 /// as transformers initialises GPT-2 (seeded): weights N(0, 0.02), `c_proj` weights
 /// N(0, 0.02/sqrt(2·n_layer)), biases 0, LayerNorm gains 1.
 fn init_new_cross_attention(vars: &VarMap, names: &[String], n_layer: usize) -> Result<()> {
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| Error::Config("var map lock poisoned".into()))?;
-    let mut rng = SplitMix64::derived(0, "gpt2-cross-attention-init");
-    for name in names {
-        let var = &data[name];
-        let dims = var.dims().to_vec();
+    let rng = SplitMix64::derived(0, "gpt2-cross-attention-init");
+    crate::models::init_vars(vars, names, rng, |name, dims, rng| {
         let n: usize = dims.iter().product();
-        let values = if name.ends_with(".bias") {
+        if name.ends_with(".bias") {
             vec![0.0; n]
         } else if name.contains(".ln_cross_attn.") {
             vec![1.0; n]
@@ -848,48 +793,22 @@ fn init_new_cross_attention(vars: &VarMap, names: &[String], n_layer: usize) -> 
             rng.normal_samples(n, 0.02 / (2.0 * n_layer as f32).sqrt())
         } else {
             rng.normal_samples(n, 0.02)
-        };
-        let t = Tensor::from_vec(values, dims, var.device())
-            .map_err(|e| Error::Config(e.to_string()))?;
-        var.set(&t)
-            .map_err(|e| Error::Config(format!("{name}: {e}")))?;
-    }
-    Ok(())
+        }
+    })
 }
 
 /// Sets the `image_encoder.` variables from a train-contrastive checkpoint's
 /// `image_projection.*` tensors.
 fn load_image_head(vars: &VarMap, weights: &Path, device: &Device) -> Result<()> {
-    let err = |m: String| Error::BadFile {
-        path: weights.to_path_buf(),
-        message: m,
-    };
-    let tensors =
-        candle_core::safetensors::load(weights, device).map_err(|e| err(e.to_string()))?;
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| err("var map lock poisoned".into()))?;
-    for (name, var) in data.iter() {
-        let Some(rest) = name.strip_prefix("image_encoder.") else {
-            continue;
-        };
-        let key = format!("image_projection.{rest}");
-        let t = tensors.get(&key).ok_or_else(|| {
-            err(format!(
-                "no tensor `{key}` (not a train-contrastive checkpoint?)"
-            ))
-        })?;
-        if t.dims() != var.dims() {
-            return Err(err(format!(
-                "tensor `{key}` is {:?}, the captioner needs {:?}",
-                t.dims(),
-                var.dims()
-            )));
-        }
-        var.set(t).map_err(|e| err(format!("`{key}`: {e}")))?;
-    }
-    Ok(())
+    crate::models::load_vars(
+        vars,
+        "image_encoder",
+        weights,
+        device,
+        |rest| vec![format!("image_projection.{rest}")],
+        |_| false,
+    )
+    .map(|_| ())
 }
 
 /// Token ids of `caption` followed by end-of-text, at most `max_tokens` in all.
@@ -899,15 +818,8 @@ pub fn caption_ids(
     caption: &str,
     max_tokens: usize,
 ) -> Result<Vec<u32>> {
-    let enc = tok
-        .encode(caption, false)
-        .map_err(|e| Error::Config(format!("tokenizing `{caption}`: {e}")))?;
-    let mut ids: Vec<u32> = enc
-        .get_ids()
-        .iter()
-        .copied()
-        .take(max_tokens.saturating_sub(1))
-        .collect();
+    let mut ids = plain_ids(tok, caption)?;
+    ids.truncate(max_tokens.saturating_sub(1));
     ids.push(eos);
     Ok(ids)
 }

@@ -21,8 +21,10 @@ use tokenizers::Tokenizer;
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::io::write_atomic;
 use crate::kernels::l2_normalized;
-use crate::models::captioner::DecoderFiles;
-use crate::models::gpt2::{load_gpt2_weights, masked_mean_pool, train_norm, Gpt2, Gpt2Config};
+use crate::models::gpt2::{
+    load_gpt2_weights, masked_mean_pool, plain_ids, train_norm, DecoderFiles, Gpt2, Gpt2Config,
+    END_OF_TEXT,
+};
 use crate::rng::SplitMix64;
 
 /// The model's shape and training switches, as `[train_contrastive]` sets them.
@@ -155,9 +157,7 @@ impl ContrastiveModel {
             path: files.tokenizer.clone(),
             message: format!("not a tokenizers file: {e}"),
         })?;
-        let pad = tokenizer
-            .token_to_id(crate::models::captioner::END_OF_TEXT)
-            .unwrap_or(0);
+        let pad = tokenizer.token_to_id(END_OF_TEXT).unwrap_or(0);
         Ok(Self {
             text_encoder,
             tokenizer,
@@ -250,15 +250,8 @@ pub fn text_tokens(
     caption: &str,
     max_tokens: usize,
 ) -> Result<Vec<u32>> {
-    let enc = tok
-        .encode(caption, false)
-        .map_err(|e| Error::Config(format!("tokenizing `{caption}`: {e}")))?;
-    let mut ids: Vec<u32> = enc
-        .get_ids()
-        .iter()
-        .copied()
-        .take(max_tokens.max(1))
-        .collect();
+    let mut ids = plain_ids(tok, caption)?;
+    ids.truncate(max_tokens.max(1));
     if ids.is_empty() {
         ids.push(pad);
     }

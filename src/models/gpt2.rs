@@ -6,13 +6,15 @@
 //! transpose. Tensor names may carry the `transformer.` prefix or not. The decoder also takes
 //! input embeddings directly, so a CLIP prefix can stand in front of the caption tokens.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder, VarMap};
 use rayon::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
 
+use crate::data::hub::HubClient;
 use crate::error::{CandleContext, Error, IoContext, Result};
 use crate::kernels::{
     self, activate, cpu_f32, cpu_u32, exp_fast, linear, par_gemm, Activation, QkvAttention, View,
@@ -761,6 +763,64 @@ impl Gpt2 {
     }
 }
 
+/// The files of a GPT-2 checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderFiles {
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    pub tokenizer: PathBuf,
+}
+
+impl DecoderFiles {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let files = Self {
+            config: dir.join("config.json"),
+            weights: dir.join("model.safetensors"),
+            tokenizer: dir.join("tokenizer.json"),
+        };
+        for p in [&files.config, &files.weights, &files.tokenizer] {
+            if !p.is_file() {
+                return Err(Error::Config(format!(
+                    "GPT-2 directory {}: missing {} (need config.json, model.safetensors, tokenizer.json)",
+                    dir.display(),
+                    p.display()
+                )));
+            }
+        }
+        Ok(files)
+    }
+
+    /// A local directory, or hub repo `decoder` at `revision`.
+    pub fn resolve(
+        decoder: &str,
+        revision: &str,
+        hub: impl FnOnce() -> Result<HubClient>,
+    ) -> Result<Self> {
+        let dir = Path::new(decoder);
+        if dir.is_dir() {
+            return Self::from_dir(dir);
+        }
+        let hub = hub()?;
+        let fetch = |f: &str| hub.model_file(decoder, revision, f).map(|h| h.local);
+        Ok(Self {
+            config: fetch("config.json")?,
+            weights: fetch("model.safetensors")?,
+            tokenizer: fetch("tokenizer.json")?,
+        })
+    }
+}
+
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// Token ids of `caption` as `tok` splits it, without special tokens (`tokenizer(caption)`
+/// for GPT-2).
+pub fn plain_ids(tok: &Tokenizer, caption: &str) -> Result<Vec<u32>> {
+    let enc = tok
+        .encode(caption, false)
+        .map_err(|e| Error::Config(format!("tokenizing `{caption}`: {e}")))?;
+    Ok(enc.get_ids().to_vec())
+}
+
 /// Sets the variables of `vars` under `prefix.` (a GPT-2 built from
 /// `VarBuilder::from_varmap(vars, ..).pp(prefix)`) from the checkpoint `weights`, whose names
 /// may carry `transformer.` or not. An error names the file and the tensor (missing, or of
@@ -784,44 +844,14 @@ pub fn load_gpt2_weights_but(
     device: &Device,
     may_be_new: impl Fn(&str) -> bool,
 ) -> Result<Vec<String>> {
-    let err = |m: String| Error::BadFile {
-        path: weights.to_path_buf(),
-        message: m,
-    };
-    let tensors =
-        candle_core::safetensors::load(weights, device).map_err(|e| err(e.to_string()))?;
-    let data = vars
-        .data()
-        .lock()
-        .map_err(|_| err("var map lock poisoned".into()))?;
-    let prefix = format!("{prefix}.");
-    let mut absent = Vec::new();
-    for (name, var) in data.iter() {
-        let Some(rest) = name.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Some(t) = tensors
-            .get(&format!("transformer.{rest}"))
-            .or_else(|| tensors.get(rest))
-        else {
-            if may_be_new(rest) {
-                absent.push(name.clone());
-                continue;
-            }
-            return Err(err(format!("no tensor `{rest}` in the checkpoint")));
-        };
-        if t.dims() != var.dims() {
-            return Err(err(format!(
-                "tensor `{rest}` is {:?}, the model (from config.json) needs {:?}",
-                t.dims(),
-                var.dims()
-            )));
-        }
-        var.set(&t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?)
-            .map_err(|e| err(format!("`{rest}`: {e}")))?;
-    }
-    absent.sort();
-    Ok(absent)
+    crate::models::load_vars(
+        vars,
+        prefix,
+        weights,
+        device,
+        |rest| vec![format!("transformer.{rest}"), rest.to_string()],
+        may_be_new,
+    )
 }
 
 /// Whether `name` (relative to the model) is a cross-attention tensor.
