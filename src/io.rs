@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// A file written under a temporary name and renamed to `path` by [`AtomicFile::commit`]:
 /// readers see the old file or the whole new one, never part of it. Dropped uncommitted,
@@ -70,6 +70,24 @@ impl Drop for AtomicFile {
             let _ = fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// Writes `value` to `path` as pretty JSON, atomically.
+pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: format!("cannot serialise: {e}"),
+    })?;
+    write_atomic(path, &json)
+}
+
+/// Reads the JSON file `path` as `T`; an error names the file and the problem.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = fs::read(path).at(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// Writes `bytes` to `path` atomically ([`AtomicFile`]).

@@ -16,8 +16,7 @@ use candle_nn::{Init, LayerNorm, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::error::{CandleContext, Error, IoContext, Result};
-use crate::io::write_atomic;
+use crate::error::{CandleContext, Error, Result};
 use crate::kernels::l2_normalized;
 use crate::models::contrastive::{ContrastiveSpec, ProjectionHead};
 use crate::models::gpt2::{
@@ -898,16 +897,11 @@ pub struct CaptionerManifest {
 
 impl CaptionerManifest {
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Config(e.to_string()))?;
-        write_atomic(path, &json)
+        crate::io::write_json(path, self)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).at(path)?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        crate::io::read_json(path)
     }
 
     /// Rebuilds the captioner with the weights of `checkpoint` (a `model.safetensors`), or

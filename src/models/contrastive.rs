@@ -18,8 +18,7 @@ use candle_nn::{Init, LayerNorm, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::error::{CandleContext, Error, IoContext, Result};
-use crate::io::write_atomic;
+use crate::error::{CandleContext, Error, Result};
 use crate::kernels::l2_normalized;
 use crate::models::gpt2::{
     load_gpt2_weights, masked_mean_pool, plain_ids, train_norm, DecoderFiles, Gpt2, Gpt2Config,
@@ -55,16 +54,11 @@ pub struct ContrastiveManifest {
 
 impl ContrastiveManifest {
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_atomic(path, &json)
+        crate::io::write_json(path, self)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).at(path)?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
-            path: path.to_path_buf(),
-            message: format!("not a contrastive manifest: {e}"),
-        })
+        crate::io::read_json(path)
     }
 }
 

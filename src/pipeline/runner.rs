@@ -71,8 +71,7 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
         steps: Vec::new(),
     };
     let save = |record: &RunRecord| -> Result<()> {
-        let json = serde_json::to_vec_pretty(record).map_err(|e| Error::Config(e.to_string()))?;
-        write_atomic(&run_dir.join("run.json"), &json)
+        crate::io::write_json(&run_dir.join("run.json"), record)
     };
     // Plans run in dependency order and a failure stops the run: a step's inputs are done.
     for step in &plan.steps {

@@ -13,7 +13,6 @@ use crate::data::shard::write_parquet;
 use crate::datasets::embedding::{embed_user_inputs, UserInputs};
 use crate::datasets::features::IMAGE_TOKENS;
 use crate::error::{CandleContext, Error, Result};
-use crate::io::write_atomic;
 use crate::models::captioner::{seed_mapper, CaptionerManifest, DecodeMethod};
 use crate::progress::Progress;
 use crate::stages::{Stage, StageContext};
@@ -293,6 +292,5 @@ fn write_json(path: &Path, rows: &[GenerationRow]) -> Result<()> {
         .iter()
         .map(|r| serde_json::json!({"image_id": r.image_key, "caption": r.caption, "model": r.model, "method": r.method, "logprob": r.logprob}))
         .collect();
-    let bytes = serde_json::to_vec_pretty(&list).map_err(|e| Error::Config(e.to_string()))?;
-    write_atomic(path, &bytes)
+    crate::io::write_json(path, &list)
 }

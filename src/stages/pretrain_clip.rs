@@ -224,8 +224,10 @@ pub fn pretrain(
 
 /// Records `summary` beside the checkpoint (`pretrain.json`).
 fn finish(summary: PretrainSummary) -> Result<PretrainSummary> {
-    let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::io::write_atomic(&Path::new(&summary.model_dir).join("pretrain.json"), &json)?;
+    crate::io::write_json(
+        &Path::new(&summary.model_dir).join("pretrain.json"),
+        &summary,
+    )?;
     Ok(summary)
 }
 

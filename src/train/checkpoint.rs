@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
-use crate::error::{CandleContext, Error, IoContext, Result};
-use crate::io::{write_atomic, AtomicDir};
+use crate::error::{CandleContext, Result};
+use crate::io::AtomicDir;
 use crate::train::{TrainState, Trainer};
 
 /// The weights and optimizer-state file names of group `g`, named `name`.
@@ -40,19 +40,14 @@ pub(super) fn save(dir: &Path, trainer: &Trainer, state: &TrainState) -> Result<
         candle_core::safetensors::save(&s.opt.state_tensors(), &path)
             .during(format!("saving {}", path.display()))?;
     }
-    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&tmp.dir().join("state.json"), &json)?;
+    crate::io::write_json(&tmp.dir().join("state.json"), state)?;
     tmp.commit()
 }
 
 /// Restores every group's weights and optimizer state from `dir`; returns the loop's state.
 pub(super) fn load(dir: &Path, trainer: &mut Trainer) -> Result<TrainState> {
     let state_path = dir.join("state.json");
-    let bytes = std::fs::read(&state_path).at(&state_path)?;
-    let state: TrainState = serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
-        path: state_path.clone(),
-        message: e.to_string(),
-    })?;
+    let state: TrainState = crate::io::read_json(&state_path)?;
     for (g, s) in trainer.groups.iter_mut().enumerate() {
         let (weights, optimizer) = files(g, &s.group.name);
         let path = dir.join(&weights);
