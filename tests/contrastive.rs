@@ -154,6 +154,14 @@ fn stage_one_learns_an_alignment_the_frozen_clip_text_tower_does_not_have() {
             && r.bertscore_p.is_some()
             && r.bertscore_r.is_some()
     ));
+    // The report says which captioner each row is.
+    let scores_csv = std::fs::read_to_string(run.join("report/scores.csv")).unwrap();
+    assert!(
+        scores_csv
+            .lines()
+            .any(|l| l.contains(",train-sft,cross_attention (contrastive),")),
+        "{scores_csv}"
+    );
     let table = std::fs::read_to_string(run.join("report/retrieval.csv")).unwrap();
     assert!(table.lines().any(|l| l.contains(",clip,")), "{table}");
     assert!(

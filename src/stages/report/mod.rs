@@ -6,9 +6,9 @@
 //! validation loss, final train loss, skipped non-finite batches), `preference.parquet`/`.csv`
 //! (per run, preference stage and pair source: held-out pairs, accuracy and margin),
 //! `retrieval.parquet`/`.csv` (per run, contrastive stage and encoder: held-out recall both
-//! ways, the trained encoder beside its baselines and chance), `scores.parquet`/`.csv`
-//! (per run, model and decoding method: one column per metric), and one PNG of train/val loss
-//! curves per run and stage. The tables are printed too.
+//! ways, the trained encoder beside its baselines and chance), `scores.parquet`/`.csv` (per
+//! run, model and decoding method: the captioner's conditioning, one column per metric), and
+//! one PNG of train/val loss curves per run and stage. The tables are printed too.
 
 pub mod chart;
 
@@ -320,6 +320,63 @@ pub fn scores_table(summary: DataFrame) -> Result<DataFrame> {
         .map_err(perr("scores table"))
 }
 
+/// How the captioner behind `model` in run `run_id` conditions on the image, from the
+/// `captioner.json` of that run's checkpoint (an `untrained` baseline: of the run's
+/// `train-sft`): `prefix`, `cross_attention (clip tokens)`, `cross_attention (contrastive)`;
+/// empty when the run does not hold it.
+fn captioner_label(workdir: &Path, run_id: &str, model: &str) -> String {
+    let stage = if model == "untrained" {
+        "train-sft"
+    } else {
+        model
+    };
+    let path = workdir
+        .join("runs")
+        .join(run_id)
+        .join(stage)
+        .join("captioner.json");
+    let Ok(m) = crate::io::read_json::<serde_json::Value>(&path) else {
+        return String::new();
+    };
+    let c = &m["captioner"];
+    match c["conditioning"].as_str().unwrap_or("prefix") {
+        "cross_attention" => {
+            let encoder = c["image_encoder"].as_str().unwrap_or("clip");
+            let tokens = m["image_tokens"].as_u64().unwrap_or(0);
+            if encoder == "clip" && tokens == 0 {
+                "cross_attention (clip pooled)".into()
+            } else if encoder == "clip" {
+                format!("cross_attention (clip, {tokens} tokens)")
+            } else {
+                format!("cross_attention ({encoder})")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// `table` with a `captioner` column after `model` ([`captioner_label`]), so prefix and
+/// cross-attention captioners read side by side.
+fn with_captioner(workdir: &Path, mut table: DataFrame) -> Result<DataFrame> {
+    let text = |name: &str| -> Result<Vec<String>> {
+        let c = table.column(name).map_err(perr("scores table"))?;
+        let c = c.str().map_err(perr("scores table"))?;
+        Ok((0..c.len())
+            .map(|i| c.get(i).unwrap_or_default().to_string())
+            .collect())
+    };
+    let (runs, models) = (text("run_id")?, text("model")?);
+    let labels: Vec<String> = runs
+        .iter()
+        .zip(&models)
+        .map(|(r, m)| captioner_label(workdir, r, m))
+        .collect();
+    table
+        .insert_column(2, Column::new("captioner".into(), labels))
+        .map_err(perr("scores table"))?;
+    Ok(table)
+}
+
 /// Train and validation loss curves of every (run, stage), as PNGs in `out`.
 fn charts(metrics: &DataFrame, out: &Path) -> Result<Vec<PathBuf>> {
     let pairs = metrics
@@ -415,7 +472,7 @@ pub fn report(workdir: &Path, out: &Path) -> Result<ReportSummary> {
         }
     }
     if let Some(scores) = read_all(&run_files(workdir, "scores_summary.parquet"))? {
-        let mut t = scores_table(scores)?;
+        let mut t = with_captioner(workdir, scores_table(scores)?)?;
         write_table(&mut t, out, "scores")?;
         summary.scores = Some(t);
     }
