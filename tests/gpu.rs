@@ -168,7 +168,7 @@ fn captioner(device: &Device) -> (Captioner, VarMap) {
     };
     let files = DecoderFiles::from_dir(&fixture("gpt2-tiny")).unwrap();
     let vars = VarMap::new();
-    let model = Captioner::build(&cfg, 16, &files, &vars, device).unwrap();
+    let model = Captioner::build(&cfg, 16, 0, &files, None, &vars, device).unwrap();
     seed_mapper(&vars, 7).unwrap();
     (model, vars)
 }
