@@ -278,12 +278,3 @@ fn check_shapes(weights: &Path, cfg: &Gpt2Config) -> Result<()> {
     Ok(())
 }
 
-/// Rows of `x` `(n, d)` as plain vectors (for retrieval on the host).
-pub fn rows(x: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
-    x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec2()
-}
-
-/// Cosine similarities `(a · bᵀ)` of L2-normalised rows, on the host.
-pub fn similarities(a: &Tensor, b: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
-    rows(&a.matmul(&b.t()?)?)
-}
