@@ -127,6 +127,28 @@ impl HubClient {
     }
 
     /// Downloads one file of model repo `repo` at `revision` (the hf-hub cache makes repeats free).
+    /// The directory holding `files` of model `name`: `name` itself when it is a local
+    /// directory, else the hub snapshot of repo `name` at `revision` after fetching them
+    /// (one snapshot directory per revision holds them all).
+    pub fn model_dir(
+        name: &str,
+        revision: &str,
+        files: &[&str],
+        hub: impl FnOnce() -> Result<HubClient>,
+    ) -> Result<std::path::PathBuf> {
+        let dir = std::path::Path::new(name);
+        if dir.is_dir() {
+            return Ok(dir.to_path_buf());
+        }
+        let hub = hub()?;
+        let mut snapshot = None;
+        for file in files {
+            let got = hub.model_file(name, revision, file)?;
+            snapshot = got.local.parent().map(std::path::Path::to_path_buf);
+        }
+        snapshot.ok_or_else(|| Error::Config(format!("no files asked of hub repo `{name}`")))
+    }
+
     pub fn model_file(&self, repo: &str, revision: &str, filename: &str) -> Result<HubFile> {
         let hub_err = hub_error(repo, revision);
         let (owner, name) = split_repo(repo, revision)?;

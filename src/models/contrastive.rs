@@ -277,4 +277,3 @@ fn check_shapes(weights: &Path, cfg: &Gpt2Config) -> Result<()> {
     }
     Ok(())
 }
-

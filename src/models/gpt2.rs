@@ -796,17 +796,8 @@ impl DecoderFiles {
         revision: &str,
         hub: impl FnOnce() -> Result<HubClient>,
     ) -> Result<Self> {
-        let dir = Path::new(decoder);
-        if dir.is_dir() {
-            return Self::from_dir(dir);
-        }
-        let hub = hub()?;
-        let fetch = |f: &str| hub.model_file(decoder, revision, f).map(|h| h.local);
-        Ok(Self {
-            config: fetch("config.json")?,
-            weights: fetch("model.safetensors")?,
-            tokenizer: fetch("tokenizer.json")?,
-        })
+        let files = ["config.json", "model.safetensors", "tokenizer.json"];
+        Self::from_dir(&HubClient::model_dir(decoder, revision, &files, hub)?)
     }
 }
 

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::hub::HubClient;
 use crate::data::records::{GenerationRow, ImageTextSample, ScoreRow, SummaryRow};
 use crate::data::shard::{read_parquet, write_parquet, ShardSet};
 use crate::datasets::features::embeddings_by_key;
@@ -56,18 +57,12 @@ fn bertscore_encoder(cfg: &ScoreConfig, ctx: &StageContext) -> Result<Option<Ber
     if cfg.bertscore_model.is_empty() {
         return Ok(None);
     }
-    let dir = Path::new(&cfg.bertscore_model);
-    let dir = if dir.is_dir() {
-        dir.to_path_buf()
-    } else {
-        let hub = ctx.hub_client()?;
-        let mut local = None;
-        for file in ["config.json", "tokenizer.json", "model.safetensors"] {
-            let got = hub.model_file(&cfg.bertscore_model, &cfg.bertscore_revision, file)?;
-            local = got.local.parent().map(Path::to_path_buf);
-        }
-        local.ok_or_else(|| Error::Config("hub returned no files".into()))?
-    };
+    let dir = HubClient::model_dir(
+        &cfg.bertscore_model,
+        &cfg.bertscore_revision,
+        &["config.json", "tokenizer.json", "model.safetensors"],
+        || ctx.hub_client(),
+    )?;
     BertEncoder::load(&dir, cfg.bertscore_layer, &ctx.device()?).map(Some)
 }
 
