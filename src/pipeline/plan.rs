@@ -53,7 +53,10 @@ pub struct PipelineFile {
     pub config: Option<toml::Table>,
 }
 
-/// One step: a stage, a unique name (defaults to the stage), and the steps it reads from.
+/// One step: a stage, a unique name (defaults to the stage), the steps it reads from, and
+/// overrides of the stage's own section for this step only (`config = { reward = "clip" }`),
+/// so one stage can run twice in a pipeline under two names (a stage's outputs go to
+/// `runs/<id>/<step name>/`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
@@ -62,11 +65,26 @@ pub struct StepSpec {
     pub name: Option<String>,
     #[serde(default)]
     pub inputs: Vec<String>,
+    #[serde(default)]
+    pub config: Option<toml::Table>,
 }
 
 impl StepSpec {
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.stage)
+    }
+
+    /// The stage's section for this step: `section` (the run's) with the step's overrides.
+    pub fn section(&self, section: Option<&toml::Value>) -> Option<toml::Value> {
+        let Some(over) = &self.config else {
+            return section.cloned();
+        };
+        let mut table = match section {
+            Some(toml::Value::Table(t)) => t.clone(),
+            _ => toml::Table::new(),
+        };
+        crate::pipeline::config::merge(&mut table, over);
+        Some(toml::Value::Table(table))
     }
 }
 
@@ -206,6 +224,20 @@ pub fn build(name: &str, origin: &str, text: &str, source: &ConfigSource) -> Res
                 .into(),
         );
     }
+    if let Some(config) = &config {
+        for step in file.steps.iter().filter(|s| s.config.is_some()) {
+            if let Some(registered) = stage(&step.stage) {
+                let section = step.section(config.section(registered));
+                if let Err(e) = (registered.resolve)(section.as_ref()) {
+                    errors.push(format!(
+                        "step `{}`: {}",
+                        step.name(),
+                        e.to_string().replace("configuration error: ", "")
+                    ));
+                }
+            }
+        }
+    }
     match config {
         Some(config) if errors.is_empty() => Ok(Plan {
             name: name.to_string(),
@@ -305,6 +337,31 @@ mod tests {
         for needle in ["teleport", "nowhere", "cycle", "score -> ", "shard_sze"] {
             assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
         }
+    }
+
+    #[test]
+    fn a_step_overrides_its_stage_section_for_itself_only_and_is_checked() {
+        let p = plan(
+            "[[steps]]\nstage = \"generate\"\nname = \"gen-beam\"\nconfig = { beams = 7 }\n\
+             [[steps]]\nstage = \"generate\"\n\
+             [config.generate]\nbeams = 2\nmax_tokens = 9\n",
+        )
+        .unwrap();
+        let registered = stage("generate").unwrap();
+        let run = p.config.section(registered);
+        let beams = |v: Option<toml::Value>| {
+            let t = v.unwrap();
+            (t["beams"].as_integer(), t["max_tokens"].as_integer())
+        };
+        assert_eq!(beams(p.steps[0].section(run)), (Some(7), Some(9)));
+        assert_eq!(beams(p.steps[1].section(run)), (Some(2), Some(9)));
+        let err = plan("[[steps]]\nstage = \"generate\"\nconfig = { beamz = 7 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("step `generate`") && err.contains("beamz"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -86,7 +86,9 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
         let mut ctx = StageContext::new(&opts.workdir, &record.run_id, plan.config.shared.clone());
         ctx.gpu = opts.gpu;
         ctx.retry_failed = opts.retry_failed;
-        match (registered.run)(plan.config.section(registered), &ctx) {
+        ctx.step = step.name().to_string();
+        let section = step.section(plan.config.section(registered));
+        match (registered.run)(section.as_ref(), &ctx) {
             Ok(done) => {
                 let seconds = started.elapsed().as_secs_f64();
                 eprintln!(

@@ -208,6 +208,8 @@ pub struct StageContext {
     pub gpu: Option<usize>,
     /// `--retry-failed`: re-download only the failed samples of finished shards.
     pub retry_failed: bool,
+    /// The pipeline step being run (empty: the stage runs under its own name).
+    pub step: String,
     pub run: RunConfig,
     pub hub: HubConfig,
     pub clip: ClipConfig,
@@ -231,6 +233,7 @@ impl StageContext {
             run_id: run_id.to_string(),
             gpu: None,
             retry_failed: false,
+            step: String::new(),
             run,
             hub,
             clip,
@@ -252,6 +255,17 @@ impl StageContext {
     /// `runs/<run-id>/metrics.parquet`, where the training stages log.
     pub fn metrics_path(&self) -> PathBuf {
         self.run_dir.join("metrics.parquet")
+    }
+
+    /// The name stage `stage` runs under: the pipeline step's, else its own. Its outputs go
+    /// to `runs/<id>/<name>/` and its metrics rows carry it, so one stage can run as two
+    /// steps.
+    pub fn output_name<'a>(&'a self, stage: &'a str) -> &'a str {
+        if self.step.is_empty() {
+            stage
+        } else {
+            &self.step
+        }
     }
 
     /// Where stage `stage` keeps its checkpoints in this run.

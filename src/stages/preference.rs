@@ -560,7 +560,7 @@ fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<
         None
     };
     model.decoder.set_differentiable(true);
-    let dir = ctx.run_dir.join(method.stage());
+    let dir = ctx.stage_dir(ctx.output_name(method.stage()));
     std::fs::create_dir_all(&dir).at(&dir)?;
     manifest.save(&dir.join("captioner.json"))?;
     let (rows, steps_per_epoch, dropped) = train.counts(train_cfg.batch_size)?;
@@ -601,7 +601,7 @@ fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<
             checkpoint_dir: &dir,
             metrics_path: &metrics,
             run_id: &ctx.run_id,
-            stage: method.stage(),
+            stage: ctx.output_name(method.stage()),
         },
     )?;
     // The selected checkpoint's held-out accuracy per pair source, logged next to the
@@ -626,7 +626,7 @@ fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<
         ] {
             logged.push(MetricRow {
                 run_id: ctx.run_id.clone(),
-                stage: method.stage().into(),
+                stage: ctx.output_name(method.stage()).into(),
                 step: step as i64,
                 epoch: summary.state.epoch as i64,
                 split: "val".into(),

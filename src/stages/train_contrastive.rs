@@ -32,8 +32,8 @@ use crate::models::contrastive::{
 use crate::rng::SplitMix64;
 use crate::stages::{Stage, StageContext};
 use crate::train::{
-    fit, Batches, FitOutput, FitSummary, Objective, OptimizerConfig, ParamGroup, StepContext,
-    StepOutput, WithTraining,
+    fit, Batches, FitOutput, FitSummary, MethodDefaults, Objective, OptimizerConfig, ParamGroup,
+    StepContext, StepOutput, WithTraining,
 };
 
 /// `[train_contrastive]`'s own keys (beside the loop and optimiser keys of every trainer).
@@ -67,6 +67,8 @@ impl Default for ContrastiveConfig {
         }
     }
 }
+
+impl MethodDefaults for ContrastiveConfig {}
 
 /// `[train_contrastive]`.
 pub type TrainContrastiveConfig = WithTraining<ContrastiveConfig>;
@@ -214,7 +216,7 @@ impl Stage for TrainContrastive {
         check_spec(&spec)?;
         let vars = VarMap::new();
         let model = ContrastiveModel::build(&spec, &files, &vars, train_cfg.seed, &ctx.device()?)?;
-        let dir = ctx.stage_dir(Self::NAME);
+        let dir = ctx.stage_dir(ctx.output_name(Self::NAME));
         std::fs::create_dir_all(&dir).at(&dir)?;
         ContrastiveManifest {
             spec,
@@ -243,7 +245,7 @@ impl Stage for TrainContrastive {
             checkpoint_dir: &dir,
             metrics_path: &ctx.metrics_path(),
             run_id: &ctx.run_id,
-            stage: Self::NAME,
+            stage: ctx.output_name(Self::NAME),
         };
         let fit = fit(&mut objective, &data, train_cfg, &out)?;
         // The frozen CLIP towers on the same held-out pairs: the baseline.

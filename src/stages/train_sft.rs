@@ -107,7 +107,7 @@ impl Stage for TrainSft {
             &ctx.device()?,
         )?;
         seed_mapper(&vars, cfg.seed)?;
-        let dir = ctx.stage_dir(Self::NAME);
+        let dir = ctx.stage_dir(ctx.output_name(Self::NAME));
         std::fs::create_dir_all(&dir).at(&dir)?;
         let manifest = CaptionerManifest {
             captioner: cap.clone(),
@@ -142,7 +142,7 @@ impl Stage for TrainSft {
                 checkpoint_dir: &dir,
                 metrics_path: &ctx.metrics_path(),
                 run_id: &ctx.run_id,
-                stage: Self::NAME,
+                stage: ctx.output_name(Self::NAME),
             },
         )?;
         Ok(TrainingSummary {

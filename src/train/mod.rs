@@ -99,11 +99,29 @@ impl TrainConfig {
 
 /// A stage section that holds the loop and optimiser keys of [`TrainConfig`] beside the
 /// method's own (`[train_contrastive]`: `epochs`, `lr`, ... and `temperature`, ...), both
-/// parsed strictly: a key neither knows is an error naming it.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// parsed strictly: a key neither knows is an error naming it. A loop key the section leaves
+/// out takes the method's default ([`MethodDefaults::training`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct WithTraining<T> {
     pub train: TrainConfig,
     pub method: T,
+}
+
+/// A method's own defaults for the loop and optimiser keys of its section (an online RL
+/// stage fine-tunes at a far lower rate than a captioner trained from scratch).
+pub trait MethodDefaults {
+    fn training() -> TrainConfig {
+        TrainConfig::default()
+    }
+}
+
+impl<T: Default + MethodDefaults> Default for WithTraining<T> {
+    fn default() -> Self {
+        Self {
+            train: T::training(),
+            method: T::default(),
+        }
+    }
 }
 
 impl<T: Serialize> Serialize for WithTraining<T> {
@@ -121,7 +139,7 @@ impl<T: Serialize> Serialize for WithTraining<T> {
     }
 }
 
-impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for WithTraining<T> {
+impl<'de, T: serde::de::DeserializeOwned + MethodDefaults> Deserialize<'de> for WithTraining<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         use serde::de::Error as _;
         let all = toml::Table::deserialize(d)?;
@@ -129,9 +147,15 @@ impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for WithTraining<T> {
             Ok(toml::Value::Table(t)) => t,
             _ => return Err(D::Error::custom("cannot list the training keys")),
         };
-        let (train, method): (toml::Table, toml::Table) = all
+        let (given, method): (toml::Table, toml::Table) = all
             .into_iter()
             .partition(|(k, _)| train_keys.contains_key(k));
+        // The method's defaults under the keys given.
+        let mut train = match toml::Value::try_from(T::training()) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => return Err(D::Error::custom("cannot list the training defaults")),
+        };
+        train.extend(given);
         // Each part strictly, its errors naming the key.
         fn part<T: serde::de::DeserializeOwned, E: serde::de::Error>(
             t: toml::Table,
