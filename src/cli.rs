@@ -260,17 +260,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Report { workdir, out } => {
             let out = out.unwrap_or_else(|| workdir.join("report"));
             let s = crate::stages::report::report(&workdir, &out)?;
-            if let Some(t) = &s.training {
-                println!("training:\n{t}");
-            }
-            if let Some(t) = &s.scores {
-                println!("scores:\n{t}");
-            }
-            println!(
-                "{} chart(s) and the tables (Parquet + CSV) in {}",
-                s.charts.len(),
-                out.display()
-            );
+            println!("{}", s.text(&out));
         }
         #[cfg(feature = "bench")]
         Command::Bench { which } => bench::run(which).context("benchmark failed")?,

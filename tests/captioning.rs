@@ -32,6 +32,8 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         "train-sft",
         "train-dpo",
         "train-orpo",
+        "train-dico",
+        "train-scst",
         "generate",
         "score",
     ] {
@@ -64,8 +66,8 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     let gens: Vec<GenerationRow> = read_parquet(&run.join("generations.parquet")).unwrap();
     assert_eq!(
         gens.len(),
-        4 * 2 * 64,
-        "untrained, train-sft, train-dpo and train-orpo; greedy and beam; 64 val images"
+        6 * 2 * 64,
+        "untrained, train-sft, train-dpo, train-orpo, train-dico and train-scst; greedy and beam; 64 val images"
     );
     assert!(gens
         .iter()
@@ -145,7 +147,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
             .contains("attribute_accuracy"),
         "{scores}"
     );
-    // SFT, DPO and ORPO side by side: one row per model and method, every metric filled.
+    // SFT, DPO, ORPO, DiCO and SCST side by side: one row per model and method, every metric filled.
     let header: Vec<&str> = scores.lines().next().unwrap().split(',').collect();
     let rows: Vec<Vec<&str>> = scores
         .lines()
@@ -153,7 +155,14 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         .map(|l| l.split(',').collect())
         .collect();
     let model_col = header.iter().position(|c| *c == "model").unwrap();
-    for model in ["untrained", "train-sft", "train-dpo", "train-orpo"] {
+    for model in [
+        "untrained",
+        "train-sft",
+        "train-dpo",
+        "train-orpo",
+        "train-dico",
+        "train-scst",
+    ] {
         let of_model: Vec<&Vec<&str>> = rows.iter().filter(|r| r[model_col] == model).collect();
         assert_eq!(of_model.len(), 2, "{model}: greedy and beam rows\n{scores}");
         for metric in ["attribute_accuracy", "CIDEr", "CLIPScore", "METEOR"] {

@@ -110,7 +110,15 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
     assert!(log.contains("step pretrain-clip: done"), "{log}");
     assert!(log.contains("step embed: done"), "{log}");
     assert!(log.contains("step train-sft: done"), "{log}");
-    for step in ["train-dpo", "train-orpo", "generate", "score", "report"] {
+    for step in [
+        "train-dpo",
+        "train-orpo",
+        "train-dico",
+        "train-scst",
+        "generate",
+        "score",
+        "report",
+    ] {
         assert!(log.contains(&format!("step {step}: done")), "{log}");
     }
     // The embedded tiny CLIP was generated, pretrained into the run, and the features cached.
@@ -153,7 +161,7 @@ fn validate_reports_all_plan_errors_at_once() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("train-dpo <- train-sft\n"), "{log}");
     assert!(
-        log.contains("generate <- train-sft, train-dpo, train-orpo\n"),
+        log.contains("generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst\n"),
         "{log}"
     );
     assert!(log.contains("embed <- ingest, pretrain-clip\n"), "{log}");

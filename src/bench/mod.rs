@@ -5,6 +5,7 @@
 pub mod embed;
 pub mod score;
 pub mod train_contrastive;
+pub mod train_dico;
 pub mod train_dpo;
 pub mod train_sft;
 
@@ -36,6 +37,8 @@ pub enum BenchCommand {
     TrainDpo(crate::bench::train_dpo::BenchTrainDpoArgs),
     /// Contrastive stage-1 steps with a GPT-2-small-size text encoder, vs PyTorch.
     TrainContrastive(crate::bench::train_contrastive::BenchTrainContrastiveArgs),
+    /// DiCO steps (beam candidates, CLIP reward, policy + reference) with a GPT-2-small-size captioner, vs PyTorch.
+    TrainDico(crate::bench::train_dico::BenchTrainDicoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +79,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Score(args) => crate::bench::score::bench_score(&args),
         BenchCommand::TrainSft(args) => crate::bench::train_sft::bench_train_sft(&args),
         BenchCommand::TrainDpo(args) => crate::bench::train_dpo::bench_train_dpo(&args),
+        BenchCommand::TrainDico(args) => crate::bench::train_dico::bench_train_dico(&args),
         BenchCommand::TrainContrastive(args) => {
             crate::bench::train_contrastive::bench_train_contrastive(&args)
         }

@@ -10,10 +10,11 @@ use tokenizers::Tokenizer;
 
 use crate::data::features::FeatureEntry;
 use crate::data::records::ImageTextSample;
-use crate::data::shard::read_parquet;
+use crate::data::shard::{read_parquet, ShardSet};
 use crate::datasets::loader::shard_batches;
 use crate::error::{Error, Result};
 use crate::models::captioner::caption_ids;
+use crate::synthetic;
 use crate::train::Batches;
 
 /// One padded batch, built off the training thread.
@@ -243,6 +244,75 @@ impl Batches<CaptionBatch> for CaptionBatches {
     fn per_epoch(&self) -> usize {
         self.train.batches_per_pass(self.batch_size)
     }
+}
+
+/// A batch of images for objectives that caption them themselves (DiCO, SCST): their keys
+/// and the captioner's features of each.
+pub struct ImageBatch {
+    pub rows: usize,
+    pub keys: Vec<String>,
+    /// `rows × clip_dim`.
+    pub features: Vec<f32>,
+}
+
+/// The train and validation images of a split, for [`Batches`]: training batches in a
+/// seeded per-epoch order, validation in shard order.
+pub struct ImageBatches {
+    pub train: CaptionedSplit,
+    pub val: CaptionedSplit,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub capacity: usize,
+}
+
+fn image_batch(chunk: &[(String, Vec<f32>, String)]) -> Result<ImageBatch> {
+    Ok(ImageBatch {
+        rows: chunk.len(),
+        keys: chunk.iter().map(|r| r.0.clone()).collect(),
+        features: chunk.iter().flat_map(|r| r.1.iter().copied()).collect(),
+    })
+}
+
+impl Batches<ImageBatch> for ImageBatches {
+    fn train(&self, epoch: usize) -> Result<Receiver<Result<ImageBatch>>> {
+        let shuffle = Some((self.seed, format!("images-epoch-{epoch}")));
+        Ok(self
+            .train
+            .stream(self.batch_size, image_batch, shuffle, self.capacity))
+    }
+
+    fn val(&self) -> Result<Receiver<Result<ImageBatch>>> {
+        Ok(self
+            .val
+            .stream(self.batch_size, image_batch, None, self.capacity))
+    }
+
+    fn per_epoch(&self) -> usize {
+        self.train.batches_per_pass(self.batch_size)
+    }
+}
+
+/// References of the images of `dataset/split`: key → captions (for the synthetic world, the
+/// caption and its converse, which states the same fact).
+pub fn references(
+    workdir: &Path,
+    dataset: &str,
+    split: &str,
+) -> Result<HashMap<String, Vec<String>>> {
+    let set = ShardSet::new(workdir, dataset, split);
+    let mut out = HashMap::new();
+    for shard in set.finished()? {
+        for s in set.read::<ImageTextSample>(shard)? {
+            let mut refs = vec![s.caption.clone()];
+            if dataset == synthetic::IMAGES_DATASET {
+                if let Some(scene) = synthetic::parse_caption(&s.caption) {
+                    refs.push(synthetic::caption(&scene.converse()));
+                }
+            }
+            out.insert(s.key, refs);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

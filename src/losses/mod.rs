@@ -1,4 +1,6 @@
 //! Losses as pure functions over tensors, each citing the formula it implements.
 
 pub mod contrastive;
+pub mod dico;
 pub mod preference;
+pub mod scst;

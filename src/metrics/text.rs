@@ -367,23 +367,35 @@ fn cider_vec(counts: &FastMap<Gram, u32>, df: &FastMap<Gram, f64>, ref_len: f64)
     }
 }
 
-/// CIDEr-D (σ = 6, clipped, ×10): corpus score (the mean) and per-image scores. Document
-/// frequencies come from the references of all images given, so scores depend on the
-/// whole set, as in pycocoevalcap.
-pub fn cider_d(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>) {
-    const N: usize = 4;
-    const SIGMA: f64 = 6.0;
-    let mut interner = Interner::default();
-    let refs: Vec<Vec<FastMap<Gram, u32>>> = references
-        .iter()
-        .map(|rs| {
-            rs.iter()
-                .map(|r| ngram_counts(&interner.ids(r), N))
-                .collect()
-        })
-        .collect();
+/// CIDEr-D's Gaussian length penalty width and n-gram order.
+const CIDER_SIGMA: f64 = 6.0;
+const CIDER_N: usize = 4;
+
+/// CIDEr-D of one candidate against its references' vectors: per order the clipped cosine
+/// times the length penalty, averaged over orders and references, ×10.
+fn cider_similarity(hyp: &CiderVec, refs: &[CiderVec]) -> f64 {
+    let mut score = [0f64; CIDER_N];
+    for rv in refs {
+        let delta = hyp.length - rv.length;
+        for (n, s) in score.iter_mut().enumerate() {
+            let mut val = 0.0;
+            for (g, &h) in &hyp.vec[n] {
+                let rr = rv.vec[n].get(g).copied().unwrap_or(0.0);
+                val += h.min(rr) * rr;
+            }
+            if hyp.norm[n] != 0.0 && rv.norm[n] != 0.0 {
+                val /= hyp.norm[n] * rv.norm[n];
+            }
+            *s += val * (-(delta * delta) / (2.0 * CIDER_SIGMA * CIDER_SIGMA)).exp();
+        }
+    }
+    mean(&score) / refs.len().max(1) as f64 * 10.0
+}
+
+/// Document frequencies of n-grams over reference sets (an n-gram counts once per image).
+fn document_frequencies(refs: &[Vec<FastMap<Gram, u32>>]) -> FastMap<Gram, f64> {
     let mut df: FastMap<Gram, f64> = FastMap::default();
-    for rs in &refs {
+    for rs in refs {
         let mut seen: FastMap<Gram, ()> = FastMap::default();
         for r in rs {
             seen.extend(r.keys().map(|&g| (g, ())));
@@ -392,6 +404,23 @@ pub fn cider_d(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>)
             *df.entry(g).or_insert(0.0) += 1.0;
         }
     }
+    df
+}
+
+/// CIDEr-D (σ = 6, clipped, ×10): corpus score (the mean) and per-image scores. Document
+/// frequencies come from the references of all images given, so scores depend on the
+/// whole set, as in pycocoevalcap.
+pub fn cider_d(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>) {
+    let mut interner = Interner::default();
+    let refs: Vec<Vec<FastMap<Gram, u32>>> = references
+        .iter()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| ngram_counts(&interner.ids(r), CIDER_N))
+                .collect()
+        })
+        .collect();
+    let df = document_frequencies(&refs);
     let ref_len = (refs.len() as f64).ln();
     let ref_vecs: Vec<Vec<CiderVec>> = refs
         .par_iter()
@@ -402,26 +431,81 @@ pub fn cider_d(candidates: &[&str], references: &[Vec<&str>]) -> (f64, Vec<f64>)
         .par_iter()
         .zip(&ref_vecs)
         .map(|(c, rs)| {
-            let hyp = cider_vec(&ngram_counts(c, N), &df, ref_len);
-            let mut score = [0f64; N];
-            for rv in rs {
-                let delta = hyp.length - rv.length;
-                for (n, s) in score.iter_mut().enumerate() {
-                    let mut val = 0.0;
-                    for (g, &h) in &hyp.vec[n] {
-                        let rr = rv.vec[n].get(g).copied().unwrap_or(0.0);
-                        val += h.min(rr) * rr;
-                    }
-                    if hyp.norm[n] != 0.0 && rv.norm[n] != 0.0 {
-                        val /= hyp.norm[n] * rv.norm[n];
-                    }
-                    *s += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
-                }
-            }
-            mean(&score) / rs.len().max(1) as f64 * 10.0
+            let hyp = cider_vec(&ngram_counts(c, CIDER_N), &df, ref_len);
+            cider_similarity(&hyp, rs)
         })
         .collect();
     (mean(&per), per)
+}
+
+/// CIDEr-D with document frequencies fixed by a reference corpus (the training captions, as
+/// self-critical training computes its CIDEr-D reward: Rennie et al.'s `coco-train-idxs`), so
+/// a caption's score does not depend on the other captions scored with it.
+pub struct CiderD {
+    /// Word ids of the corpus vocabulary (from 1).
+    vocab: HashMap<String, u32>,
+    df: FastMap<Gram, f64>,
+    /// ln(number of images in the corpus).
+    ref_len: f64,
+}
+
+impl CiderD {
+    /// Document frequencies over `corpus`: each image's tokenized references
+    /// ([`ptb_tokenize`]).
+    pub fn new(corpus: &[Vec<String>]) -> Self {
+        let mut vocab = HashMap::new();
+        let refs: Vec<Vec<FastMap<Gram, u32>>> = corpus
+            .iter()
+            .map(|rs| {
+                rs.iter()
+                    .map(|r| ngram_counts(&Self::intern(&mut vocab, r), CIDER_N))
+                    .collect()
+            })
+            .collect();
+        Self {
+            df: document_frequencies(&refs),
+            ref_len: (corpus.len().max(1) as f64).ln(),
+            vocab,
+        }
+    }
+
+    fn intern(vocab: &mut HashMap<String, u32>, sentence: &str) -> Vec<u32> {
+        sentence
+            .split_whitespace()
+            .map(|w| {
+                let next = vocab.len() as u32 + 1;
+                *vocab.entry(w.to_string()).or_insert(next)
+            })
+            .collect()
+    }
+
+    /// CIDEr-D of tokenized `candidate` against its tokenized `references`. Words outside
+    /// the corpus vocabulary get ids of their own for this call (document frequency 0).
+    pub fn score(&self, candidate: &str, references: &[String]) -> f64 {
+        let mut extra: HashMap<String, u32> = HashMap::new();
+        let base = self.vocab.len() as u32;
+        let mut ids = |s: &str| -> Vec<u32> {
+            s.split_whitespace()
+                .map(|w| match self.vocab.get(w) {
+                    Some(&id) => id,
+                    None => {
+                        let next = base + extra.len() as u32 + 1;
+                        *extra.entry(w.to_string()).or_insert(next)
+                    }
+                })
+                .collect()
+        };
+        let refs: Vec<CiderVec> = references
+            .iter()
+            .map(|r| cider_vec(&ngram_counts(&ids(r), CIDER_N), &self.df, self.ref_len))
+            .collect();
+        let hyp = cider_vec(
+            &ngram_counts(&ids(candidate), CIDER_N),
+            &self.df,
+            self.ref_len,
+        );
+        cider_similarity(&hyp, &refs)
+    }
 }
 
 #[cfg(test)]
@@ -568,6 +652,24 @@ mod tests {
                 per[i]
             );
         }
+    }
+
+    #[test]
+    fn cider_d_with_fixed_frequencies_equals_pycocoevalcap_over_the_same_references() {
+        // Document frequencies from the fixture's own references: the same numbers as the
+        // corpus scorer (and so as pycocoevalcap), one caption at a time.
+        let f = fixture();
+        let set = tokenized(&f);
+        let scorer = CiderD::new(&set.refs);
+        let (_, want_per) = score(&f, "CIDEr");
+        for (i, w) in want_per.iter().enumerate() {
+            let got = scorer.score(&set.cands[i], &set.refs[i]);
+            assert!((got - w).abs() < 1e-9, "{}: {got} vs {w}", set.ids[i]);
+        }
+        // A word the corpus never saw matches nothing but itself in the references.
+        let s = scorer.score("zzz", &["zzz".to_string()]);
+        assert!(s > 0.0 && s.is_finite(), "{s}");
+        assert_eq!(scorer.score("", &set.refs[0]), 0.0);
     }
 
     #[test]

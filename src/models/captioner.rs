@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, LayerNorm, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -577,19 +577,21 @@ impl Captioner {
             DecodeMethod::Beam {
                 beams,
                 length_penalty,
-            } => {
-                let b = clip.dim(0)?;
-                (0..b)
-                    .map(|i| {
-                        self.beam(
-                            &clip.i(i..i + 1)?,
-                            (*beams).max(1),
-                            *length_penalty,
-                            max_tokens,
-                        )
-                    })
-                    .collect()
-            }
+            } => Ok(self
+                .beam_search_candidates(clip, *beams, *length_penalty, max_tokens)?
+                .into_iter()
+                .map(|mut c| {
+                    if c.is_empty() {
+                        Generated {
+                            ids: Vec::new(),
+                            text: String::new(),
+                            logprob: 0.0,
+                        }
+                    } else {
+                        c.swap_remove(0)
+                    }
+                })
+                .collect()),
         }
     }
 
@@ -658,30 +660,52 @@ impl Captioner {
             .collect())
     }
 
-    /// Beam search for one image: `beams` hypotheses, finished ones scored by
-    /// `logprob / len^length_penalty` (transformers' convention).
-    fn beam(
+    /// [`Self::beam_search_candidates`] for one image `(1, clip_dim)`.
+    pub fn beam_candidates(
         &self,
         clip: &Tensor,
         beams: usize,
         length_penalty: f64,
         max_tokens: usize,
-    ) -> candle_core::Result<Generated> {
+    ) -> candle_core::Result<Vec<Generated>> {
+        let mut all = self.beam_search_candidates(clip, beams, length_penalty, max_tokens)?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    /// Beam search for each image of `clip` `(b, clip_dim)`, all images' beams decoded
+    /// together: `beams` hypotheses per image, finished ones scored by
+    /// `logprob / len^length_penalty` (transformers' convention). Returns, per image, up to
+    /// `beams` distinct token sequences, best first: the finished hypotheses, then, when
+    /// fewer finished, the live ones the token budget cut (a beam never holds a sequence
+    /// twice, so neither do these; two sequences may still decode to the same text). DiCO's
+    /// candidates.
+    pub fn beam_search_candidates(
+        &self,
+        clip: &Tensor,
+        beams: usize,
+        length_penalty: f64,
+        max_tokens: usize,
+    ) -> candle_core::Result<Vec<Vec<Generated>>> {
+        let beams = beams.max(1);
+        let b = clip.dim(0)?;
         let mut cache = KvCache::default();
         let start = self.start(clip)?;
         let mut cross = start.cross;
-        let first = self
-            .step_logprobs(&start.embeds, &mut cache, cross.as_ref())?
-            .remove(0);
+        let first = self.step_logprobs(&start.embeds, &mut cache, cross.as_ref())?;
         let norm = |score: f64, len: usize| score / (len.max(1) as f64).powf(length_penalty);
-        let mut finished: Vec<(Vec<u32>, f64, f64)> = Vec::new();
-        let mut live: Vec<(Vec<u32>, f64)> = Vec::new();
-        for tok in top_k(&first, 2 * beams) {
-            let entry = (vec![tok], f64::from(first[tok as usize]));
-            if tok == self.eos {
-                finished.push((entry.0, entry.1, norm(entry.1, 1)));
-            } else if live.len() < beams {
-                live.push(entry);
+        // Per image: finished (ids, score, normalised score) and live (ids, score) hypotheses.
+        let mut finished: Vec<Vec<(Vec<u32>, f64, f64)>> = vec![Vec::new(); b];
+        let mut live: Vec<Vec<(Vec<u32>, f64)>> = vec![Vec::new(); b];
+        let mut parents: Vec<u32> = Vec::new();
+        for (j, lp) in first.iter().enumerate() {
+            for tok in top_k(lp, 2 * beams) {
+                let entry = (vec![tok], f64::from(lp[tok as usize]));
+                if tok == self.eos {
+                    finished[j].push((entry.0, entry.1, norm(entry.1, 1)));
+                } else if live[j].len() < beams {
+                    live[j].push(entry);
+                    parents.push(j as u32);
+                }
             }
         }
         let room = self
@@ -689,84 +713,97 @@ impl Captioner {
             .config
             .n_positions
             .saturating_sub(self.prefix_length);
-        let rows = Tensor::from_vec(vec![0u32; live.len()], live.len(), &self.device)?;
-        cache.select_rows(&rows)?;
-        cross = cross.map(|c| c.select_rows(&rows)).transpose()?;
         for step in 1..max_tokens.min(room) {
-            if live.is_empty() {
-                break;
-            }
-            let last: Vec<u32> = live
-                .iter()
-                .map(|(ids, _)| *ids.last().unwrap_or(&self.eos))
-                .collect();
-            let ids = Tensor::from_vec(last, (live.len(), 1), &self.device)?;
-            let lps = self.step_logprobs(
-                &self.decoder.embed_tokens(&ids)?,
-                &mut cache,
-                cross.as_ref(),
-            )?;
-            let mut cands: Vec<(usize, u32, f64)> = Vec::new();
-            for (row, lp) in lps.iter().enumerate() {
-                for tok in top_k(lp, 2 * beams) {
-                    cands.push((row, tok, live[row].1 + f64::from(lp[tok as usize])));
-                }
-            }
-            cands.sort_by(|a, b| b.2.total_cmp(&a.2));
-            let mut next = Vec::new();
-            let mut parents = Vec::new();
-            for (row, tok, score) in cands {
-                let mut ids = live[row].0.clone();
-                ids.push(tok);
-                if tok == self.eos {
-                    finished.push((ids, score, norm(score, step + 1)));
-                } else if next.len() < beams {
-                    next.push((ids, score));
-                    parents.push(row as u32);
-                }
-                if next.len() >= beams {
-                    break;
-                }
-            }
-            finished.sort_by(|a, b| b.2.total_cmp(&a.2));
-            finished.truncate(beams);
             if parents.is_empty() {
-                live.clear();
                 break;
             }
             let rows = Tensor::from_vec(parents.clone(), parents.len(), &self.device)?;
             cache.select_rows(&rows)?;
             cross = cross.map(|c| c.select_rows(&rows)).transpose()?;
-            live = next;
-            if finished.len() >= beams {
-                let best_live = live
-                    .iter()
-                    .map(|(ids, s)| norm(*s, ids.len()))
-                    .fold(f64::MIN, f64::max);
-                if best_live <= finished[beams - 1].2 {
-                    break;
+            let last: Vec<u32> = live
+                .iter()
+                .flatten()
+                .map(|(ids, _)| *ids.last().unwrap_or(&self.eos))
+                .collect();
+            let ids = Tensor::from_vec(last, (parents.len(), 1), &self.device)?;
+            let lps = self.step_logprobs(
+                &self.decoder.embed_tokens(&ids)?,
+                &mut cache,
+                cross.as_ref(),
+            )?;
+            parents.clear();
+            let mut first_row = 0;
+            for j in 0..b {
+                let n = live[j].len();
+                if n == 0 {
+                    continue;
                 }
+                let mut cands: Vec<(usize, u32, f64)> = Vec::new();
+                for (row, lp) in lps[first_row..first_row + n].iter().enumerate() {
+                    for tok in top_k(lp, 2 * beams) {
+                        cands.push((row, tok, live[j][row].1 + f64::from(lp[tok as usize])));
+                    }
+                }
+                cands.sort_by(|a, b| b.2.total_cmp(&a.2));
+                let mut next = Vec::new();
+                let mut next_parents = Vec::new();
+                for (row, tok, score) in cands {
+                    let mut ids = live[j][row].0.clone();
+                    ids.push(tok);
+                    if tok == self.eos {
+                        finished[j].push((ids, score, norm(score, step + 1)));
+                    } else if next.len() < beams {
+                        next.push((ids, score));
+                        next_parents.push((first_row + row) as u32);
+                    }
+                    if next.len() >= beams {
+                        break;
+                    }
+                }
+                first_row += n;
+                finished[j].sort_by(|a, b| b.2.total_cmp(&a.2));
+                finished[j].truncate(beams);
+                live[j] = next;
+                // Done: nothing live, or no live hypothesis can beat the finished ones.
+                if finished[j].len() >= beams {
+                    let best_live = live[j]
+                        .iter()
+                        .map(|(ids, s)| norm(*s, ids.len()))
+                        .fold(f64::MIN, f64::max);
+                    if best_live <= finished[j][beams - 1].2 {
+                        live[j].clear();
+                        continue;
+                    }
+                }
+                parents.extend(next_parents);
             }
         }
-        let pool: Vec<(Vec<u32>, f64, f64)> = if finished.is_empty() {
-            live.into_iter()
-                .map(|(ids, s)| {
-                    let n = norm(s, ids.len());
-                    (ids, s, n)
-                })
-                .collect()
-        } else {
-            finished
-        };
-        let best = pool
+        Ok(finished
             .into_iter()
-            .max_by(|a, b| a.2.total_cmp(&b.2))
-            .unwrap_or_default();
-        Ok(Generated {
-            text: self.decode_text(&best.0),
-            ids: best.0,
-            logprob: best.1,
-        })
+            .zip(live)
+            .map(|(mut pool, live)| {
+                pool.sort_by(|a, b| b.2.total_cmp(&a.2));
+                pool.truncate(beams);
+                if pool.len() < beams {
+                    let mut rest: Vec<(Vec<u32>, f64, f64)> = live
+                        .into_iter()
+                        .map(|(ids, s)| {
+                            let n = norm(s, ids.len());
+                            (ids, s, n)
+                        })
+                        .collect();
+                    rest.sort_by(|a, b| b.2.total_cmp(&a.2));
+                    pool.extend(rest.into_iter().take(beams - pool.len()));
+                }
+                pool.into_iter()
+                    .map(|(ids, logprob, _)| Generated {
+                        text: self.decode_text(&ids),
+                        ids,
+                        logprob,
+                    })
+                    .collect()
+            })
+            .collect())
     }
 }
 
@@ -935,6 +972,7 @@ impl CaptionerManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::IndexOp;
 
     fn fixture(p: &str) -> PathBuf {
         crate::hf_tiny_fixture(p)
@@ -1202,5 +1240,51 @@ mod tests {
                 .collect::<Vec<_>>(),
             greedy.iter().map(|g| &g.ids).collect::<Vec<_>>()
         );
+    }
+
+    /// DiCO's candidates: `beams` distinct token sequences per image, best first by the
+    /// length-normalised score, the first the beam search's answer, each one's log-probability
+    /// its teacher-forced one.
+    #[test]
+    fn beam_candidates_are_distinct_ranked_and_their_best_is_the_beam_answer() {
+        let (c, tokens) = both()[0].clone();
+        let vars = VarMap::new();
+        let files = DecoderFiles::from_dir(&fixture("gpt2-tiny")).unwrap();
+        let mut model =
+            Captioner::build(&c, 16, tokens, &files, None, &vars, &Device::Cpu).unwrap();
+        model.decoder.set_differentiable(false);
+        let clip = Tensor::randn(0f32, 1.0, (2, 16), &Device::Cpu).unwrap();
+        let all = model.beam_search_candidates(&clip, 5, 1.0, 6).unwrap();
+        let best = model
+            .generate(
+                &clip,
+                &DecodeMethod::Beam {
+                    beams: 5,
+                    length_penalty: 1.0,
+                },
+                6,
+            )
+            .unwrap();
+        for (cands, best) in all.iter().zip(&best) {
+            assert_eq!(cands.len(), 5);
+            assert_eq!(&cands[0], best);
+            let set: std::collections::HashSet<&Vec<u32>> = cands.iter().map(|g| &g.ids).collect();
+            assert_eq!(set.len(), 5, "distinct token sequences");
+            let finished = cands.iter().filter(|g| g.ids.last() == Some(&model.eos));
+            let norm: Vec<f64> = finished.map(|g| g.logprob / g.ids.len() as f64).collect();
+            assert!(norm.windows(2).all(|w| w[0] >= w[1] - 1e-12), "{norm:?}");
+        }
+        for (i, g) in all[0].iter().enumerate() {
+            let t = g.ids.len();
+            let (lp, _) = model
+                .sequence_logprobs(
+                    &clip.i(0..1).unwrap(),
+                    &Tensor::from_vec(g.ids.clone(), (1, t), &Device::Cpu).unwrap(),
+                    &Tensor::ones((1, t), DType::F32, &Device::Cpu).unwrap(),
+                )
+                .unwrap();
+            let lp = f64::from(lp.to_vec1::<f32>().unwrap()[0]);
+            assert!((lp - g.logprob).abs() < 1e-3, "{i}: {lp} vs {}", g.logprob);
+        }
     }
 }

@@ -22,6 +22,8 @@ pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
         "contrastive",
         include_str!("../../pipelines/contrastive.toml"),
     ),
+    ("dico", include_str!("../../pipelines/dico.toml")),
+    ("cc-dico", include_str!("../../pipelines/cc-dico.toml")),
     (
         "ingest-real",
         include_str!("../../pipelines/ingest-real.toml"),

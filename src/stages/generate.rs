@@ -22,8 +22,8 @@ use crate::stages::{Stage, StageContext};
 #[serde(deny_unknown_fields, default)]
 pub struct GenerateConfig {
     /// Captioners to run: `untrained` (the baseline: the mapper at its initialisation seeded
-    /// with `seed`),
-    /// or a training stage (`train-sft`, `train-dpo`, `train-orpo`) whose best checkpoint is
+    /// with `seed`), or a training step (`train-sft`, `train-dpo`, `train-orpo`,
+    /// `train-dico`, `train-scst`, or a pipeline step's own name) whose best checkpoint is
     /// taken from this run, else from the newest run that has one.
     pub models: Vec<String>,
     /// Any of `greedy`, `beam`, `sample`.

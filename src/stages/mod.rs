@@ -10,6 +10,7 @@ pub mod context;
 pub mod embed;
 pub mod generate;
 pub mod ingest;
+pub mod online;
 pub mod preference;
 pub mod pretrain_clip;
 pub mod report;
@@ -74,6 +75,8 @@ pub const STAGES: &[Registered] = &[
     register::<sample_pairs::SamplePairs>(),
     register::<preference::TrainDpo>(),
     register::<preference::TrainOrpo>(),
+    register::<online::dico::TrainDico>(),
+    register::<online::scst::TrainScst>(),
     register::<generate::Generate>(),
     register::<score::Score>(),
     register::<report::Report>(),

@@ -12,8 +12,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::data::hub::HubClient;
-use crate::data::records::{GenerationRow, ImageTextSample, ScoreRow, SummaryRow};
-use crate::data::shard::{read_parquet, write_parquet, ShardSet};
+use crate::data::records::{GenerationRow, ScoreRow, SummaryRow};
+use crate::data::shard::{read_parquet, write_parquet};
+use crate::datasets::captions::references;
 use crate::datasets::features::embeddings_by_key;
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::bertscore::{bert_score, BertScore, IdfWeights, TokenEmbeddings};
@@ -101,25 +102,6 @@ pub fn bertscores(
             s
         })
         .collect())
-}
-
-/// References of the images of `dataset/split`: key → captions (for the synthetic world, the
-/// caption and its converse, which states the same fact).
-fn references(workdir: &Path, dataset: &str, split: &str) -> Result<HashMap<String, Vec<String>>> {
-    let set = ShardSet::new(workdir, dataset, split);
-    let mut out = HashMap::new();
-    for shard in set.finished()? {
-        for s in set.read::<ImageTextSample>(shard)? {
-            let mut refs = vec![s.caption.clone()];
-            if dataset == synthetic::IMAGES_DATASET {
-                if let Some(scene) = synthetic::parse_caption(&s.caption) {
-                    refs.push(synthetic::caption(&scene.converse()));
-                }
-            }
-            out.insert(s.key, refs);
-        }
-    }
-    Ok(out)
 }
 
 /// What `score` computed: one row per model, method and metric.

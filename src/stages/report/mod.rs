@@ -6,9 +6,13 @@
 //! validation loss, final train loss, skipped non-finite batches), `preference.parquet`/`.csv`
 //! (per run, preference stage and pair source: held-out pairs, accuracy and margin),
 //! `retrieval.parquet`/`.csv` (per run, contrastive stage and encoder: held-out recall both
-//! ways, the trained encoder beside its baselines and chance), `scores.parquet`/`.csv` (per
-//! run, model and decoding method: the captioner's conditioning, one column per metric), and
-//! one PNG of train/val loss curves per run and stage. The tables are printed too.
+//! ways, the trained encoder beside its baselines and chance), `online.parquet`/`.csv` (per
+//! run and online stage, DiCO or SCST: held-out CLIPScore, RefCLIPScore, CIDEr-D and attribute
+//! accuracy of the starting model and the selected checkpoint, the training reward, the
+//! share of distinct candidates), `scores.parquet`/`.csv` (per run, model and decoding
+//! method: the captioner's conditioning, one column per metric), one PNG of train/val loss
+//! curves per run and stage, and one of reward curves per online stage. The tables are
+//! printed too.
 
 pub mod chart;
 
@@ -68,8 +72,35 @@ pub struct ReportSummary {
     pub preference: Option<DataFrame>,
     /// Held-out retrieval recall of contrastive stages and their baselines.
     pub retrieval: Option<DataFrame>,
+    /// Held-out metrics of online stages (DiCO, SCST) before and after, with their rewards.
+    pub online: Option<DataFrame>,
     pub scores: Option<DataFrame>,
     pub charts: Vec<PathBuf>,
+}
+
+impl ReportSummary {
+    /// Every table, titled, and where the files went (`out`): what the run log and
+    /// `pipeline report` print.
+    pub fn text(&self, out: &Path) -> String {
+        let mut text = String::new();
+        for (title, t) in [
+            ("training", &self.training),
+            ("preference pairs by source (val)", &self.preference),
+            ("retrieval (val)", &self.retrieval),
+            ("online stages (val, greedy)", &self.online),
+            ("scores", &self.scores),
+        ] {
+            if let Some(t) = t {
+                text.push_str(&format!("{title}:\n{t}\n"));
+            }
+        }
+        text.push_str(&format!(
+            "{} chart(s) and the tables (Parquet + CSV) in {}",
+            self.charts.len(),
+            out.display()
+        ));
+        text
+    }
 }
 
 /// `<out>/<name>.parquet` and `.csv`, each written atomically.
@@ -182,10 +213,15 @@ struct ValRow {
 
 /// The validation rows of `metrics`, in table order.
 fn val_rows(metrics: &DataFrame, what: &str) -> Result<Vec<ValRow>> {
+    split_rows(metrics, "val", what)
+}
+
+/// The rows of `split` in `metrics`, in table order.
+fn split_rows(metrics: &DataFrame, split: &str, what: &str) -> Result<Vec<ValRow>> {
     let val = metrics
         .clone()
         .lazy()
-        .filter(col("split").eq(lit("val")))
+        .filter(col("split").eq(lit(split)))
         .collect()
         .map_err(perr(what))?;
     let text = |name: &str| -> Result<Vec<String>> {
@@ -286,6 +322,114 @@ pub fn retrieval_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
         .map_err(perr("retrieval table"))
 }
 
+/// Per run and online stage (`train-dico`, `train-scst` and their named steps): the greedy
+/// held-out metrics of the starting model (validated at step 0) and of the selected
+/// checkpoint (`best_step` from the stage's `last/state.json`, else its last validation),
+/// the training reward of the first and last logged steps, and the share of distinct
+/// captions among each image's candidates or samples over the run.
+pub fn online_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFrame>> {
+    const METRICS: [&str; 4] = ["CLIPScore", "RefCLIPScore", "CIDEr", "attribute_accuracy"];
+    let rows = val_rows(metrics, "online table")?;
+    type Key = (String, String);
+    let mut last: std::collections::BTreeMap<Key, i64> = Default::default();
+    for r in rows.iter().filter(|r| r.name == "val/RefCLIPScore") {
+        let e = last
+            .entry((r.run_id.clone(), r.stage.clone()))
+            .or_insert(r.step);
+        *e = (*e).max(r.step);
+    }
+    if last.is_empty() {
+        return Ok(None);
+    }
+    let best: std::collections::BTreeMap<Key, i64> = last
+        .iter()
+        .map(|(k, &l)| {
+            let state = workdir
+                .join("runs")
+                .join(&k.0)
+                .join(&k.1)
+                .join("last/state.json");
+            let step = crate::io::read_json::<serde_json::Value>(&state)
+                .ok()
+                .and_then(|s| s["best_step"].as_i64())
+                .unwrap_or(l);
+            (k.clone(), step)
+        })
+        .collect();
+    let value = |k: &Key, step: i64, name: &str| {
+        rows.iter()
+            .find(|r| r.run_id == k.0 && r.stage == k.1 && r.step == step && r.name == name)
+            .map_or(f64::NAN, |r| r.value)
+    };
+    let train_rows = split_rows(metrics, "train", "online table")?;
+    let train = |name: &str| -> Result<Vec<(String, String, i64, f64)>> {
+        let mut v: Vec<(String, String, i64, f64)> = train_rows
+            .iter()
+            .filter(|r| r.name == name)
+            .map(|r| (r.run_id.clone(), r.stage.clone(), r.step, r.value))
+            .collect();
+        v.sort_by_key(|r| r.2);
+        Ok(v)
+    };
+    let rewards = train("reward/mean")?;
+    let mut distinct = train("candidates/distinct")?;
+    distinct.extend(train("samples/distinct")?);
+    let keys: Vec<&Key> = best.keys().collect();
+    let of = |k: &Key, v: &[(String, String, i64, f64)]| -> Vec<f64> {
+        v.iter()
+            .filter(|r| r.0 == k.0 && r.1 == k.1 && r.3.is_finite())
+            .map(|r| r.3)
+            .collect()
+    };
+    let mut cols = vec![
+        Column::new(
+            "run_id".into(),
+            keys.iter().map(|k| k.0.clone()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "stage".into(),
+            keys.iter().map(|k| k.1.clone()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "best_step".into(),
+            keys.iter().map(|k| best[*k]).collect::<Vec<_>>(),
+        ),
+    ];
+    for m in METRICS {
+        let name = format!("val/{m}");
+        cols.push(Column::new(
+            format!("{m}_init").into(),
+            keys.iter().map(|k| value(k, 0, &name)).collect::<Vec<_>>(),
+        ));
+        cols.push(Column::new(
+            m.into(),
+            keys.iter()
+                .map(|k| value(k, best[*k], &name))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    let ends = |first: bool| -> Vec<f64> {
+        keys.iter()
+            .map(|k| {
+                let v = of(k, &rewards);
+                let got = if first { v.first() } else { v.last() };
+                got.copied().unwrap_or(f64::NAN)
+            })
+            .collect()
+    };
+    cols.push(Column::new("reward_first".into(), ends(true)));
+    cols.push(Column::new("reward_last".into(), ends(false)));
+    cols.push(Column::new(
+        "distinct".into(),
+        keys.iter()
+            .map(|k| crate::metrics::mean(of(k, &distinct).into_iter()))
+            .collect::<Vec<_>>(),
+    ));
+    DataFrame::new(keys.len(), cols)
+        .map(Some)
+        .map_err(perr("online table"))
+}
+
 /// Per run, model and method: one column per metric.
 pub fn scores_table(summary: DataFrame) -> Result<DataFrame> {
     let metrics = [
@@ -377,7 +521,50 @@ fn with_captioner(workdir: &Path, mut table: DataFrame) -> Result<DataFrame> {
     Ok(table)
 }
 
-/// Train and validation loss curves of every (run, stage), as PNGs in `out`.
+/// The `(step, value)` points of metric `name` in `split` of one run's stage, by step.
+fn curve(
+    metrics: &DataFrame,
+    run: &str,
+    stage: &str,
+    split: &str,
+    name: &str,
+) -> Result<Vec<(f64, f64)>> {
+    let df = metrics
+        .clone()
+        .lazy()
+        .filter(
+            col("run_id")
+                .eq(lit(run))
+                .and(col("stage").eq(lit(stage)))
+                .and(col("split").eq(lit(split)))
+                .and(col("name").eq(lit(name))),
+        )
+        .sort(["step"], SortMultipleOptions::default())
+        .collect()
+        .map_err(perr("charts"))?;
+    let steps = df
+        .column("step")
+        .map_err(perr("charts"))?
+        .i64()
+        .map_err(perr("charts"))?
+        .clone();
+    let values = df
+        .column("value")
+        .map_err(perr("charts"))?
+        .f64()
+        .map_err(perr("charts"))?
+        .clone();
+    Ok(steps
+        .iter()
+        .zip(values.iter())
+        .filter_map(|(s, v)| Some((s? as f64, v?)))
+        .filter(|(_, v)| v.is_finite())
+        .collect())
+}
+
+/// Train and validation loss curves of every (run, stage), and the reward curves of the
+/// online stages (training reward of the candidates and of the winner or greedy baseline,
+/// held-out CLIPScore), as PNGs in `out`.
 fn charts(metrics: &DataFrame, out: &Path) -> Result<Vec<PathBuf>> {
     let pairs = metrics
         .clone()
@@ -404,51 +591,38 @@ fn charts(metrics: &DataFrame, out: &Path) -> Result<Vec<PathBuf>> {
         let (Some(run), Some(stage)) = (run, stage) else {
             continue;
         };
-        let curve = |split: &str| -> Result<Vec<(f64, f64)>> {
-            let df = metrics
-                .clone()
-                .lazy()
-                .filter(
-                    col("run_id")
-                        .eq(lit(run))
-                        .and(col("stage").eq(lit(stage)))
-                        .and(col("split").eq(lit(split)))
-                        .and(col("name").eq(lit("loss"))),
-                )
-                .sort(["step"], SortMultipleOptions::default())
-                .collect()
-                .map_err(perr("charts"))?;
-            let steps = df
-                .column("step")
-                .map_err(perr("charts"))?
-                .i64()
-                .map_err(perr("charts"))?
-                .clone();
-            let values = df
-                .column("value")
-                .map_err(perr("charts"))?
-                .f64()
-                .map_err(perr("charts"))?
-                .clone();
-            Ok(steps
+        let series = |specs: &[(&str, &str, &str)]| -> Result<Vec<Series>> {
+            specs
                 .iter()
-                .zip(values.iter())
-                .filter_map(|(s, v)| Some((s? as f64, v?)))
-                .collect())
+                .map(|(label, split, name)| {
+                    Ok(Series {
+                        name: (*label).into(),
+                        points: curve(metrics, run, stage, split, name)?,
+                    })
+                })
+                .collect()
         };
-        let series = vec![
-            Series {
-                name: "train loss".into(),
-                points: curve("train")?,
-            },
-            Series {
-                name: "val loss".into(),
-                points: curve("val")?,
-            },
-        ];
-        let path = out.join(format!("curves-{run}-{stage}.png"));
-        line_chart(&path, &format!("{stage} loss"), "step", &series)?;
-        written.push(path);
+        let loss = series(&[("train loss", "train", "loss"), ("val loss", "val", "loss")])?;
+        if loss.iter().any(|s| !s.points.is_empty()) {
+            let path = out.join(format!("curves-{run}-{stage}.png"));
+            line_chart(&path, &format!("{stage} loss"), "step", &loss)?;
+            written.push(path);
+        }
+        let rewards = series(&[
+            ("train reward", "train", "reward/mean"),
+            ("train winner", "train", "reward/winner"),
+            ("train greedy", "train", "reward/greedy"),
+            ("val CLIPScore", "val", "val/CLIPScore"),
+        ])?;
+        if !rewards[0].points.is_empty() {
+            let rewards: Vec<Series> = rewards
+                .into_iter()
+                .filter(|s| !s.points.is_empty())
+                .collect();
+            let path = out.join(format!("rewards-{run}-{stage}.png"));
+            line_chart(&path, &format!("{stage} reward"), "step", &rewards)?;
+            written.push(path);
+        }
     }
     Ok(written)
 }
@@ -469,6 +643,10 @@ pub fn report(workdir: &Path, out: &Path) -> Result<ReportSummary> {
         if let Some(mut t) = retrieval_table(&metrics)? {
             write_table(&mut t, out, "retrieval")?;
             summary.retrieval = Some(t);
+        }
+        if let Some(mut t) = online_table(workdir, &metrics)? {
+            write_table(&mut t, out, "online")?;
+            summary.online = Some(t);
         }
     }
     if let Some(scores) = read_all(&run_files(workdir, "scores_summary.parquet"))? {
@@ -516,24 +694,7 @@ impl Stage for Report {
     fn run(_cfg: &ReportConfig, ctx: &StageContext) -> Result<ReportText> {
         let out = ctx.run_dir.join("report");
         let s = report(&ctx.workdir, &out)?;
-        let mut text = String::new();
-        if let Some(t) = &s.training {
-            text.push_str(&format!("training:\n{t}\n"));
-        }
-        if let Some(t) = &s.preference {
-            text.push_str(&format!("preference pairs by source (val):\n{t}\n"));
-        }
-        if let Some(t) = &s.retrieval {
-            text.push_str(&format!("retrieval (val):\n{t}\n"));
-        }
-        if let Some(t) = &s.scores {
-            text.push_str(&format!("scores:\n{t}\n"));
-        }
-        text.push_str(&format!(
-            "{} chart(s) and the tables (Parquet + CSV) in {}",
-            s.charts.len(),
-            out.display()
-        ));
+        let text = s.text(&out);
         Ok(ReportText { text })
     }
 }
