@@ -32,6 +32,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         "train-sft",
         "train-dpo",
         "train-orpo",
+        "train-reward",
         "train-dico",
         "train-scst",
         "generate",

@@ -113,6 +113,7 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
     for step in [
         "train-dpo",
         "train-orpo",
+        "train-reward",
         "train-dico",
         "train-scst",
         "generate",

@@ -1,7 +1,8 @@
 //! train-dpo and train-orpo from the outside: they start from the SFT checkpoint, log TRL's
 //! metrics, raise the training reward accuracy, cache the reference log-probabilities once
 //! per (reference checkpoint, pair set), refuse a pair with an empty completion, and skip and
-//! count a batch whose loss is NaN without any parameter becoming NaN.
+//! count a batch whose loss is NaN without any parameter becoming NaN; train-reward learns the
+//! same pairs as a Bradley-Terry reward model.
 
 mod common;
 use common::hub_fixtures::{h4_parquet, h4_row, H4Row, H4, H4_REV};
@@ -279,6 +280,57 @@ fn a_nan_in_a_training_batch_is_skipped_and_counted_and_no_parameter_becomes_nan
             assert!(v.iter().all(|x| x.is_finite()), "{name} in {dir} has a NaN");
         }
     }
+}
+
+#[test]
+fn train_reward_learns_the_pairs_and_logs_trls_metrics_per_source() {
+    let tmp = trained_workdir();
+    let work = tmp.path();
+    let (out, log) = pipeline(
+        &[
+            "run",
+            "train-reward",
+            "--set",
+            "train_reward.epochs=4",
+            "--set",
+            "train_reward.lr=0.001",
+        ],
+        work,
+    );
+    assert!(out.status.success(), "{log}");
+    let run = newest_run(work);
+    let metrics: Vec<MetricRow> = read_parquet(&run.join("metrics.parquet")).unwrap();
+    let val = |name: &str| -> Vec<f64> {
+        metrics
+            .iter()
+            .filter(|m| m.stage == "train-reward" && m.split == "val" && m.name == name)
+            .map(|m| m.value)
+            .collect()
+    };
+    for name in [
+        "loss",
+        "accuracy",
+        "margin",
+        "min_reward",
+        "mean_reward",
+        "max_reward",
+    ] {
+        let v = val(name);
+        assert_eq!(v.len(), 4, "{name}: one validation per epoch");
+        assert!(v.iter().all(|x| x.is_finite()), "{name}: {v:?}");
+    }
+    let acc = val("accuracy");
+    let best = acc.iter().copied().fold(f64::MIN, f64::max);
+    assert!(best >= 0.7, "held-out accuracy {acc:?}");
+    for kind in ["colour", "shape", "relation", "vague"] {
+        let a = val(&format!("by_source/synthetic:{kind}/accuracy"));
+        assert_eq!(a.len(), 4, "{kind}");
+        assert!(a.iter().all(|x| (0.0..=1.0).contains(x)), "{kind}: {a:?}");
+    }
+    let weights = run.join("train-reward/best/model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(tensors["reward_head.weight"].dims().len(), 2);
+    assert!(run.join("train-reward/captioner.json").is_file());
 }
 
 /// Writes text-only pairs (UltraFeedback's shape: a prompt, no image) as one finished shard.

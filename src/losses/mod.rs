@@ -3,4 +3,5 @@
 pub mod contrastive;
 pub mod dico;
 pub mod preference;
+pub mod reward;
 pub mod scst;

@@ -495,17 +495,17 @@ impl Captioner {
         Ok(sums.remove(0))
     }
 
-    /// [`Self::completion_logprobs`] for several token masks from one forward pass: per mask,
-    /// the per-row sums of log p(token) over its tokens and their counts (a mask's token 0
-    /// counts only with `clip`, which predicts it).
-    pub fn masked_logprobs(
+    /// Final hidden states `(b, p + t, d)` (after GPT-2's `ln_f`) of what the image starts
+    /// (the prefix, or the start token of a cross-attention captioner; nothing without
+    /// `clip`: text-only) followed by `ids` `(b, t)` under `attention` `(b, t)` f32, and `p`,
+    /// the positions the image takes.
+    pub fn hidden_states(
         &self,
         clip: Option<&Tensor>,
         ids: &Tensor,
         attention: &Tensor,
-        masks: &[&Tensor],
-    ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
-        let (b, t) = ids.dims2()?;
+    ) -> candle_core::Result<(Tensor, usize)> {
+        let b = ids.dim(0)?;
         let tokens = self.decoder.embed_tokens(ids)?;
         let (x, keep, p, cross) = match clip {
             Some(clip) => {
@@ -524,6 +524,21 @@ impl Captioner {
         let hidden = self
             .decoder
             .forward_hidden_with(&x, Some(&keep), cross.as_ref())?;
+        Ok((hidden, p))
+    }
+
+    /// [`Self::completion_logprobs`] for several token masks from one forward pass: per mask,
+    /// the per-row sums of log p(token) over its tokens and their counts (a mask's token 0
+    /// counts only with `clip`, which predicts it).
+    pub fn masked_logprobs(
+        &self,
+        clip: Option<&Tensor>,
+        ids: &Tensor,
+        attention: &Tensor,
+        masks: &[&Tensor],
+    ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
+        let t = ids.dim(1)?;
+        let (hidden, p) = self.hidden_states(clip, ids, attention)?;
         // Position j of `pred` predicts `targets` column j. The LM head runs on those
         // positions only.
         let (pred, targets) = if p > 0 {

@@ -5,6 +5,7 @@ pub mod captioner;
 pub mod clip;
 pub mod contrastive;
 pub mod gpt2;
+pub mod reward;
 pub mod tiny;
 
 use std::path::Path;

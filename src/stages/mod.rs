@@ -75,6 +75,7 @@ pub const STAGES: &[Registered] = &[
     register::<sample_pairs::SamplePairs>(),
     register::<preference::TrainDpo>(),
     register::<preference::TrainOrpo>(),
+    register::<preference::reward::TrainReward>(),
     register::<online::dico::TrainDico>(),
     register::<online::scst::TrainScst>(),
     register::<generate::Generate>(),

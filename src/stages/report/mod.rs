@@ -166,7 +166,8 @@ pub fn training_table(metrics: DataFrame) -> Result<DataFrame> {
 }
 
 /// Per run, preference stage and pair source: held-out pairs, `rewards/accuracies` and
-/// `rewards/margins` of the selected checkpoint (the `by_source/<source>/...` metrics).
+/// `rewards/margins` of the selected checkpoint (the `by_source/<source>/...` metrics; for a
+/// reward model, its `accuracy` per source at its last validation).
 pub fn preference_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
     let mut table: std::collections::BTreeMap<(String, String, String), [f64; 3]> =
         Default::default();
@@ -174,10 +175,16 @@ pub fn preference_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
         let Some(rest) = r.name.strip_prefix("by_source/") else {
             continue;
         };
-        let found = ["/pairs", "/rewards/accuracies", "/rewards/margins"]
-            .iter()
-            .enumerate()
-            .find_map(|(j, m)| rest.strip_suffix(m).map(|source| (j, source)));
+        // Column of each suffix; a reward model logs its held-out accuracy per source as
+        // `.../accuracy`.
+        let found = [
+            ("/pairs", 0),
+            ("/rewards/accuracies", 1),
+            ("/rewards/margins", 2),
+            ("/accuracy", 1),
+        ]
+        .iter()
+        .find_map(|(m, j)| rest.strip_suffix(m).map(|source| (*j, source)));
         if let Some((j, source)) = found {
             let key = (r.run_id.clone(), r.stage.clone(), source.to_string());
             table.entry(key).or_insert([f64::NAN; 3])[j] = r.value;

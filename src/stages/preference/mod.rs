@@ -8,7 +8,9 @@
 //! kept in the content-addressed cache (`cache/reflogps-v2/`), so training holds no second
 //! model and re-runs reuse them. ORPO starts from the same checkpoint and needs no reference.
 //! Pairs stream from a loader thread ([`crate::datasets::pairs`]) over a bounded channel; the
-//! training thread only computes.
+//! training thread only computes. `train-reward` ([`reward`]) reads the same pairs.
+
+pub mod reward;
 
 use std::sync::Arc;
 
@@ -139,6 +141,20 @@ pub fn side_logps(
     model: &Captioner,
     b: &SideBatch,
 ) -> candle_core::Result<((Tensor, Tensor), (Tensor, Tensor))> {
+    let (clip, ids, attention) = side_tensors(model, b)?;
+    let supervised = Tensor::from_slice(&b.supervised, (b.rows, b.len), model.device())?;
+    let mut sums =
+        model.masked_logprobs(clip.as_ref(), &ids, &attention, &[&supervised, &attention])?;
+    let all = sums.pop().expect("two masks");
+    Ok((sums.pop().expect("two masks"), all))
+}
+
+/// One padded side on `model`'s device: its CLIP features (image-grounded pairs), token ids
+/// and attention mask.
+pub fn side_tensors(
+    model: &Captioner,
+    b: &SideBatch,
+) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
     let dev = model.device();
     let clip = b
         .clip
@@ -146,15 +162,11 @@ pub fn side_logps(
         .map(|c| Tensor::from_slice(c, (b.rows, model.clip_dim), dev))
         .transpose()?;
     let shape = (b.rows, b.len);
-    let attention = Tensor::from_slice(&b.attention, shape, dev)?;
-    let mut sums = model.masked_logprobs(
-        clip.as_ref(),
-        &Tensor::from_slice(&b.ids, shape, dev)?,
-        &attention,
-        &[&Tensor::from_slice(&b.supervised, shape, dev)?, &attention],
-    )?;
-    let all = sums.pop().expect("two masks");
-    Ok((sums.pop().expect("two masks"), all))
+    Ok((
+        clip,
+        Tensor::from_slice(&b.ids, shape, dev)?,
+        Tensor::from_slice(&b.attention, shape, dev)?,
+    ))
 }
 
 /// Per-row log-probability sums and token counts of a batch, rows in group order, and the
@@ -476,19 +488,16 @@ impl Objective for PreferenceObjective {
 }
 
 /// Trains the `[preference]` policy with `method` under `train_cfg` (its stage's section).
-fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<PreferenceSummary> {
+/// The training and validation pair splits of `[preference]` for `model` (the captioner of
+/// `manifest`, whose CLIP `clip` names the image features), tokenized and truncated as TRL
+/// does, and the `max_length` they were truncated to.
+pub fn pair_splits(
+    ctx: &StageContext,
+    manifest: &CaptionerManifest,
+    clip: &crate::stages::context::ClipConfig,
+    model: &Captioner,
+) -> Result<(PairSplit, PairSplit, usize)> {
     let p = &ctx.preference;
-    let init = ctx
-        .find_captioner(&p.init_from)
-        .ok_or_else(|| ctx.missing(&format!("`{}` checkpoint", p.init_from), &p.init_from))?;
-    let manifest = CaptionerManifest::load(&init.join("captioner.json"))?;
-    // The policy's own CLIP names the image features of the pairs.
-    let clip = ctx
-        .clip
-        .with_model(&manifest.clip_model, &manifest.clip_revision);
-    let device: Device = ctx.device()?;
-    let best = init.join("best/model.safetensors");
-    let (mut model, vars) = manifest.captioner(Some(&best), &device)?;
     // The CLIP prefix takes positions too.
     let room = model
         .decoder
@@ -521,7 +530,7 @@ fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<
                 grounded: true,
             });
             features = ctx
-                .captioner_features(&manifest.captioner, &clip, &p.image_dataset, image_split)?
+                .captioner_features(&manifest.captioner, clip, &p.image_dataset, image_split)?
                 .0;
         }
         if !p.text_pairs_dataset.is_empty() {
@@ -535,6 +544,49 @@ fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<
     };
     let train = split(&p.train_split, &p.text_train_split)?;
     let val = split(&p.val_split, &p.text_val_split)?;
+    Ok((train, val, max_length))
+}
+
+/// Pairs kept for training, batches per epoch, and pairs dropped (their prompt fills
+/// `max_length`); an error naming `stage` when either split has no pair left.
+pub fn pair_counts(
+    stage: &str,
+    train: &PairSplit,
+    val: &PairSplit,
+    batch_size: usize,
+    max_length: usize,
+) -> Result<(usize, usize, usize)> {
+    let (rows, steps_per_epoch, dropped) = train.counts(batch_size)?;
+    let (val_rows, _, val_dropped) = val.counts(batch_size)?;
+    for (split, kept, gone) in [
+        ("training", rows, dropped),
+        ("validation", val_rows, val_dropped),
+    ] {
+        if kept == 0 {
+            return Err(Error::Config(format!(
+                "{}: no {split} pairs left: all {gone} have a prompt that fills max_length {max_length} \
+                 (preference.max_length, truncation_mode keep_start); raise max_length or use keep_end",
+                stage
+            )));
+        }
+    }
+    Ok((rows, steps_per_epoch, dropped))
+}
+
+fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<PreferenceSummary> {
+    let p = &ctx.preference;
+    let init = ctx
+        .find_captioner(&p.init_from)
+        .ok_or_else(|| ctx.missing(&format!("`{}` checkpoint", p.init_from), &p.init_from))?;
+    let manifest = CaptionerManifest::load(&init.join("captioner.json"))?;
+    // The policy's own CLIP names the image features of the pairs.
+    let clip = ctx
+        .clip
+        .with_model(&manifest.clip_model, &manifest.clip_revision);
+    let device: Device = ctx.device()?;
+    let best = init.join("best/model.safetensors");
+    let (mut model, vars) = manifest.captioner(Some(&best), &device)?;
+    let (train, val, max_length) = pair_splits(ctx, &manifest, &clip, &model)?;
     let refs = if method == Method::Dpo {
         // The policy has not been updated yet: it is the reference. No second model.
         // The SFT weights (the mapper, and the decoder unless it was frozen), the decoder it
@@ -563,20 +615,13 @@ fn train(method: Method, train_cfg: &TrainConfig, ctx: &StageContext) -> Result<
     let dir = ctx.stage_dir(ctx.output_name(method.stage()));
     std::fs::create_dir_all(&dir).at(&dir)?;
     manifest.save(&dir.join("captioner.json"))?;
-    let (rows, steps_per_epoch, dropped) = train.counts(train_cfg.batch_size)?;
-    let (val_rows, _, val_dropped) = val.counts(train_cfg.batch_size)?;
-    for (split, kept, gone) in [
-        ("training", rows, dropped),
-        ("validation", val_rows, val_dropped),
-    ] {
-        if kept == 0 {
-            return Err(Error::Config(format!(
-                "{}: no {split} pairs left: all {gone} have a prompt that fills max_length {max_length} \
-                 (preference.max_length, truncation_mode keep_start); raise max_length or use keep_end",
-                method.stage()
-            )));
-        }
-    }
+    let (rows, steps_per_epoch, dropped) = pair_counts(
+        method.stage(),
+        &train,
+        &val,
+        train_cfg.batch_size,
+        max_length,
+    )?;
     let data = PreferenceBatches {
         train,
         val,
