@@ -675,18 +675,6 @@ impl Captioner {
             .collect())
     }
 
-    /// [`Self::beam_search_candidates`] for one image `(1, clip_dim)`.
-    pub fn beam_candidates(
-        &self,
-        clip: &Tensor,
-        beams: usize,
-        length_penalty: f64,
-        max_tokens: usize,
-    ) -> candle_core::Result<Vec<Generated>> {
-        let mut all = self.beam_search_candidates(clip, beams, length_penalty, max_tokens)?;
-        Ok(all.pop().unwrap_or_default())
-    }
-
     /// Beam search for each image of `clip` `(b, clip_dim)`, all images' beams decoded
     /// together: `beams` hypotheses per image, finished ones scored by
     /// `logprob / len^length_penalty` (transformers' convention). Returns, per image, up to

@@ -109,8 +109,20 @@ pub struct DicoObjective {
     pub last_mean_length: f64,
 }
 
-impl DicoObjective {
-    fn train_batch(&mut self, b: &ImageBatch, _epoch: usize) -> candle_core::Result<StepOutput> {
+impl OnlineMethod for DicoObjective {
+    fn online(&self) -> &Online {
+        &self.online
+    }
+
+    fn online_mut(&mut self) -> &mut Online {
+        &mut self.online
+    }
+
+    fn optimizer(&self) -> &OptimizerConfig {
+        &self.optimizer
+    }
+
+    fn train_step(&mut self, b: &ImageBatch, _epoch: usize) -> candle_core::Result<StepOutput> {
         let o = &mut self.online;
         let feats = o.features(b)?;
         let (k, lp, max) = (
@@ -229,24 +241,6 @@ impl DicoObjective {
             scalars,
             rows: rankings.len(),
         })
-    }
-}
-
-impl OnlineMethod for DicoObjective {
-    fn online(&self) -> &Online {
-        &self.online
-    }
-
-    fn online_mut(&mut self) -> &mut Online {
-        &mut self.online
-    }
-
-    fn optimizer(&self) -> &OptimizerConfig {
-        &self.optimizer
-    }
-
-    fn train_step(&mut self, b: &ImageBatch, epoch: usize) -> candle_core::Result<StepOutput> {
-        self.train_batch(b, epoch)
     }
 }
 

@@ -115,8 +115,20 @@ pub struct ScstObjective {
     pub optimizer: OptimizerConfig,
 }
 
-impl ScstObjective {
-    fn train_batch(&mut self, b: &ImageBatch, epoch: usize) -> candle_core::Result<StepOutput> {
+impl OnlineMethod for ScstObjective {
+    fn online(&self) -> &Online {
+        &self.online
+    }
+
+    fn online_mut(&mut self) -> &mut Online {
+        &mut self.online
+    }
+
+    fn optimizer(&self) -> &OptimizerConfig {
+        &self.optimizer
+    }
+
+    fn train_step(&mut self, b: &ImageBatch, epoch: usize) -> candle_core::Result<StepOutput> {
         let o = &mut self.online;
         let feats = o.features(b)?;
         let n = self.cfg.samples.max(1);
@@ -207,24 +219,6 @@ impl ScstObjective {
             scalars,
             rows: b.rows,
         })
-    }
-}
-
-impl OnlineMethod for ScstObjective {
-    fn online(&self) -> &Online {
-        &self.online
-    }
-
-    fn online_mut(&mut self) -> &mut Online {
-        &mut self.online
-    }
-
-    fn optimizer(&self) -> &OptimizerConfig {
-        &self.optimizer
-    }
-
-    fn train_step(&mut self, b: &ImageBatch, epoch: usize) -> candle_core::Result<StepOutput> {
-        self.train_batch(b, epoch)
     }
 }
 
