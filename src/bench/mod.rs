@@ -7,6 +7,7 @@ pub mod score;
 pub mod train_contrastive;
 pub mod train_dico;
 pub mod train_dpo;
+pub mod train_rlhf;
 pub mod train_sft;
 
 use std::io::Write;
@@ -39,6 +40,8 @@ pub enum BenchCommand {
     TrainContrastive(crate::bench::train_contrastive::BenchTrainContrastiveArgs),
     /// DiCO steps (beam candidates, CLIP reward, policy + reference) with a GPT-2-small-size captioner, vs PyTorch.
     TrainDico(crate::bench::train_dico::BenchTrainDicoArgs),
+    /// RLHF steps (sampled captions, CLIP dense + reward-model sparse reward, RLOO) with GPT-2-small-size models, vs PyTorch.
+    TrainRlhf(crate::bench::train_rlhf::BenchTrainRlhfArgs),
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +83,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::TrainSft(args) => crate::bench::train_sft::bench_train_sft(&args),
         BenchCommand::TrainDpo(args) => crate::bench::train_dpo::bench_train_dpo(&args),
         BenchCommand::TrainDico(args) => crate::bench::train_dico::bench_train_dico(&args),
+        BenchCommand::TrainRlhf(args) => crate::bench::train_rlhf::bench_train_rlhf(&args),
         BenchCommand::TrainContrastive(args) => {
             crate::bench::train_contrastive::bench_train_contrastive(&args)
         }

@@ -76,7 +76,7 @@ struct Side {
     phases: [f64; 5],
 }
 
-const CLIP_DIM: usize = 512;
+pub(crate) const CLIP_DIM: usize = 512;
 
 /// The peer: the same step in PyTorch.
 const PEER_SCRIPT: &str = r#"
@@ -261,7 +261,7 @@ fn run_prefcap(args: &BenchTrainDicoArgs, gpt2: &Path, clip_dir: &Path) -> anyho
 /// the 50,257 rows) are scaled by 1e-3: the tied head then rarely picks them, so candidates
 /// decode to text and get a reward, as a trained model's do. Shapes and compute are GPT-2
 /// small's.
-fn decodable_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+pub(crate) fn decodable_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
     let stamp = to.join("prefcap-decodable.txt");
     let source = std::fs::read_to_string(from.join("prefcap-spec.txt"))?;
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == source) {
@@ -294,7 +294,10 @@ fn decodable_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_side(path: &Path, who: &str) -> anyhow::Result<Side> {
+pub(crate) fn read_side<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    who: &str,
+) -> anyhow::Result<T> {
     let bytes = std::fs::read(path).with_context(|| format!("{who} wrote no result"))?;
     Ok(serde_json::from_slice(&bytes)?)
 }
@@ -337,7 +340,7 @@ pub fn bench_train_dico(args: &BenchTrainDicoArgs) -> anyhow::Result<()> {
         None,
     )?;
     let ours_mem = crate::bench::measure(cmd, "prefcap train-dico", None)?;
-    let ours = read_side(&ours_out, "prefcap")?;
+    let ours: Side = read_side(&ours_out, "prefcap")?;
     let peer = if args.no_peer {
         None
     } else {
@@ -369,7 +372,7 @@ pub fn bench_train_dico(args: &BenchTrainDicoArgs) -> anyhow::Result<()> {
             )
             .env("OMP_NUM_THREADS", threads.to_string());
         let mem = crate::bench::measure(cmd, "PyTorch", None)?;
-        Some((read_side(&theirs_out, "PyTorch")?, mem))
+        Some((read_side::<Side>(&theirs_out, "PyTorch")?, mem))
     };
     println!(
         "\ntrain-dico step: GPT-2-small-size prefix captioner (policy + frozen reference), CLIP ViT-B/32-size reward, CPU, {threads} thread(s), f32"

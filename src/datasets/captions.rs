@@ -248,6 +248,7 @@ impl Batches<CaptionBatch> for CaptionBatches {
 
 /// A batch of images for objectives that caption them themselves (DiCO, SCST): their keys
 /// and the captioner's features of each.
+#[derive(Debug, Clone)]
 pub struct ImageBatch {
     pub rows: usize,
     pub keys: Vec<String>,
@@ -263,6 +264,9 @@ pub struct ImageBatches {
     pub batch_size: usize,
     pub seed: u64,
     pub capacity: usize,
+    /// Each training batch is delivered this many times in a row (PPO epochs over one
+    /// rollout); 1 = once.
+    pub repeat: usize,
 }
 
 fn image_batch(chunk: &[(String, Vec<f32>, String)]) -> Result<ImageBatch> {
@@ -276,9 +280,28 @@ fn image_batch(chunk: &[(String, Vec<f32>, String)]) -> Result<ImageBatch> {
 impl Batches<ImageBatch> for ImageBatches {
     fn train(&self, epoch: usize) -> Result<Receiver<Result<ImageBatch>>> {
         let shuffle = Some((self.seed, format!("images-epoch-{epoch}")));
-        Ok(self
+        let once = self
             .train
-            .stream(self.batch_size, image_batch, shuffle, self.capacity))
+            .stream(self.batch_size, image_batch, shuffle, self.capacity);
+        let times = self.repeat.max(1);
+        if times == 1 {
+            return Ok(once);
+        }
+        let (tx, rx) = crossbeam_channel::bounded(self.capacity.max(1));
+        std::thread::spawn(move || {
+            for item in once {
+                let Ok(b) = item else {
+                    let _ = tx.send(item);
+                    return;
+                };
+                for _ in 0..times {
+                    if tx.send(Ok(b.clone())).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
     }
 
     fn val(&self) -> Result<Receiver<Result<ImageBatch>>> {
@@ -288,7 +311,7 @@ impl Batches<ImageBatch> for ImageBatches {
     }
 
     fn per_epoch(&self) -> usize {
-        self.train.batches_per_pass(self.batch_size)
+        self.train.batches_per_pass(self.batch_size) * self.repeat.max(1)
     }
 }
 

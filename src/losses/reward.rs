@@ -167,6 +167,57 @@ pub fn leave_one_out(returns: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// Per-token advantages of one image's samples (RLOO on rewards-to-go): sample i's return
+/// at position t minus the mean of the other samples' returns at t, a sample past its end
+/// counting 0 (nothing more to earn). The baseline never depends on sample i's own tokens,
+/// so the policy gradient stays unbiased.
+pub fn rloo_advantages(returns: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let len = returns.iter().map(Vec::len).max().unwrap_or(0);
+    let mut out: Vec<Vec<f64>> = returns.iter().map(|r| vec![0.0; r.len()]).collect();
+    for t in 0..len {
+        let column: Vec<f64> = returns
+            .iter()
+            .map(|r| r.get(t).copied().unwrap_or(0.0))
+            .collect();
+        for (i, b) in leave_one_out(&column).into_iter().enumerate() {
+            if t < returns[i].len() {
+                out[i][t] = returns[i][t] - b;
+            }
+        }
+    }
+    out
+}
+
+/// The policy-gradient loss of sampled tokens: per-token log-probabilities `logp` `(R, T)`
+/// under the current policy (with gradients), the rollout's `old_logp` (without), the
+/// `advantages` and the token `mask` `(R, T)` (1 = a sampled token). With ratio
+/// ρ = exp(logp − old_logp), the loss is −min(ρA, clip(ρ, 1 − ε, 1 + ε)A) averaged over
+/// the batch's tokens (PPO's clipped surrogate); on the rollout's first update ρ = 1 and
+/// its gradient is REINFORCE's, −A ∇log π. Returns the loss and the share of tokens whose
+/// ratio was clipped.
+pub fn policy_loss(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    advantages: &Tensor,
+    mask: &Tensor,
+    clip_range: f64,
+) -> Result<(Tensor, f64)> {
+    let ratio = (logp - old_logp.detach())?.exp()?;
+    let clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)?;
+    let a = advantages.detach();
+    let surrogate = (&ratio * &a)?.minimum(&(&clipped * &a)?)?;
+    let tokens = f64::from(mask.sum_all()?.to_scalar::<f32>()?).max(1.0);
+    let loss = ((surrogate * mask)?.sum_all()?.neg()? / tokens)?;
+    let off = ratio
+        .detach()
+        .ne(&clipped.detach())?
+        .to_dtype(DType::F32)?
+        .mul(mask)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok((loss, f64::from(off) / tokens))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +329,39 @@ mod tests {
         let r0 = shaped_rewards(&cfg, &d, sparse, &conf, &lp, &lp);
         let r1 = shaped_rewards(&cfg, &d, sparse, &conf, &up, &lp);
         assert!((r1[0] - r0[0] + 0.05 * 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rloo_advantages_compare_each_position_with_the_other_samples() {
+        let g = vec![vec![3.0, 1.0], vec![1.0, 0.5, 0.2], vec![2.0]];
+        let a = rloo_advantages(&g);
+        assert_eq!(a[0], vec![3.0 - 1.5, 1.0 - 0.25]);
+        assert_eq!(a[1], vec![1.0 - 2.5, 0.5 - 0.5, 0.2 - 0.0]);
+        assert_eq!(a[2], vec![2.0 - 2.0]);
+    }
+
+    #[test]
+    fn the_policy_loss_is_reinforce_at_ratio_one_and_clips_beyond() {
+        let dev = Device::Cpu;
+        let lp = [-1.0f32, -2.0, -0.5, -3.0];
+        let logp = Var::from_slice(&lp, (2, 2), &dev).unwrap();
+        let old = Tensor::from_slice(&lp, (2, 2), &dev).unwrap();
+        let adv = Tensor::new(&[[1.0f32, -1.0], [0.5, 9.0]], &dev).unwrap();
+        let mask = Tensor::new(&[[1.0f32, 1.0], [1.0, 0.0]], &dev).unwrap();
+        let (loss, clipped) = policy_loss(logp.as_tensor(), &old, &adv, &mask, 0.2).unwrap();
+        assert!((f64::from(loss.to_scalar::<f32>().unwrap()) + 0.5 / 3.0).abs() < 1e-6);
+        assert_eq!(clipped, 0.0);
+        let g = loss.backward().unwrap();
+        let g = g.get(logp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        // −A/tokens per sampled token, nothing for the masked one.
+        assert_eq!(g, vec![vec![-1.0 / 3.0, 1.0 / 3.0], vec![-0.5 / 3.0, 0.0]]);
+        // Ratio e^0.5 > 1.2 with a positive advantage: clipped, no gradient.
+        let old = Tensor::from_slice(&[-1.5f32, -2.0, -0.5, -3.0], (2, 2), &dev).unwrap();
+        let (loss, clipped) = policy_loss(logp.as_tensor(), &old, &adv, &mask, 0.2).unwrap();
+        assert!((clipped - 1.0 / 3.0).abs() < 1e-9);
+        let g = loss.backward().unwrap();
+        let g = g.get(logp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(g[0][0], 0.0, "the clipped token has no gradient");
     }
 
     #[test]

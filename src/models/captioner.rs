@@ -538,15 +538,7 @@ impl Captioner {
         masks: &[&Tensor],
     ) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
         let t = ids.dim(1)?;
-        let (hidden, p) = self.hidden_states(clip, ids, attention)?;
-        // Position j of `pred` predicts `targets` column j. The LM head runs on those
-        // positions only.
-        let (pred, targets) = if p > 0 {
-            (hidden.narrow(1, p - 1, t)?, ids.clone())
-        } else {
-            (hidden.narrow(1, 0, t - 1)?, ids.narrow(1, 1, t - 1)?)
-        };
-        let tok_lp = self.decoder.target_logprobs(&pred, &targets)?;
+        let (tok_lp, p) = self.predicted_logprobs(clip, ids, attention)?;
         masks
             .iter()
             .map(|mask| {
@@ -560,13 +552,47 @@ impl Captioner {
             .collect()
     }
 
+    /// Log-probabilities of the predicted tokens and the positions the image takes: with
+    /// `clip`, `(b, t)`, column j = log p(ids_j | image, ids_<j); without (text-only),
+    /// `(b, t − 1)` for tokens 1.. (token 0 is context only).
+    fn predicted_logprobs(
+        &self,
+        clip: Option<&Tensor>,
+        ids: &Tensor,
+        attention: &Tensor,
+    ) -> candle_core::Result<(Tensor, usize)> {
+        let t = ids.dim(1)?;
+        let (hidden, p) = self.hidden_states(clip, ids, attention)?;
+        // Position j of `pred` predicts `targets` column j. The LM head runs on those
+        // positions only.
+        let (pred, targets) = if p > 0 {
+            (hidden.narrow(1, p - 1, t)?, ids.clone())
+        } else {
+            (hidden.narrow(1, 0, t - 1)?, ids.narrow(1, 1, t - 1)?)
+        };
+        Ok((self.decoder.target_logprobs(&pred, &targets)?, p))
+    }
+
+    /// Per-token log p(ids_j | image, ids_<j) `(b, t)` of captions `ids` `(b, t)` after the
+    /// image of `clip` `(b, clip_dim)`, under `attention` `(b, t)` f32 (padding's values are
+    /// meaningless: mask them). RLHF's per-token rewards and ratios.
+    pub fn token_logprobs(
+        &self,
+        clip: &Tensor,
+        ids: &Tensor,
+        attention: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        Ok(self.predicted_logprobs(Some(clip), ids, attention)?.0)
+    }
+
     /// Mean negative log-likelihood per supervised token of a batch.
     pub fn nll(&self, clip: &Tensor, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let (lp, n) = self.sequence_logprobs(clip, ids, mask)?;
         lp.sum_all()?.neg()? / f64::from(n.sum_all()?.to_scalar::<f32>()?.max(1.0))
     }
 
-    fn decode_text(&self, ids: &[u32]) -> String {
+    /// The text of token ids, end-of-text dropped.
+    pub fn decode_text(&self, ids: &[u32]) -> String {
         let ids: Vec<u32> = ids.iter().copied().filter(|&i| i != self.eos).collect();
         self.tokenizer
             .decode(&ids, true)

@@ -7,7 +7,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, Module, VarBuilder, VarMap};
 
-use crate::models::captioner::Captioner;
+use crate::models::captioner::{Captioner, CaptionerManifest};
 
 /// The head's variable name.
 const HEAD: &str = "reward_head.weight";
@@ -46,6 +46,23 @@ impl RewardModel {
             captioner,
             head: candle_nn::Linear::new(weight, None),
         })
+    }
+
+    /// The reward model a `train-reward` step wrote into `dir` (its `captioner.json` and
+    /// best checkpoint, head included), for scoring: nothing of it is differentiated.
+    pub fn load(
+        dir: &std::path::Path,
+        device: &candle_core::Device,
+    ) -> crate::error::Result<(Self, CaptionerManifest)> {
+        let manifest = CaptionerManifest::load(&dir.join("captioner.json"))?;
+        let (captioner, mut vars) = manifest.captioner(None, device)?;
+        let model = Self::new(captioner, &vars, 0)?;
+        let best = dir.join("best/model.safetensors");
+        vars.load(&best).map_err(|e| crate::error::Error::BadFile {
+            path: best.clone(),
+            message: format!("not a train-reward checkpoint (its head is `{HEAD}`): {e}"),
+        })?;
+        Ok((model, manifest))
     }
 
     /// Rewards `(b,)` of the rows of `ids` `(b, t)` under `attention` (host copy `mask`,

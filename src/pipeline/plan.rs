@@ -24,6 +24,8 @@ pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
     ),
     ("dico", include_str!("../../pipelines/dico.toml")),
     ("cc-dico", include_str!("../../pipelines/cc-dico.toml")),
+    ("rlhf", include_str!("../../pipelines/rlhf.toml")),
+    ("cc-rlhf", include_str!("../../pipelines/cc-rlhf.toml")),
     (
         "ingest-real",
         include_str!("../../pipelines/ingest-real.toml"),

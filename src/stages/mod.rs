@@ -78,6 +78,7 @@ pub const STAGES: &[Registered] = &[
     register::<preference::reward::TrainReward>(),
     register::<online::dico::TrainDico>(),
     register::<online::scst::TrainScst>(),
+    register::<online::rlhf::TrainRlhf>(),
     register::<generate::Generate>(),
     register::<score::Score>(),
     register::<report::Report>(),

@@ -11,11 +11,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::datasets::captions::ImageBatch;
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 use crate::losses::dico::{dico_loss, rank_candidates, Ranking};
 use crate::models::captioner::{Captioner, Generated};
 use crate::stages::online::{
-    check_reward, online_training, prepare, run_fit, var_bytes, Online, OnlineMethod,
+    check_reward, frozen_reference, online_training, prepare, run_fit, Online, OnlineMethod,
     OnlineSettings, OnlineSummary, RewardKind, RewardSettings,
 };
 use crate::stages::{Stage, StageContext};
@@ -266,23 +266,10 @@ impl Stage for TrainDico {
             )));
         }
         let (online, prepared) = prepare(Self::NAME, &settings, &cfg.train, ctx)?;
-        let (mut reference, ref_vars) = prepared
-            .manifest
-            .captioner(Some(&prepared.init), &prepared.device)?;
-        // With the decoder frozen only the mapper trains: the reference uses the policy's
-        // decoder tensors (one copy in memory) and keeps its own mapper.
-        let shared = if prepared.manifest.captioner.freeze_decoder {
-            reference.decoder = online.policy.decoder.clone();
-            reference.decoder.set_differentiable(false);
-            let weights = &prepared.manifest.decoder_files.weights;
-            Some(std::fs::metadata(weights).at(weights)?.len())
-        } else {
-            None
-        };
-        let reference_bytes = var_bytes(&ref_vars);
+        let reference = frozen_reference(&prepared, &online.policy)?;
         let mut objective = DicoObjective {
             online,
-            reference,
+            reference: reference.model,
             cfg: cfg.method.clone(),
             optimizer: cfg.train.optimizer(),
             last_mean_length: f64::NAN,
@@ -296,8 +283,8 @@ impl Stage for TrainDico {
             &settings,
             ctx,
         )?;
-        summary.reference_bytes = Some(reference_bytes);
-        summary.reference_shared_bytes = shared;
+        summary.reference_bytes = Some(reference.own_bytes);
+        summary.reference_shared_bytes = reference.shared_bytes;
         Ok(summary)
     }
 }

@@ -17,6 +17,7 @@
 //! has no dropout, so the search and the teacher-forced pass see the same model.
 
 pub mod dico;
+pub mod rlhf;
 pub mod scst;
 
 use std::collections::HashMap;
@@ -121,20 +122,18 @@ impl Reward {
     ) -> Result<Vec<f64>> {
         let w = self.settings.weight;
         match self.settings.kind {
-            RewardKind::Clip => {
-                let clip = self.clip.as_ref().unwrap_or(metric_clip);
-                let texts: Vec<String> = captions.iter().map(|c| c.to_string()).collect();
-                let emb = clip.embed_texts_normalized(&texts)?;
-                Ok(keys
-                    .iter()
-                    .zip(captions)
-                    .zip(&emb)
-                    .map(|((k, c), e)| match self.images.get(*k) {
-                        Some(img) if !c.trim().is_empty() => w * cosine(img, e),
-                        _ => f64::NAN,
-                    })
-                    .collect())
-            }
+            RewardKind::Clip => Ok(self
+                .cosines(metric_clip, keys, captions)?
+                .into_iter()
+                .zip(captions)
+                .map(|(cos, c)| {
+                    if c.trim().is_empty() {
+                        f64::NAN
+                    } else {
+                        w * cos
+                    }
+                })
+                .collect()),
             RewardKind::Cider => {
                 let cider = self.cider.as_ref().expect("a CIDEr reward has its scorer");
                 Ok(keys
@@ -149,6 +148,37 @@ impl Reward {
                     .collect())
             }
         }
+    }
+}
+
+impl Reward {
+    /// cos(CLIP image `keys[i]`, CLIP text `texts[i]`) under the reward's CLIP (`None`: the
+    /// metrics' CLIP), each distinct text embedded once; NaN for an image without features.
+    /// The empty text is embedded as CLIP embeds it (start and end tokens only).
+    pub fn cosines(
+        &self,
+        metric_clip: &ClipEmbedder,
+        keys: &[&str],
+        texts: &[&str],
+    ) -> Result<Vec<f64>> {
+        let clip = self.clip.as_ref().unwrap_or(metric_clip);
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut distinct: Vec<String> = Vec::new();
+        for t in texts {
+            index.entry(t).or_insert_with(|| {
+                distinct.push(t.to_string());
+                distinct.len() - 1
+            });
+        }
+        let emb = clip.embed_texts_normalized(&distinct)?;
+        Ok(keys
+            .iter()
+            .zip(texts)
+            .map(|(k, t)| match self.images.get(*k) {
+                Some(img) => cosine(img, &emb[index[t]]),
+                None => f64::NAN,
+            })
+            .collect())
     }
 }
 
@@ -531,6 +561,7 @@ pub fn prepare(
         batch_size: train.batch_size,
         seed: train.seed,
         capacity: 4,
+        repeat: 1,
     };
     Ok((
         online,
@@ -542,6 +573,38 @@ pub fn prepare(
             device,
         },
     ))
+}
+
+/// The frozen reference of a policy-regularised stage (DiCO, RLHF): the `init_from`
+/// checkpoint, resident, and what it costs.
+pub struct Reference {
+    pub model: Captioner,
+    /// Its own parameter bytes.
+    pub own_bytes: u64,
+    /// Decoder weight bytes it shares with the policy (frozen decoder: one memory map).
+    pub shared_bytes: Option<u64>,
+}
+
+/// Loads the frozen reference of `prepared`'s starting checkpoint. With the decoder frozen
+/// only the mapper trains: the reference uses the policy's decoder tensors (one copy in
+/// memory) and keeps its own mapper.
+pub fn frozen_reference(prepared: &Prepared, policy: &Captioner) -> Result<Reference> {
+    let (mut model, vars) = prepared
+        .manifest
+        .captioner(Some(&prepared.init), &prepared.device)?;
+    let shared_bytes = if prepared.manifest.captioner.freeze_decoder {
+        model.decoder = policy.decoder.clone();
+        model.decoder.set_differentiable(false);
+        let weights = &prepared.manifest.decoder_files.weights;
+        Some(std::fs::metadata(weights).at(weights)?.len())
+    } else {
+        None
+    };
+    Ok(Reference {
+        model,
+        own_bytes: var_bytes(&vars),
+        shared_bytes,
+    })
 }
 
 /// What an online stage did.
@@ -725,7 +788,9 @@ mod tests {
     use crate::models::captioner::{seed_mapper, CaptionerConfig};
     use crate::models::clip::ClipModelFiles;
     use crate::models::gpt2::DecoderFiles;
+    use crate::models::reward::RewardModel;
     use crate::stages::online::dico::{DicoConfig, DicoObjective};
+    use crate::stages::online::rlhf::{RlhfConfig, RlhfObjective};
     use crate::stages::online::scst::{ScstConfig, ScstObjective};
     use crate::train::{Objective, TrainConfig};
     use candle_core::DType;
@@ -936,6 +1001,139 @@ mod tests {
             optimizer: train_cfg().optimizer(),
         };
         killed_and_resumed_equals_uninterrupted(&make, |o: &ScstObjective| o.online.vars.clone());
+    }
+
+    /// An RLHF objective whose reference is its policy's starting point, and the reward
+    /// model's variables.
+    fn rlhf_and_reward_vars(shaping: crate::losses::reward::Shaping) -> (RlhfObjective, VarMap) {
+        let reward_vars = VarMap::new();
+        let reward_model = RewardModel::new(captioner(&reward_vars), &reward_vars, 5).unwrap();
+        let obj = RlhfObjective::new(
+            online(RewardKind::Clip),
+            captioner(&VarMap::new()),
+            reward_model,
+            RlhfConfig {
+                samples: 3,
+                shaping,
+                ..RlhfConfig::default()
+            },
+            train_cfg().optimizer(),
+        );
+        (obj, reward_vars)
+    }
+
+    fn rlhf(shaping: crate::losses::reward::Shaping) -> RlhfObjective {
+        rlhf_and_reward_vars(shaping).0
+    }
+
+    #[test]
+    fn rlhf_killed_and_resumed_ends_with_identical_weights() {
+        let make = || rlhf(crate::losses::reward::Shaping::Hierarchical);
+        killed_and_resumed_equals_uninterrupted(&make, |o: &RlhfObjective| o.online.vars.clone());
+    }
+
+    #[test]
+    fn rlhf_rewards_telescope_carry_no_gradient_and_empty_captions_have_none() {
+        use crate::losses::reward::Shaping;
+        let obj = rlhf(Shaping::Hierarchical);
+        let b = batch(&images()[..2]);
+        let feats = obj.online.features(&b).unwrap();
+        let tok = |t: &str| {
+            crate::models::captioner::caption_ids(
+                &obj.online.policy.tokenizer,
+                obj.online.policy.eos,
+                t,
+                8,
+            )
+            .unwrap()
+        };
+        let gens: Vec<Generated> = ["a red circle above", ""]
+            .iter()
+            .map(|t| Generated {
+                ids: if t.is_empty() {
+                    vec![obj.online.policy.eos]
+                } else {
+                    tok(t)
+                },
+                text: t.to_string(),
+                logprob: 0.0,
+            })
+            .collect();
+        let r = obj
+            .sample_rewards(
+                &feats,
+                &["img0", "img1"],
+                &[0, 1],
+                &gens.iter().collect::<Vec<_>>(),
+            )
+            .unwrap();
+        // The increments telescope to w [cos(image, caption) − cos(image, "")]; end-of-text
+        // adds nothing.
+        let cos = obj
+            .online
+            .reward
+            .cosines(
+                &obj.online.clip,
+                &["img0", "img0"],
+                &["a red circle above", ""],
+            )
+            .unwrap();
+        assert_eq!(r.dense[0].len(), gens[0].ids.len());
+        let sum: f64 = r.dense[0].iter().sum();
+        assert!(
+            (sum - 2.5 * (cos[0] - cos[1])).abs() < 1e-5,
+            "{sum} vs {cos:?}"
+        );
+        assert_eq!(*r.dense[0].last().unwrap(), 0.0);
+        assert!(r.sparse[0].is_finite());
+        assert!(r.sparse[1].is_nan(), "an empty caption has no reward");
+
+        // A training step: KL 0 (policy = reference), the reward model gets no gradient,
+        // the policy does; each shaping mixes as documented.
+        let ctx = StepContext {
+            group: 0,
+            train: true,
+            step: 0,
+            epoch: 0,
+        };
+        let mut by_shaping = Vec::new();
+        for shaping in [Shaping::Hierarchical, Shaping::Sparse, Shaping::Dense] {
+            let (mut obj, reward_vars) = rlhf_and_reward_vars(shaping);
+            let out = obj.step(&batch(&images()[..4]), &ctx).unwrap();
+            let get = |n: &str| out.scalars.iter().find(|(m, _)| m == n).unwrap().1;
+            assert!(out.rows > 0);
+            assert!(get("kl").abs() < 1e-5, "kl {}", get("kl"));
+            let grads = out.loss.backward().unwrap();
+            assert!(
+                reward_vars
+                    .all_vars()
+                    .iter()
+                    .all(|v| grads.get(v.as_tensor()).is_none()),
+                "rewards carry no gradient"
+            );
+            let policy_vars = obj.online.vars.all_vars();
+            assert!(policy_vars
+                .iter()
+                .any(|v| grads.get(v.as_tensor()).is_some()));
+            let alpha = get("alpha/mean");
+            match shaping {
+                Shaping::Sparse => assert_eq!(alpha, 0.0),
+                Shaping::Dense => assert_eq!(alpha, 1.0),
+                _ => assert!(alpha > 0.3 && alpha < 0.9, "{alpha}"),
+            }
+            // Same seed, same samples: the raw rewards agree, the mix does not.
+            by_shaping.push((get("reward/dense"), get("reward/sparse"), get("reward")));
+        }
+        let (d, s, _) = by_shaping[0];
+        assert!(
+            by_shaping.iter().all(|x| x.0 == d && x.1 == s),
+            "{by_shaping:?}"
+        );
+        assert!((by_shaping[1].2 - s).abs() < 1e-9, "sparse: R_sparse alone");
+        assert!(
+            (by_shaping[2].2 - d).abs() < 1e-9,
+            "dense: the increments alone"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! (per run, preference stage and pair source: held-out pairs, accuracy and margin),
 //! `retrieval.parquet`/`.csv` (per run, contrastive stage and encoder: held-out recall both
 //! ways, the trained encoder beside its baselines and chance), `online.parquet`/`.csv` (per
-//! run and online stage, DiCO or SCST: held-out CLIPScore, RefCLIPScore, CIDEr-D and attribute
+//! run and online stage, DiCO, SCST or RLHF: held-out CLIPScore, RefCLIPScore, CIDEr-D and attribute
 //! accuracy of the starting model and the selected checkpoint, the training reward, the
 //! share of distinct candidates), `scores.parquet`/`.csv` (per run, model and decoding
 //! method: the captioner's conditioning, one column per metric), one PNG of train/val loss
@@ -72,7 +72,7 @@ pub struct ReportSummary {
     pub preference: Option<DataFrame>,
     /// Held-out retrieval recall of contrastive stages and their baselines.
     pub retrieval: Option<DataFrame>,
-    /// Held-out metrics of online stages (DiCO, SCST) before and after, with their rewards.
+    /// Held-out metrics of online stages (DiCO, SCST, RLHF) before and after, with their rewards.
     pub online: Option<DataFrame>,
     pub scores: Option<DataFrame>,
     pub charts: Vec<PathBuf>,
@@ -332,8 +332,9 @@ pub fn retrieval_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
 /// Per run and online stage (`train-dico`, `train-scst` and their named steps): the greedy
 /// held-out metrics of the starting model (validated at step 0) and of the selected
 /// checkpoint (`best_step` from the stage's `last/state.json`, else its last validation),
-/// the training reward of the first and last logged steps, and the share of distinct
-/// captions among each image's candidates or samples over the run.
+/// the training reward of the first and last logged steps, RLHF's KL to its reference at
+/// the last logged step (`kl_last`; NaN for the others), and the share of distinct captions
+/// among each image's candidates or samples over the run.
 pub fn online_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFrame>> {
     const METRICS: [&str; 4] = ["CLIPScore", "RefCLIPScore", "CIDEr", "attribute_accuracy"];
     let rows = val_rows(metrics, "online table")?;
@@ -378,7 +379,12 @@ pub fn online_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFr
         v.sort_by_key(|r| r.2);
         Ok(v)
     };
-    let rewards = train("reward/mean")?;
+    // The online stages' training reward: DiCO's and SCST's mean candidate reward, RLHF's
+    // shaped reward (TRL's `reward`).
+    let mut rewards = train("reward/mean")?;
+    rewards.extend(train("reward")?);
+    rewards.sort_by_key(|r| r.2);
+    let kl = train("kl")?;
     let mut distinct = train("candidates/distinct")?;
     distinct.extend(train("samples/distinct")?);
     let keys: Vec<&Key> = best.keys().collect();
@@ -426,6 +432,12 @@ pub fn online_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFr
     };
     cols.push(Column::new("reward_first".into(), ends(true)));
     cols.push(Column::new("reward_last".into(), ends(false)));
+    cols.push(Column::new(
+        "kl_last".into(),
+        keys.iter()
+            .map(|k| of(k, &kl).last().copied().unwrap_or(f64::NAN))
+            .collect::<Vec<_>>(),
+    ));
     cols.push(Column::new(
         "distinct".into(),
         keys.iter()
@@ -570,8 +582,10 @@ fn curve(
 }
 
 /// Train and validation loss curves of every (run, stage), and the reward curves of the
-/// online stages (training reward of the candidates and of the winner or greedy baseline,
-/// held-out CLIPScore), as PNGs in `out`.
+/// online stages (training reward of the candidates, samples or RLHF rollouts, of DiCO's
+/// winner or SCST's greedy baseline, RLHF's KL, and held-out CLIPScore and RefCLIPScore on
+/// the same axes, so a reward that climbs while the held-out metrics do not shows), as PNGs
+/// in `out`.
 fn charts(metrics: &DataFrame, out: &Path) -> Result<Vec<PathBuf>> {
     let pairs = metrics
         .clone()
@@ -617,11 +631,14 @@ fn charts(metrics: &DataFrame, out: &Path) -> Result<Vec<PathBuf>> {
         }
         let rewards = series(&[
             ("train reward", "train", "reward/mean"),
+            ("train reward", "train", "reward"),
             ("train winner", "train", "reward/winner"),
             ("train greedy", "train", "reward/greedy"),
+            ("train KL", "train", "kl"),
             ("val CLIPScore", "val", "val/CLIPScore"),
+            ("val RefCLIPScore", "val", "val/RefCLIPScore"),
         ])?;
-        if !rewards[0].points.is_empty() {
+        if !(rewards[0].points.is_empty() && rewards[1].points.is_empty()) {
             let rewards: Vec<Series> = rewards
                 .into_iter()
                 .filter(|s| !s.points.is_empty())
