@@ -258,12 +258,16 @@ fn run_prefcap(args: &BenchTrainDicoArgs, gpt2: &Path, clip_dir: &Path) -> anyho
 
 /// A copy of the random GPT-2-small-size checkpoint in `from` whose token embeddings outside
 /// its tokenizer's vocabulary (the BPE is trained on the synthetic corpus: a few hundred of
-/// the 50,257 rows) are scaled by 1e-3: the tied head then rarely picks them, so candidates
-/// decode to text and get a reward, as a trained model's do. Shapes and compute are GPT-2
-/// small's.
-pub(crate) fn decodable_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+/// the 50,257 rows) are scaled by 1e-3 and those inside by `known_scale`: the tied head then
+/// rarely picks the former, so candidates decode to text and get a reward, as a trained
+/// model's do (beam search needs `known_scale` 1; sampling, which would otherwise spread over
+/// the 50,000 near-zero logits, 10). Shapes and compute are GPT-2 small's.
+pub(crate) fn decodable_copy(from: &Path, to: &Path, known_scale: f32) -> anyhow::Result<()> {
     let stamp = to.join("prefcap-decodable.txt");
-    let source = std::fs::read_to_string(from.join("prefcap-spec.txt"))?;
+    let source = format!(
+        "{}\nknown rows x {known_scale}",
+        std::fs::read_to_string(from.join("prefcap-spec.txt"))?
+    );
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == source) {
         return Ok(());
     }
@@ -281,7 +285,7 @@ pub(crate) fn decodable_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
         .context("no transformer.wte.weight")?;
     let rows = wte.dim(0)?;
     let scale: Vec<f32> = (0..rows)
-        .map(|i| if i < known { 1.0 } else { 1e-3 })
+        .map(|i| if i < known { known_scale } else { 1e-3 })
         .collect();
     let scaled = wte.broadcast_mul(&candle_core::Tensor::from_vec(
         scale,
@@ -314,7 +318,7 @@ pub fn bench_train_dico(args: &BenchTrainDicoArgs) -> anyhow::Result<()> {
     }
     eprintln!("writing random GPT-2-small-size and ViT-B/32 checkpoints (HF format) ...");
     ensure_random_gpt2(&random, &Gpt2Spec::SMALL, 0, &crate::synthetic::corpus())?;
-    decodable_copy(&random, &gpt2)?;
+    decodable_copy(&random, &gpt2, 1.0)?;
     ensure_tiny_clip(
         &clip,
         &TinyClipSpec::vit_base_patch32(0),

@@ -278,8 +278,10 @@ fn run_prefcap(args: &BenchTrainRlhfArgs, gpt2: &Path, clip_dir: &Path) -> anyho
     let start = Instant::now();
     let mut tokens = 0.0;
     for step in 0..args.steps {
-        // A new first key: a new rollout (and new samples) each step, as in training.
-        batch.keys[0] = format!("img0-{step}");
+        // A new first image: a new rollout (and new samples) each step, as in training.
+        batch.keys.rotate_left(1);
+        let rows = batch.features.len() / args.batch;
+        batch.features.rotate_left(rows);
         trainer.step(&mut objective, &batch, step, args.steps)?;
         tokens += objective
             .rollout_scalar("completions/mean_length")
@@ -305,7 +307,7 @@ fn run_prefcap(args: &BenchTrainRlhfArgs, gpt2: &Path, clip_dir: &Path) -> anyho
 pub fn bench_train_rlhf(args: &BenchTrainRlhfArgs) -> anyhow::Result<()> {
     let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
     let random = dir.join("gpt2-small-random");
-    let gpt2 = dir.join("gpt2-small-decodable");
+    let gpt2 = dir.join("gpt2-small-sampleable");
     let clip = dir.join("vit-b32-random");
     if let Some(out) = &args.worker_out {
         let ours = run_prefcap(args, &gpt2, &clip)?;
@@ -314,7 +316,7 @@ pub fn bench_train_rlhf(args: &BenchTrainRlhfArgs) -> anyhow::Result<()> {
     }
     eprintln!("writing random GPT-2-small-size and ViT-B/32 checkpoints (HF format) ...");
     ensure_random_gpt2(&random, &Gpt2Spec::SMALL, 0, &crate::synthetic::corpus())?;
-    decodable_copy(&random, &gpt2)?;
+    decodable_copy(&random, &gpt2, 10.0)?;
     ensure_tiny_clip(
         &clip,
         &TinyClipSpec::vit_base_patch32(0),
