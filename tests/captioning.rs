@@ -35,6 +35,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         "train-reward",
         "train-dico",
         "train-scst",
+        "train-rlhf",
         "generate",
         "score",
     ] {
@@ -67,8 +68,8 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     let gens: Vec<GenerationRow> = read_parquet(&run.join("generations.parquet")).unwrap();
     assert_eq!(
         gens.len(),
-        6 * 2 * 64,
-        "untrained, train-sft, train-dpo, train-orpo, train-dico and train-scst; greedy and beam; 64 val images"
+        7 * 2 * 64,
+        "untrained, train-sft, train-dpo, train-orpo, train-dico, train-scst and train-rlhf; greedy and beam; 64 val images"
     );
     assert!(gens
         .iter()
@@ -163,6 +164,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         "train-orpo",
         "train-dico",
         "train-scst",
+        "train-rlhf",
     ] {
         let of_model: Vec<&Vec<&str>> = rows.iter().filter(|r| r[model_col] == model).collect();
         assert_eq!(of_model.len(), 2, "{model}: greedy and beam rows\n{scores}");

@@ -116,6 +116,7 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
         "train-reward",
         "train-dico",
         "train-scst",
+        "train-rlhf",
         "generate",
         "score",
         "report",
@@ -162,7 +163,7 @@ fn validate_reports_all_plan_errors_at_once() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("train-dpo <- train-sft\n"), "{log}");
     assert!(
-        log.contains("generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst\n"),
+        log.contains("generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst, train-rlhf\n"),
         "{log}"
     );
     assert!(log.contains("embed <- ingest, pretrain-clip\n"), "{log}");
@@ -171,6 +172,7 @@ fn validate_reports_all_plan_errors_at_once() {
         "cc-ultrafeedback-dpo",
         "cc-ultrafeedback-orpo",
         "cc-contrastive-dpo",
+        "cc-rlhf",
     ] {
         let (out, log) = pipeline(&["validate", real], dir.path());
         assert!(out.status.success(), "{real}: {log}");
