@@ -163,7 +163,9 @@ fn validate_reports_all_plan_errors_at_once() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("train-dpo <- train-sft\n"), "{log}");
     assert!(
-        log.contains("generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst, train-rlhf\n"),
+        log.contains(
+            "generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst, train-rlhf\n"
+        ),
         "{log}"
     );
     assert!(log.contains("embed <- ingest, pretrain-clip\n"), "{log}");

@@ -62,6 +62,12 @@ fn the_rlhf_pipeline_runs_the_shaping_ablation_side_by_side() {
         );
     }
 
+    // The pipeline's reward model adds CLIP's cosine, and says so beside its checkpoint.
+    let reward: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("train-reward/reward.json")).unwrap())
+            .unwrap();
+    assert_eq!(reward["clip_feature"], true, "{reward}");
+
     let metrics: Vec<MetricRow> = read_parquet(&run.join("metrics.parquet")).unwrap();
     let of = |stage: &str, split: &str, name: &str| -> Vec<f64> {
         metrics

@@ -5,8 +5,8 @@
 //! per image (transformers' `generate` with `do_sample`, from the prefix embeddings), the CLIP
 //! text tower on every distinct caption prefix (the dense increments), the reward model at
 //! each caption's end-of-text, the policy's and the reference's per-token log-probabilities,
-//! confidence-weighted per-token rewards with the KL penalty, rewards-to-go with the
-//! leave-one-out baseline, backward, clipping at 1.0 and AdamW; same checkpoints, batch,
+//! confidence-weighted per-token rewards with the KL penalty, the leave-one-out advantages
+//! (causal rewards-to-go by position, the sparse share per caption), backward, clipping at 1.0 and AdamW; same checkpoints, batch,
 //! samples, lengths, machine and threads. Each side runs in its own process, whose peak RSS
 //! is sampled.
 
@@ -172,12 +172,14 @@ def step():
     conf = old.exp()
     alpha = a_max - (a_max - a_min) * torch.sigmoid((conf - c0) / s)
     Tn = mask.sum(1, keepdim=True)
-    r = (alpha * dense + (1 - alpha) * sparse.unsqueeze(1) / Tn - beta_kl * (old - ref_lp)) * mask
+    # causal part (dense increment, KL) to go, and the sparse share credited to every token
+    causal = (alpha * dense - beta_kl * (old - ref_lp)) * mask
+    share = ((1 - alpha) * sparse.unsqueeze(1) / Tn * mask).sum(1)
     kls.append(float(((old - ref_lp) * mask).sum(1).mean()))
-    G = r.flip(1).cumsum(1).flip(1)
-    Gg = G.view(batch, samples, T)
-    base = (Gg.sum(1, keepdim=True) - Gg) / (samples - 1)
-    adv = ((Gg - base).view(R, T)) * mask
+    C = causal.flip(1).cumsum(1).flip(1).view(batch, samples, T)
+    S = share.view(batch, samples)
+    loo = lambda x: (x.sum(1, keepdim=True) - x) / (samples - 1)
+    adv = ((C - loo(C)) + (S - loo(S)).unsqueeze(-1)).view(R, T) * mask
     ratio = (lp - old).exp()
     loss = -(torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv) * mask).sum() / mask.sum()
     opt.zero_grad(set_to_none=True)

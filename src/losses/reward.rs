@@ -142,6 +142,34 @@ pub fn shaped_rewards(
         .collect()
 }
 
+/// [`shaped_rewards`] split by what each part depends on: the causal per-token part
+/// α_t r_t − β_KL (log π(y_t) − log π_ref(y_t)) (token t's dense increment and KL depend on
+/// y_1..t only), and the caption's whole sparse share Σ_t (1 − α_t) R_sparse / T, which
+/// depends on every token. REINFORCE with returns-to-go may drop a reward that comes before
+/// token t only when y_t cannot change it, so the sparse share is credited to every token in
+/// full (returns-to-go of the causal part, plus the share): spreading it as R_sparse / T and
+/// summing only what follows t would give the last tokens of a caption almost no credit for
+/// the preference model's verdict on them, and long captions credit for their length.
+pub fn split_rewards(
+    cfg: &ShapingConfig,
+    dense: &[f64],
+    sparse: f64,
+    confidence: &[f64],
+    logp: &[f64],
+    ref_logp: &[f64],
+) -> (Vec<f64>, f64) {
+    let t = dense.len().max(1) as f64;
+    let mut share = 0.0;
+    let causal = (0..dense.len())
+        .map(|i| {
+            let a = cfg.alpha(confidence[i]);
+            share += (1.0 - a) * sparse / t;
+            a * dense[i] - cfg.beta_kl * (logp[i] - ref_logp[i])
+        })
+        .collect();
+    (causal, share)
+}
+
 /// Returns-to-go: G_t = Σ_{u ≥ t} R_u.
 pub fn rewards_to_go(rewards: &[f64]) -> Vec<f64> {
     let mut out = vec![0.0; rewards.len()];
@@ -216,6 +244,19 @@ pub fn policy_loss(
         .sum_all()?
         .to_scalar::<f32>()?;
     Ok((loss, f64::from(off) / tokens))
+}
+
+/// Per-token advantages of one image's samples from their causal rewards-to-go `causal`
+/// (per sample, per token) and their sparse shares `sparse`: the causal part against the
+/// other samples' at the same position ([`rloo_advantages`]) plus the sparse share against
+/// the mean of the other samples' shares (RLOO), the latter on every token of the sample.
+pub fn rlhf_advantages(causal: &[Vec<f64>], sparse: &[f64]) -> Vec<Vec<f64>> {
+    let base = leave_one_out(sparse);
+    rloo_advantages(causal)
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| a.into_iter().map(|x| x + sparse[i] - base[i]).collect())
+        .collect()
 }
 
 #[cfg(test)]
@@ -338,6 +379,38 @@ mod tests {
         assert_eq!(a[0], vec![3.0 - 1.5, 1.0 - 0.25]);
         assert_eq!(a[1], vec![1.0 - 2.5, 0.5 - 0.5, 0.2 - 0.0]);
         assert_eq!(a[2], vec![2.0 - 2.0]);
+    }
+
+    #[test]
+    fn the_sparse_share_is_credited_to_every_token_and_the_causal_part_to_what_follows() {
+        let cfg = ShapingConfig::default();
+        let d = [0.2, -0.1, 0.3];
+        let conf = [0.9, 0.2, 0.5];
+        let lp = [-0.1, -1.6, -0.7];
+        let rf = [-0.2, -1.0, -0.7];
+        let (causal, share) = split_rewards(&cfg, &d, 1.2, &conf, &lp, &rf);
+        let whole = shaped_rewards(&cfg, &d, 1.2, &conf, &lp, &rf);
+        // Together they are the documented per-token rewards.
+        let total: f64 = causal.iter().sum::<f64>() + share;
+        assert!((total - whole.iter().sum::<f64>()).abs() < 1e-12);
+        for i in 0..3 {
+            let a = cfg.alpha(conf[i]);
+            assert!((causal[i] - (a * d[i] - 0.05 * (lp[i] - rf[i]))).abs() < 1e-12);
+        }
+        // Two samples: the second's better verdict lifts all of its tokens, the first's
+        // lower one lowers all of its tokens; the causal parts compare position by position.
+        let a = rlhf_advantages(&[vec![0.5, 0.1], vec![0.2, 0.4, 0.3]], &[1.0, 2.0]);
+        let want = [
+            vec![0.5 - 0.2 - 1.0, 0.1 - 0.4 - 1.0],
+            vec![0.2 - 0.5 + 1.0, 0.4 - 0.1 + 1.0, 0.3 + 1.0],
+        ];
+        for (got, want) in a.iter().zip(&want) {
+            assert_eq!(got.len(), want.len());
+            assert!(
+                got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12),
+                "{a:?}"
+            );
+        }
     }
 
     #[test]

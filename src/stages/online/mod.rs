@@ -1124,6 +1124,22 @@ mod tests {
             // Same seed, same samples: the raw rewards agree, the mix does not.
             by_shaping.push((get("reward/dense"), get("reward/sparse"), get("reward")));
         }
+        // An image without features has no reward: its samples are skipped and counted, and
+        // the step still learns from the other image's.
+        let mut obj = rlhf(Shaping::Hierarchical);
+        let mut b = batch(&images()[..2]);
+        b.keys[1] = "no-features".into();
+        let out = obj.step(&b, &ctx).unwrap();
+        let skipped = out
+            .scalars
+            .iter()
+            .find(|(n, _)| n == "reward/skipped")
+            .unwrap()
+            .1;
+        assert!(skipped >= 3.0, "{skipped}");
+        assert_eq!(obj.online.skipped_rewards as f64, skipped);
+        assert!(f64::from(out.loss.to_scalar::<f32>().unwrap()).is_finite());
+
         let (d, s, _) = by_shaping[0];
         assert!(
             by_shaping.iter().all(|x| x.0 == d && x.1 == s),

@@ -14,9 +14,11 @@
 //!   log π_ref(y_t)), α_t from the policy's probability of the token
 //!   ([`crate::losses::reward::ShapingConfig`]; `shaping` switches the mix);
 //!
-//! and the loss is REINFORCE on per-token rewards-to-go with a leave-one-out baseline over
-//! the image's samples (RLOO, [`crate::losses::reward::rloo_advantages`]), averaged over the
-//! batch's tokens; with `ppo_epochs` > 1 the rollout is reused for that many optimizer steps
+//! and the loss is REINFORCE with a leave-one-out baseline over the image's samples (RLOO,
+//! [`crate::losses::reward::rlhf_advantages`]): each token is credited with the rewards-to-go
+//! of the causal parts (dense increment, KL) and, in full, with the caption's sparse share
+//! Σ (1 − α_t) R_sparse / T, which every token helped decide
+//! ([`crate::losses::reward::split_rewards`]); averaged over the batch's tokens; with `ppo_epochs` > 1 the rollout is reused for that many optimizer steps
 //! under PPO's clipped ratio ([`crate::losses::reward::policy_loss`]). The reference is the
 //! frozen `init_from` checkpoint. Validation is the online stages' (greedy held-out
 //! CLIPScore, RefCLIPScore, CIDEr-D, attribute accuracy), and `select_by` picks the best
@@ -28,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::datasets::captions::ImageBatch;
 use crate::error::{Error, Result};
 use crate::losses::reward::{
-    dense_increments, policy_loss, rewards_to_go, rloo_advantages, shaped_rewards, Shaping,
+    dense_increments, policy_loss, rewards_to_go, rlhf_advantages, split_rewards, Shaping,
     ShapingConfig,
 };
 use crate::models::captioner::{Captioner, DecodeMethod, Generated};
@@ -323,6 +325,10 @@ impl RlhfObjective {
         let dev = feats.device();
         let n = gens.len();
         let rows = Tensor::from_slice(image_of, n, dev)?;
+        // The whole caption's cosine (its last prefix), for a reward model with the CLIP
+        // feature: the same CLIP (checked when the stage starts).
+        let full: Vec<f32> = spans.iter().map(|&(at, n)| cos[at + n] as f32).collect();
+        let full = Tensor::from_vec(full, n, dev)?;
         let scores = self
             .reward_model
             .rewards(
@@ -330,6 +336,7 @@ impl RlhfObjective {
                 &Tensor::from_vec(flat, (n, len), dev)?,
                 &Tensor::from_vec(mask.clone(), (n, len), dev)?,
                 &mask,
+                Some(&full),
             )?
             .detach()
             .to_vec1::<f32>()?;
@@ -435,8 +442,14 @@ impl RlhfObjective {
             .to_vec2::<f32>()?;
         let lp = logp.detach().to_vec2::<f32>()?;
         let shaping = self.cfg.shaping();
-        let (mut returns, mut score, mut kl, mut alphas, mut neg_lp) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut returns, mut shares, mut score, mut kl, mut alphas, mut neg_lp) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         let (mut dense_sum, mut sparse) = (Vec::new(), Vec::new());
         for (j, &i) in kept.iter().enumerate() {
             let t = samples[i].ids.len();
@@ -444,15 +457,17 @@ impl RlhfObjective {
             let ref_i: Vec<f64> = ref_logp[j][..t].iter().map(|&x| f64::from(x)).collect();
             let conf: Vec<f64> = logp_i.iter().map(|x| x.exp()).collect();
             let dense = &rewards.dense[i];
-            let r = shaped_rewards(&shaping, dense, rewards.sparse[i], &conf, &logp_i, &ref_i);
+            let (causal, share) =
+                split_rewards(&shaping, dense, rewards.sparse[i], &conf, &logp_i, &ref_i);
             let k_i: f64 = logp_i.iter().zip(&ref_i).map(|(a, b)| a - b).sum();
             kl.push(k_i);
-            score.push(r.iter().sum::<f64>() + shaping.beta_kl * k_i);
+            score.push(causal.iter().sum::<f64>() + share + shaping.beta_kl * k_i);
             alphas.extend(conf.iter().map(|&c| shaping.alpha(c)));
             neg_lp.extend(logp_i.iter().map(|x| -x));
             dense_sum.push(dense.iter().sum::<f64>());
             sparse.push(rewards.sparse[i]);
-            returns.push(rewards_to_go(&r));
+            returns.push(rewards_to_go(&causal));
+            shares.push(share);
         }
         // Leave-one-out per image over its kept samples (consecutive in `kept`).
         let mut adv = vec![0f32; k * len];
@@ -461,7 +476,10 @@ impl RlhfObjective {
         while at < k {
             let img = image_of[at];
             let end = (at..k).find(|&j| image_of[j] != img).unwrap_or(k);
-            for (off, a) in rloo_advantages(&returns[at..end]).into_iter().enumerate() {
+            for (off, a) in rlhf_advantages(&returns[at..end], &shares[at..end])
+                .into_iter()
+                .enumerate()
+            {
                 for (t, v) in a.into_iter().enumerate() {
                     adv[(at + off) * len + t] = v as f32;
                 }

@@ -9,17 +9,19 @@
 //! highest validation accuracy; `runs/<id>/<step>/captioner.json` and the checkpoint (the
 //! head is `reward_head.weight`) rebuild it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::datasets::pairs::{PairBatch, SideBatch};
 use crate::error::{IoContext, Result};
 use crate::losses::reward::bradley_terry;
+use crate::metrics::embedding::cosine;
 use crate::models::captioner::CaptionerManifest;
-use crate::models::reward::RewardModel;
+use crate::models::clip::ClipEmbedder;
+use crate::models::reward::{RewardManifest, RewardModel};
 use crate::stages::preference::{pair_counts, pair_splits, side_tensors, PreferenceBatches};
 use crate::stages::{Stage, StageContext};
 use crate::train::{
@@ -36,6 +38,11 @@ pub struct RewardConfig {
     /// TRL's `center_rewards_coefficient`: weight of mean (r_c + r_r)², which keeps rewards
     /// centred on zero; 0 = off.
     pub center_rewards_coefficient: f64,
+    /// Adds CLIP's judgement of image-grounded captions to the reward: s · cos(CLIP image,
+    /// CLIP text) with the embed stage's CLIP (frozen) and a learned scale s.
+    pub clip_feature: bool,
+    /// s's starting value.
+    pub clip_feature_scale: f64,
 }
 
 impl Default for RewardConfig {
@@ -43,6 +50,8 @@ impl Default for RewardConfig {
         Self {
             init_from: "train-sft".into(),
             center_rewards_coefficient: 0.0,
+            clip_feature: false,
+            clip_feature_scale: 10.0,
         }
     }
 }
@@ -72,6 +81,9 @@ pub struct RewardObjective {
     pub optimizer: OptimizerConfig,
     /// Held-out (correct, pairs) per source, gathered over a validation pass.
     by_source: BTreeMap<String, (usize, usize)>,
+    /// The CLIP of the CLIP feature and its text embeddings by text (each text embedded once
+    /// over the run).
+    clip: Option<(ClipEmbedder, HashMap<String, Vec<f32>>)>,
 }
 
 impl RewardObjective {
@@ -82,14 +94,67 @@ impl RewardObjective {
             center: (center > 0.0).then_some(center),
             optimizer,
             by_source: BTreeMap::new(),
+            clip: None,
         }
     }
 
+    /// The CLIP whose image-text cosine the model's CLIP feature reads.
+    pub fn with_clip(mut self, clip: ClipEmbedder) -> Self {
+        self.clip = Some((clip, HashMap::new()));
+        self
+    }
+
+    /// cos(CLIP image, CLIP text) of each row of an image-grounded side (its completion's
+    /// text), 0 for text-only rows; `None` when the model has no CLIP feature.
+    fn cosines(&mut self, s: &SideBatch) -> candle_core::Result<Option<Tensor>> {
+        if !self.model.has_clip_feature() {
+            return Ok(None);
+        }
+        let dev = self.model.captioner.device().clone();
+        let Some(images) = &s.clip else {
+            return Ok(Some(Tensor::zeros(s.rows, DType::F32, &dev)?));
+        };
+        let (clip, cache) = self.clip.as_mut().ok_or_else(|| {
+            candle_core::Error::Msg("the reward model's CLIP feature needs its CLIP".into())
+        })?;
+        let texts: Vec<String> = (0..s.rows)
+            .map(|r| {
+                let row = r * s.len..(r + 1) * s.len;
+                let ids: Vec<u32> = s.ids[row.clone()]
+                    .iter()
+                    .zip(&s.supervised[row])
+                    .filter(|(_, &m)| m > 0.5)
+                    .map(|(&t, _)| t)
+                    .collect();
+                self.model.captioner.decode_text(&ids)
+            })
+            .collect();
+        let mut new: Vec<String> = texts
+            .iter()
+            .filter(|t| !cache.contains_key(*t))
+            .cloned()
+            .collect();
+        new.sort();
+        new.dedup();
+        let emb = clip
+            .embed_texts_normalized(&new)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        cache.extend(new.into_iter().zip(emb));
+        let width = images.len() / s.rows.max(1);
+        let cos: Vec<f32> = texts
+            .iter()
+            .enumerate()
+            .map(|(r, t)| cosine(&images[r * width..(r + 1) * width], &cache[t]) as f32)
+            .collect();
+        Ok(Some(Tensor::from_vec(cos, s.rows, &dev)?))
+    }
+
     /// Rewards `(rows,)` of one padded side.
-    fn side(&self, s: &SideBatch) -> candle_core::Result<Tensor> {
+    fn side(&mut self, s: &SideBatch) -> candle_core::Result<Tensor> {
+        let cos = self.cosines(s)?;
         let (clip, ids, attention) = side_tensors(&self.model.captioner, s)?;
         self.model
-            .rewards(clip.as_ref(), &ids, &attention, &s.attention)
+            .rewards(clip.as_ref(), &ids, &attention, &s.attention, cos.as_ref())
     }
 }
 
@@ -203,10 +268,30 @@ impl Stage for TrainReward {
         let (pairs, per_epoch, dropped) =
             pair_counts(Self::NAME, &train, &val, cfg.train.batch_size, max_length)?;
         captioner.decoder.set_differentiable(true);
-        let model = RewardModel::new(captioner, &vars, cfg.train.seed)?;
+        let m = &cfg.method;
+        if !m.clip_feature_scale.is_finite() {
+            return Err(crate::error::Error::Config(format!(
+                "train_reward.clip_feature_scale must be a finite number, not {}",
+                m.clip_feature_scale
+            )));
+        }
+        if m.clip_feature && manifest.image_tokens > 0 {
+            return Err(crate::error::Error::Config(format!(
+                "train_reward.clip_feature reads pooled CLIP image embeddings, but `{init_from}` reads {} image tokens per image",
+                manifest.image_tokens
+            )));
+        }
+        let mut model = RewardModel::new(captioner, &vars, cfg.train.seed)?;
+        if m.clip_feature {
+            model = model.with_clip_feature(&vars, m.clip_feature_scale)?;
+        }
         let dir = ctx.stage_dir(ctx.output_name(Self::NAME));
         std::fs::create_dir_all(&dir).at(&dir)?;
         manifest.save(&dir.join("captioner.json"))?;
+        RewardManifest {
+            clip_feature: m.clip_feature,
+        }
+        .save(&dir)?;
         let data = PreferenceBatches {
             train,
             val,
@@ -221,6 +306,9 @@ impl Stage for TrainReward {
             cfg.method.center_rewards_coefficient,
             cfg.train.optimizer(),
         );
+        if m.clip_feature {
+            objective = objective.with_clip(ctx.load_clip(&ctx.feature_identity(&clip)?)?);
+        }
         let fit = fit(
             &mut objective,
             &data,
