@@ -18,6 +18,7 @@ use candle_core::DType;
 use candle_nn::VarMap;
 use clap::Args;
 
+use crate::bench::Measured;
 use crate::datasets::captions::ImageBatch;
 use crate::device::device_for;
 use crate::models::captioner::{seed_mapper, Captioner, CaptionerConfig, DecoderFiles};
@@ -62,18 +63,57 @@ pub struct BenchTrainDicoArgs {
     pub worker_out: Option<PathBuf>,
 }
 
-/// One side's figures.
+/// One side's figures in an online bench (train-dico, train-rlhf).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Side {
-    images_per_s: f64,
-    /// The first step's loss (ln 2: the policy starts as its reference).
-    first_loss: f64,
-    /// Mean tokens of the candidates of the timed steps.
-    mean_tokens: f64,
-    /// prefcap's seconds per timed step: the objective's step (search, reward, teacher-forced
-    /// passes, loss) and of it the search alone, backward, gradient norm and AdamW.
+pub(crate) struct Side {
+    pub images_per_s: f64,
+    /// The first step's check value: DiCO's loss (ln 2: the policy starts as its
+    /// reference), RLHF's KL (0, for the same reason).
+    #[serde(alias = "first_loss", alias = "first_kl")]
+    pub first: f64,
+    /// Mean tokens of the candidates or samples of the timed steps.
+    pub mean_tokens: f64,
+    /// prefcap's seconds per timed step: the objective's step (search or sampling, rewards,
+    /// teacher-forced passes, loss) and of it the search or sampling alone, backward,
+    /// gradient norm and AdamW.
     #[serde(default)]
-    phases: [f64; 5],
+    pub phases: [f64; 5],
+}
+
+/// Prints an online bench's table: `title`, `setup`, then each side's figures (`first`
+/// labelled `first`, the search phase `search`) and the ratios.
+pub(crate) fn print_online(
+    title: &str,
+    setup: &str,
+    (first, search): (&str, &str),
+    (ours, ours_mem): &SideMeasured<Side>,
+    peer: Option<&SideMeasured<Side>>,
+) {
+    println!("\n{title}\n{setup}");
+    println!(
+        "{:<10} {:>10} {:>12} {:>12} {:>14}",
+        "tool", "images/s", first, "mean tokens", "peak RSS MiB"
+    );
+    let row = |tool: &str, s: &Side, m: &Measured| {
+        println!(
+            "{:<10} {:>10.3} {:>12.4} {:>12.1} {:>14.0}",
+            tool, s.images_per_s, s.first, s.mean_tokens, m.peak_rss_mib
+        )
+    };
+    row("prefcap", ours, ours_mem);
+    let p = ours.phases.map(|x| 1e3 * x);
+    println!(
+        "prefcap per step: objective {:.0} ms (of it {search} {:.0} ms), backward {:.0} ms, gradient norm {:.0} ms, AdamW {:.0} ms",
+        p[0], p[1], p[2], p[3], p[4]
+    );
+    if let Some((theirs, mem)) = peer {
+        row("PyTorch", theirs, mem);
+        println!(
+            "\nratio prefcap / PyTorch: images/s {:.2}x, peak RSS {:.2}x",
+            ours.images_per_s / theirs.images_per_s,
+            ours_mem.peak_rss_mib / mem.peak_rss_mib
+        );
+    }
 }
 
 pub(crate) const CLIP_DIM: usize = 512;
@@ -155,61 +195,113 @@ json.dump({"images_per_s": steps * batch / (time.perf_counter() - t0), "first_lo
            "mean_tokens": sum(lengths) / len(lengths)}, open(out, "w"))
 "#;
 
-/// prefcap's side: train-dico's objective and the engine's step at a constant rate.
-fn run_prefcap(args: &BenchTrainDicoArgs, gpt2: &Path, clip_dir: &Path) -> anyhow::Result<Side> {
-    let device = device_for(None, false)?;
-    let cfg = CaptionerConfig {
-        prefix_length: args.prefix,
-        max_caption_tokens: args.tokens,
-        ..CaptionerConfig::default()
-    };
-    let files = DecoderFiles::from_dir(gpt2)?;
-    let build = |vars: &VarMap| -> anyhow::Result<Captioner> {
-        let m = Captioner::build(&cfg, CLIP_DIM, 0, &files, None, vars, &device)?;
+/// What prefcap's side of an online bench starts from: the policy's online state with a
+/// CLIP reward of `reward_weight` over `batch` random images, its reference (same weights),
+/// the batch, and a builder of more captioners like the policy (a reward model's).
+pub(crate) struct OnlineFixture {
+    pub online: Online,
+    pub reference: Captioner,
+    pub batch: ImageBatch,
+    cfg: CaptionerConfig,
+    files: DecoderFiles,
+    device: candle_core::Device,
+}
+
+impl OnlineFixture {
+    pub fn new(
+        gpt2: &Path,
+        clip_dir: &Path,
+        batch: usize,
+        prefix: usize,
+        tokens: usize,
+        reward_weight: f64,
+    ) -> anyhow::Result<Self> {
+        let device = device_for(None, false)?;
+        let cfg = CaptionerConfig {
+            prefix_length: prefix,
+            max_caption_tokens: tokens,
+            ..CaptionerConfig::default()
+        };
+        let files = DecoderFiles::from_dir(gpt2)?;
+        let clip = ClipEmbedder::load(&ClipModelFiles::from_dir(clip_dir)?, &device, DType::F32)?;
+        let mut rng = SplitMix64::new(0);
+        let keys: Vec<String> = (0..batch).map(|i| format!("img{i}")).collect();
+        let features: Vec<f32> = rng.normal_samples(batch * CLIP_DIM, 1.0);
+        let images: HashMap<String, Vec<f32>> = keys
+            .iter()
+            .zip(features.chunks(CLIP_DIM))
+            .map(|(k, f)| (k.clone(), f.to_vec()))
+            .collect();
+        let build = |vars: &VarMap| -> anyhow::Result<Captioner> {
+            let m = Captioner::build(&cfg, CLIP_DIM, 0, &files, None, vars, &device)?;
+            seed_mapper(vars, 0)?;
+            Ok(m)
+        };
+        let vars = VarMap::new();
+        let mut policy = build(&vars)?;
+        policy.decoder.set_differentiable(true);
+        let reference = build(&VarMap::new())?;
+        Ok(Self {
+            online: Online {
+                policy,
+                vars,
+                clip,
+                reward: Reward::new(
+                    RewardSettings {
+                        kind: RewardKind::Clip,
+                        weight: reward_weight,
+                        model: String::new(),
+                        revision: String::new(),
+                    },
+                    None,
+                    images,
+                    None,
+                    HashMap::new(),
+                ),
+                validation: Validation::new(HashMap::new(), HashMap::new(), false),
+                max_tokens: tokens,
+                seed: 0,
+                select_by: "val/RefCLIPScore".into(),
+                skipped_rewards: 0,
+                search_seconds: 0.0,
+            },
+            reference,
+            batch: ImageBatch {
+                rows: batch,
+                keys,
+                features,
+            },
+            cfg,
+            files,
+            device,
+        })
+    }
+
+    /// A captioner like the policy at its start (same checkpoint, same seeded mapper), its
+    /// variables in `vars`.
+    pub fn captioner(&self, vars: &VarMap) -> anyhow::Result<Captioner> {
+        let m = Captioner::build(
+            &self.cfg,
+            CLIP_DIM,
+            0,
+            &self.files,
+            None,
+            vars,
+            &self.device,
+        )?;
         seed_mapper(vars, 0)?;
         Ok(m)
-    };
-    let vars = VarMap::new();
-    let mut policy = build(&vars)?;
-    policy.decoder.set_differentiable(true);
-    let reference = build(&VarMap::new())?;
-    let clip = ClipEmbedder::load(&ClipModelFiles::from_dir(clip_dir)?, &device, DType::F32)?;
-    let mut rng = SplitMix64::new(0);
-    let keys: Vec<String> = (0..args.batch).map(|i| format!("img{i}")).collect();
-    let features: Vec<f32> = rng.normal_samples(args.batch * CLIP_DIM, 1.0);
-    let images: HashMap<String, Vec<f32>> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            (
-                k.clone(),
-                features[i * CLIP_DIM..(i + 1) * CLIP_DIM].to_vec(),
-            )
-        })
-        .collect();
-    let online = Online {
-        policy,
-        vars,
-        clip,
-        reward: Reward::new(
-            RewardSettings {
-                kind: RewardKind::Clip,
-                weight: 2.0,
-                model: String::new(),
-                revision: String::new(),
-            },
-            None,
-            images,
-            None,
-            HashMap::new(),
-        ),
-        validation: Validation::new(HashMap::new(), HashMap::new(), false),
-        max_tokens: args.tokens,
-        seed: 0,
-        select_by: "val/RefCLIPScore".into(),
-        skipped_rewards: 0,
-        search_seconds: 0.0,
-    };
+    }
+}
+
+/// prefcap's side: train-dico's objective and the engine's step at a constant rate.
+fn run_prefcap(args: &BenchTrainDicoArgs, gpt2: &Path, clip_dir: &Path) -> anyhow::Result<Side> {
+    let OnlineFixture {
+        online,
+        reference,
+        batch,
+        ..
+    } = OnlineFixture::new(gpt2, clip_dir, args.batch, args.prefix, args.tokens, 2.0)?;
     let mut objective = DicoObjective {
         online,
         reference,
@@ -223,11 +315,6 @@ fn run_prefcap(args: &BenchTrainDicoArgs, gpt2: &Path, clip_dir: &Path) -> anyho
             ..OptimizerConfig::default()
         },
         last_mean_length: f64::NAN,
-    };
-    let batch = ImageBatch {
-        rows: args.batch,
-        keys,
-        features,
     };
     let mut trainer = Trainer::new(objective.groups())?;
     let first_loss = trainer.step(&mut objective, &batch, 0, 1)?.losses[0];
@@ -244,7 +331,7 @@ fn run_prefcap(args: &BenchTrainDicoArgs, gpt2: &Path, clip_dir: &Path) -> anyho
     let n = args.steps.max(1) as f64;
     Ok(Side {
         images_per_s: (args.steps * args.batch) as f64 / elapsed,
-        first_loss,
+        first: first_loss,
         mean_tokens: tokens / n,
         phases: [
             (t.forward - before.forward) / n,
@@ -306,9 +393,76 @@ pub(crate) fn read_side<T: serde::de::DeserializeOwned>(
     Ok(serde_json::from_slice(&bytes)?)
 }
 
+/// The random checkpoints of the online benches in `dir`: a GPT-2-small-size decoder copy
+/// (`copy`, known rows scaled by `known_scale`, see [`decodable_copy`]) and a ViT-B/32-size
+/// CLIP; returns their directories.
+pub(crate) fn online_checkpoints(
+    dir: &Path,
+    copy: &str,
+    known_scale: f32,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let random = dir.join("gpt2-small-random");
+    let gpt2 = dir.join(copy);
+    let clip = dir.join("vit-b32-random");
+    eprintln!("writing random GPT-2-small-size and ViT-B/32 checkpoints (HF format) ...");
+    ensure_random_gpt2(&random, &Gpt2Spec::SMALL, 0, &crate::synthetic::corpus())?;
+    decodable_copy(&random, &gpt2, known_scale)?;
+    ensure_tiny_clip(
+        &clip,
+        &TinyClipSpec::vit_base_patch32(0),
+        &crate::synthetic::corpus(),
+    )?;
+    Ok((gpt2, clip))
+}
+
+/// A side's figures and its process's peak memory.
+pub(crate) type SideMeasured<T> = (T, Measured);
+
+/// Both sides of an online bench, each in its own measured process: prefcap's worker
+/// (`pipeline bench <stage> <flags> --worker-out ...`) and, unless `no_peer`, the PyTorch
+/// `script` (in `venv`) with arguments `gpt2 clip out threads <flag values in order>`. Returns
+/// each side's figures and peak memory.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_online_sides<T: serde::de::DeserializeOwned>(
+    stage: &str,
+    flags: &[(&str, usize)],
+    dir: &Path,
+    threads: usize,
+    gpt2: &Path,
+    clip: &Path,
+    peer: Option<(&Path, &str)>,
+) -> anyhow::Result<(SideMeasured<T>, Option<SideMeasured<T>>)> {
+    let ours_out = dir.join(format!("prefcap-{stage}.json"));
+    let cmd = crate::bench::worker_command(stage, flags, dir, &ours_out, threads, None)?;
+    let ours_mem = crate::bench::measure(cmd, &format!("prefcap {stage}"), None)?;
+    let ours = (read_side(&ours_out, "prefcap")?, ours_mem);
+    let Some((venv, script_text)) = peer else {
+        return Ok((ours, None));
+    };
+    let python = crate::bench::ensure_venv(
+        venv,
+        &["torch", "transformers", "safetensors"],
+        "import torch, transformers",
+    )?;
+    let script = dir.join(format!("peer_{}.py", stage.replace('-', "_")));
+    std::fs::write(&script, script_text)?;
+    let theirs_out = dir.join(format!("torch-{stage}.json"));
+    let _ = std::fs::remove_file(&theirs_out);
+    eprintln!("PyTorch ...");
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script)
+        .arg(gpt2)
+        .arg(clip)
+        .arg(&theirs_out)
+        .arg(threads.to_string())
+        .args(flags.iter().map(|(_, n)| n.to_string()))
+        .env("OMP_NUM_THREADS", threads.to_string());
+    let mem = crate::bench::measure(cmd, "PyTorch", None)?;
+    Ok((ours, Some((read_side(&theirs_out, "PyTorch")?, mem))))
+}
+
 pub fn bench_train_dico(args: &BenchTrainDicoArgs) -> anyhow::Result<()> {
     let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
-    let random = dir.join("gpt2-small-random");
     let gpt2 = dir.join("gpt2-small-decodable");
     let clip = dir.join("vit-b32-random");
     if let Some(out) = &args.worker_out {
@@ -316,20 +470,12 @@ pub fn bench_train_dico(args: &BenchTrainDicoArgs) -> anyhow::Result<()> {
         std::fs::write(out, serde_json::to_vec(&ours)?)?;
         return Ok(());
     }
-    eprintln!("writing random GPT-2-small-size and ViT-B/32 checkpoints (HF format) ...");
-    ensure_random_gpt2(&random, &Gpt2Spec::SMALL, 0, &crate::synthetic::corpus())?;
-    decodable_copy(&random, &gpt2, 1.0)?;
-    ensure_tiny_clip(
-        &clip,
-        &TinyClipSpec::vit_base_patch32(0),
-        &crate::synthetic::corpus(),
-    )?;
+    let (gpt2, clip) = online_checkpoints(&dir, "gpt2-small-decodable", 1.0)?;
     eprintln!(
         "prefcap: {} images x {} beams, {} tokens ...",
         args.batch, args.beams, args.tokens
     );
-    let ours_out = dir.join("prefcap-dico.json");
-    let cmd = crate::bench::worker_command(
+    let ((ours, ours_mem), peer) = run_online_sides::<Side>(
         "train-dico",
         &[
             ("--batch", args.batch),
@@ -339,75 +485,21 @@ pub fn bench_train_dico(args: &BenchTrainDicoArgs) -> anyhow::Result<()> {
             ("--steps", args.steps),
         ],
         &dir,
-        &ours_out,
         threads,
-        None,
+        &gpt2,
+        &clip,
+        (!args.no_peer).then_some((args.venv.as_path(), PEER_SCRIPT)),
     )?;
-    let ours_mem = crate::bench::measure(cmd, "prefcap train-dico", None)?;
-    let ours: Side = read_side(&ours_out, "prefcap")?;
-    let peer = if args.no_peer {
-        None
-    } else {
-        let python = crate::bench::ensure_venv(
-            &args.venv,
-            &["torch", "transformers", "safetensors"],
-            "import torch, transformers",
-        )?;
-        let script = dir.join("peer_train_dico.py");
-        std::fs::write(&script, PEER_SCRIPT)?;
-        let theirs_out = dir.join("torch-dico.json");
-        let _ = std::fs::remove_file(&theirs_out);
-        eprintln!("PyTorch ...");
-        let mut cmd = Command::new(&python);
-        cmd.arg(&script)
-            .arg(&gpt2)
-            .arg(&clip)
-            .arg(&theirs_out)
-            .args(
-                [
-                    threads,
-                    args.batch,
-                    args.beams,
-                    args.tokens,
-                    args.prefix,
-                    args.steps,
-                ]
-                .map(|n| n.to_string()),
-            )
-            .env("OMP_NUM_THREADS", threads.to_string());
-        let mem = crate::bench::measure(cmd, "PyTorch", None)?;
-        Some((read_side::<Side>(&theirs_out, "PyTorch")?, mem))
-    };
-    println!(
-        "\ntrain-dico step: GPT-2-small-size prefix captioner (policy + frozen reference), CLIP ViT-B/32-size reward, CPU, {threads} thread(s), f32"
+    let ours = (ours, ours_mem);
+    print_online(
+        &format!("train-dico step: GPT-2-small-size prefix captioner (policy + frozen reference), CLIP ViT-B/32-size reward, CPU, {threads} thread(s), f32"),
+        &format!(
+            "{} images x {} beams, up to {} tokens, prefix {}, AdamW, clipping at 1.0",
+            args.batch, args.beams, args.tokens, args.prefix
+        ),
+        ("first loss", "the beam search"),
+        &ours,
+        peer.as_ref(),
     );
-    println!(
-        "{} images x {} beams, up to {} tokens, prefix {}, AdamW, clipping at 1.0",
-        args.batch, args.beams, args.tokens, args.prefix
-    );
-    println!(
-        "{:<10} {:>10} {:>12} {:>12} {:>14}",
-        "tool", "images/s", "first loss", "mean tokens", "peak RSS MiB"
-    );
-    println!(
-        "{:<10} {:>10.3} {:>12.4} {:>12.1} {:>14.0}",
-        "prefcap", ours.images_per_s, ours.first_loss, ours.mean_tokens, ours_mem.peak_rss_mib
-    );
-    let p = ours.phases.map(|x| 1e3 * x);
-    println!(
-        "prefcap per step: objective {:.0} ms (of it the beam search {:.0} ms), backward {:.0} ms, gradient norm {:.0} ms, AdamW {:.0} ms",
-        p[0], p[1], p[2], p[3], p[4]
-    );
-    if let Some((theirs, mem)) = peer {
-        println!(
-            "{:<10} {:>10.3} {:>12.4} {:>12.1} {:>14.0}",
-            "PyTorch", theirs.images_per_s, theirs.first_loss, theirs.mean_tokens, mem.peak_rss_mib
-        );
-        println!(
-            "\nratio prefcap / PyTorch: images/s {:.2}x, peak RSS {:.2}x",
-            ours.images_per_s / theirs.images_per_s,
-            ours_mem.peak_rss_mib / mem.peak_rss_mib
-        );
-    }
     Ok(())
 }

@@ -10,25 +10,17 @@
 //! samples, lengths, machine and threads. Each side runs in its own process, whose peak RSS
 //! is sampled.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
-use candle_core::DType;
 use candle_nn::VarMap;
 use clap::Args;
 
-use crate::bench::train_dico::{decodable_copy, read_side, CLIP_DIM};
-use crate::datasets::captions::ImageBatch;
-use crate::device::device_for;
-use crate::models::captioner::{seed_mapper, Captioner, CaptionerConfig, DecoderFiles};
-use crate::models::clip::{ClipEmbedder, ClipModelFiles};
+use crate::bench::train_dico::{
+    online_checkpoints, print_online, run_online_sides, OnlineFixture, Side,
+};
 use crate::models::reward::RewardModel;
-use crate::models::tiny::{ensure_random_gpt2, ensure_tiny_clip, Gpt2Spec, TinyClipSpec};
-use crate::rng::SplitMix64;
 use crate::stages::online::rlhf::{RlhfConfig, RlhfObjective};
-use crate::stages::online::{Online, Reward, RewardKind, RewardSettings, Validation};
 use crate::train::{Objective, OptimizerConfig, Schedule, Trainer};
 
 #[derive(Debug, Clone, Args)]
@@ -65,19 +57,8 @@ pub struct BenchTrainRlhfArgs {
     pub worker_out: Option<std::path::PathBuf>,
 }
 
-/// One side's figures.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Side {
-    images_per_s: f64,
-    /// The first step's KL to the reference (0: the policy starts as its reference).
-    first_kl: f64,
-    /// Mean tokens (end-of-text included) of the samples of the timed steps.
-    mean_tokens: f64,
-    /// prefcap's seconds per timed step: the objective's step (of it sampling), backward,
-    /// gradient norm and AdamW.
-    #[serde(default)]
-    phases: [f64; 5],
-}
+/// The sampling copy of the random GPT-2-small-size checkpoint (known rows x 10).
+const COPY: &str = "gpt2-small-sampleable";
 
 /// The peer: the same step in PyTorch.
 const PEER_SCRIPT: &str = r#"
@@ -198,61 +179,15 @@ json.dump({"images_per_s": steps * batch / (time.perf_counter() - t0), "first_kl
 
 /// prefcap's side: train-rlhf's objective and the engine's step at a constant rate.
 fn run_prefcap(args: &BenchTrainRlhfArgs, gpt2: &Path, clip_dir: &Path) -> anyhow::Result<Side> {
-    let device = device_for(None, false)?;
-    let cfg = CaptionerConfig {
-        prefix_length: args.prefix,
-        max_caption_tokens: args.tokens,
-        ..CaptionerConfig::default()
-    };
-    let files = DecoderFiles::from_dir(gpt2)?;
-    let build = |vars: &VarMap| -> anyhow::Result<Captioner> {
-        let m = Captioner::build(&cfg, CLIP_DIM, 0, &files, None, vars, &device)?;
-        seed_mapper(vars, 0)?;
-        Ok(m)
-    };
-    let vars = VarMap::new();
-    let mut policy = build(&vars)?;
-    policy.decoder.set_differentiable(true);
-    let reference = build(&VarMap::new())?;
+    let fixture = OnlineFixture::new(gpt2, clip_dir, args.batch, args.prefix, args.tokens, 2.5)?;
     let reward_vars = VarMap::new();
-    let reward_model = RewardModel::new(build(&reward_vars)?, &reward_vars, 0)?;
-    let clip = ClipEmbedder::load(&ClipModelFiles::from_dir(clip_dir)?, &device, DType::F32)?;
-    let mut rng = SplitMix64::new(0);
-    let keys: Vec<String> = (0..args.batch).map(|i| format!("img{i}")).collect();
-    let features: Vec<f32> = rng.normal_samples(args.batch * CLIP_DIM, 1.0);
-    let images: HashMap<String, Vec<f32>> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            (
-                k.clone(),
-                features[i * CLIP_DIM..(i + 1) * CLIP_DIM].to_vec(),
-            )
-        })
-        .collect();
-    let online = Online {
-        policy,
-        vars,
-        clip,
-        reward: Reward::new(
-            RewardSettings {
-                kind: RewardKind::Clip,
-                weight: 2.5,
-                model: String::new(),
-                revision: String::new(),
-            },
-            None,
-            images,
-            None,
-            HashMap::new(),
-        ),
-        validation: Validation::new(HashMap::new(), HashMap::new(), false),
-        max_tokens: args.tokens,
-        seed: 0,
-        select_by: "val/RefCLIPScore".into(),
-        skipped_rewards: 0,
-        search_seconds: 0.0,
-    };
+    let reward_model = RewardModel::new(fixture.captioner(&reward_vars)?, &reward_vars, 0)?;
+    let OnlineFixture {
+        online,
+        reference,
+        mut batch,
+        ..
+    } = fixture;
     let mut objective = RlhfObjective::new(
         online,
         reference,
@@ -268,11 +203,6 @@ fn run_prefcap(args: &BenchTrainRlhfArgs, gpt2: &Path, clip_dir: &Path) -> anyho
         },
     );
     let mut trainer = Trainer::new(objective.groups())?;
-    let mut batch = ImageBatch {
-        rows: args.batch,
-        keys,
-        features,
-    };
     trainer.step(&mut objective, &batch, 0, 1)?;
     let first_kl = objective.rollout_scalar("kl").unwrap_or(f64::NAN);
     let before = trainer.timings();
@@ -294,7 +224,7 @@ fn run_prefcap(args: &BenchTrainRlhfArgs, gpt2: &Path, clip_dir: &Path) -> anyho
     let n = args.steps.max(1) as f64;
     Ok(Side {
         images_per_s: (args.steps * args.batch) as f64 / elapsed,
-        first_kl,
+        first: first_kl,
         mean_tokens: tokens / n,
         phases: [
             (t.forward - before.forward) / n,
@@ -308,28 +238,19 @@ fn run_prefcap(args: &BenchTrainRlhfArgs, gpt2: &Path, clip_dir: &Path) -> anyho
 
 pub fn bench_train_rlhf(args: &BenchTrainRlhfArgs) -> anyhow::Result<()> {
     let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
-    let random = dir.join("gpt2-small-random");
-    let gpt2 = dir.join("gpt2-small-sampleable");
+    let gpt2 = dir.join(COPY);
     let clip = dir.join("vit-b32-random");
     if let Some(out) = &args.worker_out {
         let ours = run_prefcap(args, &gpt2, &clip)?;
         std::fs::write(out, serde_json::to_vec(&ours)?)?;
         return Ok(());
     }
-    eprintln!("writing random GPT-2-small-size and ViT-B/32 checkpoints (HF format) ...");
-    ensure_random_gpt2(&random, &Gpt2Spec::SMALL, 0, &crate::synthetic::corpus())?;
-    decodable_copy(&random, &gpt2, 10.0)?;
-    ensure_tiny_clip(
-        &clip,
-        &TinyClipSpec::vit_base_patch32(0),
-        &crate::synthetic::corpus(),
-    )?;
+    let (gpt2, clip) = online_checkpoints(&dir, COPY, 10.0)?;
     eprintln!(
         "prefcap: {} images x {} samples, {} tokens ...",
         args.batch, args.samples, args.tokens
     );
-    let ours_out = dir.join("prefcap-rlhf.json");
-    let cmd = crate::bench::worker_command(
+    let ((ours, ours_mem), peer) = run_online_sides::<Side>(
         "train-rlhf",
         &[
             ("--batch", args.batch),
@@ -339,75 +260,21 @@ pub fn bench_train_rlhf(args: &BenchTrainRlhfArgs) -> anyhow::Result<()> {
             ("--steps", args.steps),
         ],
         &dir,
-        &ours_out,
         threads,
-        None,
+        &gpt2,
+        &clip,
+        (!args.no_peer).then_some((args.venv.as_path(), PEER_SCRIPT)),
     )?;
-    let ours_mem = crate::bench::measure(cmd, "prefcap train-rlhf", None)?;
-    let ours: Side = read_side(&ours_out, "prefcap")?;
-    let peer = if args.no_peer {
-        None
-    } else {
-        let python = crate::bench::ensure_venv(
-            &args.venv,
-            &["torch", "transformers", "safetensors"],
-            "import torch, transformers",
-        )?;
-        let script = dir.join("peer_train_rlhf.py");
-        std::fs::write(&script, PEER_SCRIPT)?;
-        let theirs_out = dir.join("torch-rlhf.json");
-        let _ = std::fs::remove_file(&theirs_out);
-        eprintln!("PyTorch ...");
-        let mut cmd = Command::new(&python);
-        cmd.arg(&script)
-            .arg(&gpt2)
-            .arg(&clip)
-            .arg(&theirs_out)
-            .args(
-                [
-                    threads,
-                    args.batch,
-                    args.samples,
-                    args.tokens,
-                    args.prefix,
-                    args.steps,
-                ]
-                .map(|n| n.to_string()),
-            )
-            .env("OMP_NUM_THREADS", threads.to_string());
-        let mem = crate::bench::measure(cmd, "PyTorch", None)?;
-        Some((read_side::<Side>(&theirs_out, "PyTorch")?, mem))
-    };
-    println!(
-        "\ntrain-rlhf step: GPT-2-small-size prefix policy + frozen reference + reward model, CLIP ViT-B/32-size dense reward, CPU, {threads} thread(s), f32"
+    let ours = (ours, ours_mem);
+    print_online(
+        &format!("train-rlhf step: GPT-2-small-size prefix policy + frozen reference + reward model, CLIP ViT-B/32-size dense reward, CPU, {threads} thread(s), f32"),
+        &format!(
+            "{} images x {} samples, up to {} tokens, prefix {}, hierarchical shaping, RLOO, AdamW, clipping at 1.0",
+            args.batch, args.samples, args.tokens, args.prefix
+        ),
+        ("first KL", "sampling"),
+        &ours,
+        peer.as_ref(),
     );
-    println!(
-        "{} images x {} samples, up to {} tokens, prefix {}, hierarchical shaping, RLOO, AdamW, clipping at 1.0",
-        args.batch, args.samples, args.tokens, args.prefix
-    );
-    println!(
-        "{:<10} {:>10} {:>10} {:>12} {:>14}",
-        "tool", "images/s", "first KL", "mean tokens", "peak RSS MiB"
-    );
-    println!(
-        "{:<10} {:>10.3} {:>10.4} {:>12.1} {:>14.0}",
-        "prefcap", ours.images_per_s, ours.first_kl, ours.mean_tokens, ours_mem.peak_rss_mib
-    );
-    let p = ours.phases.map(|x| 1e3 * x);
-    println!(
-        "prefcap per step: objective {:.0} ms (of it sampling {:.0} ms), backward {:.0} ms, gradient norm {:.0} ms, AdamW {:.0} ms",
-        p[0], p[1], p[2], p[3], p[4]
-    );
-    if let Some((theirs, mem)) = peer {
-        println!(
-            "{:<10} {:>10.3} {:>10.4} {:>12.1} {:>14.0}",
-            "PyTorch", theirs.images_per_s, theirs.first_kl, theirs.mean_tokens, mem.peak_rss_mib
-        );
-        println!(
-            "\nratio prefcap / PyTorch: images/s {:.2}x, peak RSS {:.2}x",
-            ours.images_per_s / theirs.images_per_s,
-            ours_mem.peak_rss_mib / mem.peak_rss_mib
-        );
-    }
     Ok(())
 }
