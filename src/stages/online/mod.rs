@@ -1033,6 +1033,27 @@ mod tests {
     }
 
     #[test]
+    fn rlhf_ppo_epochs_reuse_a_rollout_under_the_clipped_ratio() {
+        let mut obj = rlhf(crate::losses::reward::Shaping::Hierarchical);
+        obj.cfg.ppo_epochs = 2;
+        let mut trainer = crate::train::Trainer::new(obj.groups()).unwrap();
+        let b = batch(&images()[..4]);
+        let mut seen = Vec::new();
+        // From step 1: warmup gives step 0 a rate of 0.
+        for step in 1..4 {
+            let loss = trainer.step(&mut obj, &b, step, 10).unwrap().losses[0];
+            seen.push((loss, obj.rollout_scalar("reward").unwrap()));
+        }
+        // The second step reuses the first one's captions and rewards, with the updated
+        // policy's ratio; the third draws a new rollout.
+        assert_eq!(seen[0].1, seen[1].1, "{seen:?}");
+        assert_ne!(seen[0].0, seen[1].0, "{seen:?}");
+        assert!(seen.iter().all(|(l, r)| l.is_finite() && r.is_finite()));
+        let weights_moved = trainer.step(&mut obj, &b, 4, 10).unwrap().updated[0];
+        assert!(weights_moved);
+    }
+
+    #[test]
     fn rlhf_rewards_telescope_carry_no_gradient_and_empty_captions_have_none() {
         use crate::losses::reward::Shaping;
         let obj = rlhf(Shaping::Hierarchical);
