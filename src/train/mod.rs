@@ -19,6 +19,7 @@
 
 pub mod adamw;
 mod checkpoint;
+pub mod tensorboard;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -283,6 +284,12 @@ pub trait Objective {
     /// steps (`ctx.train` false) and starts afresh here.
     fn validation_end(&mut self) -> candle_core::Result<Vec<(String, f64)>> {
         Ok(Vec::new())
+    }
+    /// Whether the engine validates the starting parameters (step 0) before the first
+    /// update, so a run's metrics set the selected checkpoint against its start (the online
+    /// stages, which fine-tune a trained model).
+    fn validate_at_start(&self) -> bool {
+        false
     }
     /// Which validation scalar decides the best checkpoint, and whether higher is better;
     /// `None`: the first group's loss, lower is better.
@@ -659,14 +666,19 @@ fn validate<O: Objective, D: Batches<O::Batch>>(
     Ok(out)
 }
 
-/// The metrics table being written: earlier rows (a resumed run's) and this run's.
+/// The metrics table being written (earlier rows, a resumed run's, and this run's) and the
+/// TensorBoard events of this run's rows.
 struct MetricLog<'a> {
     rows: Vec<MetricRow>,
     out: &'a FitOutput<'a>,
+    events: Option<tensorboard::EventWriter>,
 }
 
 impl MetricLog<'_> {
     fn push(&mut self, state: &TrainState, split: &str, name: &str, value: f64) {
+        if let Some(events) = &mut self.events {
+            events.scalar(&tensorboard::tag(split, name), state.step as i64, value);
+        }
         self.rows.push(MetricRow {
             run_id: self.out.run_id.to_string(),
             stage: self.out.stage.to_string(),
@@ -678,7 +690,10 @@ impl MetricLog<'_> {
         });
     }
 
-    fn write(&self) -> Result<()> {
+    fn write(&mut self) -> Result<()> {
+        if let Some(events) = &mut self.events {
+            events.flush()?;
+        }
         write_parquet(self.out.metrics_path, &self.rows)
     }
 }
@@ -713,6 +728,7 @@ pub fn fit<O: Objective, D: Batches<O::Batch>>(
             Vec::new()
         },
         out,
+        events: None,
     };
     let mut state = TrainState::default();
     let mut resumed_from_step = None;
@@ -726,6 +742,17 @@ pub fn fit<O: Objective, D: Batches<O::Batch>>(
             "[{}] resuming from step {} (epoch {})",
             out.stage, state.step, state.epoch
         );
+    }
+    let runs = out.metrics_path.parent().unwrap_or(Path::new("."));
+    log.events = Some(tensorboard::EventWriter::create(
+        &runs.join("tensorboard").join(out.stage),
+        resumed_from_step,
+    )?);
+    if resumed_from_step.is_none() && obj.validate_at_start() {
+        for (n, v) in validate(obj, data, &trainer, &state)? {
+            log.push(&state, "val", &n, v);
+        }
+        log.write()?;
     }
     let selection = match obj.selection() {
         Some((name, higher)) => (name.to_string(), higher),
@@ -1070,6 +1097,28 @@ mod tests {
             .fold(0.0, f64::max);
         assert_eq!(skipped, 30.0);
         assert!(rows.iter().all(|r| r.value.is_finite()));
+        // Every logged row is a TensorBoard scalar too, at its step.
+        use tensorboard::tests::{read_events, Read};
+        let dir = tmp.path().join("tensorboard/test");
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(files.len(), 1);
+        let events = read_events(&files[0].as_ref().unwrap().path());
+        assert_eq!(events[0], Read::Version("brain.Event:2".into()));
+        let mut want: Vec<(i64, String, f32)> = rows
+            .iter()
+            .map(|r| (r.step, tensorboard::tag(&r.split, &r.name), r.value as f32))
+            .collect();
+        let mut got: Vec<(i64, String, f32)> = events[1..]
+            .iter()
+            .map(|e| match e {
+                Read::Scalar(s, t, v) => (*s, t.clone(), *v),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let key = |x: &(i64, String, f32)| (x.0, x.1.clone(), x.2.to_bits());
+        want.sort_by_key(key);
+        got.sort_by_key(key);
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -1107,6 +1156,26 @@ mod tests {
         let (summary, a) = run(&full, None);
         assert!(run(&part, Some(fail_at)).0.is_err());
         let (resumed, b) = run(&part, None);
+        // The rerun's event file tells TensorBoard where it resumed.
+        let from = resumed.as_ref().unwrap().resumed_from_step;
+        let starts: Vec<bool> = std::fs::read_dir(part.join("tensorboard/test"))
+            .unwrap()
+            .map(|f| {
+                tensorboard::tests::read_events(&f.unwrap().path())
+                    .iter()
+                    .any(|e| {
+                        Some(e)
+                            == from
+                                .map(|s| tensorboard::tests::Read::Start(s as i64))
+                                .as_ref()
+                    })
+            })
+            .collect();
+        assert_eq!(starts.len(), 2, "one event file per process start");
+        assert_eq!(
+            starts.iter().filter(|s| **s).count(),
+            usize::from(from.is_some())
+        );
         for (x, y) in [(&a.w, &b.w), (&a.b, &b.b)] {
             assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
         }

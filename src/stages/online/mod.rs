@@ -26,11 +26,9 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::data::records::MetricRow;
-use crate::data::shard::{read_parquet, write_parquet};
 use crate::datasets::captions::{references, CaptionedSplit, ImageBatch, ImageBatches};
 use crate::datasets::features::embeddings_by_key;
-use crate::error::{CandleContext, Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::metrics::embedding::{clip_score, cosine, ref_clip_score};
 use crate::metrics::text::{cider_d, ptb_tokenize, CiderD};
 use crate::models::captioner::{Captioner, CaptionerManifest, DecodeMethod, Generated};
@@ -38,7 +36,7 @@ use crate::models::clip::ClipEmbedder;
 use crate::stages::context::ClipConfig;
 use crate::stages::StageContext;
 use crate::synthetic::{self, AttributeMatch};
-use crate::train::{fit, Batches, FitOutput, FitSummary, StepContext, StepOutput, TrainConfig};
+use crate::train::{fit, FitOutput, FitSummary, StepContext, StepOutput, TrainConfig};
 
 /// What a caption is rewarded by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -430,6 +428,10 @@ impl<M: OnlineMethod> crate::train::Objective for M {
     fn selection(&self) -> Option<(&str, bool)> {
         self.online().selection()
     }
+
+    fn validate_at_start(&self) -> bool {
+        true
+    }
 }
 
 /// The loop defaults of an online stage: fine-tuning from a trained captioner at a low
@@ -668,16 +670,6 @@ pub fn run_fit<O: crate::train::Objective<Batch = ImageBatch>>(
     settings: &OnlineSettings,
     ctx: &StageContext,
 ) -> Result<OnlineSummary> {
-    let name = ctx.output_name(stage);
-    if !prepared.dir.join("last/state.json").is_file() {
-        validate_start(
-            objective,
-            &prepared.data,
-            &ctx.metrics_path(),
-            &ctx.run_id,
-            name,
-        )?;
-    }
     let fit: FitSummary = fit(
         objective,
         &prepared.data,
@@ -704,46 +696,6 @@ pub fn run_fit<O: crate::train::Objective<Batch = ImageBatch>>(
         fit,
         dir: prepared.dir.display().to_string(),
     })
-}
-
-/// Validates the starting model (step 0) and logs its metrics beside the run's, so the
-/// report sets the selected checkpoint against the model the stage started from.
-fn validate_start<O: crate::train::Objective<Batch = ImageBatch>>(
-    objective: &mut O,
-    data: &ImageBatches,
-    metrics: &std::path::Path,
-    run_id: &str,
-    stage: &str,
-) -> Result<()> {
-    let ctx = StepContext {
-        group: 0,
-        train: false,
-        step: 0,
-        epoch: 0,
-    };
-    for batch in data.val()? {
-        objective
-            .step(&batch?, &ctx)
-            .during("validating the starting model")?;
-    }
-    let values = objective
-        .validation_end()
-        .during("validating the starting model")?;
-    let mut rows: Vec<MetricRow> = if metrics.is_file() {
-        read_parquet(metrics)?
-    } else {
-        Vec::new()
-    };
-    rows.extend(values.into_iter().map(|(name, value)| MetricRow {
-        run_id: run_id.to_string(),
-        stage: stage.to_string(),
-        step: 0,
-        epoch: 0,
-        split: "val".into(),
-        name,
-        value,
-    }));
-    write_parquet(metrics, &rows)
 }
 
 /// A seed for the sampling of one batch: the run's seed, the epoch and the batch's first
@@ -792,7 +744,7 @@ mod tests {
     use crate::stages::online::dico::{DicoConfig, DicoObjective};
     use crate::stages::online::rlhf::{RlhfConfig, RlhfObjective};
     use crate::stages::online::scst::{ScstConfig, ScstObjective};
-    use crate::train::{Objective, TrainConfig};
+    use crate::train::{Batches, Objective, TrainConfig};
     use candle_core::DType;
     use crossbeam_channel::Receiver;
 
