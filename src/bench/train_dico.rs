@@ -475,7 +475,7 @@ pub fn bench_train_dico(args: &BenchTrainDicoArgs) -> anyhow::Result<()> {
         "prefcap: {} images x {} beams, {} tokens ...",
         args.batch, args.beams, args.tokens
     );
-    let ((ours, ours_mem), peer) = run_online_sides::<Side>(
+    let (ours, peer) = run_online_sides::<Side>(
         "train-dico",
         &[
             ("--batch", args.batch),
@@ -490,7 +490,6 @@ pub fn bench_train_dico(args: &BenchTrainDicoArgs) -> anyhow::Result<()> {
         &clip,
         (!args.no_peer).then_some((args.venv.as_path(), PEER_SCRIPT)),
     )?;
-    let ours = (ours, ours_mem);
     print_online(
         &format!("train-dico step: GPT-2-small-size prefix captioner (policy + frozen reference), CLIP ViT-B/32-size reward, CPU, {threads} thread(s), f32"),
         &format!(

@@ -250,7 +250,7 @@ pub fn bench_train_rlhf(args: &BenchTrainRlhfArgs) -> anyhow::Result<()> {
         "prefcap: {} images x {} samples, {} tokens ...",
         args.batch, args.samples, args.tokens
     );
-    let ((ours, ours_mem), peer) = run_online_sides::<Side>(
+    let (ours, peer) = run_online_sides::<Side>(
         "train-rlhf",
         &[
             ("--batch", args.batch),
@@ -265,7 +265,6 @@ pub fn bench_train_rlhf(args: &BenchTrainRlhfArgs) -> anyhow::Result<()> {
         &clip,
         (!args.no_peer).then_some((args.venv.as_path(), PEER_SCRIPT)),
     )?;
-    let ours = (ours, ours_mem);
     print_online(
         &format!("train-rlhf step: GPT-2-small-size prefix policy + frozen reference + reward model, CLIP ViT-B/32-size dense reward, CPU, {threads} thread(s), f32"),
         &format!(

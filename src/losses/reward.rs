@@ -122,9 +122,30 @@ pub fn dense_increments(cosines: &[f64], weight: f64) -> Vec<f64> {
     cosines.windows(2).map(|w| weight * (w[1] - w[0])).collect()
 }
 
-/// Per-token shaped rewards of one caption: `dense` increments, the caption's `sparse`
-/// reward, the policy's probabilities of its tokens (`confidence`), and the policy's and the
-/// reference's log-probabilities of them (the KL penalty). NaN when any input is.
+/// The two parts of each token's shaped reward, per token: the causal part
+/// α_t r_t − β_KL (log π(y_t) − log π_ref(y_t)) and the sparse part (1 − α_t) R_sparse / T.
+fn token_parts<'a>(
+    cfg: &'a ShapingConfig,
+    dense: &'a [f64],
+    sparse: f64,
+    confidence: &'a [f64],
+    logp: &'a [f64],
+    ref_logp: &'a [f64],
+) -> impl Iterator<Item = (f64, f64)> + 'a {
+    let t = dense.len().max(1) as f64;
+    (0..dense.len()).map(move |i| {
+        let a = cfg.alpha(confidence[i]);
+        (
+            a * dense[i] - cfg.beta_kl * (logp[i] - ref_logp[i]),
+            (1.0 - a) * sparse / t,
+        )
+    })
+}
+
+/// Per-token shaped rewards R_t of one caption (what the logged `reward` sums, KL aside):
+/// `dense` increments, the caption's `sparse` reward, the policy's probabilities of its
+/// tokens (`confidence`), and the policy's and the reference's log-probabilities of them
+/// (the KL penalty). NaN when any input is.
 pub fn shaped_rewards(
     cfg: &ShapingConfig,
     dense: &[f64],
@@ -133,12 +154,8 @@ pub fn shaped_rewards(
     logp: &[f64],
     ref_logp: &[f64],
 ) -> Vec<f64> {
-    let t = dense.len().max(1) as f64;
-    (0..dense.len())
-        .map(|i| {
-            let a = cfg.alpha(confidence[i]);
-            a * dense[i] + (1.0 - a) * sparse / t - cfg.beta_kl * (logp[i] - ref_logp[i])
-        })
+    token_parts(cfg, dense, sparse, confidence, logp, ref_logp)
+        .map(|(causal, share)| causal + share)
         .collect()
 }
 
@@ -158,13 +175,11 @@ pub fn split_rewards(
     logp: &[f64],
     ref_logp: &[f64],
 ) -> (Vec<f64>, f64) {
-    let t = dense.len().max(1) as f64;
     let mut share = 0.0;
-    let causal = (0..dense.len())
-        .map(|i| {
-            let a = cfg.alpha(confidence[i]);
-            share += (1.0 - a) * sparse / t;
-            a * dense[i] - cfg.beta_kl * (logp[i] - ref_logp[i])
+    let causal = token_parts(cfg, dense, sparse, confidence, logp, ref_logp)
+        .map(|(causal, s)| {
+            share += s;
+            causal
         })
         .collect();
     (causal, share)
