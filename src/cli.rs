@@ -53,14 +53,21 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Summary tables and loss curves of every run under the workdir (polars).
+    /// Tables, charts and index.html (captions beside their images) of runs under the
+    /// workdir, side by side (polars).
     Report {
         /// Directory that holds runs/.
         #[arg(long, default_value = ".")]
         workdir: PathBuf,
-        /// Where to write the tables and charts [default: WORKDIR/report].
+        /// Where to write the tables, charts and page [default: WORKDIR/report].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The run ids to compare [default: every run under WORKDIR/runs].
+        #[arg(long, num_args = 1..)]
+        runs: Vec<String>,
+        /// Held-out images in the page's gallery (0 = all).
+        #[arg(long, default_value_t = 256)]
+        gallery_images: usize,
     },
     /// Benchmarks against the Python tools prefcap replaces (a build with `--features bench`).
     #[cfg(feature = "bench")]
@@ -257,9 +264,14 @@ pub fn main() -> anyhow::Result<()> {
                 println!("per-image scores in {}", out.display());
             }
         }
-        Command::Report { workdir, out } => {
+        Command::Report {
+            workdir,
+            out,
+            runs,
+            gallery_images,
+        } => {
             let out = out.unwrap_or_else(|| workdir.join("report"));
-            let s = crate::stages::report::report(&workdir, &out)?;
+            let s = crate::stages::report::report(&workdir, &out, &runs, gallery_images)?;
             println!("{}", s.text(&out));
         }
         #[cfg(feature = "bench")]

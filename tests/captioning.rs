@@ -196,12 +196,23 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         }
     }
     assert!(report.join("training.parquet").is_file() && report.join("scores.parquet").is_file());
-    let png = report.join(format!(
-        "curves-{}-train-sft.png",
-        run.file_name().unwrap().to_string_lossy()
-    ));
-    let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
-    assert_eq!((img.width(), img.height()), (720, 440));
+    let run_id = run.file_name().unwrap().to_string_lossy().into_owned();
+    for family in ["loss", "preference"] {
+        let png = report.join(format!("{family}-{run_id}-train-dpo.png"));
+        let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+        assert_eq!((img.width(), img.height()), (720, 440));
+        assert!(report
+            .join(format!("{family}-{run_id}-train-dpo.svg"))
+            .is_file());
+    }
+    assert!(report
+        .join(format!("retrieval-{run_id}-train-contrastive.png"))
+        .is_file());
+    // The page: every held-out image once, with every model's captions under it.
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    assert_eq!(html.matches("<div class=\"entry\"").count(), 64);
+    assert_eq!(html.matches("<tr class=\"caption\">").count(), 7 * 2 * 64);
+    assert_eq!(html.matches("data:image/jpeg;base64,").count(), 64);
 
     // Caption a folder of images with the model trained above (found in the earlier run).
     let imgs = work.join("imgs");

@@ -48,7 +48,8 @@ pub struct RunRecord {
 
 /// Runs `plan` under `opts.workdir`, recording each step in `run.json` as it ends. A failing
 /// step is recorded and stops the run with its error (the stage named, its cause kept as the
-/// error's source); what earlier steps wrote stays.
+/// error's source); what earlier steps wrote stays, and the steps that report on it (stages
+/// with `RUNS_AFTER_FAILURE`, the report) still run.
 pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
     let run_id = new_run_id(&plan.name);
     let run_dir = opts.workdir.join("runs").join(&run_id);
@@ -74,6 +75,8 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
         crate::io::write_json(&run_dir.join("run.json"), record)
     };
     // Plans run in dependency order and a failure stops the run: a step's inputs are done.
+    // After a failure only the steps that report on what finished still run (the report).
+    let mut failure: Option<Error> = None;
     for step in &plan.steps {
         let registered = stage(&step.stage).ok_or_else(|| {
             Error::Plan(vec![format!(
@@ -82,6 +85,9 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
                 step.stage
             )])
         })?;
+        if failure.is_some() && !registered.runs_after_failure {
+            continue;
+        }
         let started = Instant::now();
         let mut ctx = StageContext::new(&opts.workdir, &record.run_id, plan.config.shared.clone());
         ctx.gpu = opts.gpu;
@@ -119,9 +125,16 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
                     },
                 ));
                 save(&record)?;
-                return Err(error);
+                match failure {
+                    None => failure = Some(error),
+                    // The first failure is the run's error; a later one is in run.json.
+                    Some(_) => eprintln!("step {}: failed too: {}", step.name(), error.report()),
+                }
             }
         }
+    }
+    if let Some(error) = failure {
+        return Err(error);
     }
     Ok((run_dir, record))
 }

@@ -37,6 +37,9 @@ pub trait Stage {
     const USES_GPU: bool;
     /// Its section of the configuration (`train_sft`).
     const SECTION: &'static str;
+    /// Whether it still runs, on what the earlier steps finished, when a step before it in
+    /// the plan failed (the report).
+    const RUNS_AFTER_FAILURE: bool = false;
     /// The section, strictly typed (`deny_unknown_fields`); its defaults equal
     /// `configs/default.toml`.
     type Config: Serialize + DeserializeOwned + Default;
@@ -58,6 +61,7 @@ pub struct Registered {
     pub description: &'static str,
     pub uses_gpu: bool,
     pub section: &'static str,
+    pub runs_after_failure: bool,
     /// Parses the stage's section (absent: the defaults) strictly and returns it with every
     /// default filled in, as the run directory's `config.toml` records it.
     pub resolve: fn(Option<&toml::Value>) -> Result<toml::Value>,
@@ -95,6 +99,7 @@ const fn register<S: Stage>() -> Registered {
         description: S::DESCRIPTION,
         uses_gpu: S::USES_GPU,
         section: S::SECTION,
+        runs_after_failure: S::RUNS_AFTER_FAILURE,
         resolve: resolve::<S>,
         run: run::<S>,
     }

@@ -1,20 +1,26 @@
-//! `pipeline report` (and the `report` stage): the standard analysis of every run under
-//! `runs/`, with polars — the one module that speaks polars.
+//! `pipeline report` (and the `report` stage): the standard analysis of runs under `runs/`,
+//! with polars — the one module that speaks polars.
 //!
-//! Reads all `runs/*/metrics.parquet` and `runs/*/scores_summary.parquet`, and writes to
-//! `<out>/`: `training.parquet`/`.csv` (per run and training stage: steps, final and best
-//! validation loss, final train loss, skipped non-finite batches), `preference.parquet`/`.csv`
-//! (per run, preference stage and pair source: held-out pairs, accuracy and margin),
-//! `retrieval.parquet`/`.csv` (per run, contrastive stage and encoder: held-out recall both
-//! ways, the trained encoder beside its baselines and chance), `online.parquet`/`.csv` (per
-//! run and online stage, DiCO, SCST or RLHF: held-out CLIPScore, RefCLIPScore, CIDEr-D and attribute
-//! accuracy of the starting model and the selected checkpoint, the training reward, the
-//! share of distinct candidates), `scores.parquet`/`.csv` (per run, model and decoding
-//! method: the captioner's conditioning, one column per metric), one PNG of train/val loss
-//! curves per run and stage, and one of reward curves per online stage. The tables are
-//! printed too.
+//! Reads `runs/*/metrics.parquet`, `scores_summary.parquet`, `generations.parquet` and
+//! `scores.parquet` of the runs it is given (the report stage: its own run; `pipeline report`:
+//! every run, or those of `--runs`), and writes to `<out>/`: `training.parquet`/`.csv` (per
+//! run and training stage: steps, final and best validation loss, final train loss, skipped
+//! non-finite batches), `preference.parquet`/`.csv` (per run, preference stage and pair
+//! source: held-out pairs, accuracy and margin), `retrieval.parquet`/`.csv` (per run,
+//! contrastive stage and encoder: held-out recall both ways, the trained encoder beside its
+//! baselines and chance), `online.parquet`/`.csv` (per run and online stage, DiCO, SCST or
+//! RLHF: held-out CLIPScore, RefCLIPScore, CIDEr-D and attribute accuracy of the starting
+//! model and the selected checkpoint, the training reward, the share of distinct candidates),
+//! `scores.parquet`/`.csv` (per run, model and decoding method: the captioner's conditioning,
+//! one column per metric); charts as PNG and SVG (one per training step and metric family:
+//! loss, preference, retrieval, rewards; one bar chart of the models' headline scores); and
+//! `index.html`, one self-contained page with all of it and a gallery of held-out images
+//! with every model's caption. The tables are printed too, 100 columns wide.
 
 pub mod chart;
+pub mod gallery;
+pub mod html;
+pub mod table;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -25,24 +31,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::io::AtomicFile;
-use crate::stages::report::chart::{line_chart, Series};
+use crate::stages::report::chart::{bar_chart, line_chart, shaded, Bar, Chart, Panel, Series};
+use crate::stages::report::html::{ChartFile, RunSummary};
+use crate::stages::report::table::{Table, TERMINAL_WIDTH};
 use crate::stages::{Stage, StageContext};
 
 fn perr(context: impl std::fmt::Display) -> impl FnOnce(PolarsError) -> Error {
     move |e| Error::Config(format!("report: {context}: {e}"))
 }
 
-/// Files named `name` directly inside each run directory.
-fn run_files(workdir: &Path, name: &str) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(workdir.join("runs"))
+/// Every run under `workdir/runs`, oldest first.
+pub fn all_runs(workdir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(workdir.join("runs"))
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| e.path().join(name))
-        .filter(|p| p.is_file())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    out.sort();
+    out.sort_by_key(|r| (crate::stages::context::run_started(r), r.clone()));
     out
+}
+
+/// Files named `name` directly inside each of `runs`' directories.
+fn run_files(workdir: &Path, runs: &[String], name: &str) -> Vec<PathBuf> {
+    runs.iter()
+        .map(|r| workdir.join("runs").join(r).join(name))
+        .filter(|p| p.is_file())
+        .collect()
 }
 
 /// All files stacked into one frame (they share a schema).
@@ -67,6 +83,8 @@ fn read_all(files: &[PathBuf]) -> Result<Option<DataFrame>> {
 /// What `report` produced.
 #[derive(Debug, Clone, Default)]
 pub struct ReportSummary {
+    /// The runs reported on, oldest first.
+    pub runs: Vec<String>,
     pub training: Option<DataFrame>,
     /// Held-out preference accuracy per pair source (when a preference stage ran).
     pub preference: Option<DataFrame>,
@@ -75,29 +93,71 @@ pub struct ReportSummary {
     /// Held-out metrics of online stages (DiCO, SCST, RLHF) before and after, with their rewards.
     pub online: Option<DataFrame>,
     pub scores: Option<DataFrame>,
+    /// The PNG of every chart (an SVG beside each).
     pub charts: Vec<PathBuf>,
+    /// Images in the page's gallery.
+    pub gallery_images: usize,
+    /// `index.html`.
+    pub page: PathBuf,
 }
 
 impl ReportSummary {
-    /// Every table, titled, and where the files went (`out`): what the run log and
-    /// `pipeline report` print.
-    pub fn text(&self, out: &Path) -> String {
-        let mut text = String::new();
-        for (title, t) in [
+    /// The tables, titled, in the order the page shows them, as the terminal and the page
+    /// show them: one run's id is said once above them, so its column goes; several runs are
+    /// numbered (`#`, [`Self::legend`]); columns no row has a value in go.
+    pub fn tables(&self) -> Vec<Table> {
+        let several = self.runs.len() > 1;
+        [
             ("training", &self.training),
             ("preference pairs by source (val)", &self.preference),
             ("retrieval (val)", &self.retrieval),
             ("online stages (val, greedy)", &self.online),
             ("scores", &self.scores),
-        ] {
-            if let Some(t) = t {
-                text.push_str(&format!("{title}:\n{t}\n"));
+        ]
+        .into_iter()
+        .filter_map(|(title, t)| t.as_ref().map(|t| Table::from_frame(title, t)))
+        .map(|mut t| {
+            if several {
+                t.map_texts("run_id", |r| {
+                    self.runs
+                        .iter()
+                        .position(|x| x == r)
+                        .map_or(r.to_string(), |i| format!("#{}", i + 1))
+                });
+                t.rename("run_id", "#");
+            } else {
+                t = t.without("run_id");
             }
+            t.without_empty_columns()
+        })
+        .collect()
+    }
+
+    /// The run id (one run) or the numbered runs the tables' `#` column refers to.
+    pub fn legend(&self) -> String {
+        match self.runs.as_slice() {
+            [one] => format!("run {one}\n"),
+            many => many
+                .iter()
+                .enumerate()
+                .map(|(i, r)| format!("#{} {r}\n", i + 1))
+                .collect(),
+        }
+    }
+
+    /// What the run log and `pipeline report` print, at most 100 columns wide: the run id
+    /// once above the tables (several runs: a numbered legend), every table, and where the
+    /// page and files went.
+    pub fn text(&self, out: &Path) -> String {
+        let mut text = self.legend();
+        for t in self.tables() {
+            text.push_str(&t.render(TERMINAL_WIDTH));
         }
         text.push_str(&format!(
-            "{} chart(s) and the tables (Parquet + CSV) in {}",
+            "{} chart(s) (PNG + SVG) and the tables (Parquet + CSV) in {}\nreport: {}",
             self.charts.len(),
-            out.display()
+            out.display(),
+            self.page.display()
         ));
         text
     }
@@ -581,84 +641,231 @@ fn curve(
         .collect())
 }
 
-/// Train and validation loss curves of every (run, stage), and the reward curves of the
-/// online stages (training reward of the candidates, samples or RLHF rollouts, of DiCO's
-/// winner or SCST's greedy baseline, RLHF's KL, and held-out CLIPScore and RefCLIPScore on
-/// the same axes, so a reward that climbs while the held-out metrics do not shows), as PNGs
-/// in `out`.
-fn charts(metrics: &DataFrame, out: &Path) -> Result<Vec<PathBuf>> {
-    let pairs = metrics
+/// A metric family: one chart per training step that logged any of its metrics.
+struct Family {
+    /// File-name prefix and title suffix.
+    id: &'static str,
+    /// The metrics, by (split, name): a name that ends in `/` takes every metric under it
+    /// without a further `/`.
+    members: &'static [(&'static str, &'static str)],
+}
+
+const FAMILIES: [Family; 4] = [
+    Family {
+        id: "loss",
+        members: &[("train", "loss"), ("val", "loss")],
+    },
+    Family {
+        id: "preference",
+        members: &[
+            ("train", "rewards/accuracies"),
+            ("val", "rewards/accuracies"),
+            ("train", "rewards/margins"),
+            ("val", "rewards/margins"),
+            ("train", "accuracy"),
+            ("val", "accuracy"),
+            ("train", "margin"),
+            ("val", "margin"),
+        ],
+    },
+    Family {
+        id: "retrieval",
+        members: &[("val", "retrieval/")],
+    },
+    // The online stages' training reward (DiCO's and SCST's candidates, DiCO's winner,
+    // SCST's greedy baseline, RLHF's shaped reward and KL) beside the held-out CLIPScore and
+    // RefCLIPScore, so a reward that climbs while the held-out metrics do not shows.
+    Family {
+        id: "rewards",
+        members: &[
+            ("train", "reward/mean"),
+            ("train", "reward"),
+            ("train", "reward/winner"),
+            ("train", "reward/greedy"),
+            ("train", "kl"),
+            ("val", "val/CLIPScore"),
+            ("val", "val/RefCLIPScore"),
+        ],
+    },
+];
+
+/// Distinct values of column `name` of `df`, in order.
+fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>> {
+    let c = df.column(name).map_err(perr("charts"))?;
+    let c = c.str().map_err(perr("charts"))?;
+    Ok((0..c.len())
+        .map(|i| c.get(i).unwrap_or_default().to_string())
+        .collect())
+}
+
+/// Writes `chart` as `<out>/<name>.png` and `.svg`.
+fn write_chart(out: &Path, name: &str, title: String, chart: Chart) -> Result<ChartFile> {
+    let (png_name, svg_name) = (format!("{name}.png"), format!("{name}.svg"));
+    crate::io::write_atomic(&out.join(&png_name), &chart.png)?;
+    crate::io::write_atomic(&out.join(&svg_name), chart.svg.as_bytes())?;
+    Ok(ChartFile {
+        title,
+        png_name,
+        svg_name,
+        png: chart.png,
+    })
+}
+
+/// One chart per (run, training step, metric family) that logged any of the family's metrics
+/// (a step with a single logged step too), as `<family>-<run>-<step>.png` and `.svg`.
+fn charts(metrics: &DataFrame, out: &Path) -> Result<Vec<ChartFile>> {
+    let keys = metrics
         .clone()
         .lazy()
-        .select([col("run_id"), col("stage")])
-        .unique(None, UniqueKeepStrategy::First)
-        .sort(["run_id", "stage"], SortMultipleOptions::default())
+        .select([col("run_id"), col("stage"), col("split"), col("name")])
+        .unique_stable(None, UniqueKeepStrategy::First)
         .collect()
         .map_err(perr("charts"))?;
-    let runs = pairs
-        .column("run_id")
-        .map_err(perr("charts"))?
-        .str()
-        .map_err(perr("charts"))?
-        .clone();
-    let stages = pairs
-        .column("stage")
-        .map_err(perr("charts"))?
-        .str()
-        .map_err(perr("charts"))?
-        .clone();
+    let (runs, stages) = (strings(&keys, "run_id")?, strings(&keys, "stage")?);
+    let (splits, names) = (strings(&keys, "split")?, strings(&keys, "name")?);
+    let mut pairs: Vec<(String, String)> =
+        runs.iter().cloned().zip(stages.iter().cloned()).collect();
+    pairs.sort();
+    pairs.dedup();
     let mut written = Vec::new();
-    for (run, stage) in runs.iter().zip(stages.iter()) {
-        let (Some(run), Some(stage)) = (run, stage) else {
-            continue;
-        };
-        let series = |specs: &[(&str, &str, &str)]| -> Result<Vec<Series>> {
-            specs
-                .iter()
-                .map(|(label, split, name)| {
-                    Ok(Series {
-                        name: (*label).into(),
-                        points: curve(metrics, run, stage, split, name)?,
+    for (run, stage) in &pairs {
+        let logged: Vec<(&str, &str)> = (0..names.len())
+            .filter(|&i| &runs[i] == run && &stages[i] == stage)
+            .map(|i| (splits[i].as_str(), names[i].as_str()))
+            .collect();
+        for family in &FAMILIES {
+            let mut series = Vec::new();
+            for (split, member) in family.members {
+                let mut matching: Vec<&str> = logged
+                    .iter()
+                    .filter(|(sp, n)| {
+                        sp == split
+                            && match member.strip_suffix('/') {
+                                Some(prefix) => n
+                                    .strip_prefix(prefix)
+                                    .and_then(|r| r.strip_prefix('/'))
+                                    .is_some_and(|r| !r.contains('/')),
+                                None => n == member,
+                            }
                     })
-                })
-                .collect()
-        };
-        let loss = series(&[("train loss", "train", "loss"), ("val loss", "val", "loss")])?;
-        if loss.iter().any(|s| !s.points.is_empty()) {
-            let path = out.join(format!("curves-{run}-{stage}.png"));
-            line_chart(&path, &format!("{stage} loss"), "step", &loss)?;
-            written.push(path);
-        }
-        let rewards = series(&[
-            ("train reward", "train", "reward/mean"),
-            ("train reward", "train", "reward"),
-            ("train winner", "train", "reward/winner"),
-            ("train greedy", "train", "reward/greedy"),
-            ("train KL", "train", "kl"),
-            ("val CLIPScore", "val", "val/CLIPScore"),
-            ("val RefCLIPScore", "val", "val/RefCLIPScore"),
-        ])?;
-        if !(rewards[0].points.is_empty() && rewards[1].points.is_empty()) {
-            let rewards: Vec<Series> = rewards
-                .into_iter()
-                .filter(|s| !s.points.is_empty())
-                .collect();
-            let path = out.join(format!("rewards-{run}-{stage}.png"));
-            line_chart(&path, &format!("{stage} reward"), "step", &rewards)?;
-            written.push(path);
+                    .map(|(_, n)| *n)
+                    .collect();
+                matching.sort();
+                for name in matching {
+                    let points = curve(metrics, run, stage, split, name)?;
+                    if !points.is_empty() {
+                        let label = name.strip_prefix("val/").unwrap_or(name);
+                        series.push(Series {
+                            name: format!("{split} {label}"),
+                            points,
+                        });
+                    }
+                }
+            }
+            if series.is_empty() {
+                continue;
+            }
+            let title = format!("{stage} {}", family.id);
+            let chart = line_chart(&title, "step", &series)?;
+            written.push(write_chart(
+                out,
+                &format!("{}-{run}-{stage}", family.id),
+                title,
+                chart,
+            )?);
         }
     }
     Ok(written)
 }
 
-/// Builds the report of every run under `workdir` into `out`.
-pub fn report(workdir: &Path, out: &Path) -> Result<ReportSummary> {
+/// The headline metrics of the models' comparison chart.
+const HEADLINE: [&str; 6] = [
+    "CIDEr",
+    "Bleu_4",
+    "METEOR",
+    "CLIPScore",
+    "RefCLIPScore",
+    "attribute_accuracy",
+];
+
+/// A bar chart of the headline metrics (those computed) of every model and method in
+/// `scores` (the scores table), as `scores.png` and `.svg`.
+fn scores_chart(scores: &DataFrame, several: bool, out: &Path) -> Result<Option<ChartFile>> {
+    let (runs, models) = (strings(scores, "run_id")?, strings(scores, "model")?);
+    let methods = strings(scores, "method")?;
+    // One colour per (run, model), lighter for each further decoding method of it.
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut shades: std::collections::HashMap<(String, String), usize> = Default::default();
+    let bars: Vec<Bar> = (0..models.len())
+        .map(|i| {
+            let key = (runs[i].clone(), models[i].clone());
+            let group = seen.iter().position(|k| *k == key).unwrap_or_else(|| {
+                seen.push(key.clone());
+                seen.len() - 1
+            });
+            let shade = shades.entry(key).or_insert(0);
+            let colour = shaded(group, *shade);
+            *shade += 1;
+            let label = if several {
+                format!("{} {} {}", runs[i], models[i], methods[i])
+            } else {
+                format!("{} {}", models[i], methods[i])
+            };
+            Bar { label, colour }
+        })
+        .collect();
+    let mut panels = Vec::new();
+    for m in HEADLINE {
+        let Ok(c) = scores.column(m) else { continue };
+        let Ok(c) = c.f64() else { continue };
+        let values: Vec<f64> = (0..c.len()).map(|i| c.get(i).unwrap_or(f64::NAN)).collect();
+        if values.iter().any(|v| v.is_finite()) {
+            panels.push(Panel {
+                metric: m.to_string(),
+                values,
+            });
+        }
+    }
+    if panels.is_empty() || bars.is_empty() {
+        return Ok(None);
+    }
+    let title = "held-out scores by model and decoding".to_string();
+    let chart = bar_chart(&title, &bars, &panels)?;
+    write_chart(out, "scores", title, chart).map(Some)
+}
+
+/// Builds the report of `runs` (every run under `workdir` when empty) into `out`: tables,
+/// charts and `index.html` with a gallery of at most `gallery_images` held-out images (0 =
+/// all). What a run finished is reported even when a later step of it failed.
+pub fn report(
+    workdir: &Path,
+    out: &Path,
+    runs: &[String],
+    gallery_images: usize,
+) -> Result<ReportSummary> {
+    let runs: Vec<String> = if runs.is_empty() {
+        all_runs(workdir)
+    } else {
+        for r in runs {
+            if !workdir.join("runs").join(r).is_dir() {
+                return Err(Error::Config(format!(
+                    "report: no run `{r}` under {}",
+                    workdir.join("runs").display()
+                )));
+            }
+        }
+        runs.to_vec()
+    };
     std::fs::create_dir_all(out).at(out)?;
-    let mut summary = ReportSummary::default();
-    if let Some(metrics) = read_all(&run_files(workdir, "metrics.parquet"))? {
+    let mut summary = ReportSummary {
+        runs: runs.clone(),
+        ..Default::default()
+    };
+    let mut charts_shown = Vec::new();
+    if let Some(metrics) = read_all(&run_files(workdir, &runs, "metrics.parquet"))? {
         let mut t = training_table(metrics.clone())?;
         write_table(&mut t, out, "training")?;
-        summary.charts = charts(&metrics, out)?;
+        charts_shown = charts(&metrics, out)?;
         summary.training = Some(t);
         if let Some(mut t) = preference_table(&metrics)? {
             write_table(&mut t, out, "preference")?;
@@ -673,29 +880,64 @@ pub fn report(workdir: &Path, out: &Path) -> Result<ReportSummary> {
             summary.online = Some(t);
         }
     }
-    if let Some(scores) = read_all(&run_files(workdir, "scores_summary.parquet"))? {
+    if let Some(scores) = read_all(&run_files(workdir, &runs, "scores_summary.parquet"))? {
         let mut t = with_captioner(workdir, scores_table(scores)?)?;
         write_table(&mut t, out, "scores")?;
+        if let Some(c) = scores_chart(&t, runs.len() > 1, out)? {
+            charts_shown.insert(0, c);
+        }
         summary.scores = Some(t);
     }
     if summary.training.is_none() && summary.scores.is_none() {
         return Err(Error::Config(format!(
-            "report: no runs/*/metrics.parquet or scores_summary.parquet under {}; run a training or score stage first",
-            workdir.display()
+            "report: no metrics.parquet or scores_summary.parquet in {} under {}; run a training or score stage first",
+            if runs.len() == 1 { format!("run `{}`", runs[0]) } else { format!("{} run(s)", runs.len()) },
+            workdir.join("runs").display()
         )));
     }
+    let g = gallery::gallery(workdir, &runs, gallery_images)?;
+    let summaries: Vec<RunSummary> = runs.iter().map(|r| RunSummary::read(workdir, r)).collect();
+    let title = match runs.as_slice() {
+        [one] => format!("prefcap report: {one}"),
+        many => format!("prefcap report: {} runs", many.len()),
+    };
+    let page = html::page(
+        &title,
+        &summary.legend(),
+        &summaries,
+        &summary.tables(),
+        &charts_shown,
+        &g,
+    );
+    summary.page = out.join("index.html");
+    crate::io::write_atomic(&summary.page, page.as_bytes())?;
+    summary.charts = charts_shown.iter().map(|c| out.join(&c.png_name)).collect();
+    summary.gallery_images = g.entries.len();
     Ok(summary)
 }
 
-/// `[report]`: the report stage has no settings yet.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReportConfig {}
+/// `[report]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportConfig {
+    /// Held-out images in the page's gallery, in key order (0 = all).
+    pub gallery_images: usize,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self {
+            gallery_images: 256,
+        }
+    }
+}
 
 /// What the report stage wrote: its tables as text, and where.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReportText {
     pub text: String,
+    /// `index.html`.
+    pub page: PathBuf,
 }
 
 impl std::fmt::Display for ReportText {
@@ -704,21 +946,31 @@ impl std::fmt::Display for ReportText {
     }
 }
 
-/// `pipeline run report`: writes into `runs/<id>/report/`.
+/// `pipeline run report`: the run's own report, in `runs/<id>/report/`.
 pub struct Report;
 
 impl Stage for Report {
     const NAME: &'static str = "report";
-    const DESCRIPTION: &'static str = "per-run summary tables and train/val curves";
+    const DESCRIPTION: &'static str =
+        "the run's tables, charts and index.html with captions beside their images";
     const USES_GPU: bool = false;
     const SECTION: &'static str = "report";
+    /// A run whose step failed still gets the report of what finished.
+    const RUNS_AFTER_FAILURE: bool = true;
     type Config = ReportConfig;
     type Summary = ReportText;
 
-    fn run(_cfg: &ReportConfig, ctx: &StageContext) -> Result<ReportText> {
+    fn run(cfg: &ReportConfig, ctx: &StageContext) -> Result<ReportText> {
         let out = ctx.run_dir.join("report");
-        let s = report(&ctx.workdir, &out)?;
-        let text = s.text(&out);
-        Ok(ReportText { text })
+        let s = report(
+            &ctx.workdir,
+            &out,
+            std::slice::from_ref(&ctx.run_id),
+            cfg.gallery_images,
+        )?;
+        Ok(ReportText {
+            text: s.text(&out),
+            page: s.page,
+        })
     }
 }
