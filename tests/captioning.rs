@@ -36,6 +36,8 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         "train-dico",
         "train-scst",
         "train-rlhf",
+        "train-diffusion",
+        "refine-diffusion",
         "generate",
         "score",
     ] {
@@ -68,8 +70,8 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     let gens: Vec<GenerationRow> = read_parquet(&run.join("generations.parquet")).unwrap();
     assert_eq!(
         gens.len(),
-        7 * 2 * 64,
-        "untrained, train-sft, train-dpo, train-orpo, train-dico, train-scst and train-rlhf; greedy and beam; 64 val images"
+        (7 * 2 + 2) * 64,
+        "untrained, train-sft, train-dpo, train-orpo, train-dico, train-scst and train-rlhf greedy and beam, train-diffusion and refine-diffusion by diffusion; 64 val images"
     );
     assert!(gens
         .iter()
@@ -211,7 +213,10 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     // The page: every held-out image once, with every model's captions under it.
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
     assert_eq!(html.matches("<div class=\"entry\"").count(), 64);
-    assert_eq!(html.matches("<tr class=\"caption\">").count(), 7 * 2 * 64);
+    assert_eq!(
+        html.matches("<tr class=\"caption\">").count(),
+        (7 * 2 + 2) * 64
+    );
     assert_eq!(html.matches("data:image/jpeg;base64,").count(), 64);
 
     // Caption a folder of images with the model trained above (found in the earlier run).

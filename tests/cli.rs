@@ -117,6 +117,8 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
         "train-dico",
         "train-scst",
         "train-rlhf",
+        "train-diffusion",
+        "refine-diffusion",
         "generate",
         "score",
         "report",
@@ -164,11 +166,15 @@ fn validate_reports_all_plan_errors_at_once() {
     assert!(log.contains("train-dpo <- train-sft\n"), "{log}");
     assert!(
         log.contains(
-            "generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst, train-rlhf\n"
+            "generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst, train-rlhf, refine-diffusion\n"
         ),
         "{log}"
     );
     assert!(log.contains("embed <- ingest, pretrain-clip\n"), "{log}");
+    assert!(
+        log.contains("refine-diffusion <- train-diffusion, train-reward\n"),
+        "{log}"
+    );
     assert!(log.contains("train-sft <- embed\n"), "{log}");
     for real in [
         "cc-ultrafeedback-dpo",

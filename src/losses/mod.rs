@@ -2,6 +2,7 @@
 
 pub mod contrastive;
 pub mod dico;
+pub mod diffusion;
 pub mod preference;
 pub mod reward;
 pub mod scst;

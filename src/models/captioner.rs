@@ -376,16 +376,7 @@ impl Captioner {
                 }
             })
         };
-        let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| Error::BadFile {
-            path: files.tokenizer.clone(),
-            message: format!("not a tokenizers file: {e}"),
-        })?;
-        let eos = tokenizer
-            .token_to_id(END_OF_TEXT)
-            .ok_or_else(|| Error::BadFile {
-                path: files.tokenizer.clone(),
-                message: format!("no `{END_OF_TEXT}` token"),
-            })?;
+        let (tokenizer, eos) = files.tokenizer()?;
         Ok(Self {
             conditioner,
             decoder,

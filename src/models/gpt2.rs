@@ -657,6 +657,22 @@ impl Gpt2 {
         keep: Option<&Tensor>,
         cross: Option<&CrossStates>,
     ) -> candle_core::Result<Tensor> {
+        self.run_blocks(embeds, keep, cross, true)
+    }
+
+    /// Final hidden states `(b, t, d)` of the blocks without the causal mask: every position
+    /// attends to every other (a denoiser over a whole sequence). Positions are 0..t.
+    pub fn forward_hidden_bidirectional(&self, embeds: &Tensor) -> candle_core::Result<Tensor> {
+        self.run_blocks(embeds, None, None, false)
+    }
+
+    fn run_blocks(
+        &self,
+        embeds: &Tensor,
+        keep: Option<&Tensor>,
+        cross: Option<&CrossStates>,
+        causal: bool,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = embeds.dims3()?;
         if t > self.config.n_positions {
             candle_core::bail!(
@@ -665,7 +681,7 @@ impl Gpt2 {
             );
         }
         let x = embeds.broadcast_add(&self.wpe.narrow(0, 0, t)?)?;
-        let mask = attention_mask(b, t, keep, x.device(), x.dtype())?;
+        let mask = attention_mask(b, t, keep, causal, x.device(), x.dtype())?;
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
             let c = cross.and_then(|c| c.layer(i));
@@ -772,6 +788,21 @@ pub struct DecoderFiles {
 }
 
 impl DecoderFiles {
+    /// The tokenizer and its end-of-text id.
+    pub fn tokenizer(&self) -> Result<(Tokenizer, u32)> {
+        let tokenizer = Tokenizer::from_file(&self.tokenizer).map_err(|e| Error::BadFile {
+            path: self.tokenizer.clone(),
+            message: format!("not a tokenizers file: {e}"),
+        })?;
+        let eos = tokenizer
+            .token_to_id(END_OF_TEXT)
+            .ok_or_else(|| Error::BadFile {
+                path: self.tokenizer.clone(),
+                message: format!("no `{END_OF_TEXT}` token"),
+            })?;
+        Ok((tokenizer, eos))
+    }
+
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let files = Self {
             config: dir.join("config.json"),
@@ -892,12 +923,13 @@ fn attention_mask(
     b: usize,
     t: usize,
     keep: Option<&Tensor>,
+    causal: bool,
     device: &Device,
     dtype: DType,
 ) -> candle_core::Result<Tensor> {
     let neg = f32::MIN / 2.0;
     let causal: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { neg } else { 0.0 }))
+        .flat_map(|i| (0..t).map(move |j| if causal && j > i { neg } else { 0.0 }))
         .collect();
     let causal = Tensor::from_vec(causal, (1, 1, t, t), device)?;
     let mask = match keep {
@@ -1330,7 +1362,7 @@ mod tests {
         // The second row's last two positions are padding.
         let keep =
             Tensor::from_vec(vec![1f32, 1., 1., 1., 1., 1., 1., 1., 0., 0.], (b, t), &dev).unwrap();
-        let mask = attention_mask(b, t, Some(&keep), &dev, DType::F32).unwrap();
+        let mask = attention_mask(b, t, Some(&keep), true, &dev, DType::F32).unwrap();
         let up = Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap();
         let run = |y: Tensor| {
             let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();

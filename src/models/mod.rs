@@ -4,6 +4,7 @@ pub mod bert;
 pub mod captioner;
 pub mod clip;
 pub mod contrastive;
+pub mod diffusion;
 pub mod gpt2;
 pub mod reward;
 pub mod tiny;

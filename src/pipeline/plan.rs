@@ -26,6 +26,11 @@ pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
     ("cc-dico", include_str!("../../pipelines/cc-dico.toml")),
     ("rlhf", include_str!("../../pipelines/rlhf.toml")),
     ("cc-rlhf", include_str!("../../pipelines/cc-rlhf.toml")),
+    ("diffusion", include_str!("../../pipelines/diffusion.toml")),
+    (
+        "cc-diffusion",
+        include_str!("../../pipelines/cc-diffusion.toml"),
+    ),
     (
         "ingest-real",
         include_str!("../../pipelines/ingest-real.toml"),

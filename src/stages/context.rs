@@ -299,9 +299,15 @@ impl StageContext {
     /// The output directory of captioner stage `stage` (its `captioner.json` and a best
     /// checkpoint), from this run or the newest that has one.
     pub fn find_captioner(&self, stage: &str) -> Option<PathBuf> {
+        self.find_model(stage, "captioner.json")
+    }
+
+    /// The directory of `stage`'s newest best checkpoint whose manifest is `manifest`
+    /// (`captioner.json`, `diffusion.json`).
+    pub fn find_model(&self, stage: &str, manifest: &str) -> Option<PathBuf> {
         let best = self.find_output(&format!("{stage}/best/model.safetensors"))?;
         let dir = best.parent()?.parent()?.to_path_buf();
-        dir.join("captioner.json").is_file().then_some(dir)
+        dir.join(manifest).is_file().then_some(dir)
     }
 
     /// The checkpoint files of `clip.model`: a local directory, a hub repo at `clip.revision`,

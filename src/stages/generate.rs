@@ -1,7 +1,9 @@
 //! `pipeline run generate`: captions from trained (and untrained, as a baseline) captioners
 //! for a dataset split's cached image features — or for an image folder, embedded on the fly
-//! through the same CLIP path — with greedy, beam or nucleus decoding, into
-//! `runs/<id>/generations.parquet` (and `.json` on request).
+//! through the same CLIP path — with greedy, beam or nucleus decoding, and from caption
+//! diffusion models (`train-diffusion`, `refine-diffusion`) by their reverse process
+//! (`sampling_steps` respaced, clamped, seeded), into `runs/<id>/generations.parquet` (and
+//! `.json` on request).
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,7 @@ use crate::datasets::embedding::{embed_user_inputs, UserInputs};
 use crate::datasets::features::IMAGE_TOKENS;
 use crate::error::{CandleContext, Error, Result};
 use crate::models::captioner::{seed_mapper, CaptionerManifest, DecodeMethod};
+use crate::models::diffusion::{cut_at_padding, DiffusionManifest};
 use crate::progress::Progress;
 use crate::stages::{Stage, StageContext};
 
@@ -26,8 +29,13 @@ pub struct GenerateConfig {
     /// `train-dico`, `train-scst`, or a pipeline step's own name) whose best checkpoint is
     /// taken from this run, else from the newest run that has one.
     pub models: Vec<String>,
-    /// Any of `greedy`, `beam`, `sample`.
+    /// Any of `greedy`, `beam`, `sample` (for autoregressive captioners) and `diffusion`
+    /// (diffusion models are always decoded by their reverse process).
     pub methods: Vec<String>,
+    /// Diffusion decoding: timesteps of the reverse process, respaced from the model's T.
+    pub sampling_steps: usize,
+    /// Diffusion decoding: clamp each predicted x0 to its nearest token embeddings.
+    pub clamp: bool,
     pub beams: usize,
     pub length_penalty: f64,
     pub top_p: f64,
@@ -54,6 +62,8 @@ impl Default for GenerateConfig {
             length_penalty: 1.0,
             top_p: 0.9,
             temperature: 1.0,
+            sampling_steps: 100,
+            clamp: true,
             seed: 42,
             max_tokens: 30,
             batch_size: 64,
@@ -69,6 +79,7 @@ impl GenerateConfig {
     pub fn decode_methods(&self) -> Result<Vec<DecodeMethod>> {
         self.methods
             .iter()
+            .filter(|m| *m != "diffusion")
             .map(|m| match m.as_str() {
                 "greedy" => Ok(DecodeMethod::Greedy),
                 "beam" => Ok(DecodeMethod::Beam {
@@ -81,7 +92,7 @@ impl GenerateConfig {
                     seed: self.seed,
                 }),
                 other => Err(Error::Config(format!(
-                    "generate.methods: unknown method `{other}` (greedy, beam, sample)"
+                    "generate.methods: unknown method `{other}` (greedy, beam, sample, diffusion)"
                 ))),
             })
             .collect()
@@ -93,7 +104,9 @@ impl GenerateConfig {
 pub struct GenerateSummary {
     pub captions: usize,
     pub models: usize,
-    pub methods: usize,
+    /// Distinct (model, decoding method) pairs: each autoregressive captioner with every
+    /// method, each diffusion model with its reverse process.
+    pub decodings: usize,
     pub images: usize,
     pub path: String,
 }
@@ -102,8 +115,8 @@ impl std::fmt::Display for GenerateSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} captions ({} models × {} methods × {} images) in {}",
-            self.captions, self.models, self.methods, self.images, self.path
+            "{} captions ({} models, {} decodings × {} images) in {}",
+            self.captions, self.models, self.decodings, self.images, self.path
         )
     }
 }
@@ -124,7 +137,20 @@ impl Stage for Generate {
         // Trained captioners first: their CLIP decides which features (or which model
         // embeds the user's images), whatever this invocation's `[clip]` says.
         let mut trained = Vec::new();
+        let mut diffusion = Vec::new();
         for name in g.models.iter().filter(|m| *m != "untrained") {
+            if let Some(dir) = ctx.find_model(name, "diffusion.json") {
+                let manifest = DiffusionManifest::load(&dir.join("diffusion.json"))?;
+                let t = manifest.spec.diffusion_steps;
+                if g.sampling_steps == 0 || g.sampling_steps > t {
+                    return Err(Error::Config(format!(
+                        "generate.sampling_steps must be between 1 and the `{name}` model's diffusion_steps ({t}), not {}",
+                        g.sampling_steps
+                    )));
+                }
+                diffusion.push((name.clone(), manifest, dir.join("best/model.safetensors")));
+                continue;
+            }
             let dir = ctx.find_captioner(name).ok_or_else(|| {
                 Error::Config(format!("generate.models: no `{name}` checkpoint in this run or an earlier one; run `pipeline run {name}` first"))
             })?;
@@ -134,9 +160,10 @@ impl Stage for Generate {
                 dir.join("best/model.safetensors"),
             ));
         }
-        let clip = match trained.first() {
-            Some((_, m, _)) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
-            None => ctx.clip.clone(),
+        let clip = match (trained.first(), diffusion.first()) {
+            (Some((_, m, _)), _) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
+            (None, Some((_, m, _))) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
+            (None, None) => ctx.clip.clone(),
         };
         let (dataset, split, entries) = if g.images.is_empty() {
             let dataset = if g.dataset.is_empty() {
@@ -179,9 +206,52 @@ impl Stage for Generate {
         let progress = Progress::new(
             "generate",
             "captions",
-            Some((keys.len() * methods.len() * g.models.len()) as u64),
+            Some(
+                (keys.len()
+                    * (methods.len() * (g.models.len() - diffusion.len()) + diffusion.len()))
+                    as u64,
+            ),
         );
         for model_name in &g.models {
+            if let Some((_, manifest, best)) = diffusion.iter().find(|d| &d.0 == model_name) {
+                if manifest.spec.clip_dim != dim {
+                    return Err(Error::Config(format!(
+                        "the `{model_name}` diffusion model expects {}-d CLIP features, the cache has {dim}-d ones (clip.model differs?)",
+                        manifest.spec.clip_dim
+                    )));
+                }
+                let model = manifest.model(best, &device)?;
+                let tokenizer = manifest.tokenizer()?;
+                for (i, (chunk_keys, chunk)) in keys
+                    .chunks(g.batch_size.max(1))
+                    .zip(embeddings.chunks(g.batch_size.max(1) * dim))
+                    .enumerate()
+                {
+                    let clip = Tensor::from_slice(chunk, (chunk_keys.len(), dim), &device)
+                        .during("uploading image features")?;
+                    let (ids, confidence) = model
+                        .sample(&clip, g.sampling_steps, g.clamp, g.seed ^ i as u64)
+                        .during("diffusion decoding")?;
+                    for ((key, ids), conf) in chunk_keys.iter().zip(&ids).zip(&confidence) {
+                        let kept = cut_at_padding(ids, manifest.eos);
+                        let text = tokenizer.decode(kept, true).unwrap_or_default();
+                        rows.push(GenerationRow {
+                            run_id: ctx.run_id.clone(),
+                            model: model_name.clone(),
+                            method: "diffusion".into(),
+                            dataset: dataset.clone(),
+                            split: split.clone(),
+                            image_key: key.clone(),
+                            caption: text.trim().to_string(),
+                            // The rounding softmax's log-probabilities of the kept tokens.
+                            logprob: conf[..kept.len()].iter().map(|p| (*p as f64).ln()).sum(),
+                            tokens: kept.len() as i32,
+                        });
+                    }
+                    progress.inc(chunk_keys.len() as u64);
+                }
+                continue;
+            }
             let (manifest, checkpoint) = if model_name == "untrained" {
                 // The baseline: a trained captioner's architecture when there is one, the
                 // mapper at its seeded initialisation.
@@ -278,7 +348,11 @@ impl Stage for Generate {
         Ok(GenerateSummary {
             captions: rows.len(),
             models: g.models.len(),
-            methods: methods.len(),
+            decodings: rows
+                .iter()
+                .map(|r| (r.model.as_str(), r.method.as_str()))
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
             images: keys.len(),
             path: path.display().to_string(),
         })

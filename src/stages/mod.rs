@@ -17,6 +17,7 @@ pub mod report;
 pub mod sample_pairs;
 pub mod score;
 pub mod train_contrastive;
+pub mod train_diffusion;
 pub mod train_sft;
 
 use std::fmt::Display;
@@ -76,6 +77,7 @@ pub const STAGES: &[Registered] = &[
     register::<embed::Embed>(),
     register::<train_contrastive::TrainContrastive>(),
     register::<train_sft::TrainSft>(),
+    register::<train_diffusion::TrainDiffusion>(),
     register::<sample_pairs::SamplePairs>(),
     register::<preference::TrainDpo>(),
     register::<preference::TrainOrpo>(),
@@ -83,6 +85,7 @@ pub const STAGES: &[Registered] = &[
     register::<online::dico::TrainDico>(),
     register::<online::scst::TrainScst>(),
     register::<online::rlhf::TrainRlhf>(),
+    register::<online::refine_diffusion::RefineDiffusion>(),
     register::<generate::Generate>(),
     register::<score::Score>(),
     register::<report::Report>(),

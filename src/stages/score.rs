@@ -237,6 +237,16 @@ fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
                 "attribute_accuracy".into(),
                 mean(attributes.iter().flatten().copied()),
             );
+            // The share of captions the synthetic grammar reads back (a scene of two shapes
+            // and a relation, nothing more).
+            corpus.insert(
+                "grammatical".into(),
+                mean(
+                    gens.iter().map(|g| {
+                        f64::from(u8::from(synthetic::parse_caption(&g.caption).is_some()))
+                    }),
+                ),
+            );
         }
         for (i, g) in gens.iter().enumerate() {
             per_image.push(ScoreRow {

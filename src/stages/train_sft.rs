@@ -7,15 +7,14 @@
 //! channel ([`crate::datasets::captions`]), so the training thread only computes.
 
 use candle_nn::VarMap;
-use serde::Serialize;
 
 use crate::datasets::captions::{batch_tensors, CaptionBatch, CaptionBatches, CaptionedSplit};
 use crate::error::{IoContext, Result};
 use crate::models::captioner::{seed_mapper, Captioner, CaptionerManifest};
 use crate::stages::{Stage, StageContext};
 use crate::train::{
-    fit, FitOutput, FitSummary, Objective, OptimizerConfig, ParamGroup, StepContext, StepOutput,
-    TrainConfig,
+    fit, FitOutput, Objective, OptimizerConfig, ParamGroup, StepContext, StepOutput, TrainConfig,
+    TrainingSummary,
 };
 
 /// The captioner's teacher-forced NLL: one parameter group, the mapper (and the decoder
@@ -45,33 +44,6 @@ impl Objective for SftObjective {
             scalars: Vec::new(),
             rows: b.rows,
         })
-    }
-}
-
-/// What a training run of a captioner did.
-#[derive(Debug, Clone, Serialize)]
-pub struct TrainingSummary {
-    /// Rows trained on per epoch.
-    pub rows: u64,
-    pub fit: FitSummary,
-    /// Where the checkpoints are (`best/`, `last/`, `captioner.json`).
-    pub dir: String,
-}
-
-impl std::fmt::Display for TrainingSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = &self.fit.state;
-        write!(
-            f,
-            "{} optimizer steps over {} rows; best val loss {:.4} at step {}; {} non-finite batches skipped; trainer waited on data {:.1}% of the time; checkpoints in {}",
-            s.step,
-            self.rows,
-            s.best_value.unwrap_or(f64::NAN),
-            s.best_step.unwrap_or(0),
-            s.skipped_nonfinite,
-            100.0 * self.fit.data_wait_fraction,
-            self.dir
-        )
     }
 }
 

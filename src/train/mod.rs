@@ -36,6 +36,33 @@ use crate::progress::Progress;
 
 pub use adamw::{clip_and_step, grad_norm, gradients, AdamW};
 
+/// What a training stage's run did: rows per epoch, the fit, where its checkpoints are.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingSummary {
+    /// Rows trained on per epoch.
+    pub rows: u64,
+    pub fit: FitSummary,
+    /// Where the checkpoints are (`best/`, `last/`, `captioner.json`).
+    pub dir: String,
+}
+
+impl std::fmt::Display for TrainingSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.fit.state;
+        write!(
+            f,
+            "{} optimizer steps over {} rows; best val loss {:.4} at step {}; {} non-finite batches skipped; trainer waited on data {:.1}% of the time; checkpoints in {}",
+            s.step,
+            self.rows,
+            s.best_value.unwrap_or(f64::NAN),
+            s.best_step.unwrap_or(0),
+            s.skipped_nonfinite,
+            100.0 * self.fit.data_wait_fraction,
+            self.dir
+        )
+    }
+}
+
 /// A training stage's loop and optimiser settings (each stage has its own section).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -17,6 +17,7 @@
 //! has no dropout, so the search and the teacher-forced pass see the same model.
 
 pub mod dico;
+pub mod refine_diffusion;
 pub mod rlhf;
 pub mod scst;
 

@@ -236,7 +236,7 @@ fn scored_ids(g: &Generated, eos: u32) -> Vec<u32> {
 }
 
 /// Right-padded ids and attention `(rows, len)` of token sequences, padded with `pad`.
-fn padded(rows: &[&[u32]], pad: u32) -> (Vec<u32>, Vec<f32>, usize) {
+pub(super) fn padded(rows: &[&[u32]], pad: u32) -> (Vec<u32>, Vec<f32>, usize) {
     let len = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for r in rows {

@@ -521,6 +521,7 @@ pub fn scores_table(summary: DataFrame) -> Result<DataFrame> {
         "RefCLIPScore",
         "BERTScore_F1",
         "attribute_accuracy",
+        "grammatical",
     ];
     let aggs: Vec<Expr> = metrics
         .iter()
