@@ -23,7 +23,16 @@ fn summary(rows: &[SummaryRow], model: &str, method: &str, metric: &str) -> f64 
 fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
-    let (out, log) = pipeline(&["run", "--set", "train_sft.epochs=25"], work);
+    let (out, log) = pipeline(
+        &[
+            "run",
+            "--set",
+            "train_sft.epochs=25",
+            "--set",
+            "train_diffusion.epochs=4",
+        ],
+        work,
+    );
     assert!(out.status.success(), "{log}");
     for step in [
         "ingest",
