@@ -150,6 +150,42 @@ fn the_diffusion_pipeline_trains_and_decodes_a_diffusion_captioner() {
     let html = std::fs::read_to_string(run.join("report/index.html")).unwrap();
     assert!(html.contains("train-diffusion · diffusion"));
 
+    // DDPO instead of reward-weighted regression: a policy gradient through the recorded
+    // reverse chains, from the same checkpoints (found in the run above).
+    let (out, log) = pipeline(
+        &[
+            "run",
+            "refine-diffusion",
+            "--set",
+            "refine_diffusion.method=\"ddpo\"",
+            "--set",
+            "refine_diffusion.sampling_steps=5",
+            "--set",
+            "refine_diffusion.val_sampling_steps=5",
+            "--set",
+            "refine_diffusion.max_train_images=8",
+            "--set",
+            "refine_diffusion.val_images=8",
+            "--set",
+            "refine_diffusion.batch_size=8",
+            "--set",
+            "clip.model=tiny",
+            "--set",
+            "captioner.dataset=synthetic",
+        ],
+        work,
+    );
+    assert!(out.status.success(), "{log}");
+    let ddpo_run = newest_run(work);
+    let m: Vec<MetricRow> = read_parquet(&ddpo_run.join("metrics.parquet")).unwrap();
+    let losses: Vec<f64> = m
+        .iter()
+        .filter(|r| r.split == "train" && r.name == "loss")
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(losses.len(), 2, "two epochs of one batch of 8 images");
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+
     // More reverse steps than the model has timesteps: refused, naming the key.
     let (out, log) = pipeline(
         &[

@@ -311,6 +311,21 @@ impl DiffusionCaptioner {
         clamp: bool,
         seed: u64,
     ) -> candle_core::Result<Decoded> {
+        Ok(self
+            .sample_chain(clip, sampling_steps, clamp, seed, false)?
+            .0)
+    }
+
+    /// [`Self::sample`], and with `record` every stochastic transition of the chain (a
+    /// policy-gradient step's actions: DDPO).
+    pub fn sample_chain(
+        &self,
+        clip: &Tensor,
+        sampling_steps: usize,
+        clamp: bool,
+        seed: u64,
+        record: bool,
+    ) -> candle_core::Result<(Decoded, Vec<Transition>)> {
         let (b, _) = clip.dims2()?;
         let (l, e) = (self.spec.max_tokens, self.spec.embedding_dim);
         let dev = clip.device();
@@ -320,6 +335,7 @@ impl DiffusionCaptioner {
         };
         let mut x = noise(&mut rng)?;
         let kept = self.process.respaced(sampling_steps);
+        let mut chain = Vec::new();
         for i in (0..kept.len()).rev() {
             let t = kept[i];
             let mut x0 = self.denoise(&x, &vec![t; b], clip)?;
@@ -328,11 +344,20 @@ impl DiffusionCaptioner {
             }
             let post = self.process.posterior(t, i.checked_sub(1).map(|j| kept[j]));
             let mean = ((x0 * post.coef_x0)? + (&x * post.coef_xt)?)?;
-            x = if post.variance > 0.0 {
+            let next = if post.variance > 0.0 {
                 (mean + (noise(&mut rng)? * post.variance.sqrt())?)?
             } else {
                 mean
             };
+            if record && post.variance > 0.0 {
+                chain.push(Transition {
+                    t,
+                    posterior: post,
+                    x_t: x.detach(),
+                    x_prev: next.detach(),
+                });
+            }
+            x = next;
         }
         let probs = candle_nn::ops::softmax_last_dim(&self.logits(&x)?)?;
         let ids = probs.argmax(candle_core::D::Minus1)?;
@@ -340,8 +365,35 @@ impl DiffusionCaptioner {
             .gather(&ids.unsqueeze(2)?, 2)?
             .squeeze(2)?
             .to_vec2::<f32>()?;
-        Ok((ids.to_vec2::<u32>()?, conf))
+        Ok(((ids.to_vec2::<u32>()?, conf), chain))
     }
+
+    /// log p_θ(x_prev | x_t) of a recorded transition under the current parameters, per row
+    /// `(b,)`, averaged over positions and dimensions (DDPO's per-step log-probability, up to
+    /// its constant): −(x_prev − μ_θ(x_t))² / 2σ² with μ_θ = c₀ x̂_0(x_t) + c_t x_t (no
+    /// clamping: it has no gradient).
+    pub fn transition_logprob(
+        &self,
+        step: &Transition,
+        clip: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let b = step.x_t.dim(0)?;
+        let p = &step.posterior;
+        let x0 = self.denoise(&step.x_t, &vec![step.t; b], clip)?;
+        let mean = ((x0 * p.coef_x0)? + (&step.x_t * p.coef_xt)?)?;
+        ((&step.x_prev - mean)?.sqr()? / (-2.0 * p.variance))?
+            .mean(candle_core::D::Minus1)?
+            .mean(candle_core::D::Minus1)
+    }
+}
+
+/// One stochastic step of the reverse process: from x_t at timestep `t` to the drawn x_prev.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub t: usize,
+    pub posterior: Posterior,
+    pub x_t: Tensor,
+    pub x_prev: Tensor,
 }
 
 /// Decoded captions: token ids `(b, L)` and the rounding softmax's probability of each.
@@ -596,5 +648,42 @@ mod tests {
         assert!((e[1][0] - 7f32.cos()).abs() < 1e-6 && (e[1][3] - 7f32.sin()).abs() < 1e-6);
         let f2 = (-(10_000f64.ln()) * 2.0 / 3.0).exp();
         assert!((e[1][5] as f64 - (7.0 * f2).sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_transition_drawn_by_the_chain_has_the_gaussians_log_probability() {
+        let (model, _vars) = tiny(50);
+        let clip = Tensor::new(&[[0.5f32, -1.0, 2.0], [1.0, 0.0, 0.0]], &Device::Cpu).unwrap();
+        let (decoded, chain) = model.sample_chain(&clip, 10, false, 3, true).unwrap();
+        assert_eq!(
+            decoded,
+            model.sample(&clip, 10, false, 3).unwrap(),
+            "recording changes nothing"
+        );
+        assert_eq!(chain.len(), 9, "every step but the last, deterministic one");
+        // Under the parameters that drew it, x_prev − μ = σε: the mean of −ε²/2 over 6 × 4
+        // dimensions per row, about −0.5.
+        for step in &chain {
+            let lp: Vec<f32> = model
+                .transition_logprob(step, &clip)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(lp.iter().all(|v| (-1.5..0.0).contains(v)), "{lp:?}");
+        }
+        let all: f32 = chain
+            .iter()
+            .map(|s| {
+                model
+                    .transition_logprob(s, &clip)
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .sum::<f32>()
+            / 9.0;
+        assert!((all + 0.5).abs() < 0.1, "{all}");
     }
 }

@@ -28,7 +28,7 @@ use crate::losses::diffusion::{diffusion_terms, rwr_weights, token_weights};
 use crate::losses::reward::{dense_increments, shaped_rewards, Shaping, ShapingConfig};
 use crate::metrics::embedding::cosine;
 use crate::models::clip::ClipEmbedder;
-use crate::models::diffusion::{cut_at_padding, DiffusionCaptioner, DiffusionManifest};
+use crate::models::diffusion::{cut_at_padding, DiffusionCaptioner, DiffusionManifest, Transition};
 use crate::models::reward::RewardModel;
 use crate::rng::SplitMix64;
 use crate::stages::online::rlhf::padded;
@@ -40,6 +40,19 @@ use crate::train::{
     StepOutput, TrainConfig, WithTraining,
 };
 
+/// How refine-diffusion learns from its samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefineMethod {
+    /// Reward-weighted regression: the diffusion loss of each sample weighted by the
+    /// softmax of its image's rewards (or RAFT with `keep_top`).
+    Rwr,
+    /// DDPO (Black et al. 2023, the score-function estimator): each reverse step is a
+    /// Gaussian policy; −A · log p_θ(x_{t−1} | x_t) over recorded transitions, A the
+    /// sample's leave-one-out advantage normalised over the batch.
+    Ddpo,
+}
+
 /// `[refine_diffusion]`'s own keys (beside the loop and optimiser keys of every trainer).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -48,6 +61,12 @@ pub struct RefineConfig {
     pub init_from: String,
     /// The `train-reward` step whose best checkpoint gives the sparse reward.
     pub reward_from: String,
+    /// How the model learns from its scored samples: `rwr` (the recipe's reward-weighted
+    /// regression on the diffusion loss) or `ddpo` (policy gradient through the reverse
+    /// chain's own Gaussian steps).
+    pub method: RefineMethod,
+    /// DDPO: transitions of each chain (drawn at random) whose log-probability is trained.
+    pub ddpo_steps: usize,
     /// Captions drawn per image (at least 2).
     pub samples: usize,
     /// Reverse-process steps when drawing them, and when decoding held-out images.
@@ -85,6 +104,8 @@ impl Default for RefineConfig {
         Self {
             init_from: "train-diffusion".into(),
             reward_from: "train-reward".into(),
+            method: RefineMethod::Rwr,
+            ddpo_steps: 5,
             samples: 4,
             sampling_steps: 20,
             val_sampling_steps: 50,
@@ -150,6 +171,9 @@ impl RefineConfig {
                     "refine_diffusion.{key} must be between 1 and the model's diffusion_steps ({diffusion_steps}), not {v}"
                 ));
             }
+        }
+        if self.method == RefineMethod::Ddpo && self.ddpo_steps == 0 {
+            bad.push("refine_diffusion.ddpo_steps must be at least 1".to_string());
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             bad.push(format!(
@@ -223,7 +247,14 @@ impl RefineObjective {
     }
 
     /// Draws `samples` captions of each image of `feats` and scores them.
-    fn draw(&mut self, feats: &Tensor, seed: u64) -> candle_core::Result<Vec<Scored>> {
+    /// Draws `samples` captions of each image of `feats` and scores them; with `record`, the
+    /// chains' transitions too (unclamped: DDPO's actions).
+    fn draw(
+        &mut self,
+        feats: &Tensor,
+        seed: u64,
+        record: bool,
+    ) -> candle_core::Result<(Vec<Scored>, Vec<Transition>, Tensor)> {
         let n = self.cfg.samples;
         let b = feats.dim(0)?;
         let rows: Vec<u32> = (0..b as u32)
@@ -232,11 +263,12 @@ impl RefineObjective {
         let dev = feats.device().clone();
         let repeated = feats.index_select(&Tensor::from_slice(&rows, rows.len(), &dev)?, 0)?;
         self.model.set_differentiable(false);
-        let drawn = self
-            .model
-            .sample(&repeated, self.cfg.sampling_steps, self.cfg.clamp, seed);
+        let clamp = self.cfg.clamp && !record;
+        let drawn =
+            self.model
+                .sample_chain(&repeated, self.cfg.sampling_steps, clamp, seed, record);
         self.model.set_differentiable(true);
-        let (ids, confidence) = drawn?;
+        let ((ids, confidence), chain) = drawn?;
         let kept: Vec<Vec<u32>> = ids
             .iter()
             .map(|r| cut_at_padding(r, self.eos).to_vec())
@@ -289,7 +321,7 @@ impl RefineObjective {
             .detach()
             .to_vec1::<f32>()?;
         let shaping = self.cfg.shaping();
-        Ok((0..m)
+        let scored = (0..m)
             .map(|i| {
                 let k = &kept[i];
                 let text = self.text(k);
@@ -311,7 +343,49 @@ impl RefineObjective {
                     token_rewards,
                 }
             })
-            .collect())
+            .collect();
+        Ok((scored, chain, repeated))
+    }
+
+    /// DDPO's loss: −mean over samples of A · log p_θ(x_prev | x_t), summed over
+    /// `ddpo_steps` recorded transitions drawn from `rng` and averaged; A the leave-one-out
+    /// advantage of each sample's reward within its image, normalised by the batch's spread
+    /// (non-finite rewards: A = 0).
+    fn ddpo_loss(
+        &self,
+        total: &[f64],
+        chain: &[Transition],
+        repeated: &Tensor,
+        rng: &mut SplitMix64,
+    ) -> candle_core::Result<Tensor> {
+        let dev = repeated.device();
+        let n = self.cfg.samples;
+        let mut adv: Vec<f64> = Vec::with_capacity(total.len());
+        for group in total.chunks(n) {
+            let finite: Vec<f64> = group.iter().copied().filter(|r| r.is_finite()).collect();
+            let (sum, count) = (finite.iter().sum::<f64>(), finite.len() as f64);
+            adv.extend(group.iter().map(|r| {
+                if r.is_finite() && count > 1.0 {
+                    r - (sum - r) / (count - 1.0)
+                } else {
+                    0.0
+                }
+            }));
+        }
+        let spread = (adv.iter().map(|a| a * a).sum::<f64>() / adv.len().max(1) as f64).sqrt();
+        let adv: Vec<f32> = adv.iter().map(|a| (a / (spread + 1e-8)) as f32).collect();
+        let adv = Tensor::from_vec(adv, total.len(), dev)?;
+        let mut order: Vec<usize> = (0..chain.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let picked = &order[..self.cfg.ddpo_steps.min(order.len())];
+        let mut loss = Tensor::zeros((), candle_core::DType::F32, dev)?;
+        for &j in picked {
+            let logp = self.model.transition_logprob(&chain[j], repeated)?;
+            loss = (loss - (logp * &adv)?.mean_all()?)?;
+        }
+        loss / picked.len().max(1) as f64
     }
 
     /// `(rows, L)` ids of token sequences, each cut or end-of-text padded to the model's L.
@@ -358,7 +432,8 @@ impl RefineObjective {
         self.micro.1 += 1;
         let feats = self.features(b)?;
         let seed = batch_seed(self.seed, ctx.epoch, b);
-        let drawn = self.draw(&feats, seed)?;
+        let ddpo = self.cfg.method == RefineMethod::Ddpo;
+        let (drawn, chain, repeated) = self.draw(&feats, seed, ddpo)?;
         let n = self.cfg.samples;
         let total: Vec<f64> = drawn
             .iter()
@@ -379,9 +454,17 @@ impl RefineObjective {
         let mut rng = SplitMix64::derived(seed, &format!("refine-{}-{}", ctx.step, self.micro.1));
         // The samples' diffusion loss, weighted per sample and, for the rounding NLL, per
         // token; samples of no weight are left out.
-        let used: Vec<usize> = (0..drawn.len()).filter(|&i| weights[i] > 0.0).collect();
+        let used: Vec<usize> = if ddpo {
+            Vec::new()
+        } else {
+            (0..drawn.len()).filter(|&i| weights[i] > 0.0).collect()
+        };
         let dev = feats.device().clone();
-        let mut loss = Tensor::zeros((), candle_core::DType::F32, &dev)?;
+        let mut loss = if ddpo {
+            self.ddpo_loss(&total, &chain, &repeated, &mut rng)?
+        } else {
+            Tensor::zeros((), candle_core::DType::F32, &dev)?
+        };
         if !used.is_empty() {
             let l = self.model.spec.max_tokens;
             let ids: Vec<&[u32]> = used.iter().map(|&i| drawn[i].ids.as_slice()).collect();
