@@ -447,10 +447,15 @@ impl RefineObjective {
             .collect();
         let skipped = total.iter().filter(|r| !r.is_finite()).count();
         self.skipped_rewards += skipped as u64;
-        let weights: Vec<f64> = total
-            .chunks(n)
-            .flat_map(|r| rwr_weights(r, self.cfg.temperature, self.cfg.keep_top))
-            .collect();
+        // Reward-weighted regression's weights (DDPO uses the advantages instead).
+        let weights: Vec<f64> = if ddpo {
+            Vec::new()
+        } else {
+            total
+                .chunks(n)
+                .flat_map(|r| rwr_weights(r, self.cfg.temperature, self.cfg.keep_top))
+                .collect()
+        };
         let mut rng = SplitMix64::derived(seed, &format!("refine-{}-{}", ctx.step, self.micro.1));
         // The samples' diffusion loss, weighted per sample and, for the rounding NLL, per
         // token; samples of no weight are left out.
@@ -507,7 +512,7 @@ impl RefineObjective {
             .chunks(n)
             .map(|w| w.iter().copied().fold(0.0, f64::max))
             .collect();
-        let scalars = vec![
+        let mut scalars = vec![
             ("reward".to_string(), finite(total)),
             (
                 "reward/dense".to_string(),
@@ -522,12 +527,14 @@ impl RefineObjective {
                 "samples/distinct".to_string(),
                 crate::metrics::mean(distinct.into_iter()),
             ),
-            (
-                "rwr/max_weight".to_string(),
-                crate::metrics::mean(max_weight.into_iter()),
-            ),
             ("loss/anchor".to_string(), anchor.to_scalar::<f32>()? as f64),
         ];
+        if !ddpo {
+            scalars.push((
+                "rwr/max_weight".to_string(),
+                crate::metrics::mean(max_weight.into_iter()),
+            ));
+        }
         Ok(StepOutput {
             loss,
             scalars,

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::data::records::{GenerationRow, ScoreRow};
 use crate::data::shard::{read_parquet, shard_images, ShardSet};
 use crate::datasets::captions::references;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Longest side of a thumbnail, in pixels.
 pub const THUMBNAIL: u32 = 128;
@@ -48,8 +48,6 @@ pub struct Gallery {
     pub entries: Vec<Entry>,
     /// Images beyond the limit, not shown.
     pub omitted: usize,
-    /// Every caption label, in order.
-    pub models: Vec<String>,
 }
 
 fn scores_of(s: &ScoreRow) -> Vec<(&'static str, f64)> {
@@ -96,7 +94,6 @@ pub fn gallery(workdir: &Path, runs: &[String], limit: usize) -> Result<Gallery>
     let several = runs.len() > 1;
     let mut captions: BTreeMap<String, Vec<Caption>> = BTreeMap::new();
     let mut source: HashMap<String, (String, String)> = HashMap::new();
-    let mut models: Vec<String> = Vec::new();
     for run in runs {
         let dir = workdir.join("runs").join(run);
         let gens_path = dir.join("generations.parquet");
@@ -119,9 +116,6 @@ pub fn gallery(workdir: &Path, runs: &[String], limit: usize) -> Result<Gallery>
             } else {
                 format!("{} · {}", g.model, g.method)
             };
-            if !models.contains(&label) {
-                models.push(label.clone());
-            }
             let scored = scores.get(&(g.model.clone(), g.method.clone(), g.image_key.clone()));
             source
                 .entry(g.image_key.clone())
@@ -180,13 +174,9 @@ pub fn gallery(workdir: &Path, runs: &[String], limit: usize) -> Result<Gallery>
             captions,
         })
         .collect();
-    if models.is_empty() && total > 0 {
-        return Err(Error::Config("report: gallery without models".into()));
-    }
     Ok(Gallery {
         entries,
         omitted: total - keep,
-        models,
     })
 }
 

@@ -355,7 +355,6 @@ mod tests {
                 }],
             }],
             omitted: 0,
-            models: vec!["m & n".into()],
         };
         let html = page("report <x>", "run x", &[], &[], &[], &g);
         assert!(!html.contains("<script>alert"), "{html}");

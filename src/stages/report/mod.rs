@@ -291,13 +291,7 @@ fn split_rows(metrics: &DataFrame, split: &str, what: &str) -> Result<Vec<ValRow
         .filter(col("split").eq(lit(split)))
         .collect()
         .map_err(perr(what))?;
-    let text = |name: &str| -> Result<Vec<String>> {
-        let c = val.column(name).map_err(perr(what))?;
-        let c = c.str().map_err(perr(what))?;
-        Ok((0..c.len())
-            .map(|i| c.get(i).unwrap_or_default().to_string())
-            .collect())
-    };
+    let text = |name: &str| strings(&val, name, what);
     let (runs, stages, names) = (text("run_id")?, text("stage")?, text("name")?);
     let steps = val.column("step").map_err(perr(what))?;
     let steps = steps.i64().map_err(perr(what))?;
@@ -582,14 +576,10 @@ fn captioner_label(workdir: &Path, run_id: &str, model: &str) -> String {
 /// `table` with a `captioner` column after `model` ([`captioner_label`]), so prefix and
 /// cross-attention captioners read side by side.
 fn with_captioner(workdir: &Path, mut table: DataFrame) -> Result<DataFrame> {
-    let text = |name: &str| -> Result<Vec<String>> {
-        let c = table.column(name).map_err(perr("scores table"))?;
-        let c = c.str().map_err(perr("scores table"))?;
-        Ok((0..c.len())
-            .map(|i| c.get(i).unwrap_or_default().to_string())
-            .collect())
-    };
-    let (runs, models) = (text("run_id")?, text("model")?);
+    let (runs, models) = (
+        strings(&table, "run_id", "scores table")?,
+        strings(&table, "model", "scores table")?,
+    );
     let labels: Vec<String> = runs
         .iter()
         .zip(&models)
@@ -690,10 +680,10 @@ const FAMILIES: [Family; 4] = [
     },
 ];
 
-/// Distinct values of column `name` of `df`, in order.
-fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>> {
-    let c = df.column(name).map_err(perr("charts"))?;
-    let c = c.str().map_err(perr("charts"))?;
+/// The text column `name` of `df`, row by row (null: empty); errors name `what`.
+fn strings(df: &DataFrame, name: &str, what: &str) -> Result<Vec<String>> {
+    let c = df.column(name).map_err(perr(what))?;
+    let c = c.str().map_err(perr(what))?;
     Ok((0..c.len())
         .map(|i| c.get(i).unwrap_or_default().to_string())
         .collect())
@@ -722,8 +712,14 @@ fn charts(metrics: &DataFrame, out: &Path) -> Result<Vec<ChartFile>> {
         .unique_stable(None, UniqueKeepStrategy::First)
         .collect()
         .map_err(perr("charts"))?;
-    let (runs, stages) = (strings(&keys, "run_id")?, strings(&keys, "stage")?);
-    let (splits, names) = (strings(&keys, "split")?, strings(&keys, "name")?);
+    let (runs, stages) = (
+        strings(&keys, "run_id", "charts")?,
+        strings(&keys, "stage", "charts")?,
+    );
+    let (splits, names) = (
+        strings(&keys, "split", "charts")?,
+        strings(&keys, "name", "charts")?,
+    );
     let mut pairs: Vec<(String, String)> =
         runs.iter().cloned().zip(stages.iter().cloned()).collect();
     pairs.sort();
@@ -792,8 +788,11 @@ const HEADLINE: [&str; 6] = [
 /// A bar chart of the headline metrics (those computed) of every model and method in
 /// `scores` (the scores table), as `scores.png` and `.svg`.
 fn scores_chart(scores: &DataFrame, several: bool, out: &Path) -> Result<Option<ChartFile>> {
-    let (runs, models) = (strings(scores, "run_id")?, strings(scores, "model")?);
-    let methods = strings(scores, "method")?;
+    let (runs, models) = (
+        strings(scores, "run_id", "charts")?,
+        strings(scores, "model", "charts")?,
+    );
+    let methods = strings(scores, "method", "charts")?;
     // One colour per (run, model), lighter for each further decoding method of it.
     let mut seen: Vec<(String, String)> = Vec::new();
     let mut shades: std::collections::HashMap<(String, String), usize> = Default::default();

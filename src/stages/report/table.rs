@@ -152,14 +152,6 @@ impl Table {
         }
     }
 
-    /// Text of column `name` in each row.
-    pub fn texts(&self, name: &str) -> Vec<String> {
-        let Some(j) = self.column(name) else {
-            return Vec::new();
-        };
-        self.rows.iter().map(|r| r[j].to_string()).collect()
-    }
-
     /// Replaces every text of column `name` by `f` of it.
     pub fn map_texts(&mut self, name: &str, f: impl Fn(&str) -> String) {
         if let Some(j) = self.column(name) {
