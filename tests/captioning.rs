@@ -47,6 +47,7 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
         "train-rlhf",
         "train-diffusion",
         "refine-diffusion",
+        "train-story",
         "generate",
         "score",
     ] {
@@ -77,14 +78,22 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     assert!(run.join("train-sft/last/state.json").is_file());
 
     let gens: Vec<GenerationRow> = read_parquet(&run.join("generations.parquet")).unwrap();
+    let (stories, images): (Vec<&GenerationRow>, Vec<&GenerationRow>) =
+        gens.iter().partition(|g| g.dataset == "synthetic_stories");
     assert_eq!(
-        gens.len(),
+        images.len(),
         (7 * 2 + 2) * 64,
         "untrained, train-sft, train-dpo, train-orpo, train-dico, train-scst and train-rlhf greedy and beam, train-diffusion and refine-diffusion by diffusion; 64 val images"
     );
-    assert!(gens
+    assert!(images
         .iter()
         .all(|g| g.split == "val" && g.dataset == "synthetic"));
+    // The story model, greedy and beam, and the copy-last baseline on the 8 held-out
+    // stories' frames 4 and 5.
+    assert_eq!(stories.len(), 3 * 16, "{:?}", stories.first());
+    assert!(stories
+        .iter()
+        .all(|g| g.split == "val" && ["train-story", "copy-last"].contains(&g.model.as_str())));
 
     let s: Vec<SummaryRow> = read_parquet(&run.join("scores_summary.parquet")).unwrap();
     for method in ["greedy", "beam3"] {

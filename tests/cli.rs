@@ -119,6 +119,7 @@ fn default_pipeline_runs_what_is_built_and_names_what_is_not() {
         "train-rlhf",
         "train-diffusion",
         "refine-diffusion",
+        "train-story",
         "generate",
         "score",
         "report",
@@ -166,7 +167,7 @@ fn validate_reports_all_plan_errors_at_once() {
     assert!(log.contains("train-dpo <- train-sft\n"), "{log}");
     assert!(
         log.contains(
-            "generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst, train-rlhf, refine-diffusion\n"
+            "generate <- train-sft, train-dpo, train-orpo, train-dico, train-scst, train-rlhf, refine-diffusion, train-story\n"
         ),
         "{log}"
     );

@@ -10,7 +10,7 @@ use tokenizers::Tokenizer;
 
 use crate::data::features::FeatureEntry;
 use crate::data::records::ImageTextSample;
-use crate::data::shard::{read_parquet, ShardSet};
+use crate::data::shard::{read_parquet, shard_captions, ShardSet};
 use crate::datasets::loader::shard_batches;
 use crate::error::{Error, Result};
 use crate::models::captioner::caption_ids;
@@ -315,24 +315,24 @@ impl Batches<ImageBatch> for ImageBatches {
     }
 }
 
-/// References of the images of `dataset/split`: key → captions (for the synthetic world, the
-/// caption and its converse, which states the same fact).
+/// References of the images of `dataset/split` (image–caption samples with an image, or
+/// story frames by frame key): key → captions (for the synthetic world's images, the caption
+/// and its converse, which states the same fact).
 pub fn references(
     workdir: &Path,
     dataset: &str,
     split: &str,
 ) -> Result<HashMap<String, Vec<String>>> {
-    let set = ShardSet::new(workdir, dataset, split);
     let mut out = HashMap::new();
-    for shard in set.finished()? {
-        for s in set.read::<ImageTextSample>(shard)? {
-            let mut refs = vec![s.caption.clone()];
+    for path in ShardSet::new(workdir, dataset, split).finished_paths()? {
+        for (key, caption) in shard_captions(&path)?.0 {
+            let mut refs = vec![caption];
             if dataset == synthetic::IMAGES_DATASET {
-                if let Some(scene) = synthetic::parse_caption(&s.caption) {
+                if let Some(scene) = synthetic::parse_caption(&refs[0]) {
                     refs.push(synthetic::caption(&scene.converse()));
                 }
             }
-            out.insert(s.key, refs);
+            out.insert(key, refs);
         }
     }
     Ok(out)

@@ -7,3 +7,4 @@ pub mod embedding;
 pub mod features;
 pub mod loader;
 pub mod pairs;
+pub mod stories;

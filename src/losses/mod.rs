@@ -6,3 +6,4 @@ pub mod diffusion;
 pub mod preference;
 pub mod reward;
 pub mod scst;
+pub mod story;

@@ -423,6 +423,15 @@ impl Captioner {
         })
     }
 
+    /// [`Self::start`] followed by the embeddings of `prompt` `(b, t)` token ids, if any.
+    fn start_with(&self, clip: &Tensor, prompt: Option<&Tensor>) -> candle_core::Result<Start> {
+        let mut start = self.start(clip)?;
+        if let Some(p) = prompt.filter(|p| p.dim(1).is_ok_and(|t| t > 0)) {
+            start.embeds = Tensor::cat(&[&start.embeds, &self.decoder.embed_tokens(p)?], 1)?;
+        }
+        Ok(start)
+    }
+
     /// Prefix embeddings `(b, P, d)` of L2-normalised CLIP embeddings `(b, clip_dim)`.
     pub fn prefix(&self, clip: &Tensor) -> candle_core::Result<Tensor> {
         let Conditioner::Prefix(mapper) = &self.conditioner else {
@@ -599,18 +608,31 @@ impl Captioner {
         method: &DecodeMethod,
         max_tokens: usize,
     ) -> candle_core::Result<Vec<Generated>> {
+        self.generate_after(clip, None, method, max_tokens)
+    }
+
+    /// Captions that continue a text `prompt` `(b, t)` of token ids (the same length in every
+    /// row) after the image of `clip` `(b, clip_dim)`; `None`: right after the image.
+    pub fn generate_after(
+        &self,
+        clip: &Tensor,
+        prompt: Option<&Tensor>,
+        method: &DecodeMethod,
+        max_tokens: usize,
+    ) -> candle_core::Result<Vec<Generated>> {
+        let start = self.start_with(clip, prompt)?;
         match method {
-            DecodeMethod::Greedy => self.sample_like(clip, max_tokens, None),
+            DecodeMethod::Greedy => self.sample_like(start, max_tokens, None),
             DecodeMethod::Sample {
                 top_p,
                 temperature,
                 seed,
-            } => self.sample_like(clip, max_tokens, Some((*top_p, *temperature, *seed))),
+            } => self.sample_like(start, max_tokens, Some((*top_p, *temperature, *seed))),
             DecodeMethod::Beam {
                 beams,
                 length_penalty,
             } => Ok(self
-                .beam_search_candidates(clip, *beams, *length_penalty, max_tokens)?
+                .beams_from(start, *beams, *length_penalty, max_tokens)?
                 .into_iter()
                 .map(|mut c| {
                     if c.is_empty() {
@@ -643,24 +665,20 @@ impl Captioner {
     /// Greedy (`sampling` None) or nucleus sampling, batched.
     fn sample_like(
         &self,
-        clip: &Tensor,
+        start: Start,
         max_tokens: usize,
         sampling: Option<(f64, f64, u64)>,
     ) -> candle_core::Result<Vec<Generated>> {
-        let b = clip.dim(0)?;
+        let b = start.embeds.dim(0)?;
+        let used = start.embeds.dim(1)?;
         let mut cache = KvCache::default();
-        let start = self.start(clip)?;
         let cross = start.cross.as_ref();
         let mut lps = self.step_logprobs(&start.embeds, &mut cache, cross)?;
         let mut out: Vec<(Vec<u32>, f64, bool)> = vec![(Vec::new(), 0.0, false); b];
         let mut rngs: Vec<SplitMix64> = (0..b)
             .map(|i| SplitMix64::derived(sampling.map_or(0, |s| s.2), &format!("row{i}")))
             .collect();
-        let room = self
-            .decoder
-            .config
-            .n_positions
-            .saturating_sub(self.prefix_length);
+        let room = self.decoder.config.n_positions.saturating_sub(used);
         for _ in 0..max_tokens.min(room) {
             let mut next = Vec::with_capacity(b);
             for (row, lp) in lps.iter().enumerate() {
@@ -706,10 +724,21 @@ impl Captioner {
         length_penalty: f64,
         max_tokens: usize,
     ) -> candle_core::Result<Vec<Vec<Generated>>> {
+        self.beams_from(self.start(clip)?, beams, length_penalty, max_tokens)
+    }
+
+    /// [`Self::beam_search_candidates`] from what `start` feeds first.
+    fn beams_from(
+        &self,
+        start: Start,
+        beams: usize,
+        length_penalty: f64,
+        max_tokens: usize,
+    ) -> candle_core::Result<Vec<Vec<Generated>>> {
         let beams = beams.max(1);
-        let b = clip.dim(0)?;
+        let b = start.embeds.dim(0)?;
+        let used = start.embeds.dim(1)?;
         let mut cache = KvCache::default();
-        let start = self.start(clip)?;
         let mut cross = start.cross;
         let first = self.step_logprobs(&start.embeds, &mut cache, cross.as_ref())?;
         let norm = |score: f64, len: usize| score / (len.max(1) as f64).powf(length_penalty);
@@ -728,11 +757,7 @@ impl Captioner {
                 }
             }
         }
-        let room = self
-            .decoder
-            .config
-            .n_positions
-            .saturating_sub(self.prefix_length);
+        let room = self.decoder.config.n_positions.saturating_sub(used);
         for step in 1..max_tokens.min(room) {
             if parents.is_empty() {
                 break;

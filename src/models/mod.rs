@@ -7,6 +7,7 @@ pub mod contrastive;
 pub mod diffusion;
 pub mod gpt2;
 pub mod reward;
+pub mod story;
 pub mod tiny;
 
 use std::path::Path;

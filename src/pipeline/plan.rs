@@ -27,6 +27,11 @@ pub const BUILTIN_PIPELINES: &[(&str, &str)] = &[
     ("rlhf", include_str!("../../pipelines/rlhf.toml")),
     ("cc-rlhf", include_str!("../../pipelines/cc-rlhf.toml")),
     ("diffusion", include_str!("../../pipelines/diffusion.toml")),
+    ("story", include_str!("../../pipelines/story.toml")),
+    (
+        "storyreasoning",
+        include_str!("../../pipelines/storyreasoning.toml"),
+    ),
     (
         "cc-diffusion",
         include_str!("../../pipelines/cc-diffusion.toml"),

@@ -14,11 +14,16 @@ use crate::data::records::GenerationRow;
 use crate::data::shard::write_parquet;
 use crate::datasets::embedding::{embed_user_inputs, UserInputs};
 use crate::datasets::features::IMAGE_TOKENS;
+use crate::datasets::stories::{load_split, Tokenising};
 use crate::error::{CandleContext, Error, Result};
-use crate::models::captioner::{seed_mapper, CaptionerManifest, DecodeMethod};
+use crate::models::captioner::{seed_mapper, CaptionerManifest, DecodeMethod, Generated};
 use crate::models::diffusion::{cut_at_padding, DiffusionManifest};
+use crate::models::story::StoryManifest;
 use crate::progress::Progress;
 use crate::stages::{Stage, StageContext};
+
+/// The story baseline that repeats the last context frame's caption.
+pub const COPY_LAST: &str = "copy-last";
 
 /// `[generate]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,7 +32,9 @@ pub struct GenerateConfig {
     /// Captioners to run: `untrained` (the baseline: the mapper at its initialisation seeded
     /// with `seed`), or a training step (`train-sft`, `train-dpo`, `train-orpo`,
     /// `train-dico`, `train-scst`, or a pipeline step's own name) whose best checkpoint is
-    /// taken from this run, else from the newest run that has one.
+    /// taken from this run, else from the newest run that has one. With a `train-story`
+    /// model, every captioner captions the target frames of its story split's examples,
+    /// and `copy-last` (the last context frame's caption) is a baseline.
     pub models: Vec<String>,
     /// Any of `greedy`, `beam`, `sample` (for autoregressive captioners) and `diffusion`
     /// (diffusion models are always decoded by their reverse process).
@@ -138,7 +145,20 @@ impl Stage for Generate {
         // embeds the user's images), whatever this invocation's `[clip]` says.
         let mut trained = Vec::new();
         let mut diffusion = Vec::new();
-        for name in g.models.iter().filter(|m| *m != "untrained") {
+        let mut stories = Vec::new();
+        for name in g
+            .models
+            .iter()
+            .filter(|m| *m != "untrained" && *m != COPY_LAST)
+        {
+            if let Some(dir) = ctx.find_model(name, "story.json") {
+                stories.push((
+                    name.clone(),
+                    StoryManifest::load(&dir.join("story.json"))?,
+                    dir.join("best/model.safetensors"),
+                ));
+                continue;
+            }
             if let Some(dir) = ctx.find_model(name, "diffusion.json") {
                 let manifest = DiffusionManifest::load(&dir.join("diffusion.json"))?;
                 let t = manifest.spec.diffusion_steps;
@@ -160,12 +180,44 @@ impl Stage for Generate {
                 dir.join("best/model.safetensors"),
             ));
         }
-        let clip = match (trained.first(), diffusion.first()) {
-            (Some((_, m, _)), _) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
-            (None, Some((_, m, _))) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
-            (None, None) => ctx.clip.clone(),
+        let clip = match (trained.first(), diffusion.first(), stories.first()) {
+            (Some((_, m, _)), _, _) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
+            (None, Some((_, m, _)), _) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
+            (None, None, Some((_, m, _))) => ctx.clip.with_model(&m.clip_model, &m.clip_revision),
+            (None, None, None) => ctx.clip.clone(),
         };
-        let (dataset, split, entries) = if g.images.is_empty() {
+        let copy_last = g.models.iter().any(|m| m == COPY_LAST);
+        // Story models caption the target frames of their story split's examples; with
+        // `dataset` naming that story dataset, the image captioners caption the same frames.
+        let story = if stories.is_empty() && !copy_last {
+            None
+        } else {
+            let (_, m, _) = stories.first().ok_or_else(|| {
+                Error::Config(format!(
+                    "generate.models: `{COPY_LAST}` is a story baseline; name a train-story model too"
+                ))
+            })?;
+            let story_mode = g.dataset == m.dataset;
+            let dataset = m.dataset.clone();
+            let split = if story_mode && !g.split.is_empty() {
+                g.split.clone()
+            } else {
+                m.val_split.clone()
+            };
+            let data = load_split(
+                &ctx.workdir,
+                &dataset,
+                &split,
+                &ctx.split_features(&clip, &dataset, &split, "image")?,
+                &ctx.split_features(&clip, &dataset, &split, "text")?,
+                m.spec.context_frames,
+                m.targets,
+            )?;
+            Some((dataset, split, data, story_mode))
+        };
+        let (dataset, split, entries) = if let Some((dataset, split, _, true)) = &story {
+            (dataset.clone(), split.clone(), Vec::new())
+        } else if g.images.is_empty() {
             let dataset = if g.dataset.is_empty() {
                 ctx.captioner.dataset.clone()
             } else {
@@ -201,18 +253,100 @@ impl Stage for Generate {
             keys.extend(t.keys());
             embeddings.extend(t.embeddings());
         }
-        let dim = entries.first().map_or(0, |e| e.manifest.key.dim);
+        let mut dim = entries.first().map_or(0, |e| e.manifest.key.dim);
+        if let Some((_, _, data, true)) = &story {
+            for e in &data.examples {
+                keys.push(e.target_key());
+                embeddings.extend_from_slice(&data.frame(e, e.target).image);
+            }
+            dim = data
+                .examples
+                .first()
+                .map_or(0, |e| data.frame(e, e.target).image.len());
+        }
+        let story_targets = story.as_ref().map_or(0, |s| s.2.examples.len());
+        let story_rows = |model: &str, method: &str, key: String, gen: &Generated| GenerationRow {
+            run_id: ctx.run_id.clone(),
+            model: model.to_string(),
+            method: method.to_string(),
+            dataset: story.as_ref().map_or(String::new(), |s| s.0.clone()),
+            split: story.as_ref().map_or(String::new(), |s| s.1.clone()),
+            image_key: key,
+            caption: gen.text.clone(),
+            logprob: gen.logprob,
+            tokens: gen.ids.len() as i32,
+        };
         let mut rows = Vec::new();
         let progress = Progress::new(
             "generate",
             "captions",
             Some(
-                (keys.len()
-                    * (methods.len() * (g.models.len() - diffusion.len()) + diffusion.len()))
+                (keys.len() * (methods.len() * trained.len() + diffusion.len())
+                    + story_targets * (methods.len() * stories.len() + usize::from(copy_last)))
                     as u64,
             ),
         );
         for model_name in &g.models {
+            if let (Some((_, _, data, _)), true) = (&story, model_name == COPY_LAST) {
+                // The baseline that says the last context frame's caption again.
+                for e in &data.examples {
+                    let last = e.context.last().copied().unwrap_or(e.target);
+                    let text = data.frame(e, last).caption.clone();
+                    let gen = Generated {
+                        ids: Vec::new(),
+                        text,
+                        logprob: 0.0,
+                    };
+                    rows.push(story_rows(model_name, "copy", e.target_key(), &gen));
+                }
+                progress.inc(data.examples.len() as u64);
+                continue;
+            }
+            if let Some((_, manifest, best)) = stories.iter().find(|d| &d.0 == model_name) {
+                let data = &story
+                    .as_ref()
+                    .expect("story data is loaded with a story model")
+                    .2;
+                let width = data
+                    .examples
+                    .first()
+                    .map_or(0, |e| data.frame(e, e.target).image.len());
+                if manifest.spec.clip_dim != width {
+                    return Err(Error::Config(format!(
+                        "the `{model_name}` story model expects {}-d CLIP features, the cache has {width}-d ones (clip.model differs?)",
+                        manifest.spec.clip_dim
+                    )));
+                }
+                let model = manifest.model(best, &device)?;
+                let (tokenizer, eos) = manifest.decoder_files.tokenizer()?;
+                let tokenising = Tokenising {
+                    tokenizer,
+                    eos,
+                    prompt: manifest.prompt.clone(),
+                    max_caption_tokens: manifest.max_caption_tokens,
+                };
+                for method in &methods {
+                    for chunk in data.examples.chunks(g.batch_size.max(1)) {
+                        let b = tokenising.batch(data, chunk)?;
+                        let shape = (b.rows, b.k, b.dim);
+                        let image = Tensor::from_slice(&b.context_image, shape, &device)
+                            .during("uploading context features")?;
+                        let text = Tensor::from_slice(&b.context_text, shape, &device)
+                            .during("uploading context features")?;
+                        let prompts: Vec<Vec<u32>> = (0..b.rows)
+                            .map(|r| b.ids[r * b.len..r * b.len + b.prompt_lens[r]].to_vec())
+                            .collect();
+                        let out = model
+                            .generate(&image, &text, &prompts, method, g.max_tokens)
+                            .during("decoding next-frame captions")?;
+                        for (key, gen) in b.keys.iter().zip(&out) {
+                            rows.push(story_rows(model_name, &method.label(), key.clone(), gen));
+                        }
+                        progress.inc(b.rows as u64);
+                    }
+                }
+                continue;
+            }
             if let Some((_, manifest, best)) = diffusion.iter().find(|d| &d.0 == model_name) {
                 if manifest.spec.clip_dim != dim {
                     return Err(Error::Config(format!(

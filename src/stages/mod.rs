@@ -19,6 +19,7 @@ pub mod score;
 pub mod train_contrastive;
 pub mod train_diffusion;
 pub mod train_sft;
+pub mod train_story;
 
 use std::fmt::Display;
 
@@ -78,6 +79,7 @@ pub const STAGES: &[Registered] = &[
     register::<train_contrastive::TrainContrastive>(),
     register::<train_sft::TrainSft>(),
     register::<train_diffusion::TrainDiffusion>(),
+    register::<train_story::TrainStory>(),
     register::<sample_pairs::SamplePairs>(),
     register::<preference::TrainDpo>(),
     register::<preference::TrainOrpo>(),

@@ -16,9 +16,10 @@ use crate::data::records::{GenerationRow, ScoreRow, SummaryRow};
 use crate::data::shard::{read_parquet, write_parquet};
 use crate::datasets::captions::references;
 use crate::datasets::features::embeddings_by_key;
+use crate::datasets::stories::is_story_split;
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::bertscore::{bert_score, BertScore, IdfWeights, TokenEmbeddings};
-use crate::metrics::embedding::{clip_score, ref_clip_score};
+use crate::metrics::embedding::{clip_score, cosine, ref_clip_score};
 use crate::metrics::{mean, text_metrics, TextScores};
 use crate::models::bert::{BertEncoder, SentenceStates};
 use crate::stages::{Stage, StageContext};
@@ -176,6 +177,7 @@ fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
             continue;
         }
         let cands: Vec<String> = gens.iter().map(|g| g.caption.clone()).collect();
+        let is_story = is_story_split(&ctx.workdir, dataset, split)?;
         let refs: Vec<Vec<String>> = gens.iter().map(|g| refs_of[&g.image_key].clone()).collect();
         let (per, mut corpus) = text_metrics(&cands, &refs);
         let mut clip_scores = vec![None; gens.len()];
@@ -203,6 +205,17 @@ fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
                 "CLIPScore".into(),
                 mean(clip_scores.iter().flatten().copied()),
             );
+            if is_story {
+                // The raw cosine the StoryReasoning write-up reports beside CLIPScore.
+                corpus.insert(
+                    "CLIP_cosine".into(),
+                    mean(gens.iter().enumerate().filter_map(|(i, g)| {
+                        images
+                            .get(&g.image_key)
+                            .map(|img| cosine(img, &cand_emb[i]))
+                    })),
+                );
+            }
             corpus.insert(
                 "RefCLIPScore".into(),
                 mean(ref_clip.iter().flatten().copied()),
@@ -226,8 +239,12 @@ fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
         let attributes: Vec<Option<f64>> = gens
             .iter()
             .map(|g| {
+                let truth = &refs_of[&g.image_key][0];
+                if dataset == synthetic::STORIES_DATASET {
+                    return synthetic::story_attribute_accuracy(&g.caption, truth);
+                }
                 (dataset == synthetic::IMAGES_DATASET)
-                    .then(|| synthetic::parse_caption(&refs_of[&g.image_key][0]))
+                    .then(|| synthetic::parse_caption(truth))
                     .flatten()
                     .map(|truth| AttributeMatch::score(&g.caption, &truth).accuracy())
             })
@@ -241,11 +258,14 @@ fn score(cfg: &ScoreConfig, ctx: &StageContext) -> Result<ScoreSummary> {
             // and a relation, nothing more).
             corpus.insert(
                 "grammatical".into(),
-                mean(
-                    gens.iter().map(|g| {
-                        f64::from(u8::from(synthetic::parse_caption(&g.caption).is_some()))
-                    }),
-                ),
+                mean(gens.iter().map(|g| {
+                    let parsed = if dataset == synthetic::STORIES_DATASET {
+                        synthetic::parse_story_caption(&g.caption).is_some()
+                    } else {
+                        synthetic::parse_caption(&g.caption).is_some()
+                    };
+                    f64::from(u8::from(parsed))
+                })),
             );
         }
         for (i, g) in gens.iter().enumerate() {

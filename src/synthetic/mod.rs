@@ -622,6 +622,22 @@ impl AttributeMatch {
     }
 }
 
+/// Next-frame attribute accuracy of a story caption `candidate` against the frame's true
+/// caption `truth` ([`story_caption`]): the five scene attributes of [`AttributeMatch`] plus
+/// the change (what moved or turned, and how), six in all. A candidate in the image grammar
+/// (no change) can get the scene right but not the change; `None` when `truth` is not a
+/// story caption.
+pub fn story_attribute_accuracy(candidate: &str, truth: &str) -> Option<f64> {
+    let (change, scene) = parse_story_caption(truth)?;
+    let (got_change, scene_text) = match parse_story_caption(candidate) {
+        Some((c, s)) => (c, caption(&s)),
+        None => (None, candidate.to_string()),
+    };
+    let scene_right = AttributeMatch::score(&scene_text, &scene).correct();
+    let change_right = usize::from(change.is_some() && got_change == change);
+    Some((scene_right + change_right) as f64 / (AttributeMatch::TOTAL + 1) as f64)
+}
+
 // ---------------------------------------------------------------------------------------
 // Rendering
 // ---------------------------------------------------------------------------------------
@@ -1199,6 +1215,22 @@ pub(crate) mod tests {
         ] {
             assert_eq!(parse_caption(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn story_attribute_accuracy_counts_the_scene_and_the_change() {
+        let truth = "the red circle moves left; it is left of the blue square";
+        assert_eq!(story_attribute_accuracy(truth, truth), Some(1.0));
+        // The scene right, the direction wrong.
+        let wrong_way = "the red circle moves right; it is left of the blue square";
+        assert_eq!(story_attribute_accuracy(wrong_way, truth), Some(5.0 / 6.0));
+        // The image captioner's sentence: the scene right, no change.
+        let image = "a red circle left of a blue square";
+        assert_eq!(story_attribute_accuracy(image, truth), Some(5.0 / 6.0));
+        // Colour and relation wrong, the change a turn.
+        let other = "the green circle turns red; it is above the blue square";
+        assert_eq!(story_attribute_accuracy(other, truth), Some(4.0 / 6.0));
+        assert_eq!(story_attribute_accuracy(truth, "not a story caption"), None);
     }
 
     #[test]

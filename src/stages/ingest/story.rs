@@ -3,11 +3,13 @@
 //! stratified by frame count.
 //!
 //! Frame policy: frame N (1-based) is usable when the story has a `<gdi imageN>` block with a
-//! non-empty caption and image N's bytes are JPEG or PNG. Unusable frames are dropped and the
-//! rest re-indexed from 0, so `frame_count` is the number of frames written for the story.
-//! A story keeps its usable frames only if there are at least `context_frames + 1` of them.
-//! Counts in the shard stats' `failures` map: `caption_mismatch` (stories whose blocks do not
-//! match their images one to one), `empty_caption` and `bad_image` (frames),
+//! non-empty caption and image N's bytes are JPEG or PNG. Unusable frames are dropped; the
+//! others keep their source position as `frame_index` (N − 1) and `frame_count` is the
+//! story's number of images, so a gap stays visible and no next-frame window of the trainers
+//! spans it (`datasets::stories`). A story keeps its usable frames only if there are at least
+//! `context_frames + 1` of them. Counts in the shard stats' `failures` map:
+//! `caption_mismatch` (stories whose blocks do not match their images one to one),
+//! `empty_caption` and `bad_image` (frames), `gapped_story` (stories kept with a gap),
 //! `too_few_frames` (stories dropped).
 
 use std::collections::BTreeMap;
@@ -201,7 +203,7 @@ pub fn story_frames(story: HubStory, context_frames: usize) -> StoryOutcome {
             continue;
         }
         match image {
-            Some(bytes) if is_jpeg_or_png(&bytes) => usable.push((bytes, caption)),
+            Some(bytes) if is_jpeg_or_png(&bytes) => usable.push((k, bytes, caption)),
             _ => bad += 1,
         }
     }
@@ -211,13 +213,13 @@ pub fn story_frames(story: HubStory, context_frames: usize) -> StoryOutcome {
         count("too_few_frames", 1);
         return out;
     }
-    let frame_count = usable.len() as i32;
+    count("gapped_story", u64::from(usable.len() < n_images));
+    let frame_count = n_images as i32;
     out.frames = usable
         .into_iter()
-        .enumerate()
-        .map(|(i, (image, caption))| StoryFrame {
+        .map(|(k, image, caption)| StoryFrame {
             story_id: story.story_id.clone(),
-            frame_index: i as i32,
+            frame_index: k as i32,
             frame_count,
             image,
             caption,
@@ -473,11 +475,14 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_block_drops_that_frame_and_is_counted() {
+    fn a_missing_block_drops_that_frame_keeps_the_others_positions_and_is_counted() {
         let text =
             one_line_story(6).replace("<gdi image3> Frame 3 <gda char1>walks</gda>. </gdi>", "");
         let out = story_frames(story(&text, 6), 4);
-        assert_eq!(out.counts, BTreeMap::from([("caption_mismatch", 1)]));
+        assert_eq!(
+            out.counts,
+            BTreeMap::from([("caption_mismatch", 1), ("gapped_story", 1)])
+        );
         let captions: Vec<&str> = out.frames.iter().map(|f| f.caption.as_str()).collect();
         assert_eq!(
             captions,
@@ -489,7 +494,9 @@ mod tests {
                 "Frame 6 walks."
             ]
         );
-        assert!(out.frames.iter().all(|f| f.frame_count == 5));
+        let idx: Vec<i32> = out.frames.iter().map(|f| f.frame_index).collect();
+        assert_eq!(idx, vec![0, 1, 3, 4, 5], "source positions, the gap kept");
+        assert!(out.frames.iter().all(|f| f.frame_count == 6));
     }
 
     #[test]
@@ -508,7 +515,11 @@ mod tests {
         let out = story_frames(s.clone(), 2);
         assert_eq!(out.frames.len(), 3);
         assert_eq!(out.frames[2].image, JPEG);
-        assert_eq!(out.counts, BTreeMap::from([("bad_image", 2)]));
+        assert_eq!(
+            out.counts,
+            BTreeMap::from([("bad_image", 2), ("gapped_story", 1)])
+        );
+
         let out = story_frames(s, 4);
         assert!(out.frames.is_empty());
         assert_eq!(
