@@ -178,4 +178,32 @@ fn the_story_pipeline_trains_every_variant_and_scores_next_frame_captions() {
     let copy = metric("copy-last", "attribute_accuracy");
     assert!((0.5..1.0).contains(&copy), "{copy}");
     assert_eq!(metric("copy-last", "grammatical"), 1.0);
+
+    // The report's story table: one row per story step, the discriminator's held-out
+    // accuracy for the GAN variants only.
+    let table = std::fs::read_to_string(run.join("report/story.csv")).unwrap();
+    let header: Vec<&str> = table.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 5, "{table}");
+    for row in &rows {
+        let gan = row[col("stage")].starts_with("story-gan");
+        let d: f64 = row[col("d_accuracy")].parse().unwrap_or(f64::NAN);
+        assert_eq!(d.is_finite(), gan, "{table}");
+        assert!(row[col("image_cosine")].parse::<f64>().unwrap().is_finite());
+    }
+    for family in ["story", "adversarial"] {
+        assert!(
+            run.join(format!(
+                "report/{family}-{}-story-gan-naive.png",
+                run.file_name().unwrap().to_string_lossy()
+            ))
+            .is_file(),
+            "{family} chart"
+        );
+    }
 }

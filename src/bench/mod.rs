@@ -9,6 +9,7 @@ pub mod train_dico;
 pub mod train_dpo;
 pub mod train_rlhf;
 pub mod train_sft;
+pub mod train_story;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,8 @@ pub enum BenchCommand {
     TrainDico(crate::bench::train_dico::BenchTrainDicoArgs),
     /// RLHF steps (sampled captions, CLIP dense + reward-model sparse reward, RLOO) with GPT-2-small-size models, vs PyTorch.
     TrainRlhf(crate::bench::train_rlhf::BenchTrainRlhfArgs),
+    /// Next-frame story model steps (fusion encoder, prefix, GPT-2-small-size decoder, image head), vs PyTorch.
+    TrainStory(crate::bench::train_story::BenchTrainStoryArgs),
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +87,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::TrainDpo(args) => crate::bench::train_dpo::bench_train_dpo(&args),
         BenchCommand::TrainDico(args) => crate::bench::train_dico::bench_train_dico(&args),
         BenchCommand::TrainRlhf(args) => crate::bench::train_rlhf::bench_train_rlhf(&args),
+        BenchCommand::TrainStory(args) => crate::bench::train_story::bench_train_story(&args),
         BenchCommand::TrainContrastive(args) => {
             crate::bench::train_contrastive::bench_train_contrastive(&args)
         }
@@ -477,6 +481,45 @@ pub(crate) fn ensure_venv(venv: &Path, packages: &[&str], probe: &str) -> anyhow
         );
     }
     Ok(python)
+}
+
+/// A PyTorch peer: `script` (written to `dir/<name>.py`) run by the venv's Python with
+/// torch and transformers, as `script ckpt out threads args...`, on `gpu` or the CPU with
+/// `threads` threads; it writes its JSON figures to `dir/<name>.json`. Returns that file and
+/// the process's measured resource use.
+pub(crate) fn torch_peer(
+    venv: &Path,
+    dir: &Path,
+    name: &str,
+    script: &str,
+    ckpt: &Path,
+    args: &[usize],
+    threads: usize,
+    gpu: Option<usize>,
+) -> anyhow::Result<(PathBuf, Measured)> {
+    let python = ensure_venv(
+        venv,
+        &["torch", "transformers", "safetensors"],
+        "import torch, transformers",
+    )?;
+    let path = dir.join(format!("{name}.py"));
+    std::fs::write(&path, script)?;
+    let out = dir.join(format!("{name}.json"));
+    let _ = std::fs::remove_file(&out);
+    eprintln!("PyTorch ...");
+    let mut cmd = Command::new(&python);
+    cmd.arg(&path)
+        .arg(ckpt)
+        .arg(&out)
+        .arg(threads.to_string())
+        .args(args.iter().map(usize::to_string))
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env(
+            "PEER_DEVICE",
+            gpu.map_or("cpu".into(), |g| format!("cuda:{g}")),
+        );
+    let mem = measure(cmd, "PyTorch", gpu)?;
+    Ok((out, mem))
 }
 
 /// Runs `cmd` to completion, sampling the resident memory of its whole process tree (and,

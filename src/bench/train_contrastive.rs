@@ -7,7 +7,6 @@
 //! own process, whose peak RSS is sampled.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -203,36 +202,16 @@ pub fn bench_train_contrastive(args: &BenchTrainContrastiveArgs) -> anyhow::Resu
     let peer = if args.no_peer {
         None
     } else {
-        let python = crate::bench::ensure_venv(
+        let (theirs_out, mem) = crate::bench::torch_peer(
             &args.venv,
-            &["torch", "transformers", "safetensors"],
-            "import torch, transformers",
+            &dir,
+            "peer_train_contrastive",
+            PEER_SCRIPT,
+            &ckpt,
+            &[args.batch, args.tokens, args.projection, args.steps],
+            threads,
+            args.gpu,
         )?;
-        let script = dir.join("peer_train_contrastive.py");
-        std::fs::write(&script, PEER_SCRIPT)?;
-        let theirs_out = dir.join("torch-contrastive.json");
-        let _ = std::fs::remove_file(&theirs_out);
-        eprintln!("PyTorch ...");
-        let mut cmd = Command::new(&python);
-        cmd.arg(&script)
-            .arg(&ckpt)
-            .arg(&theirs_out)
-            .args(
-                [
-                    threads,
-                    args.batch,
-                    args.tokens,
-                    args.projection,
-                    args.steps,
-                ]
-                .map(|n| n.to_string()),
-            )
-            .env("OMP_NUM_THREADS", threads.to_string())
-            .env(
-                "PEER_DEVICE",
-                args.gpu.map_or("cpu".into(), |g| format!("cuda:{g}")),
-            );
-        let mem = crate::bench::measure(cmd, "PyTorch", args.gpu)?;
         Some((read_side(&theirs_out, "PyTorch")?, mem))
     };
     let on = match args.gpu {

@@ -43,9 +43,9 @@ pub fn feature_matching(real: &Tensor, fake: &Tensor) -> candle_core::Result<Ten
     (real.mean(0)? - fake.mean(0)?)?.sqr()?.mean_all()
 }
 
-/// SeqGAN's surrogate `−mean((r − b) · logp)` for per-row summed log-probabilities `logp`
-/// `(b,)`, detached rewards `r` `(b,)` and baseline `b`: its gradient is the REINFORCE
-/// estimate of `−∇ E[r]`.
+/// SeqGAN's surrogate `−mean((r − b) · logp)` for per-row log-probabilities `logp` `(b,)`
+/// (summed, or per token), detached rewards `r` `(b,)` and baseline `b`: its gradient is the
+/// REINFORCE estimate of `−∇ E[r]`.
 pub fn policy_gradient(
     logp: &Tensor,
     rewards: &Tensor,

@@ -10,8 +10,8 @@
 //! discriminator frozen-CLIP embeddings of decoded strings, so no gradient reached the
 //! generator; here the generator gets the adversarial signal SeqGAN-style: per target it
 //! samples a caption, the discriminator's score of it (detached) is its reward, and the
-//! generator descends `β_adv · −mean((r − b) log p(caption))` with the batch mean as the
-//! baseline `b`. `naive` samples inside the loop; `cached` samples every training example
+//! generator descends `β_adv · −mean((r − b) · log p(caption) / |caption|)` (per token, as
+//! `L_txt`) with the batch mean as the baseline `b`. `naive` samples inside the loop; `cached` samples every training example
 //! once at the start of each epoch (with the epoch's starting weights) and reuses those
 //! captions as the discriminator's fakes and the policy-gradient samples (their log p under
 //! the current weights); `hard_negative` adds ground-truth captions of other stories as
@@ -181,7 +181,8 @@ impl StoryConfig {
         }
     }
 
-    fn spec(&self, clip_dim: usize) -> StorySpec {
+    /// The model shape for CLIP embeddings of width `clip_dim`.
+    pub fn spec(&self, clip_dim: usize) -> StorySpec {
         StorySpec {
             clip_dim,
             context_frames: self.context_frames,
@@ -577,10 +578,13 @@ impl StoryObjective {
         let ids = Tensor::from_vec(ids, (b.rows, len), &device)?;
         let sup = Tensor::from_vec(sup, (b.rows, len), &device)?;
         let att = Tensor::from_vec(att, (b.rows, len), &device)?;
-        let (logp, _) = self
+        let (logp, n) = self
             .model
             .captioner
             .completion_logprobs(Some(z), &ids, &sup, &att)?;
+        // Per token, as L_txt is: a caption's summed log p would weigh the adversarial term
+        // by its length (~15x the NLL's gradient on the synthetic captions).
+        let logp = (logp / n.clamp(1.0, f64::MAX)?)?;
         let mean_reward = reward.mean_all()?.to_scalar::<f32>()? as f64;
         let pg = policy_gradient(&logp, &reward, mean_reward)?;
         Ok((fakes, Some((pg, mean_reward, matching))))

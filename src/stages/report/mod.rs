@@ -11,9 +11,11 @@
 //! baselines and chance), `online.parquet`/`.csv` (per run and online stage, DiCO, SCST or
 //! RLHF: held-out CLIPScore, RefCLIPScore, CIDEr-D and attribute accuracy of the starting
 //! model and the selected checkpoint, the training reward, the share of distinct candidates),
-//! `scores.parquet`/`.csv` (per run, model and decoding method: the captioner's conditioning,
+//! `story.parquet`/`.csv` (per run and story step: held-out caption NLL, the predicted next
+//! image's cosine and MSE, the discriminator's accuracy and the adversarial reward of GAN
+//! variants), `scores.parquet`/`.csv` (per run, model and decoding method: the captioner's conditioning,
 //! one column per metric); charts as PNG and SVG (one per training step and metric family:
-//! loss, preference, retrieval, rewards; one bar chart of the models' headline scores); and
+//! loss, preference, retrieval, rewards, story, adversarial; one bar chart of the models' headline scores); and
 //! `index.html`, one self-contained page with all of it and a gallery of held-out images
 //! with every model's caption. The tables are printed too, 100 columns wide.
 
@@ -92,6 +94,8 @@ pub struct ReportSummary {
     pub retrieval: Option<DataFrame>,
     /// Held-out metrics of online stages (DiCO, SCST, RLHF) before and after, with their rewards.
     pub online: Option<DataFrame>,
+    /// Held-out figures of story steps (train-story and its GAN variants).
+    pub story: Option<DataFrame>,
     pub scores: Option<DataFrame>,
     /// The PNG of every chart (an SVG beside each).
     pub charts: Vec<PathBuf>,
@@ -112,6 +116,7 @@ impl ReportSummary {
             ("preference pairs by source (val)", &self.preference),
             ("retrieval (val)", &self.retrieval),
             ("online stages (val, greedy)", &self.online),
+            ("story steps (val)", &self.story),
             ("scores", &self.scores),
         ]
         .into_iter()
@@ -503,6 +508,96 @@ pub fn online_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFr
         .map_err(perr("online table"))
 }
 
+/// Per run and story step (those that logged `image_cosine`): at the selected checkpoint
+/// (`best_step` from the step's `last/state.json`, else its last validation) the held-out
+/// caption NLL, the predicted image's cosine and MSE to the target frame's, and with a GAN
+/// the discriminator's held-out accuracy; the generator's adversarial reward at its first and
+/// last logged steps (NaN without a GAN).
+pub fn story_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFrame>> {
+    const VAL: [(&str, &str); 4] = [
+        ("nll", "nll"),
+        ("image_cosine", "image_cosine"),
+        ("image_mse", "image_mse"),
+        ("d_accuracy", "d/accuracy"),
+    ];
+    let rows = val_rows(metrics, "story table")?;
+    type Key = (String, String);
+    let mut last: std::collections::BTreeMap<Key, i64> = Default::default();
+    for r in rows.iter().filter(|r| r.name == "image_cosine") {
+        let e = last
+            .entry((r.run_id.clone(), r.stage.clone()))
+            .or_insert(r.step);
+        *e = (*e).max(r.step);
+    }
+    if last.is_empty() {
+        return Ok(None);
+    }
+    let keys: Vec<(Key, i64)> = last
+        .into_iter()
+        .map(|(k, l)| {
+            let state = workdir
+                .join("runs")
+                .join(&k.0)
+                .join(&k.1)
+                .join("last/state.json");
+            let step = crate::io::read_json::<serde_json::Value>(&state)
+                .ok()
+                .and_then(|s| s["best_step"].as_i64())
+                .unwrap_or(l);
+            (k, step)
+        })
+        .collect();
+    let value = |k: &Key, step: i64, name: &str| {
+        rows.iter()
+            .find(|r| r.run_id == k.0 && r.stage == k.1 && r.step == step && r.name == name)
+            .map_or(f64::NAN, |r| r.value)
+    };
+    let train = split_rows(metrics, "train", "story table")?;
+    let reward = |k: &Key, first: bool| -> f64 {
+        let mut v: Vec<(i64, f64)> = train
+            .iter()
+            .filter(|r| r.run_id == k.0 && r.stage == k.1 && r.name == "adv/reward")
+            .map(|r| (r.step, r.value))
+            .collect();
+        v.sort_by_key(|r| r.0);
+        let got = if first { v.first() } else { v.last() };
+        got.map_or(f64::NAN, |r| r.1)
+    };
+    let mut cols = vec![
+        Column::new(
+            "run_id".into(),
+            keys.iter().map(|k| k.0 .0.clone()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "stage".into(),
+            keys.iter().map(|k| k.0 .1.clone()).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "best_step".into(),
+            keys.iter().map(|k| k.1).collect::<Vec<_>>(),
+        ),
+    ];
+    for (column, name) in VAL {
+        cols.push(Column::new(
+            column.into(),
+            keys.iter()
+                .map(|(k, step)| value(k, *step, name))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    for (column, first) in [("adv_reward_first", true), ("adv_reward_last", false)] {
+        cols.push(Column::new(
+            column.into(),
+            keys.iter()
+                .map(|(k, _)| reward(k, first))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    DataFrame::new(keys.len(), cols)
+        .map(Some)
+        .map_err(perr("story table"))
+}
+
 /// Per run, model and method: one column per metric.
 pub fn scores_table(summary: DataFrame) -> Result<DataFrame> {
     let metrics = [
@@ -641,7 +736,7 @@ struct Family {
     members: &'static [(&'static str, &'static str)],
 }
 
-const FAMILIES: [Family; 4] = [
+const FAMILIES: [Family; 6] = [
     Family {
         id: "loss",
         members: &[("train", "loss"), ("val", "loss")],
@@ -676,6 +771,30 @@ const FAMILIES: [Family; 4] = [
             ("train", "kl"),
             ("val", "val/CLIPScore"),
             ("val", "val/RefCLIPScore"),
+        ],
+    },
+    // train-story: the caption's NLL and the predicted next image's cosine to the real one.
+    Family {
+        id: "story",
+        members: &[
+            ("train", "nll"),
+            ("val", "nll"),
+            ("train", "image_cosine"),
+            ("val", "image_cosine"),
+        ],
+    },
+    // Two parameter groups (train-story's GAN variants): each group's loss, the generator's
+    // adversarial reward and the discriminator's accuracy.
+    Family {
+        id: "adversarial",
+        members: &[
+            ("train", "generator/loss"),
+            ("val", "generator/loss"),
+            ("train", "discriminator/loss"),
+            ("val", "discriminator/loss"),
+            ("train", "adv/reward"),
+            ("train", "d/accuracy"),
+            ("val", "d/accuracy"),
         ],
     },
 ];
@@ -878,6 +997,10 @@ pub fn report(
         if let Some(mut t) = online_table(workdir, &metrics)? {
             write_table(&mut t, out, "online")?;
             summary.online = Some(t);
+        }
+        if let Some(mut t) = story_table(workdir, &metrics)? {
+            write_table(&mut t, out, "story")?;
+            summary.story = Some(t);
         }
     }
     if let Some(scores) = read_all(&run_files(workdir, &runs, "scores_summary.parquet"))? {
