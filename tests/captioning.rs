@@ -228,14 +228,15 @@ fn the_embedded_pipeline_trains_a_captioner_that_beats_the_untrained_one() {
     assert!(report
         .join(format!("retrieval-{run_id}-train-contrastive.png"))
         .is_file());
-    // The page: every held-out image once, with every model's captions under it.
+    // The page: every held-out image once, with every model's captions under it, and the
+    // 16 story target frames with the story model's and copy-last's.
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
-    assert_eq!(html.matches("<div class=\"entry\"").count(), 64);
+    assert_eq!(html.matches("<div class=\"entry\"").count(), 64 + 16);
     assert_eq!(
         html.matches("<tr class=\"caption\">").count(),
-        (7 * 2 + 2) * 64
+        (7 * 2 + 2) * 64 + 3 * 16
     );
-    assert_eq!(html.matches("data:image/jpeg;base64,").count(), 64);
+    assert_eq!(html.matches("data:image/jpeg;base64,").count(), 64 + 16);
 
     // Caption a folder of images with the model trained above (found in the earlier run).
     let imgs = work.join("imgs");

@@ -6,6 +6,7 @@ pub mod embed;
 pub mod score;
 pub mod train_contrastive;
 pub mod train_dico;
+pub mod train_diffusion;
 pub mod train_dpo;
 pub mod train_rlhf;
 pub mod train_sft;
@@ -43,6 +44,8 @@ pub enum BenchCommand {
     TrainDico(crate::bench::train_dico::BenchTrainDicoArgs),
     /// RLHF steps (sampled captions, CLIP dense + reward-model sparse reward, RLOO) with GPT-2-small-size models, vs PyTorch.
     TrainRlhf(crate::bench::train_rlhf::BenchTrainRlhfArgs),
+    /// Caption diffusion model steps at DiffuSeq-base size, vs PyTorch.
+    TrainDiffusion(crate::bench::train_diffusion::BenchTrainDiffusionArgs),
     /// Next-frame story model steps (fusion encoder, prefix, GPT-2-small-size decoder, image head), vs PyTorch.
     TrainStory(crate::bench::train_story::BenchTrainStoryArgs),
 }
@@ -87,6 +90,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::TrainDpo(args) => crate::bench::train_dpo::bench_train_dpo(&args),
         BenchCommand::TrainDico(args) => crate::bench::train_dico::bench_train_dico(&args),
         BenchCommand::TrainRlhf(args) => crate::bench::train_rlhf::bench_train_rlhf(&args),
+        BenchCommand::TrainDiffusion(args) => {
+            crate::bench::train_diffusion::bench_train_diffusion(&args)
+        }
         BenchCommand::TrainStory(args) => crate::bench::train_story::bench_train_story(&args),
         BenchCommand::TrainContrastive(args) => {
             crate::bench::train_contrastive::bench_train_contrastive(&args)
@@ -483,43 +489,182 @@ pub(crate) fn ensure_venv(venv: &Path, packages: &[&str], probe: &str) -> anyhow
     Ok(python)
 }
 
-/// A PyTorch peer: `script` (written to `dir/<name>.py`) run by the venv's Python with
-/// torch and transformers, as `script ckpt out threads args...`, on `gpu` or the CPU with
-/// `threads` threads; it writes its JSON figures to `dir/<name>.json`. Returns that file and
-/// the process's measured resource use.
-pub(crate) fn torch_peer(
-    venv: &Path,
-    dir: &Path,
-    name: &str,
-    script: &str,
-    ckpt: &Path,
-    args: &[usize],
-    threads: usize,
-    gpu: Option<usize>,
-) -> anyhow::Result<(PathBuf, Measured)> {
-    let python = ensure_venv(
-        venv,
-        &["torch", "transformers", "safetensors"],
-        "import torch, transformers",
-    )?;
-    let path = dir.join(format!("{name}.py"));
-    std::fs::write(&path, script)?;
-    let out = dir.join(format!("{name}.json"));
-    let _ = std::fs::remove_file(&out);
-    eprintln!("PyTorch ...");
-    let mut cmd = Command::new(&python);
-    cmd.arg(&path)
-        .arg(ckpt)
-        .arg(&out)
-        .arg(threads.to_string())
-        .args(args.iter().map(usize::to_string))
-        .env("OMP_NUM_THREADS", threads.to_string())
-        .env(
-            "PEER_DEVICE",
-            gpu.map_or("cpu".into(), |g| format!("cuda:{g}")),
+/// The flags every training bench shares.
+#[derive(Debug, Clone, Args)]
+pub struct TrainBenchArgs {
+    /// CPU threads for both tools; 0 = all cores.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Run both tools on this CUDA device (prefcap needs `--features cuda`).
+    #[arg(long)]
+    pub gpu: Option<usize>,
+    /// Skip PyTorch (measure prefcap alone).
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Scratch directory (random checkpoints, the peer's script and results).
+    #[arg(long, default_value = ".bench/train")]
+    pub dir: PathBuf,
+    /// Virtual environment for the Python peer (torch, transformers).
+    #[arg(long, default_value = ".bench/venv")]
+    pub venv: PathBuf,
+    /// Internal: run prefcap's side in this process and write its figures here.
+    #[arg(long, hide = true)]
+    pub worker_out: Option<PathBuf>,
+}
+
+impl TrainBenchArgs {
+    /// Where the bench runs: `--gpu`'s CUDA device, or the CPU with `threads` threads.
+    pub fn on(&self, threads: usize) -> String {
+        match self.gpu {
+            Some(g) => format!("CUDA device {g}, f32"),
+            None => format!("CPU, {threads} thread(s), f32"),
+        }
+    }
+}
+
+/// One side's figures of a training bench: its parameters, optimizer steps per second and
+/// first loss, as both sides write them (JSON).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StepFigures {
+    pub params: usize,
+    pub steps_per_s: f64,
+    pub first_loss: f64,
+}
+
+impl StepFigures {
+    pub fn read(path: &Path, who: &str) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("{who} wrote no result"))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+/// Prints a training bench's table: `unit`/s (`per_step` of them per optimizer step), first
+/// loss, peak RSS and parameters of prefcap and, when it ran, PyTorch, with the ratios.
+pub(crate) fn print_step_table(
+    unit: &str,
+    per_step: f64,
+    ours: &StepFigures,
+    ours_mem: &Measured,
+    peer: Option<&Side>,
+) {
+    let rate = format!("{unit}/s");
+    println!(
+        "{:<10} {rate:>12} {:>12} {:>14} {:>10}",
+        "tool", "first loss", "peak RSS MiB", "params"
+    );
+    let row = |tool: &str, s: &StepFigures, m: &Measured| {
+        println!(
+            "{tool:<10} {:>12.3} {:>12.4} {:>14.0} {:>10}",
+            s.steps_per_s * per_step,
+            s.first_loss,
+            m.peak_rss_mib,
+            s.params
         );
-    let mem = measure(cmd, "PyTorch", gpu)?;
-    Ok((out, mem))
+    };
+    row("prefcap", ours, ours_mem);
+    if let Some((theirs, mem)) = peer {
+        row("PyTorch", theirs, mem);
+        println!(
+            "\nratio prefcap / PyTorch: {rate} {:.2}x, peak RSS {:.2}x",
+            ours.steps_per_s / theirs.steps_per_s,
+            ours_mem.peak_rss_mib / mem.peak_rss_mib
+        );
+    }
+}
+
+/// What every PyTorch peer script ends with: two untimed steps of its `step()` (the first
+/// one's loss reported), `steps` timed ones, and the figures written to `out` as JSON.
+const PEER_TIMING: &str = r#"
+first = step()
+step()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+t0 = time.perf_counter()
+for _ in range(steps):
+    step()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+json.dump({"steps_per_s": steps / (time.perf_counter() - t0), "first_loss": first,
+           "params": sum(p.numel() for p in params)}, open(out, "w"))
+"#;
+
+/// One side's figures and measured resource use.
+pub(crate) type Side = (StepFigures, Measured);
+
+/// prefcap's side of a training bench in a child process (`pipeline bench <name> flags...
+/// --worker-out`) and, unless `--no-peer`, the PyTorch peer (its name, script and
+/// checkpoint, [`TorchPeer`]) with `peer_args`: both sides' figures and measured resource use.
+pub(crate) fn step_bench(
+    name: &str,
+    flags: &[(&str, usize)],
+    common: &TrainBenchArgs,
+    (dir, threads): (&Path, usize),
+    (peer, script, ckpt): (&str, &str, &Path),
+    peer_args: &[usize],
+) -> anyhow::Result<(StepFigures, Measured, Option<Side>)> {
+    let ours_out = dir.join(format!("prefcap-{name}.json"));
+    let cmd = worker_command(name, flags, dir, &ours_out, threads, common.gpu)?;
+    let ours_mem = measure(cmd, &format!("prefcap {name}"), common.gpu)?;
+    let ours = StepFigures::read(&ours_out, "prefcap")?;
+    let theirs = if common.no_peer {
+        None
+    } else {
+        let peer = TorchPeer {
+            venv: &common.venv,
+            dir,
+            name: peer,
+            script,
+            ckpt,
+            threads,
+            gpu: common.gpu,
+        };
+        let (out, mem) = peer.run(peer_args)?;
+        Some((StepFigures::read(&out, "PyTorch")?, mem))
+    };
+    Ok((ours, ours_mem, theirs))
+}
+
+/// A PyTorch peer: `script` (written to `dir/<name>.py`, [`PEER_TIMING`] appended) run by the
+/// venv's Python with torch and transformers, as `script ckpt out threads args...`, on `gpu`
+/// or the CPU with `threads` threads; it writes its JSON figures to `dir/<name>.json`.
+pub(crate) struct TorchPeer<'a> {
+    pub venv: &'a Path,
+    pub dir: &'a Path,
+    pub name: &'a str,
+    pub script: &'a str,
+    pub ckpt: &'a Path,
+    pub threads: usize,
+    pub gpu: Option<usize>,
+}
+
+impl TorchPeer<'_> {
+    /// Runs the peer with `args` after the thread count; returns its JSON file and the
+    /// process's measured resource use.
+    pub fn run(&self, args: &[usize]) -> anyhow::Result<(PathBuf, Measured)> {
+        let python = ensure_venv(
+            self.venv,
+            &["torch", "transformers", "safetensors"],
+            "import torch, transformers",
+        )?;
+        let path = self.dir.join(format!("{}.py", self.name));
+        std::fs::write(&path, format!("{}{PEER_TIMING}", self.script))?;
+        let out = self.dir.join(format!("{}.json", self.name));
+        let _ = std::fs::remove_file(&out);
+        eprintln!("PyTorch ...");
+        let mut cmd = Command::new(&python);
+        cmd.arg(&path)
+            .arg(self.ckpt)
+            .arg(&out)
+            .arg(self.threads.to_string())
+            .args(args.iter().map(usize::to_string))
+            .env("OMP_NUM_THREADS", self.threads.to_string())
+            .env(
+                "PEER_DEVICE",
+                self.gpu.map_or("cpu".into(), |g| format!("cuda:{g}")),
+            );
+        let mem = measure(cmd, "PyTorch", self.gpu)?;
+        Ok((out, mem))
+    }
 }
 
 /// Runs `cmd` to completion, sampling the resident memory of its whole process tree (and,

@@ -6,10 +6,11 @@
 //! threads. Dropout is off in both (its masks are drawn differently); each side runs in its
 //! own process, whose peak RSS is sampled.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use crate::bench::StepFigures;
 use std::time::Instant;
 
-use anyhow::Context;
 use candle_nn::VarMap;
 use clap::Args;
 
@@ -35,32 +36,8 @@ pub struct BenchTrainContrastiveArgs {
     /// Timed steps (after two untimed warm-up steps).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
-    /// CPU threads for both tools; 0 = all cores.
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Run both tools on this CUDA device (prefcap needs `--features cuda`).
-    #[arg(long)]
-    pub gpu: Option<usize>,
-    /// Skip PyTorch (measure prefcap alone).
-    #[arg(long)]
-    pub no_peer: bool,
-    /// Scratch directory (the random checkpoint).
-    #[arg(long, default_value = ".bench/train")]
-    pub dir: PathBuf,
-    /// Virtual environment for the Python peer (torch, transformers).
-    #[arg(long, default_value = ".bench/venv")]
-    pub venv: PathBuf,
-    /// Internal: run prefcap's side in this process and write its figures here.
-    #[arg(long, hide = true)]
-    pub worker_out: Option<PathBuf>,
-}
-
-/// One side's figures.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Side {
-    params: usize,
-    steps_per_s: f64,
-    first_loss: f64,
+    #[command(flatten)]
+    pub common: crate::bench::TrainBenchArgs,
 }
 
 const CLIP_DIM: usize = 512;
@@ -103,22 +80,11 @@ def step():
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return loss.item()
-first = step()
-step()
-if device.type == "cuda":
-    torch.cuda.synchronize()
-t0 = time.perf_counter()
-for _ in range(steps):
-    step()
-if device.type == "cuda":
-    torch.cuda.synchronize()
-json.dump({"steps_per_s": steps / (time.perf_counter() - t0), "first_loss": first,
-           "params": sum(p.numel() for p in params)}, open(out, "w"))
 "#;
 
 /// prefcap's side: train-contrastive's objective and the engine's step, constant rate.
-fn run_prefcap(args: &BenchTrainContrastiveArgs, ckpt: &Path) -> anyhow::Result<Side> {
-    let device = device_for(args.gpu, false)?;
+fn run_prefcap(args: &BenchTrainContrastiveArgs, ckpt: &Path) -> anyhow::Result<StepFigures> {
+    let device = device_for(args.common.gpu, false)?;
     let vars = VarMap::new();
     let spec = ContrastiveSpec {
         projection_dim: args.projection,
@@ -157,22 +123,17 @@ fn run_prefcap(args: &BenchTrainContrastiveArgs, ckpt: &Path) -> anyhow::Result<
     for step in 0..args.steps {
         trainer.step(&mut objective, &batch, step, args.steps)?;
     }
-    Ok(Side {
+    Ok(StepFigures {
         params,
         steps_per_s: args.steps as f64 / start.elapsed().as_secs_f64(),
         first_loss,
     })
 }
 
-fn read_side(path: &Path, who: &str) -> anyhow::Result<Side> {
-    let bytes = std::fs::read(path).with_context(|| format!("{who} wrote no result"))?;
-    Ok(serde_json::from_slice(&bytes)?)
-}
-
 pub fn bench_train_contrastive(args: &BenchTrainContrastiveArgs) -> anyhow::Result<()> {
-    let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
+    let (dir, threads) = crate::bench::scratch_and_threads(&args.common.dir, args.common.threads)?;
     let ckpt = dir.join("gpt2-small-random");
-    if let Some(out) = &args.worker_out {
+    if let Some(out) = &args.common.worker_out {
         let ours = run_prefcap(args, &ckpt)?;
         std::fs::write(out, serde_json::to_vec(&ours)?)?;
         return Ok(());
@@ -183,8 +144,7 @@ pub fn bench_train_contrastive(args: &BenchTrainContrastiveArgs) -> anyhow::Resu
         "prefcap: batch {}, {} tokens, projection {} ...",
         args.batch, args.tokens, args.projection
     );
-    let ours_out = dir.join("prefcap-contrastive.json");
-    let cmd = crate::bench::worker_command(
+    let (ours, ours_mem, peer) = crate::bench::step_bench(
         "train-contrastive",
         &[
             ("--batch", args.batch),
@@ -192,32 +152,12 @@ pub fn bench_train_contrastive(args: &BenchTrainContrastiveArgs) -> anyhow::Resu
             ("--projection", args.projection),
             ("--steps", args.steps),
         ],
-        &dir,
-        &ours_out,
-        threads,
-        args.gpu,
+        &args.common,
+        (&dir, threads),
+        ("peer_train_contrastive", PEER_SCRIPT, &ckpt),
+        &[args.batch, args.tokens, args.projection, args.steps],
     )?;
-    let ours_mem = crate::bench::measure(cmd, "prefcap train-contrastive", args.gpu)?;
-    let ours = read_side(&ours_out, "prefcap")?;
-    let peer = if args.no_peer {
-        None
-    } else {
-        let (theirs_out, mem) = crate::bench::torch_peer(
-            &args.venv,
-            &dir,
-            "peer_train_contrastive",
-            PEER_SCRIPT,
-            &ckpt,
-            &[args.batch, args.tokens, args.projection, args.steps],
-            threads,
-            args.gpu,
-        )?;
-        Some((read_side(&theirs_out, "PyTorch")?, mem))
-    };
-    let on = match args.gpu {
-        Some(g) => format!("CUDA device {g}, f32"),
-        None => format!("CPU, {threads} thread(s), f32"),
-    };
+    let on = args.common.on(threads);
     println!(
         "\ntrain-contrastive step: GPT-2-small-size text encoder (trained) + two projection heads ({:.1}M parameters), {on}",
         ours.params as f64 / 1e6
@@ -226,24 +166,6 @@ pub fn bench_train_contrastive(args: &BenchTrainContrastiveArgs) -> anyhow::Resu
         "batch {}, {} tokens, projection {}, symmetric InfoNCE at temperature 0.5, AdamW, clipping at 1.0",
         args.batch, args.tokens, args.projection
     );
-    println!(
-        "{:<10} {:>10} {:>12} {:>14} {:>10}",
-        "tool", "steps/s", "first loss", "peak RSS MiB", "params"
-    );
-    println!(
-        "{:<10} {:>10.3} {:>12.4} {:>14.0} {:>10}",
-        "prefcap", ours.steps_per_s, ours.first_loss, ours_mem.peak_rss_mib, ours.params
-    );
-    if let Some((theirs, mem)) = peer {
-        println!(
-            "{:<10} {:>10.3} {:>12.4} {:>14.0} {:>10}",
-            "PyTorch", theirs.steps_per_s, theirs.first_loss, mem.peak_rss_mib, theirs.params
-        );
-        println!(
-            "\nratio prefcap / PyTorch: steps/s {:.2}x, peak RSS {:.2}x",
-            ours.steps_per_s / theirs.steps_per_s,
-            ours_mem.peak_rss_mib / mem.peak_rss_mib
-        );
-    }
+    crate::bench::print_step_table("steps", 1.0, &ours, &ours_mem, peer.as_ref());
     Ok(())
 }

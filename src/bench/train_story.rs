@@ -8,10 +8,11 @@
 //! lengths, machine and threads. Dropout is off in both (its masks are drawn differently);
 //! each side runs in its own process, whose peak RSS is sampled.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use crate::bench::StepFigures;
 use std::time::Instant;
 
-use anyhow::Context;
 use candle_nn::VarMap;
 use clap::Args;
 
@@ -41,32 +42,8 @@ pub struct BenchTrainStoryArgs {
     /// Timed steps (after two untimed warm-up steps).
     #[arg(long, default_value_t = 6)]
     pub steps: usize,
-    /// CPU threads for both tools; 0 = all cores.
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Run both tools on this CUDA device (prefcap needs `--features cuda`).
-    #[arg(long)]
-    pub gpu: Option<usize>,
-    /// Skip PyTorch (measure prefcap alone).
-    #[arg(long)]
-    pub no_peer: bool,
-    /// Scratch directory (the random checkpoint).
-    #[arg(long, default_value = ".bench/train")]
-    pub dir: PathBuf,
-    /// Virtual environment for the Python peer (torch, transformers).
-    #[arg(long, default_value = ".bench/venv")]
-    pub venv: PathBuf,
-    /// Internal: run prefcap's side in this process and write its figures here.
-    #[arg(long, hide = true)]
-    pub worker_out: Option<PathBuf>,
-}
-
-/// One side's figures.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Side {
-    params: usize,
-    steps_per_s: f64,
-    first_loss: f64,
+    #[command(flatten)]
+    pub common: crate::bench::TrainBenchArgs,
 }
 
 const CLIP_DIM: usize = 512;
@@ -128,22 +105,11 @@ def step():
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return loss.item()
-first = step()
-step()
-if device.type == "cuda":
-    torch.cuda.synchronize()
-t0 = time.perf_counter()
-for _ in range(steps):
-    step()
-if device.type == "cuda":
-    torch.cuda.synchronize()
-json.dump({"steps_per_s": steps / (time.perf_counter() - t0), "first_loss": first,
-           "params": sum(p.numel() for p in params)}, open(out, "w"))
 "#;
 
 /// prefcap's side: train-story's objective and the engine's step, constant rate.
-fn run_prefcap(args: &BenchTrainStoryArgs, ckpt: &Path) -> anyhow::Result<Side> {
-    let device = device_for(args.gpu, false)?;
+fn run_prefcap(args: &BenchTrainStoryArgs, ckpt: &Path) -> anyhow::Result<StepFigures> {
+    let device = device_for(args.common.gpu, false)?;
     let cfg = StoryConfig {
         context_frames: args.context,
         dropout: 0.0,
@@ -207,22 +173,17 @@ fn run_prefcap(args: &BenchTrainStoryArgs, ckpt: &Path) -> anyhow::Result<Side> 
     for step in 0..args.steps {
         trainer.step(&mut objective, &batch, step, args.steps)?;
     }
-    Ok(Side {
+    Ok(StepFigures {
         params,
         steps_per_s: args.steps as f64 / start.elapsed().as_secs_f64(),
         first_loss,
     })
 }
 
-fn read_side(path: &Path, who: &str) -> anyhow::Result<Side> {
-    let bytes = std::fs::read(path).with_context(|| format!("{who} wrote no result"))?;
-    Ok(serde_json::from_slice(&bytes)?)
-}
-
 pub fn bench_train_story(args: &BenchTrainStoryArgs) -> anyhow::Result<()> {
-    let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
+    let (dir, threads) = crate::bench::scratch_and_threads(&args.common.dir, args.common.threads)?;
     let ckpt = dir.join("gpt2-small-random");
-    if let Some(out) = &args.worker_out {
+    if let Some(out) = &args.common.worker_out {
         let ours = run_prefcap(args, &ckpt)?;
         std::fs::write(out, serde_json::to_vec(&ours)?)?;
         return Ok(());
@@ -233,8 +194,7 @@ pub fn bench_train_story(args: &BenchTrainStoryArgs) -> anyhow::Result<()> {
         "prefcap: batch {}, K = {}, {} prompt + {} caption tokens ...",
         args.batch, args.context, args.prompt, args.tokens
     );
-    let ours_out = dir.join("prefcap-story.json");
-    let cmd = crate::bench::worker_command(
+    let (ours, ours_mem, peer) = crate::bench::step_bench(
         "train-story",
         &[
             ("--batch", args.batch),
@@ -243,38 +203,18 @@ pub fn bench_train_story(args: &BenchTrainStoryArgs) -> anyhow::Result<()> {
             ("--tokens", args.tokens),
             ("--steps", args.steps),
         ],
-        &dir,
-        &ours_out,
-        threads,
-        args.gpu,
+        &args.common,
+        (&dir, threads),
+        ("peer_train_story", PEER_SCRIPT, &ckpt),
+        &[
+            args.batch,
+            args.context,
+            args.prompt,
+            args.tokens,
+            args.steps,
+        ],
     )?;
-    let ours_mem = crate::bench::measure(cmd, "prefcap train-story", args.gpu)?;
-    let ours = read_side(&ours_out, "prefcap")?;
-    let peer = if args.no_peer {
-        None
-    } else {
-        let (theirs_out, mem) = crate::bench::torch_peer(
-            &args.venv,
-            &dir,
-            "peer_train_story",
-            PEER_SCRIPT,
-            &ckpt,
-            &[
-                args.batch,
-                args.context,
-                args.prompt,
-                args.tokens,
-                args.steps,
-            ],
-            threads,
-            args.gpu,
-        )?;
-        Some((read_side(&theirs_out, "PyTorch")?, mem))
-    };
-    let on = match args.gpu {
-        Some(g) => format!("CUDA device {g}, f32"),
-        None => format!("CPU, {threads} thread(s), f32"),
-    };
+    let on = args.common.on(threads);
     println!(
         "\ntrain-story step: fusion encoder + MLP prefix + GPT-2-small-size decoder (trained) + image head ({:.1}M parameters), {on}",
         ours.params as f64 / 1e6
@@ -283,33 +223,12 @@ pub fn bench_train_story(args: &BenchTrainStoryArgs) -> anyhow::Result<()> {
         "batch {}, K = {}, prefix {PREFIX} + {} prompt + {} caption tokens, L_txt + 0.5 L_img + 0.5 L_align, AdamW, clipping at 1.0",
         args.batch, args.context, args.prompt, args.tokens
     );
-    println!(
-        "{:<10} {:>12} {:>12} {:>14} {:>10}",
-        "tool", "examples/s", "first loss", "peak RSS MiB", "params"
+    crate::bench::print_step_table(
+        "examples",
+        args.batch as f64,
+        &ours,
+        &ours_mem,
+        peer.as_ref(),
     );
-    let examples = |s: &Side| s.steps_per_s * args.batch as f64;
-    println!(
-        "{:<10} {:>12.3} {:>12.4} {:>14.0} {:>10}",
-        "prefcap",
-        examples(&ours),
-        ours.first_loss,
-        ours_mem.peak_rss_mib,
-        ours.params
-    );
-    if let Some((theirs, mem)) = peer {
-        println!(
-            "{:<10} {:>12.3} {:>12.4} {:>14.0} {:>10}",
-            "PyTorch",
-            examples(&theirs),
-            theirs.first_loss,
-            mem.peak_rss_mib,
-            theirs.params
-        );
-        println!(
-            "\nratio prefcap / PyTorch: examples/s {:.2}x, peak RSS {:.2}x",
-            ours.steps_per_s / theirs.steps_per_s,
-            ours_mem.peak_rss_mib / mem.peak_rss_mib
-        );
-    }
     Ok(())
 }

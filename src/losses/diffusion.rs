@@ -23,25 +23,19 @@ impl DiffusionTerms {
     }
 }
 
-/// The terms for predicted starts `x0_hat` and targets `x0` (`(b, L, d)`), rounding logits
-/// `(b, L, V)` of the (noised) start `x_start` against `tokens` `(b, L)`, and ᾱ_{T−1}; the
-/// rounding NLL of each position weighted by `token_weights` `(b, L)` when given (the
-/// refinement's dense rewards), else 1.
+/// The terms for predicted starts `x0_hat` and targets `x0` (`(b, L, d)`), the rounding
+/// log-probabilities `(b, L)` of the tokens under the LM head tied to the embeddings, read at
+/// the (noised) start `x_start`, and ᾱ_{T−1}; the rounding NLL of each position weighted by
+/// `token_weights` `(b, L)` when given (the refinement's dense rewards), else 1.
 pub fn diffusion_terms(
     x0_hat: &Tensor,
     x0: &Tensor,
-    rounding_logits: &Tensor,
-    tokens: &Tensor,
+    rounding_logp: &Tensor,
     alpha_bar_last: f64,
     token_weights: Option<&Tensor>,
 ) -> candle_core::Result<DiffusionTerms> {
     let mse = (x0_hat - x0)?.sqr()?.mean(D::Minus1)?.mean(D::Minus1)?;
-    let (b, l, v) = rounding_logits.dims3()?;
-    let logp = candle_nn::ops::log_softmax(&rounding_logits.reshape((b * l, v))?, D::Minus1)?;
-    let picked = logp
-        .gather(&tokens.reshape((b * l, 1))?, 1)?
-        .reshape((b, l))?;
-    let nll = picked.neg()?;
+    let nll = rounding_logp.neg()?;
     let nll = match token_weights {
         Some(w) => (nll * w)?,
         None => nll,
@@ -114,6 +108,16 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `log softmax(logits)[token]` `(b, L)`: what the model's fused tied head returns.
+    fn logp(logits: &Tensor, tokens: &Tensor) -> Tensor {
+        candle_nn::ops::log_softmax(logits, D::Minus1)
+            .unwrap()
+            .gather(&tokens.unsqueeze(D::Minus1).unwrap(), D::Minus1)
+            .unwrap()
+            .squeeze(D::Minus1)
+            .unwrap()
+    }
+
     #[test]
     fn loss_terms_match_a_hand_computed_example() {
         let dev = Device::Cpu;
@@ -123,7 +127,7 @@ mod tests {
         // Logits over 3 tokens; targets 0 and 2.
         let logits = Tensor::new(&[[[0f32, 0., 0.], [1., 0., 1.]]], &dev).unwrap();
         let tokens = Tensor::new(&[[0u32, 2]], &dev).unwrap();
-        let t = diffusion_terms(&x0_hat, &x0, &logits, &tokens, 0.25, None).unwrap();
+        let t = diffusion_terms(&x0_hat, &x0, &logp(&logits, &tokens), 0.25, None).unwrap();
         let get = |x: &Tensor| x.to_vec1::<f32>().unwrap()[0] as f64;
         // ((1)² + 0 + 0 + (1)²)/4
         assert!((get(&t.mse) - 0.5).abs() < 1e-6);
@@ -143,7 +147,7 @@ mod tests {
         let logits = Tensor::new(&[[[0f32, 0., 0.], [1., 0., 1.]]], &dev).unwrap();
         let tokens = Tensor::new(&[[0u32, 2]], &dev).unwrap();
         let w = Tensor::new(&[[0.5f32, 1.5]], &dev).unwrap();
-        let t = diffusion_terms(&x0, &x0, &logits, &tokens, 0.25, Some(&w)).unwrap();
+        let t = diffusion_terms(&x0, &x0, &logp(&logits, &tokens), 0.25, Some(&w)).unwrap();
         let nll0 = 3f64.ln();
         let nll1 = -(1.0 - (2.0 * 1f64.exp() + 1.0).ln());
         let got = t.rounding.to_vec1::<f32>().unwrap()[0] as f64;

@@ -17,7 +17,7 @@ use std::path::Path;
 use candle_nn::VarMap;
 
 use crate::error::{CandleContext, Error, Result};
-use crate::models::gpt2::{DecoderFiles, Gpt2, Gpt2Config};
+use crate::models::gpt2::{tied_logprobs, DecoderFiles, Gpt2, Gpt2Config};
 use crate::rng::SplitMix64;
 
 /// How ᾱ falls with t.
@@ -242,6 +242,12 @@ impl DiffusionCaptioner {
             .reshape((b, l, self.spec.vocab_size))
     }
 
+    /// log p(`tokens` | `x`) `(b, L)` under the rounding head for embeddings `x` `(b, L, e)`:
+    /// one fused op on the CPU, the `(b·L, V)` logits never in the autograd graph.
+    pub fn rounding_logprobs(&self, x: &Tensor, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        tied_logprobs(x, &self.word, tokens, true)
+    }
+
     /// x̂_0 `(b, L, e)` from x_t `(b, L, e)` at timesteps `t` (one per row) for CLIP image
     /// embeddings `clip` `(b, clip_dim)`.
     pub fn denoise(&self, x_t: &Tensor, t: &[usize], clip: &Tensor) -> candle_core::Result<Tensor> {
@@ -261,8 +267,8 @@ impl DiffusionCaptioner {
     /// One training pass over `tokens` `(b, L)` for CLIP embeddings `clip`, as DiffuSeq's
     /// `training_losses_seq2seq`: x_0 = their embeddings, x_start = x_0 + √(1 − ᾱ_0) ε₀, a
     /// timestep per row uniform over the T, x_t ~ q(x_t | x_start), and x̂_0; noise and
-    /// timesteps from `rng`. Returns (x̂_0, x_0, the rounding logits of x_start): what the
-    /// loss terms take.
+    /// timesteps from `rng`. Returns (x̂_0, x_0, the rounding log-probabilities `(b, L)` of
+    /// the tokens at x_start): what the loss terms take.
     pub fn training_pass(
         &self,
         tokens: &Tensor,
@@ -282,7 +288,7 @@ impl DiffusionCaptioner {
         let noise = Tensor::from_vec(rng.normal_samples(b * l * e, 1.0), (b, l, e), dev)?;
         let x_t = self.process.q_sample(&x_start, &t, &noise)?;
         let x0_hat = self.denoise(&x_t, &t, clip)?;
-        Ok((x0_hat, x0, self.logits(&x_start)?))
+        Ok((x0_hat, x0, self.rounding_logprobs(&x_start, tokens)?))
     }
 
     /// ᾱ_{T−1}: what the prior term scales x_0 by (squared).

@@ -749,19 +749,7 @@ impl Gpt2 {
         hidden: &Tensor,
         targets: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, d) = hidden.dims3()?;
-        if !(hidden.device().is_cpu() && hidden.dtype() == DType::F32) {
-            return token_logprobs(&self.lm_logits(hidden)?, targets);
-        }
-        let rows = hidden.contiguous()?.reshape((b * t, d))?;
-        let ids = targets.reshape(b * t)?.to_dtype(DType::U32)?.contiguous()?;
-        let op = LmHeadLogprob::default();
-        let lp = if self.differentiable {
-            rows.apply_op3(&self.wte, &ids, op)?
-        } else {
-            rows.apply_op3_no_bwd(&self.wte, &ids, &op)?
-        };
-        lp.reshape((b, t))
+        tied_logprobs(hidden, &self.wte, targets, self.differentiable)
     }
 
     /// Longest sequence (prefix included) the position table covers.
@@ -947,6 +935,32 @@ fn attention_mask(
 pub fn next_token_logprobs(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
     let (_, t, _) = logits.dims3()?;
     token_logprobs(&logits.narrow(1, 0, t - 1)?, &ids.narrow(1, 1, t - 1)?)
+}
+
+/// `log softmax(hidden · weightᵀ)[.., target]` `(b, t)` for `hidden` `(b, t, d)`, a tied head
+/// `weight` `(V, d)` and `targets` `(b, t)`. On the CPU one op ([`LmHeadLogprob`]) whose
+/// `(b·t, V)` logits never enter the autograd graph (with a backward pass when
+/// `differentiable`); elsewhere the logits, then [`token_logprobs`].
+pub fn tied_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    differentiable: bool,
+) -> candle_core::Result<Tensor> {
+    let (b, t, d) = hidden.dims3()?;
+    if !(hidden.device().is_cpu() && hidden.dtype() == DType::F32) {
+        return token_logprobs(&matmul_rows(hidden, &weight.t()?)?, targets);
+    }
+    let rows = hidden.contiguous()?.reshape((b * t, d))?;
+    let ids = targets.reshape(b * t)?.to_dtype(DType::U32)?.contiguous()?;
+    let op = LmHeadLogprob::default();
+    let weight = weight.contiguous()?;
+    let lp = if differentiable {
+        rows.apply_op3(&weight, &ids, op)?
+    } else {
+        rows.apply_op3_no_bwd(&weight, &ids, &op)?
+    };
+    lp.reshape((b, t))
 }
 
 /// `log softmax(logits)[.., target]` for logits `(b, t, V)` and targets `(b, t)` u32: `(b, t)`.

@@ -197,6 +197,19 @@ impl Stage for Generate {
                     "generate.models: `{COPY_LAST}` is a story baseline; name a train-story model too"
                 ))
             })?;
+            for (name, other, _) in &stories[1..] {
+                let same = (
+                    other.dataset.as_str(),
+                    other.spec.context_frames,
+                    other.targets,
+                ) == (m.dataset.as_str(), m.spec.context_frames, m.targets);
+                if !same {
+                    return Err(Error::Config(format!(
+                        "generate.models: the story models `{}` and `{name}` cut their examples differently (dataset, context_frames or targets); generate them in separate steps",
+                        stories[0].0
+                    )));
+                }
+            }
             let story_mode = g.dataset == m.dataset;
             let dataset = m.dataset.clone();
             let split = if story_mode && !g.split.is_empty() {

@@ -102,7 +102,7 @@ pub type TrainDiffusionConfig = WithTraining<DiffusionConfig>;
 /// Seeded initialisation: the transformer's and projections' weights N(0, 1/fan_in), the
 /// token embeddings N(0, 1) (nn.Embedding's, as DiffuSeq: their scale is what the unit noise
 /// is measured against).
-fn seed_model(vars: &VarMap, seed: u64) -> Result<()> {
+pub fn seed_model(vars: &VarMap, seed: u64) -> Result<()> {
     crate::models::seed_vars(vars, PREFIX, "diffusion", seed)?;
     let name = format!("{PREFIX}word_embedding");
     crate::models::init_vars(
@@ -170,8 +170,8 @@ impl DiffusionObjective {
         let m = &self.model;
         let tokens = self.tokens(b)?;
         let clip = Tensor::from_slice(&b.clip, (b.rows, m.spec.clip_dim), self.model_device())?;
-        let (x0_hat, x0, logits) = m.training_pass(&tokens, &clip, rng)?;
-        diffusion_terms(&x0_hat, &x0, &logits, &tokens, m.alpha_bar_last(), None)
+        let (x0_hat, x0, rounding) = m.training_pass(&tokens, &clip, rng)?;
+        diffusion_terms(&x0_hat, &x0, &rounding, m.alpha_bar_last(), None)
     }
 }
 

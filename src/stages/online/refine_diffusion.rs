@@ -413,16 +413,8 @@ impl RefineObjective {
             .map(|k| self.anchors.get(k).map_or(&[][..], Vec::as_slice))
             .collect();
         let tokens = self.fixed(&refs)?;
-        let (x0_hat, x0, logits) = self.model.training_pass(&tokens, feats, rng)?;
-        diffusion_terms(
-            &x0_hat,
-            &x0,
-            &logits,
-            &tokens,
-            self.model.alpha_bar_last(),
-            None,
-        )?
-        .total()
+        let (x0_hat, x0, rounding) = self.model.training_pass(&tokens, feats, rng)?;
+        diffusion_terms(&x0_hat, &x0, &rounding, self.model.alpha_bar_last(), None)?.total()
     }
 
     fn train_step(&mut self, b: &ImageBatch, ctx: &StepContext) -> candle_core::Result<StepOutput> {
@@ -482,12 +474,11 @@ impl RefineObjective {
             let image_rows: Vec<u32> = used.iter().map(|&i| (i / n) as u32).collect();
             let clip =
                 feats.index_select(&Tensor::from_slice(&image_rows, used.len(), &dev)?, 0)?;
-            let (x0_hat, x0, logits) = self.model.training_pass(&tokens, &clip, &mut rng)?;
+            let (x0_hat, x0, rounding) = self.model.training_pass(&tokens, &clip, &mut rng)?;
             let terms = diffusion_terms(
                 &x0_hat,
                 &x0,
-                &logits,
-                &tokens,
+                &rounding,
                 self.model.alpha_bar_last(),
                 Some(&tw),
             )?;
