@@ -14,7 +14,7 @@ use prefcap::data::records::{MetricRow, PreferencePair, ReferenceLogps};
 use prefcap::data::shard::{read_parquet, write_parquet, ShardSet};
 use prefcap::testkit::loopback::MockHub;
 
-const SMALL: [&str; 12] = [
+const SMALL: [&str; 16] = [
     "--set",
     "ingest.synthetic.train_images=64",
     "--set",
@@ -27,6 +27,11 @@ const SMALL: [&str; 12] = [
     "train_orpo.epochs=2",
     "--set",
     "pretrain_clip.steps=0",
+    // The default pipeline's later trainers, briefly: these tests are about preferences.
+    "--set",
+    "train_diffusion.epochs=2",
+    "--set",
+    "story.epochs=2",
 ];
 
 /// The data files of the reference-log-prob cache entries.

@@ -93,6 +93,25 @@ pub const STAGES: &[Registered] = &[
     register::<report::Report>(),
 ];
 
+/// `<section>.<key> must be at least 1` for each `(key, value)` that is 0: the start of a
+/// section's check of settings that cannot work.
+pub fn zero_keys(section: &str, values: &[(&str, usize)]) -> Vec<String> {
+    values
+        .iter()
+        .filter(|(_, v)| *v == 0)
+        .map(|(key, _)| format!("{section}.{key} must be at least 1"))
+        .collect()
+}
+
+/// `Ok` when `bad` is empty, else a configuration error listing every problem in it.
+pub fn refuse(bad: Vec<String>) -> Result<()> {
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(bad.join("; ")))
+    }
+}
+
 /// The registered stage `name`.
 pub fn stage(name: &str) -> Option<&'static Registered> {
     STAGES.iter().find(|s| s.name == name)

@@ -11,7 +11,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::datasets::captions::{CaptionBatch, CaptionBatches, CaptionedSplit};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::losses::diffusion::diffusion_terms;
 use crate::models::diffusion::{
     build, DiffusionCaptioner, DiffusionManifest, DiffusionSpec, NoiseSchedule, PREFIX,
@@ -70,29 +70,23 @@ impl MethodDefaults for DiffusionConfig {
 impl DiffusionConfig {
     /// The settings that cannot work, each naming its key.
     pub fn check(&self) -> Result<()> {
-        let mut bad = Vec::new();
-        for (key, v) in [
-            ("embedding_dim", self.embedding_dim),
-            ("max_caption_tokens", self.max_caption_tokens),
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("diffusion_steps", self.diffusion_steps),
-        ] {
-            if v == 0 {
-                bad.push(format!("train_diffusion.{key} must be at least 1"));
-            }
-        }
+        let mut bad = crate::stages::zero_keys(
+            "train_diffusion",
+            &[
+                ("embedding_dim", self.embedding_dim),
+                ("max_caption_tokens", self.max_caption_tokens),
+                ("n_layer", self.n_layer),
+                ("n_head", self.n_head),
+                ("diffusion_steps", self.diffusion_steps),
+            ],
+        );
         if self.n_head > 0 && !self.n_embd.is_multiple_of(self.n_head) {
             bad.push(format!(
                 "train_diffusion.n_embd ({}) must be a multiple of n_head ({})",
                 self.n_embd, self.n_head
             ));
         }
-        if bad.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Config(bad.join("; ")))
-        }
+        crate::stages::refuse(bad)
     }
 }
 
@@ -306,6 +300,7 @@ impl Stage for TrainDiffusion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use crate::train::Batches;
     use crossbeam_channel::Receiver;
     use std::path::Path;

@@ -144,21 +144,19 @@ impl MethodDefaults for StoryConfig {
 impl StoryConfig {
     /// The settings that cannot work, each naming its key.
     pub fn check(&self) -> Result<()> {
-        let mut bad = Vec::new();
-        for (key, v) in [
-            ("context_frames", self.context_frames),
-            ("fusion_dim", self.fusion_dim),
-            ("heads", self.heads),
-            ("ffn_dim", self.ffn_dim),
-            ("image_head_dim", self.image_head_dim),
-            ("prefix_length", self.prefix_length),
-            ("max_caption_tokens", self.max_caption_tokens),
-            ("d_every", self.d_every),
-        ] {
-            if v == 0 {
-                bad.push(format!("story.{key} must be at least 1"));
-            }
-        }
+        let mut bad = crate::stages::zero_keys(
+            "story",
+            &[
+                ("context_frames", self.context_frames),
+                ("fusion_dim", self.fusion_dim),
+                ("heads", self.heads),
+                ("ffn_dim", self.ffn_dim),
+                ("image_head_dim", self.image_head_dim),
+                ("prefix_length", self.prefix_length),
+                ("max_caption_tokens", self.max_caption_tokens),
+                ("d_every", self.d_every),
+            ],
+        );
         if self.heads > 0 && !self.fusion_dim.is_multiple_of(self.heads) {
             bad.push(format!(
                 "story.fusion_dim ({}) must be a multiple of heads ({})",
@@ -174,11 +172,7 @@ impl StoryConfig {
         if !self.prompt_template.is_empty() && !self.prompt_template.contains("{context}") {
             bad.push("story.prompt_template must contain {context} (or be empty)".into());
         }
-        if bad.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::Config(bad.join("; ")))
-        }
+        crate::stages::refuse(bad)
     }
 
     /// The model shape for CLIP embeddings of width `clip_dim`.

@@ -388,29 +388,25 @@ pub fn retrieval_table(metrics: &DataFrame) -> Result<Option<DataFrame>> {
         .map_err(perr("retrieval table"))
 }
 
-/// Per run and online stage (`train-dico`, `train-scst` and their named steps): the greedy
-/// held-out metrics of the starting model (validated at step 0) and of the selected
-/// checkpoint (`best_step` from the stage's `last/state.json`, else its last validation),
-/// the training reward of the first and last logged steps, RLHF's KL to its reference at
-/// the last logged step (`kl_last`; NaN for the others), and the share of distinct captions
-/// among each image's candidates or samples over the run.
-pub fn online_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFrame>> {
-    const METRICS: [&str; 4] = ["CLIPScore", "RefCLIPScore", "CIDEr", "attribute_accuracy"];
-    let rows = val_rows(metrics, "online table")?;
-    type Key = (String, String);
+/// A run and a training step.
+type Key = (String, String);
+
+/// Per (run, step) that validated `name`: the selected checkpoint's step, `best_step` of the
+/// step's `last/state.json`, else its last validation of `name`.
+fn selected_steps(
+    workdir: &Path,
+    rows: &[ValRow],
+    name: &str,
+) -> std::collections::BTreeMap<Key, i64> {
     let mut last: std::collections::BTreeMap<Key, i64> = Default::default();
-    for r in rows.iter().filter(|r| r.name == "val/RefCLIPScore") {
+    for r in rows.iter().filter(|r| r.name == name) {
         let e = last
             .entry((r.run_id.clone(), r.stage.clone()))
             .or_insert(r.step);
         *e = (*e).max(r.step);
     }
-    if last.is_empty() {
-        return Ok(None);
-    }
-    let best: std::collections::BTreeMap<Key, i64> = last
-        .iter()
-        .map(|(k, &l)| {
+    last.into_iter()
+        .map(|(k, l)| {
             let state = workdir
                 .join("runs")
                 .join(&k.0)
@@ -420,14 +416,32 @@ pub fn online_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFr
                 .ok()
                 .and_then(|s| s["best_step"].as_i64())
                 .unwrap_or(l);
-            (k.clone(), step)
+            (k, step)
         })
-        .collect();
-    let value = |k: &Key, step: i64, name: &str| {
-        rows.iter()
-            .find(|r| r.run_id == k.0 && r.stage == k.1 && r.step == step && r.name == name)
-            .map_or(f64::NAN, |r| r.value)
-    };
+        .collect()
+}
+
+/// The value of validation scalar `name` of `k` at `step` (NaN when not logged).
+fn value_at(rows: &[ValRow], k: &Key, step: i64, name: &str) -> f64 {
+    rows.iter()
+        .find(|r| r.run_id == k.0 && r.stage == k.1 && r.step == step && r.name == name)
+        .map_or(f64::NAN, |r| r.value)
+}
+
+/// Per run and online stage (`train-dico`, `train-scst` and their named steps): the greedy
+/// held-out metrics of the starting model (validated at step 0) and of the selected
+/// checkpoint (`best_step` from the stage's `last/state.json`, else its last validation),
+/// the training reward of the first and last logged steps, RLHF's KL to its reference at
+/// the last logged step (`kl_last`; NaN for the others), and the share of distinct captions
+/// among each image's candidates or samples over the run.
+pub fn online_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFrame>> {
+    const METRICS: [&str; 4] = ["CLIPScore", "RefCLIPScore", "CIDEr", "attribute_accuracy"];
+    let rows = val_rows(metrics, "online table")?;
+    let best = selected_steps(workdir, &rows, "val/RefCLIPScore");
+    if best.is_empty() {
+        return Ok(None);
+    }
+    let value = |k: &Key, step: i64, name: &str| value_at(&rows, k, step, name);
     let train_rows = split_rows(metrics, "train", "online table")?;
     let train = |name: &str| -> Result<Vec<(String, String, i64, f64)>> {
         let mut v: Vec<(String, String, i64, f64)> = train_rows
@@ -521,37 +535,13 @@ pub fn story_table(workdir: &Path, metrics: &DataFrame) -> Result<Option<DataFra
         ("d_accuracy", "d/accuracy"),
     ];
     let rows = val_rows(metrics, "story table")?;
-    type Key = (String, String);
-    let mut last: std::collections::BTreeMap<Key, i64> = Default::default();
-    for r in rows.iter().filter(|r| r.name == "image_cosine") {
-        let e = last
-            .entry((r.run_id.clone(), r.stage.clone()))
-            .or_insert(r.step);
-        *e = (*e).max(r.step);
-    }
-    if last.is_empty() {
+    let keys: Vec<(Key, i64)> = selected_steps(workdir, &rows, "image_cosine")
+        .into_iter()
+        .collect();
+    if keys.is_empty() {
         return Ok(None);
     }
-    let keys: Vec<(Key, i64)> = last
-        .into_iter()
-        .map(|(k, l)| {
-            let state = workdir
-                .join("runs")
-                .join(&k.0)
-                .join(&k.1)
-                .join("last/state.json");
-            let step = crate::io::read_json::<serde_json::Value>(&state)
-                .ok()
-                .and_then(|s| s["best_step"].as_i64())
-                .unwrap_or(l);
-            (k, step)
-        })
-        .collect();
-    let value = |k: &Key, step: i64, name: &str| {
-        rows.iter()
-            .find(|r| r.run_id == k.0 && r.stage == k.1 && r.step == step && r.name == name)
-            .map_or(f64::NAN, |r| r.value)
-    };
+    let value = |k: &Key, step: i64, name: &str| value_at(&rows, k, step, name);
     let train = split_rows(metrics, "train", "story table")?;
     let reward = |k: &Key, first: bool| -> f64 {
         let mut v: Vec<(i64, f64)> = train
