@@ -448,11 +448,7 @@ impl StoryObjective {
         let rows = counts.iter().filter(|c| **c > 0.0).count();
         let total: f32 = counts.iter().sum();
         if rows == 0 {
-            return Ok(StepOutput {
-                loss: Tensor::zeros((), candle_core::DType::F32, &device)?,
-                scalars: Vec::new(),
-                rows: 0,
-            });
+            return StepOutput::nothing(&device, Vec::new());
         }
         let l_txt = (lp.sum_all()?.neg()? / f64::from(total))?;
         let pred = m.image_head.forward(&z)?;
@@ -592,11 +588,7 @@ impl StoryObjective {
         let adv = self.adversary.as_ref().expect("adversarial");
         let device = self.model.device().clone();
         if (ctx.train && !ctx.step.is_multiple_of(self.cfg.d_every)) || adv.batch.len() != b.rows {
-            return Ok(StepOutput {
-                loss: Tensor::zeros((), candle_core::DType::F32, &device)?,
-                scalars: Vec::new(),
-                rows: 0,
-            });
+            return StepOutput::nothing(&device, Vec::new());
         }
         let t = batch_tensors(b, &device)?;
         let fake: Vec<f32> = adv

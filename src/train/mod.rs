@@ -291,6 +291,20 @@ pub struct StepOutput {
     pub rows: usize,
 }
 
+impl StepOutput {
+    /// A batch with nothing to learn (no row counts): a zero loss on `device` and `scalars`.
+    pub fn nothing(
+        device: &candle_core::Device,
+        scalars: Vec<(String, f64)>,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            loss: Tensor::new(0f32, device)?,
+            scalars,
+            rows: 0,
+        })
+    }
+}
+
 /// A training objective: its parameter groups and what one batch costs each of them.
 pub trait Objective {
     type Batch: Send + 'static;

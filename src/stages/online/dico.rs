@@ -194,11 +194,7 @@ impl OnlineMethod for DicoObjective {
             ),
         ];
         if rankings.is_empty() {
-            return Ok(StepOutput {
-                loss: candle_core::Tensor::new(0f32, o.policy.device())?,
-                scalars,
-                rows: 0,
-            });
+            return StepOutput::nothing(o.policy.device(), scalars);
         }
         let (policy, _) = Online::teacher_forced(&o.policy, &feats, &image_of, &gens)?;
         let (reference, _) = Online::teacher_forced(&self.reference, &feats, &image_of, &gens)?;

@@ -326,11 +326,7 @@ impl Online {
                 .captions
                 .push((k.clone(), g.text.clone(), caption_length(g, eos)));
         }
-        Ok(StepOutput {
-            loss: Tensor::new(0f32, self.policy.device())?,
-            scalars: Vec::new(),
-            rows: 0,
-        })
+        StepOutput::nothing(self.policy.device(), Vec::new())
     }
 
     /// Rewards of `gens[i]` for image `keys[i]`.

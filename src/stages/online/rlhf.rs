@@ -558,11 +558,7 @@ impl OnlineMethod for RlhfObjective {
         let rows = r.image_of.len();
         let mut scalars = r.scalars.clone();
         if rows == 0 {
-            return Ok(StepOutput {
-                loss: Tensor::new(0f32, &dev)?,
-                scalars,
-                rows: 0,
-            });
+            return StepOutput::nothing(&dev, scalars);
         }
         let logp = match fresh {
             Some(lp) => lp,

@@ -199,11 +199,7 @@ impl OnlineMethod for ScstObjective {
             ),
         ];
         if kept.is_empty() {
-            return Ok(StepOutput {
-                loss: candle_core::Tensor::new(0f32, o.policy.device())?,
-                scalars,
-                rows: 0,
-            });
+            return StepOutput::nothing(o.policy.device(), scalars);
         }
         let image_of: Vec<u32> = kept.iter().map(|&i| rows[i]).collect();
         let gens: Vec<&Generated> = kept.iter().map(|&i| &samples[i]).collect();
