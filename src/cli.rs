@@ -11,6 +11,7 @@ use crate::bench;
 use crate::datasets::embedding::{embed_user_inputs, UserInputs};
 use crate::pipeline::plan::{self, ConfigSource};
 use crate::pipeline::runner::{self, RunOptions};
+use crate::pipeline::workers;
 use crate::stages::{self, STAGES};
 
 #[derive(Debug, Parser)]
@@ -28,6 +29,11 @@ pub struct Cli {
 pub enum Command {
     /// Run a stage or a pipeline (default: the embedded offline demo, pipelines/default.toml).
     Run(RunArgs),
+    /// Check a job array's shards (`run <stage> --num-workers N`) and record the stage as one
+    /// run; fails naming each missing shard and the worker index that owns it.
+    Merge(JobArgs),
+    /// Where a job array stands: shards finished per set, worker outcomes, what is missing.
+    Status(JobArgs),
     /// List stages and pipelines.
     List,
     /// Validate a pipeline and its configuration without running anything.
@@ -87,6 +93,24 @@ pub struct RunArgs {
     /// Re-download only the failed samples of finished shards.
     #[arg(long)]
     pub retry_failed: bool,
+    /// Split a shard-parallel stage (ingest, embed) across N workers of a job array: shard s
+    /// belongs to worker s mod N. Always give it explicitly.
+    #[arg(long, value_name = "N")]
+    pub num_workers: Option<u32>,
+    /// This worker's index in 0..N [default: $SLURM_ARRAY_TASK_ID, else $JOB_COMPLETION_INDEX].
+    #[arg(long, value_name = "I")]
+    pub worker_index: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The stage the workers ran.
+    pub stage: String,
+    /// How many workers the job array had (names the owner of each missing shard).
+    #[arg(long, value_name = "N")]
+    pub num_workers: u32,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 #[derive(Debug, Args)]
@@ -164,11 +188,47 @@ pub fn main() -> anyhow::Result<()> {
                 retry_failed: args.retry_failed,
                 gpu: args.common.gpu,
             };
-            let (run_dir, record) = runner::execute(&plan, &opts)?;
+            let env = |name: &str| std::env::var(name).ok();
+            match workers::resolve_workers(args.num_workers, args.worker_index, env)? {
+                Some(w) => {
+                    let (path, record) = workers::run_worker(&plan, &opts, w)?;
+                    println!(
+                        "worker {} of {} finished ({}); record in {}; once every worker has \
+                         ended: pipeline merge {} --num-workers {}",
+                        record.index,
+                        record.count,
+                        record.summary,
+                        path.display(),
+                        args.target,
+                        record.count
+                    );
+                }
+                None => {
+                    let (run_dir, record) = runner::execute(&plan, &opts)?;
+                    println!(
+                        "run {} finished; record in {}",
+                        record.run_id,
+                        run_dir.join("run.json").display()
+                    );
+                }
+            }
+        }
+        Command::Merge(args) => {
+            let plan = plan::resolve(&args.stage, &args.common.source())?;
+            let (run_dir, record) = workers::merge(&plan, &args.common.workdir, args.num_workers)?;
             println!(
-                "run {} finished; record in {}",
+                "{} merged as run {}; record in {}",
+                args.stage,
                 record.run_id,
                 run_dir.join("run.json").display()
+            );
+        }
+        Command::Status(args) => {
+            let plan = plan::resolve(&args.stage, &args.common.source())?;
+            let (registered, ledger) = workers::job(&plan, &args.common.workdir)?;
+            println!(
+                "{}",
+                workers::job_status(registered.name, &ledger, args.num_workers)?
             );
         }
         Command::List => {

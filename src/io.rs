@@ -97,6 +97,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     file.commit()
 }
 
+/// Writes `bytes` to `path` only if no file is there yet (create-if-absent): the bytes go to a
+/// temporary sibling, which is then hard-linked to `path`, an operation that fails when `path`
+/// exists. Returns `false` (and writes nothing) when another writer got there first, so two
+/// processes can never both claim the same marker.
+pub fn write_new(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(bytes).at(path)?;
+    let tmp = file.tmp.clone();
+    if let Some(writer) = file.file.take() {
+        let f = writer.into_inner().map_err(|e| e.into_error()).at(&tmp)?;
+        f.sync_all().at(&tmp)?;
+    }
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e).at(path),
+    }
+}
+
 /// A directory filled under a temporary name, then swapped for `path` whole by
 /// [`AtomicDir::commit`] (checkpoints: weights, optimizer state and step always agree).
 pub struct AtomicDir {

@@ -9,7 +9,7 @@
 //! decodes batches without copying.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -126,6 +126,12 @@ impl FeatureCache {
     /// Removes temporary files left by killed runs (not those of a run still going).
     pub fn sweep_temp(&self) -> Result<()> {
         self.cache.sweep_temp()
+    }
+
+    /// The files of `key`'s entry: its data file and its manifest (written last).
+    pub fn files(&self, key: &FeatureKey) -> [PathBuf; 2] {
+        let (data, manifest) = self.cache.paths(&key.digest());
+        [data, manifest]
     }
 
     /// Finds and verifies the entry of `key`: the cache's checks (size, sha256), then the

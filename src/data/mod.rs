@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod features;
 pub mod hub;
+pub mod partition;
 pub mod record;
 pub mod records;
 pub mod shard;

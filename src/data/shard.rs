@@ -36,6 +36,10 @@ pub struct ShardStats {
     pub duration_secs: f64,
     /// Where the rows came from (input file, hub repo@revision).
     pub source: String,
+    /// Size of the Parquet file in bytes (set by [`ShardSet::write`]; 0 in stats written
+    /// before it was recorded), so a marker whose shard was replaced or cut short is caught.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 impl ShardStats {
@@ -203,8 +207,13 @@ impl ShardSet {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&stats_path),
             _ => {}
         }
-        write_parquet(&self.parquet_path(shard), rows)?;
-        let json = serde_json::to_vec_pretty(stats).map_err(|e| Error::BadFile {
+        let parquet = self.parquet_path(shard);
+        write_parquet(&parquet, rows)?;
+        let stats = ShardStats {
+            bytes: fs::metadata(&parquet).at(&parquet)?.len(),
+            ..stats.clone()
+        };
+        let json = serde_json::to_vec_pretty(&stats).map_err(|e| Error::BadFile {
             path: self.stats_path(shard),
             message: e.to_string(),
         })?;
@@ -347,7 +356,9 @@ mod tests {
         set.write(0, &rows, &stats).unwrap();
         assert_eq!(set.finished().unwrap(), vec![0]);
         assert_eq!(set.read::<PreferencePair>(0).unwrap(), rows);
-        assert_eq!(set.read_stats(0).unwrap(), stats);
+        let bytes = std::fs::metadata(set.parquet_path(0)).unwrap().len();
+        assert!(bytes > 0);
+        assert_eq!(set.read_stats(0).unwrap(), ShardStats { bytes, ..stats });
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod plan;
 pub mod runner;
+pub mod workers;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Executes a validated plan: creates `runs/<run-id>/`, saves the resolved config and the
 //! pipeline there before any work starts, runs the steps in order, and records outcomes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -46,34 +46,44 @@ pub struct RunRecord {
     pub steps: Vec<(String, StepOutcome)>,
 }
 
-/// Runs `plan` under `opts.workdir`, recording each step in `run.json` as it ends. A failing
-/// step is recorded and stops the run with its error (the stage named, its cause kept as the
-/// error's source); what earlier steps wrote stays, and the steps that report on it (stages
-/// with `RUNS_AFTER_FAILURE`, the report) still run.
-pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
+/// Creates `runs/<run-id>/` for `plan` under `workdir` with its resolved config and pipeline
+/// file, and an empty record of it.
+pub fn start_run(plan: &Plan, workdir: &Path) -> Result<(PathBuf, RunRecord)> {
     let run_id = new_run_id(&plan.name);
-    let run_dir = opts.workdir.join("runs").join(&run_id);
+    let run_dir = workdir.join("runs").join(&run_id);
     std::fs::create_dir_all(&run_dir).at(&run_dir)?;
     write_atomic(
         &run_dir.join("config.toml"),
         plan.config.to_toml()?.as_bytes(),
     )?;
     write_atomic(&run_dir.join("pipeline.toml"), plan.text.as_bytes())?;
-    eprintln!(
-        "run {run_id}: {} step(s) from {}; config saved in {}",
-        plan.steps.len(),
-        plan.origin,
-        run_dir.display()
-    );
-
-    let mut record = RunRecord {
+    let record = RunRecord {
         run_id,
         pipeline: plan.name.clone(),
         steps: Vec::new(),
     };
-    let save = |record: &RunRecord| -> Result<()> {
-        crate::io::write_json(&run_dir.join("run.json"), record)
-    };
+    Ok((run_dir, record))
+}
+
+/// Writes `record` as the run's `run.json` (atomically).
+pub fn save_record(run_dir: &Path, record: &RunRecord) -> Result<()> {
+    crate::io::write_json(&run_dir.join("run.json"), record)
+}
+
+/// Runs `plan` under `opts.workdir`, recording each step in `run.json` as it ends. A failing
+/// step is recorded and stops the run with its error (the stage named, its cause kept as the
+/// error's source); what earlier steps wrote stays, and the steps that report on it (stages
+/// with `RUNS_AFTER_FAILURE`, the report) still run.
+pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
+    let (run_dir, mut record) = start_run(plan, &opts.workdir)?;
+    eprintln!(
+        "run {}: {} step(s) from {}; config saved in {}",
+        record.run_id,
+        plan.steps.len(),
+        plan.origin,
+        run_dir.display()
+    );
+    let save = |record: &RunRecord| -> Result<()> { save_record(&run_dir, record) };
     // Plans run in dependency order and a failure stops the run: a step's inputs are done.
     // After a failure only the steps that report on what finished still run (the report).
     let mut failure: Option<Error> = None;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::features::{CacheDtype, FeatureEntry};
 use crate::data::hub::{HubClient, HubConfig};
+use crate::data::partition::Sharding;
 use crate::datasets::embedding::EmbedOptions;
 use crate::datasets::features::{FeatureSettings, ModelIdentity, IMAGE_TOKENS};
 use crate::datasets::pairs::TruncationMode;
@@ -210,6 +211,9 @@ pub struct StageContext {
     pub retry_failed: bool,
     /// The pipeline step being run (empty: the stage runs under its own name).
     pub step: String,
+    /// Which worker of a job array this is and the job's ledger (a single process: all the
+    /// work, no ledger). Only stages with `Stage::SHARDED` look at it.
+    pub sharding: Sharding,
     pub run: RunConfig,
     pub hub: HubConfig,
     pub clip: ClipConfig,
@@ -234,6 +238,7 @@ impl StageContext {
             gpu: None,
             retry_failed: false,
             step: String::new(),
+            sharding: Sharding::default(),
             run,
             hub,
             clip,
@@ -489,6 +494,25 @@ impl StageContext {
             "no {what} in this run or an earlier one under {}; run `pipeline run {stage}` first",
             self.workdir.display()
         ))
+    }
+}
+
+/// `<section>.<key> must be at least 1` for each `(key, value)` that is 0: the start of a
+/// section's check of settings that cannot work.
+pub fn zero_keys(section: &str, values: &[(&str, usize)]) -> Vec<String> {
+    values
+        .iter()
+        .filter(|(_, v)| *v == 0)
+        .map(|(key, _)| format!("{section}.{key} must be at least 1"))
+        .collect()
+}
+
+/// `Ok` when `bad` is empty, else a configuration error listing every problem in it.
+pub fn refuse(bad: Vec<String>) -> Result<()> {
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(bad.join("; ")))
     }
 }
 

@@ -65,14 +65,15 @@ impl Stage for Embed {
         "frozen CLIP image and text embeddings into the content-addressed feature cache";
     const USES_GPU: bool = true;
     const SECTION: &'static str = "embed";
+    const SHARDED: bool = true;
     type Config = EmbedConfig;
     type Summary = EmbedSummary;
 
     /// Embeds the finished shards of the configured datasets under `[clip]`.
     fn run(cfg: &EmbedConfig, ctx: &StageContext) -> Result<EmbedSummary> {
         let workdir = &ctx.workdir;
-        let shards = input_shards(&cfg.datasets, workdir)?;
-        if shards.is_empty() {
+        let sets = input_shards(&cfg.datasets, workdir)?;
+        if sets.iter().all(|(_, shards)| shards.is_empty()) {
             return Err(Error::Config(format!(
                 "embed: no finished shards under {}/data/{{{}}}; run `pipeline run ingest` first",
                 workdir.display(),
@@ -87,27 +88,46 @@ impl Stage for Embed {
         let mut image_work = Vec::new();
         let mut token_work = Vec::new();
         let mut text_work = Vec::new();
-        for path in shards {
-            let source = workdir_relative(workdir, &path);
-            let sha256 = sha256_file(&path)?;
-            let key = identity.key("image", &source, &sha256, "image");
-            if needs_work(&cache, &key, &mut summary)? {
-                image_work.push((path.clone(), key));
-            }
-            if cfg.image_tokens {
-                let key = identity.key(IMAGE_TOKENS, &source, &sha256, "image");
-                if needs_work(&cache, &key, &mut summary)? {
-                    token_work.push((path.clone(), key));
+        // The entries each owned shard needs, for its done marker in a job array's ledger.
+        let mut units: Vec<(String, u32, Vec<FeatureKey>)> = Vec::new();
+        for (set, shards) in sets {
+            let indices: Vec<u32> = shards.iter().map(|(s, _)| *s).collect();
+            ctx.sharding.plan_units(&set, &indices)?;
+            for (shard, path) in shards {
+                if !ctx.sharding.owns(shard) {
+                    continue;
                 }
-            }
-            if cfg.texts {
-                let key = identity.key("text", &source, &sha256, "caption");
-                if needs_work(&cache, &key, &mut summary)? {
-                    text_work.push((path, key));
+                let source = workdir_relative(workdir, &path);
+                let sha256 = sha256_file(&path)?;
+                let mut keys = vec![identity.key("image", &source, &sha256, "image")];
+                if cfg.image_tokens {
+                    keys.push(identity.key(IMAGE_TOKENS, &source, &sha256, "image"));
                 }
+                if cfg.texts {
+                    keys.push(identity.key("text", &source, &sha256, "caption"));
+                }
+                for key in &keys {
+                    if needs_work(&cache, key, &mut summary)? {
+                        let work = match key.modality.as_str() {
+                            IMAGE_TOKENS => &mut token_work,
+                            "text" => &mut text_work,
+                            _ => &mut image_work,
+                        };
+                        work.push((path.clone(), key.clone()));
+                    }
+                }
+                units.push((set.clone(), shard, keys));
             }
         }
+        let mark_done = || -> Result<()> {
+            for (set, shard, keys) in &units {
+                let files: Vec<PathBuf> = keys.iter().flat_map(|k| cache.files(k)).collect();
+                ctx.sharding.mark_done(set, *shard, &files)?;
+            }
+            Ok(())
+        };
         if image_work.is_empty() && text_work.is_empty() && token_work.is_empty() {
+            mark_done()?;
             return Ok(summary);
         }
         if !token_work.is_empty() {
@@ -161,6 +181,7 @@ impl Stage for Embed {
                 embed_images_into(&model, &cache, &units, &opts, ImageOutput::Tokens)?;
             summary.image_tokens += images;
         }
+        mark_done()?;
         Ok(summary)
     }
 }
@@ -178,7 +199,11 @@ fn shard_rows(path: &Path) -> Result<u64> {
     Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
 }
 
-fn input_shards(datasets: &[String], workdir: &Path) -> Result<Vec<PathBuf>> {
+/// The finished shards of every split of `datasets`, by set (`data/<dataset>/<split>`): each
+/// shard's index and path.
+type InputSets = Vec<(String, Vec<(u32, PathBuf)>)>;
+
+fn input_shards(datasets: &[String], workdir: &Path) -> Result<InputSets> {
     let mut out = Vec::new();
     for dataset in datasets {
         let dir = workdir.join("data").join(dataset);
@@ -192,7 +217,13 @@ fn input_shards(datasets: &[String], workdir: &Path) -> Result<Vec<PathBuf>> {
             .collect();
         splits.sort();
         for split in splits {
-            out.extend(ShardSet::new(workdir, dataset, &split).finished_paths()?);
+            let set = ShardSet::new(workdir, dataset, &split);
+            let shards = set
+                .finished()?
+                .into_iter()
+                .map(|s| (s, set.parquet_path(s)))
+                .collect();
+            out.push((format!("data/{dataset}/{split}"), shards));
         }
     }
     Ok(out)

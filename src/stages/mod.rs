@@ -42,6 +42,10 @@ pub trait Stage {
     /// Whether it still runs, on what the earlier steps finished, when a step before it in
     /// the plan failed (the report).
     const RUNS_AFTER_FAILURE: bool = false;
+    /// Whether its work is split into shards that the workers of a job array share
+    /// (`--num-workers`, [`StageContext::sharding`]): it does only the shards its worker owns
+    /// and records its plan in the job's ledger.
+    const SHARDED: bool = false;
     /// The section, strictly typed (`deny_unknown_fields`); its defaults equal
     /// `configs/default.toml`.
     type Config: Serialize + DeserializeOwned + Default;
@@ -64,6 +68,7 @@ pub struct Registered {
     pub uses_gpu: bool,
     pub section: &'static str,
     pub runs_after_failure: bool,
+    pub sharded: bool,
     /// Parses the stage's section (absent: the defaults) strictly and returns it with every
     /// default filled in, as the run directory's `config.toml` records it.
     pub resolve: fn(Option<&toml::Value>) -> Result<toml::Value>,
@@ -93,25 +98,6 @@ pub const STAGES: &[Registered] = &[
     register::<report::Report>(),
 ];
 
-/// `<section>.<key> must be at least 1` for each `(key, value)` that is 0: the start of a
-/// section's check of settings that cannot work.
-pub fn zero_keys(section: &str, values: &[(&str, usize)]) -> Vec<String> {
-    values
-        .iter()
-        .filter(|(_, v)| *v == 0)
-        .map(|(key, _)| format!("{section}.{key} must be at least 1"))
-        .collect()
-}
-
-/// `Ok` when `bad` is empty, else a configuration error listing every problem in it.
-pub fn refuse(bad: Vec<String>) -> Result<()> {
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Config(bad.join("; ")))
-    }
-}
-
 /// The registered stage `name`.
 pub fn stage(name: &str) -> Option<&'static Registered> {
     STAGES.iter().find(|s| s.name == name)
@@ -124,6 +110,7 @@ const fn register<S: Stage>() -> Registered {
         uses_gpu: S::USES_GPU,
         section: S::SECTION,
         runs_after_failure: S::RUNS_AFTER_FAILURE,
+        sharded: S::SHARDED,
         resolve: resolve::<S>,
         run: run::<S>,
     }

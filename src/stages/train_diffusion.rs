@@ -70,7 +70,7 @@ impl MethodDefaults for DiffusionConfig {
 impl DiffusionConfig {
     /// The settings that cannot work, each naming its key.
     pub fn check(&self) -> Result<()> {
-        let mut bad = crate::stages::zero_keys(
+        let mut bad = crate::stages::context::zero_keys(
             "train_diffusion",
             &[
                 ("embedding_dim", self.embedding_dim),
@@ -86,7 +86,7 @@ impl DiffusionConfig {
                 self.n_embd, self.n_head
             ));
         }
-        crate::stages::refuse(bad)
+        crate::stages::context::refuse(bad)
     }
 }
 

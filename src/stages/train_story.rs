@@ -144,7 +144,7 @@ impl MethodDefaults for StoryConfig {
 impl StoryConfig {
     /// The settings that cannot work, each naming its key.
     pub fn check(&self) -> Result<()> {
-        let mut bad = crate::stages::zero_keys(
+        let mut bad = crate::stages::context::zero_keys(
             "story",
             &[
                 ("context_frames", self.context_frames),
@@ -172,7 +172,7 @@ impl StoryConfig {
         if !self.prompt_template.is_empty() && !self.prompt_template.contains("{context}") {
             bad.push("story.prompt_template must contain {context} (or be empty)".into());
         }
-        crate::stages::refuse(bad)
+        crate::stages::context::refuse(bad)
     }
 
     /// The model shape for CLIP embeddings of width `clip_dim`.

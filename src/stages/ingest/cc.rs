@@ -190,9 +190,12 @@ pub fn run(
     let n_shards = u32::try_from(total.div_ceil(shard_size))
         .map_err(|_| Error::Config("too many shards: raise ingest.cc.shard_size".into()))?;
     let source = provenance(&input, cfg)?;
+    let sharding = &opts.sharding;
+    sharding.plan_shards(set.dir(), &source, n_shards)?;
     let finished: HashSet<u32> = set.finished()?.into_iter().collect();
     let mut plan = BTreeMap::new();
-    for shard in 0..n_shards {
+    let owned: Vec<u32> = (0..n_shards).filter(|&s| sharding.owns(s)).collect();
+    for &shard in &owned {
         let start = u64::from(shard) * shard_size;
         let expected = (total - start).min(shard_size) as usize;
         // A finished shard is kept only if this run would write the same rows the same way:
@@ -215,7 +218,7 @@ pub fn run(
         }
     }
     let work: u64 = plan.values().map(|p| p.expected() as u64).sum();
-    let skipped = n_shards as usize - plan.len();
+    let skipped = owned.len() - plan.len();
     let written = if work > 0 {
         let progress = Progress::new("cc", "images", Some(work));
         let written = Pipeline {
@@ -235,13 +238,18 @@ pub fn run(
         written
     } else {
         eprintln!(
-            "[cc] all {n_shards} shards of {} are already done",
+            "[cc] all {} of the {n_shards} shards of {} that this process owns are already done",
+            owned.len(),
             input.display()
         );
         0
     };
     let (mut rows, mut failed) = (0, 0);
-    for shard in set.finished()?.into_iter().filter(|s| *s < n_shards) {
+    for shard in set
+        .finished()?
+        .into_iter()
+        .filter(|&s| s < n_shards && sharding.owns(s))
+    {
         let stats = set.read_stats(shard)?;
         rows += stats.count;
         failed += stats.failed();
@@ -440,6 +448,7 @@ pub fn shard_stats(
         failures,
         duration_secs: took.as_secs_f64(),
         source: source.to_string(),
+        bytes: 0,
     }
 }
 

@@ -16,7 +16,7 @@ use crate::data::hub::HubFile;
 use crate::data::records::Record;
 use crate::data::shard::{read_batches, ShardSet, ShardStats};
 use crate::error::{Error, IoContext, Result};
-use crate::stages::ingest::SplitSummary;
+use crate::stages::ingest::{Destination, SplitSummary};
 
 /// Calls `f(batch, index of the batch's first row in the file)` for each record batch of
 /// the parquet file at `path` (through [`read_batches`], so errors name the file).
@@ -229,7 +229,7 @@ pub fn plan_shards<R>(units: Vec<Unit<R>>, shard_size: usize) -> Vec<PlannedShar
 /// plan. A shard's `duration_secs` is the wall time since the previous shard was written
 /// (for the first: since `started`, so it includes fetching and parsing).
 pub fn write_split<R: Record>(
-    workdir: &Path,
+    dest: Destination,
     dataset: &str,
     split: &str,
     source: &str,
@@ -237,9 +237,15 @@ pub fn write_split<R: Record>(
     units: Vec<Unit<R>>,
     started: Instant,
 ) -> Result<SplitSummary> {
-    let set = ShardSet::new(workdir, dataset, split);
+    let set = ShardSet::new(dest.workdir, dataset, split);
     set.prepare()?;
     let planned = plan_shards(units, shard_size);
+    let shards = u32::try_from(planned.len()).map_err(|_| {
+        Error::Config(format!(
+            "{dataset}/{split}: too many shards; raise shard_size"
+        ))
+    })?;
+    dest.sharding.plan_shards(set.dir(), source, shards)?;
     let mut summary = SplitSummary {
         dataset: dataset.to_string(),
         split: split.to_string(),
@@ -248,6 +254,9 @@ pub fn write_split<R: Record>(
     let mut last = started;
     for (i, shard) in planned.iter().enumerate() {
         let idx = i as u32;
+        if !dest.sharding.owns(idx) {
+            continue;
+        }
         summary.rows += shard.rows.len() as u64;
         let same = set.is_finished(idx)
             && set
@@ -265,6 +274,7 @@ pub fn write_split<R: Record>(
             failures: shard.counts.clone(),
             duration_secs: last.elapsed().as_secs_f64(),
             source: source.to_string(),
+            bytes: 0,
         };
         set.write(idx, &shard.rows, &stats)?;
         last = Instant::now();
@@ -273,7 +283,7 @@ pub fn write_split<R: Record>(
     for stale in set
         .finished()?
         .into_iter()
-        .filter(|&s| s as usize >= planned.len())
+        .filter(|&s| s >= shards && dest.sharding.owns(s))
     {
         // Stats first: a crash in between leaves an unfinished shard, never a dangling one.
         for path in [set.stats_path(stale), set.parquet_path(stale)] {

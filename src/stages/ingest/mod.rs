@@ -9,8 +9,11 @@ pub mod synthetic;
 pub mod tsv;
 pub mod ultrafeedback;
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
+use crate::data::partition::Sharding;
 use crate::error::{Error, Result};
 use crate::stages::{Stage, StageContext};
 
@@ -83,6 +86,15 @@ pub struct SplitSummary {
 pub struct IngestOptions {
     /// Re-download only the failed samples of finished CC shards.
     pub retry_failed: bool,
+    /// Which shards this worker of a job array owns, and where it records its plan.
+    pub sharding: Sharding,
+}
+
+/// Where a hub source writes: the workdir, and which of the shards this process owns.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    pub workdir: &'a Path,
+    pub sharding: &'a Sharding,
 }
 
 /// What `ingest` wrote: one summary per source, in the order they ran.
@@ -117,6 +129,7 @@ impl Stage for Ingest {
         "download and shard CC / UltraFeedback / StoryReasoning / synthetic data into Parquet";
     const USES_GPU: bool = false;
     const SECTION: &'static str = "ingest";
+    const SHARDED: bool = true;
     type Config = IngestConfig;
     type Summary = IngestSummary;
 
@@ -137,15 +150,18 @@ impl Stage for Ingest {
         };
         let opts = IngestOptions {
             retry_failed: ctx.retry_failed,
+            sharding: ctx.sharding.clone(),
         };
         let (workdir, seed) = (ctx.workdir.as_path(), ctx.run.seed);
+        let sharding = &ctx.sharding;
+        let out = Destination { workdir, sharding };
         let mut summary = IngestSummary::default();
         for source in &cfg.sources {
             summary.sources.push(match source {
-                Source::Synthetic => synthetic::run(&cfg.synthetic, seed, workdir)?,
+                Source::Synthetic => synthetic::run(&cfg.synthetic, seed, workdir, sharding)?,
                 Source::Cc => cc::run(&cfg.cc, &ctx.run, workdir, &opts)?,
-                Source::Ultrafeedback => ultrafeedback::run(&cfg.ultrafeedback, hub()?, workdir)?,
-                Source::Storyreasoning => story::run(&cfg.storyreasoning, seed, hub()?, workdir)?,
+                Source::Ultrafeedback => ultrafeedback::run(&cfg.ultrafeedback, hub()?, out)?,
+                Source::Storyreasoning => story::run(&cfg.storyreasoning, seed, hub()?, out)?,
             });
         }
         Ok(summary)

@@ -13,7 +13,6 @@
 //! `too_few_frames` (stories dropped).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Instant;
 
 use arrow::array::Array;
@@ -27,7 +26,7 @@ use crate::rng::SplitMix64;
 use crate::stages::ingest::hub_table::{
     for_each_batch, list_column, provenance, text_column, write_split, Unit,
 };
-use crate::stages::ingest::{SourceSummary, SplitSummary};
+use crate::stages::ingest::{Destination, SourceSummary, SplitSummary};
 
 /// Output dataset: `data/storyreasoning/<split>/`.
 pub const DATASET: &str = "storyreasoning";
@@ -316,7 +315,12 @@ fn units(outcomes: Vec<StoryOutcome>) -> Vec<Unit<StoryFrame>> {
 /// and a shard is rewritten unless it is finished with the same provenance (`repo@commit` plus
 /// a digest of val_fraction, context_frames, shard_size and the seed). The hub's train split is
 /// held in memory while it is re-split (about 0.7 GB for the real dataset).
-pub fn run(cfg: &StoryConfig, seed: u64, hub: &HubClient, workdir: &Path) -> Result<SourceSummary> {
+pub fn run(
+    cfg: &StoryConfig,
+    seed: u64,
+    hub: &HubClient,
+    dest: Destination,
+) -> Result<SourceSummary> {
     if cfg.shard_size == 0 {
         return Err(Error::Config(
             "ingest.storyreasoning.shard_size must be at least 1".into(),
@@ -347,7 +351,7 @@ pub fn run(cfg: &StoryConfig, seed: u64, hub: &HubClient, workdir: &Path) -> Res
         let source = provenance(&cfg.repo, &files, &settings);
         let write = |name: &str, outcomes: Vec<StoryOutcome>| {
             write_split(
-                workdir,
+                dest,
                 DATASET,
                 name,
                 &source,

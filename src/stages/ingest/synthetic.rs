@@ -10,6 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::data::partition::Sharding;
 use crate::data::records::{ImageTextSample, PreferencePair, Record, SampleStatus, StoryFrame};
 use crate::data::shard::{ShardSet, ShardStats};
 use crate::error::{Error, IoContext, Result};
@@ -156,6 +157,7 @@ fn plan_stories(
 /// exactly this config's rows.
 struct SplitWriter<'a> {
     workdir: &'a Path,
+    sharding: &'a Sharding,
     shard_size: usize,
     source: String,
     progress: &'a Progress,
@@ -178,7 +180,14 @@ impl SplitWriter<'_> {
             split: split.to_string(),
             ..SplitSummary::default()
         };
-        let mut planned = 0u32;
+        let planned = u32::try_from(items.len().div_ceil(self.shard_size)).map_err(|_| {
+            Error::Config(format!(
+                "ingest.synthetic: {dataset}/{split} needs more than {} shards; raise shard_size",
+                u32::MAX
+            ))
+        })?;
+        self.sharding
+            .plan_shards(set.dir(), &self.source, planned)?;
         for (i, chunk) in items.chunks(self.shard_size).enumerate() {
             let shard = u32::try_from(i).map_err(|_| {
                 Error::Config(format!(
@@ -186,7 +195,9 @@ impl SplitWriter<'_> {
                     u32::MAX
                 ))
             })?;
-            planned = shard + 1;
+            if !self.sharding.owns(shard) {
+                continue;
+            }
             let count = chunk.len() as u64;
             let reusable = finished.contains(&shard)
                 && set
@@ -213,13 +224,17 @@ impl SplitWriter<'_> {
                     failures: BTreeMap::new(),
                     duration_secs: start.elapsed().as_secs_f64(),
                     source: self.source.clone(),
+                    bytes: 0,
                 };
                 set.write(shard, &rows, &stats)?;
                 summary.shards_written += 1;
             }
             summary.rows += count;
         }
-        for &stale in finished.range(planned..) {
+        for &stale in finished
+            .range(planned..)
+            .filter(|&&s| self.sharding.owns(s))
+        {
             // Stats first: without them the shard stops counting as finished at once.
             let stats = set.stats_path(stale);
             fs::remove_file(&stats).at(&stats)?;
@@ -249,7 +264,12 @@ fn source_of(cfg: &SyntheticConfig, seed: u64) -> String {
     format!("synthetic seed={seed} config-sha256={}", &digest[..16])
 }
 
-pub fn run(cfg: &SyntheticConfig, seed: u64, workdir: &Path) -> Result<SourceSummary> {
+pub fn run(
+    cfg: &SyntheticConfig,
+    seed: u64,
+    workdir: &Path,
+    sharding: &Sharding,
+) -> Result<SourceSummary> {
     validate(cfg)?;
     let size = cfg.image_size;
 
@@ -272,10 +292,21 @@ pub fn run(cfg: &SyntheticConfig, seed: u64, workdir: &Path) -> Result<SourceSum
         &train_starts,
     );
 
-    let total = (cfg.train_images + cfg.val_images + train_frames.len() + val_frames.len()) as u64;
+    // The images of the shards this worker owns (all of them for a single process).
+    let owned = |len: usize| -> u64 {
+        (0..len.div_ceil(cfg.shard_size))
+            .filter(|&s| sharding.owns(s as u32))
+            .map(|s| (len - s * cfg.shard_size).min(cfg.shard_size) as u64)
+            .sum()
+    };
+    let total = owned(cfg.train_images)
+        + owned(cfg.val_images)
+        + owned(train_frames.len())
+        + owned(val_frames.len());
     let progress = Progress::new("synthetic", "images", Some(total));
     let writer = SplitWriter {
         workdir,
+        sharding,
         shard_size: cfg.shard_size,
         source: source_of(cfg, seed),
         progress: &progress,
@@ -381,7 +412,7 @@ mod tests {
     fn run_writes_the_documented_files_with_the_configured_counts() {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = small_cfg();
-        let summary = run(&cfg, 42, tmp.path()).unwrap();
+        let summary = run(&cfg, 42, tmp.path(), &Sharding::default()).unwrap();
         assert_eq!(summary.source, "synthetic");
         let rows: Vec<(&str, &str, u64)> = summary
             .splits
@@ -499,7 +530,7 @@ mod tests {
             frames_per_story: 8,
             ..small_cfg()
         };
-        run(&cfg, 9, tmp.path()).unwrap();
+        run(&cfg, 9, tmp.path(), &Sharding::default()).unwrap();
         let frames: Vec<StoryFrame> = ShardSet::new(tmp.path(), STORIES_DATASET, "train")
             .read_all()
             .unwrap();
@@ -572,9 +603,9 @@ mod tests {
             tempfile::tempdir().unwrap(),
         );
         let cfg = small_cfg();
-        run(&cfg, 7, a.path()).unwrap();
-        run(&cfg, 7, b.path()).unwrap();
-        run(&cfg, 8, c.path()).unwrap();
+        run(&cfg, 7, a.path(), &Sharding::default()).unwrap();
+        run(&cfg, 7, b.path(), &Sharding::default()).unwrap();
+        run(&cfg, 8, c.path(), &Sharding::default()).unwrap();
         let (fa, fb, fc) = (
             parquet_files(a.path()),
             parquet_files(b.path()),
@@ -600,9 +631,9 @@ mod tests {
     fn rerun_skips_finished_shards() {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = small_cfg();
-        let first = run(&cfg, 1, tmp.path()).unwrap();
+        let first = run(&cfg, 1, tmp.path(), &Sharding::default()).unwrap();
         let before = parquet_files(tmp.path());
-        let second = run(&cfg, 1, tmp.path()).unwrap();
+        let second = run(&cfg, 1, tmp.path(), &Sharding::default()).unwrap();
         for (a, b) in first.splits.iter().zip(&second.splits) {
             assert_eq!(b.shards_written, 0, "{b:?}");
             assert_eq!(b.shards_skipped, a.shards_written, "{b:?}");
@@ -613,7 +644,7 @@ mod tests {
         // A shard killed before its stats were written is redone, alone.
         let set = ShardSet::new(tmp.path(), IMAGES_DATASET, "val");
         fs::remove_file(set.stats_path(1)).unwrap();
-        let third = run(&cfg, 1, tmp.path()).unwrap();
+        let third = run(&cfg, 1, tmp.path(), &Sharding::default()).unwrap();
         let written: usize = third.splits.iter().map(|s| s.shards_written).sum();
         assert_eq!(written, 1);
         assert_eq!(parquet_files(tmp.path()), before);
@@ -624,20 +655,20 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let fresh = tempfile::tempdir().unwrap();
         let cfg = small_cfg();
-        run(&cfg, 1, tmp.path()).unwrap();
-        let summary = run(&cfg, 2, tmp.path()).unwrap();
+        run(&cfg, 1, tmp.path(), &Sharding::default()).unwrap();
+        let summary = run(&cfg, 2, tmp.path(), &Sharding::default()).unwrap();
         assert!(
             summary.splits.iter().all(|s| s.shards_skipped == 0),
             "{summary:?}"
         );
-        run(&cfg, 2, fresh.path()).unwrap();
+        run(&cfg, 2, fresh.path(), &Sharding::default()).unwrap();
         assert_eq!(parquet_files(tmp.path()), parquet_files(fresh.path()));
 
         let smaller = SyntheticConfig {
             train_images: 3,
             ..cfg
         };
-        let summary = run(&smaller, 2, tmp.path()).unwrap();
+        let summary = run(&smaller, 2, tmp.path(), &Sharding::default()).unwrap();
         assert_eq!(summary.splits[0].rows, 3);
         let set = ShardSet::new(tmp.path(), IMAGES_DATASET, "train");
         assert_eq!(set.finished().unwrap(), vec![0]);
@@ -648,12 +679,12 @@ mod tests {
             image_size: smaller.image_size * 2,
             ..smaller.clone()
         };
-        let summary = run(&larger_images, 2, tmp.path()).unwrap();
+        let summary = run(&larger_images, 2, tmp.path(), &Sharding::default()).unwrap();
         assert!(
             summary.splits.iter().all(|s| s.shards_skipped == 0),
             "{summary:?}"
         );
-        run(&larger_images, 2, fresh.path()).unwrap();
+        run(&larger_images, 2, fresh.path(), &Sharding::default()).unwrap();
         assert_eq!(parquet_files(tmp.path()), parquet_files(fresh.path()));
     }
 
@@ -706,7 +737,9 @@ mod tests {
                 "frames_per_story",
             ),
         ] {
-            let err = run(&cfg, 1, tmp.path()).unwrap_err().to_string();
+            let err = run(&cfg, 1, tmp.path(), &Sharding::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(&format!("ingest.synthetic.{key}")), "{err}");
         }
     }

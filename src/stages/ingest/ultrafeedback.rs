@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::time::Instant;
 
 use arrow::array::{Array, Float64Array, StringArray};
@@ -27,7 +26,7 @@ use crate::rng::SplitMix64;
 use crate::stages::ingest::hub_table::{
     f64_column, for_each_batch, list_column, provenance, text_column, write_split, ListColumn, Unit,
 };
-use crate::stages::ingest::{SourceSummary, SplitSummary};
+use crate::stages::ingest::{Destination, SourceSummary, SplitSummary};
 
 /// Output dataset: `data/ultrafeedback/<split>/`.
 pub const DATASET: &str = "ultrafeedback";
@@ -347,15 +346,15 @@ fn settings(cfg: &UltraFeedbackConfig) -> serde_json::Value {
 /// is rewritten unless it is finished and its stats' `source` equals this run's provenance
 /// (`repo@commit` plus a digest of the settings). Finished shards past the new end of the
 /// split are removed.
-pub fn run(cfg: &UltraFeedbackConfig, hub: &HubClient, workdir: &Path) -> Result<SourceSummary> {
+pub fn run(cfg: &UltraFeedbackConfig, hub: &HubClient, out: Destination) -> Result<SourceSummary> {
     if cfg.shard_size == 0 {
         return Err(Error::Config(
             "ingest.ultrafeedback.shard_size must be at least 1".into(),
         ));
     }
     let splits = match cfg.format {
-        UltraFeedbackFormat::Binarized => run_binarized(cfg, hub, workdir)?,
-        UltraFeedbackFormat::Raw => run_raw(cfg, hub, workdir)?,
+        UltraFeedbackFormat::Binarized => run_binarized(cfg, hub, out)?,
+        UltraFeedbackFormat::Raw => run_raw(cfg, hub, out)?,
     };
     Ok(SourceSummary {
         source: DATASET.into(),
@@ -366,7 +365,7 @@ pub fn run(cfg: &UltraFeedbackConfig, hub: &HubClient, workdir: &Path) -> Result
 fn run_binarized(
     cfg: &UltraFeedbackConfig,
     hub: &HubClient,
-    workdir: &Path,
+    dest: Destination,
 ) -> Result<Vec<SplitSummary>> {
     let mut out = Vec::new();
     for split in &cfg.splits {
@@ -385,7 +384,7 @@ fn run_binarized(
         }
         let source = provenance(&cfg.repo, &files, &settings(cfg));
         let summary = write_split(
-            workdir,
+            dest,
             DATASET,
             split,
             &source,
@@ -492,7 +491,7 @@ fn conversation(list: &ListColumn, fields: &[StringArray], row: usize) -> Vec<Ch
 fn run_raw(
     cfg: &UltraFeedbackConfig,
     hub: &HubClient,
-    workdir: &Path,
+    dest: Destination,
 ) -> Result<Vec<SplitSummary>> {
     let started = Instant::now();
     let files = hub.dataset_files(&cfg.raw_repo, &cfg.raw_revision, &cfg.raw_files)?;
@@ -527,7 +526,7 @@ fn run_raw(
         }
         units.extend(filtered(pairs.into_iter().map(Ok).collect(), cfg));
         out.push(write_split(
-            workdir,
+            dest,
             DATASET,
             split,
             &source,
