@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 #[cfg(feature = "bench")]
 use crate::bench;
+use crate::data::store::open_workdir;
 use crate::datasets::embedding::{embed_user_inputs, UserInputs};
 use crate::pipeline::plan::{self, ConfigSource};
 use crate::pipeline::runner::{self, RunOptions};
@@ -146,7 +147,8 @@ pub struct CommonArgs {
     /// Override one configuration key, e.g. --set ingest.cc.shard_size=500 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Directory that holds data/, cache/ and runs/.
+    /// Directory that holds data/, cache/ and runs/; or an object store (s3://bucket/prefix,
+    /// gs://, az://, file://) for data/ and job ledgers, credentials from the environment.
     #[arg(long, default_value = ".")]
     pub workdir: PathBuf,
     /// Run model stages on this CUDA device (needs a build with `--features cuda`).
@@ -183,10 +185,12 @@ pub fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let plan = plan::resolve(&args.target, &args.common.source())?;
+            let (root, workdir) = open_workdir(&args.common.workdir)?;
             let opts = RunOptions {
-                workdir: args.common.workdir.clone(),
+                workdir,
                 retry_failed: args.retry_failed,
                 gpu: args.common.gpu,
+                root,
             };
             let env = |name: &str| std::env::var(name).ok();
             match workers::resolve_workers(args.num_workers, args.worker_index, env)? {
@@ -195,12 +199,7 @@ pub fn main() -> anyhow::Result<()> {
                     println!(
                         "worker {} of {} finished ({}); record in {}; once every worker has \
                          ended: pipeline merge {} --num-workers {}",
-                        record.index,
-                        record.count,
-                        record.summary,
-                        path.display(),
-                        args.target,
-                        record.count
+                        record.index, record.count, record.summary, path, args.target, record.count
                     );
                 }
                 None => {
@@ -215,17 +214,17 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Merge(args) => {
             let plan = plan::resolve(&args.stage, &args.common.source())?;
-            let (run_dir, record) = workers::merge(&plan, &args.common.workdir, args.num_workers)?;
+            let (root, workdir) = open_workdir(&args.common.workdir)?;
+            let (path, record) = workers::merge(&plan, &root, &workdir, args.num_workers)?;
             println!(
-                "{} merged as run {}; record in {}",
-                args.stage,
-                record.run_id,
-                run_dir.join("run.json").display()
+                "{} merged as run {}; record in {path}",
+                args.stage, record.run_id
             );
         }
         Command::Status(args) => {
             let plan = plan::resolve(&args.stage, &args.common.source())?;
-            let (registered, ledger) = workers::job(&plan, &args.common.workdir)?;
+            let (root, workdir) = open_workdir(&args.common.workdir)?;
+            let (registered, ledger) = workers::job(&plan, &root, &workdir)?;
             println!(
                 "{}",
                 workers::job_status(registered.name, &ledger, args.num_workers)?

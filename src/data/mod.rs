@@ -9,3 +9,4 @@ pub mod partition;
 pub mod record;
 pub mod records;
 pub mod shard;
+pub mod store;

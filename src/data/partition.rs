@@ -18,10 +18,11 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::data::store::Root;
 use crate::error::{Error, IoContext, Result};
-use crate::io::{read_json, write_json, write_new};
 
 /// This process's place in a job array: worker `index` of `count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,11 +126,15 @@ pub struct WorkerRecord {
     pub pid: u32,
 }
 
-/// The ledger of one job, `workers/<stage>-<digest>/` under the workdir.
-#[derive(Debug, Clone, PartialEq)]
+/// The ledger of one job, `workers/<stage>-<digest>/` in the workdir (local or an object
+/// store).
+#[derive(Debug, Clone)]
 pub struct Ledger {
+    root: Root,
+    /// The local directory beside the root (the files that done markers list are there).
     workdir: PathBuf,
-    dir: PathBuf,
+    /// `workers/<stage>-<digest>`.
+    rel: String,
 }
 
 /// A set's name as a file name: `data/cc/train` → `data--cc--train`.
@@ -138,61 +143,83 @@ fn file_stem(set: &str) -> String {
 }
 
 impl Ledger {
-    /// The ledger of the job that runs `stage` with the configuration whose digest is `digest`.
-    pub fn new(workdir: &Path, stage: &str, digest: &str) -> Self {
+    /// The ledger of the job that runs `stage` with the configuration whose digest is `digest`,
+    /// in `root` (beside the local directory `workdir`).
+    pub fn new(root: &Root, workdir: &Path, stage: &str, digest: &str) -> Self {
         let short = &digest[..digest.len().min(12)];
         Self {
+            root: root.clone(),
             workdir: workdir.to_path_buf(),
-            dir: workdir.join("workers").join(format!("{stage}-{short}")),
+            rel: format!("workers/{stage}-{short}"),
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Where the ledger is, as a user finds it (a path or a URL).
+    pub fn location(&self) -> String {
+        self.root.display(&self.rel)
     }
 
+    /// `workers/<stage>-<digest>`, relative to the workdir.
+    pub fn rel(&self) -> &str {
+        &self.rel
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    /// The local directory beside the root.
     pub fn workdir(&self) -> &Path {
         &self.workdir
     }
 
-    fn plan_path(&self, set: &str) -> PathBuf {
-        self.dir
-            .join("plan")
-            .join(format!("{}.json", file_stem(set)))
+    fn plan_key(&self, set: &str) -> String {
+        format!("{}/plan/{}.json", self.rel, file_stem(set))
     }
 
     /// Where the done marker of `shard` of `set` goes, relative to the workdir.
     pub fn done_marker(&self, set: &str, shard: u32) -> String {
-        let path = self
-            .dir
-            .join("done")
-            .join(file_stem(set))
-            .join(format!("part-{shard:05}.json"));
-        relative(&self.workdir, &path)
+        format!("{}/done/{}/part-{shard:05}.json", self.rel, file_stem(set))
+    }
+
+    /// The JSON file `key`, parsed, or `None` when it is not there.
+    pub fn read<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.root.read(key)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::BadFile {
+                path: PathBuf::from(self.root.display(key)),
+                message: e.to_string(),
+            })
+    }
+
+    fn json<T: Serialize>(&self, key: &str, value: &T) -> Result<Vec<u8>> {
+        serde_json::to_vec_pretty(value).map_err(|e| Error::BadFile {
+            path: PathBuf::from(self.root.display(key)),
+            message: e.to_string(),
+        })
     }
 
     /// Records the plan of one set. The first worker creates the file; the others find it and
     /// check that theirs is the same (else their configurations or inputs differ).
     pub fn record_plan(&self, plan: &SetPlan) -> Result<()> {
-        let path = self.plan_path(&plan.set);
-        let dir = path.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(dir).at(dir)?;
-        let json = serde_json::to_vec_pretty(plan).map_err(|e| Error::BadFile {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        if write_new(&path, &json)? {
+        let key = self.plan_key(&plan.set);
+        if self.root.put_new(&key, &self.json(&key, plan)?)? {
             return Ok(());
         }
-        let theirs: SetPlan = read_json(&path)?;
-        if theirs != *plan {
+        let theirs = self.read::<SetPlan>(&key)?;
+        if theirs.as_ref() != Some(plan) {
+            let (units, source) = theirs
+                .map(|t| (t.units.len(), t.source))
+                .unwrap_or_default();
             return Err(Error::Invalid(format!(
-                "{}: another worker planned {} unit(s) of {} from source `{}`, this one {} from \
-                 `{}`: the workers of one job must run the same configuration on the same inputs",
-                path.display(),
-                theirs.units.len(),
+                "{}: another worker planned {units} unit(s) of {} from source `{source}`, this \
+                 one {} from `{}`: the workers of one job must run the same configuration on the \
+                 same inputs",
+                self.root.display(&key),
                 plan.set,
-                theirs.source,
                 plan.units.len(),
                 plan.source
             )));
@@ -202,27 +229,21 @@ impl Ledger {
 
     /// Every recorded set plan, by set name.
     pub fn plans(&self) -> Result<Vec<SetPlan>> {
-        let dir = self.dir.join("plan");
+        let dir = format!("{}/plan", self.rel);
         let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(out);
-        };
-        for entry in entries {
-            let path = entry.at(&dir)?.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                out.push(read_json::<SetPlan>(&path)?);
+        for (name, _) in self.root.list(&dir)? {
+            if name.ends_with(".json") {
+                out.extend(self.read::<SetPlan>(&format!("{dir}/{name}"))?);
             }
         }
         out.sort_by(|a, b| a.set.cmp(&b.set));
         Ok(out)
     }
 
-    /// Creates the done marker of `shard` of `set` listing `files` (relative to the workdir)
-    /// with their current sizes, if no marker is there yet.
+    /// Creates the done marker of `shard` of `set` listing `files` (local files beside the
+    /// root) with their current sizes, if no marker is there yet.
     pub fn mark_done(&self, set: &str, shard: u32, worker: u32, files: &[PathBuf]) -> Result<()> {
-        let path = self.workdir.join(self.done_marker(set, shard));
-        let dir = path.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(dir).at(dir)?;
+        let key = self.done_marker(set, shard);
         let mut listed = Vec::with_capacity(files.len());
         for file in files {
             let len = std::fs::metadata(file).at(file)?.len();
@@ -232,40 +253,29 @@ impl Ledger {
             worker,
             files: listed,
         };
-        let json = serde_json::to_vec_pretty(&marker).map_err(|e| Error::BadFile {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        write_new(&path, &json)?;
+        self.root.put_new(&key, &self.json(&key, &marker)?)?;
         Ok(())
     }
 
-    fn worker_path(&self, index: u32) -> PathBuf {
-        self.dir.join(format!("worker-{index:05}.json"))
+    /// Writes (replaces) the ledger's copy of the resolved configuration.
+    pub fn record_config(&self, toml: &str) -> Result<()> {
+        self.root
+            .put(&format!("{}/config.toml", self.rel), toml.as_bytes())
     }
 
-    /// Writes (replaces) the record of worker `record.index`.
-    pub fn record_worker(&self, record: &WorkerRecord) -> Result<PathBuf> {
-        std::fs::create_dir_all(&self.dir).at(&self.dir)?;
-        let path = self.worker_path(record.index);
-        write_json(&path, record)?;
-        Ok(path)
+    /// Writes (replaces) the record of worker `record.index`; where it went.
+    pub fn record_worker(&self, record: &WorkerRecord) -> Result<String> {
+        let key = format!("{}/worker-{:05}.json", self.rel, record.index);
+        self.root.put(&key, &self.json(&key, record)?)?;
+        Ok(self.root.display(&key))
     }
 
     /// Every worker record there is, by index.
     pub fn workers(&self) -> Result<Vec<WorkerRecord>> {
         let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Ok(out);
-        };
-        for entry in entries {
-            let path = entry.at(&self.dir)?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for (name, _) in self.root.list(&self.rel)? {
             if name.starts_with("worker-") && name.ends_with(".json") {
-                out.push(read_json::<WorkerRecord>(&path)?);
+                out.extend(self.read::<WorkerRecord>(&format!("{}/{name}", self.rel))?);
             }
         }
         out.sort_by_key(|r| r.index);
@@ -297,13 +307,13 @@ impl Sharding {
         self.workers.owns(shard)
     }
 
-    /// Records the plan of a set of Parquet shards (`dir` under the workdir) whose shards
+    /// Records the plan of a set of Parquet shards (`set`: `data/<dataset>/<split>`) whose shards
     /// `0..shards` are finished when their stats files exist; nothing for a single process.
-    pub fn plan_shards(&self, dir: &Path, source: &str, shards: u32) -> Result<()> {
+    pub fn plan_shards(&self, set: &str, source: &str, shards: u32) -> Result<()> {
         let Some(ledger) = &self.ledger else {
             return Ok(());
         };
-        let set = relative(&ledger.workdir, dir);
+        let set = set.to_string();
         let units = (0..shards)
             .map(|shard| PlannedUnit {
                 shard,
@@ -394,17 +404,18 @@ mod tests {
     #[test]
     fn plans_must_agree_and_done_markers_are_created_once() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::new(dir.path(), "ingest", "0123456789abcdef");
+        let root = Root::Local(dir.path().to_path_buf());
+        let ledger = Ledger::new(&root, dir.path(), "ingest", "0123456789abcdef");
         let sharding = Sharding {
             workers: Workers::new(2, 1, "--worker-index").unwrap(),
             ledger: Some(ledger.clone()),
         };
-        let set = dir.path().join("data/cc/train");
-        sharding.plan_shards(&set, "tsv@abc", 3).unwrap();
+        let set = "data/cc/train";
+        sharding.plan_shards(set, "tsv@abc", 3).unwrap();
         // A second worker with the same plan: fine. Another source: refused, naming both.
-        sharding.plan_shards(&set, "tsv@abc", 3).unwrap();
+        sharding.plan_shards(set, "tsv@abc", 3).unwrap();
         let e = sharding
-            .plan_shards(&set, "tsv@def", 3)
+            .plan_shards(set, "tsv@def", 3)
             .unwrap_err()
             .to_string();
         assert!(e.contains("tsv@abc") && e.contains("tsv@def"), "{e}");
@@ -423,13 +434,13 @@ mod tests {
             .mark_done("data/syn/val", 3, &[out.clone()])
             .unwrap();
         let marker_path = dir.path().join(ledger.done_marker("data/syn/val", 3));
-        let marker: DoneMarker = read_json(&marker_path).unwrap();
+        let marker: DoneMarker = crate::io::read_json(&marker_path).unwrap();
         assert_eq!(marker.files, vec![("cache/x.arrow".to_string(), 5)]);
         assert_eq!(marker.worker, 1);
         // Created only if absent: a second claim leaves the first marker as it was.
         std::fs::write(&out, b"1234567").unwrap();
         sharding.mark_done("data/syn/val", 3, &[out]).unwrap();
-        let again: DoneMarker = read_json(&marker_path).unwrap();
+        let again: DoneMarker = crate::io::read_json(&marker_path).unwrap();
         assert_eq!(again, marker);
     }
 }

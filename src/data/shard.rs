@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::record::{read_column, Record};
 use crate::data::records::{story_frame_key, SampleStatus};
+use crate::data::store::Root;
 use crate::error::{Error, IoContext, Result};
-use crate::io::{sweep_temp_files, write_atomic, AtomicFile};
+use crate::io::AtomicFile;
 
 /// Per-shard summary written beside each Parquet shard.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -55,13 +56,18 @@ pub fn write_parquet<R: Record>(path: &Path, rows: &[R]) -> Result<()> {
     file.commit()
 }
 
+/// How every shard is written (snappy, row groups of 1024 rows), locally or to an object store.
+pub fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(1024))
+        .build()
+}
+
 /// Serialises `rows` as one Parquet file (snappy) into `out`; `path` names it in errors.
 pub fn write_parquet_to<R: Record>(out: impl Write + Send, rows: &[R], path: &Path) -> Result<()> {
     let batch = R::to_batch(rows)?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(1024))
-        .build();
+    let props = writer_properties();
     let perr = |source| Error::Parquet {
         path: path.to_path_buf(),
         source,
@@ -124,16 +130,30 @@ pub fn read_parquet<R: Record>(path: &Path) -> Result<Vec<R>> {
     Ok(rows)
 }
 
-/// The shards of one dataset split: `<root>/data/<dataset>/<split>/`.
+/// The shards of one dataset split: `data/<dataset>/<split>/` in a workdir, local or in an
+/// object store ([`Root`]). Local readers get paths ([`ShardSet::finished_paths`]); everything
+/// the writers and the job ledger need goes through the root, alike for both.
 #[derive(Debug, Clone)]
 pub struct ShardSet {
+    /// The local directory (for an object-store workdir: where a local copy would go).
     dir: PathBuf,
+    root: Root,
+    /// `data/<dataset>/<split>`.
+    rel: String,
 }
 
 impl ShardSet {
+    /// The set in the local workdir `workdir`.
     pub fn new(workdir: &Path, dataset: &str, split: &str) -> Self {
+        Self::in_root(&Root::Local(workdir.to_path_buf()), workdir, dataset, split)
+    }
+
+    /// The set in `root`; `workdir` is the local directory beside it.
+    pub fn in_root(root: &Root, workdir: &Path, dataset: &str, split: &str) -> Self {
         Self {
             dir: workdir.join("data").join(dataset).join(split),
+            root: root.clone(),
+            rel: format!("data/{dataset}/{split}"),
         }
     }
 
@@ -141,54 +161,59 @@ impl ShardSet {
         &self.dir
     }
 
+    /// `data/<dataset>/<split>`, as the job ledger names the set.
+    pub fn rel(&self) -> &str {
+        &self.rel
+    }
+
     pub fn parquet_path(&self, shard: u32) -> PathBuf {
-        self.dir.join(format!("part-{shard:05}.parquet"))
+        self.dir.join(parquet_name(shard))
     }
 
     pub fn stats_path(&self, shard: u32) -> PathBuf {
-        self.dir.join(format!("part-{shard:05}.stats.json"))
+        self.dir.join(stats_name(shard))
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.rel)
+    }
+
+    /// Where shard `shard`'s Parquet file is, as a user finds it (a path or a URL).
+    pub fn display(&self, shard: u32) -> String {
+        self.root.display(&self.key(&parquet_name(shard)))
     }
 
     /// Creates the directory and removes temporary files a killed run left behind (not those
     /// of a run still going).
     pub fn prepare(&self) -> Result<()> {
-        fs::create_dir_all(&self.dir).at(&self.dir)?;
-        sweep_temp_files(&self.dir)
+        self.root.sweep(&self.rel)
     }
 
     /// A shard is finished when its stats file (written last) exists.
     pub fn is_finished(&self, shard: u32) -> bool {
-        self.stats_path(shard).is_file() && self.parquet_path(shard).is_file()
+        let there = |name: String| matches!(self.root.size(&self.key(&name)), Ok(Some(_)));
+        there(stats_name(shard)) && there(parquet_name(shard))
     }
 
     /// Indices of finished shards, ascending.
     pub fn finished(&self) -> Result<Vec<u32>> {
-        if !self.dir.exists() {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir).at(&self.dir)? {
-            let name = entry
-                .at(&self.dir)?
-                .file_name()
-                .to_string_lossy()
-                .into_owned();
-            if let Some(n) = name
-                .strip_prefix("part-")
-                .and_then(|r| r.strip_suffix(".stats.json"))
-            {
-                if let Ok(i) = n.parse::<u32>() {
-                    if self.is_finished(i) {
-                        out.push(i);
-                    }
-                }
-            }
-        }
+        let files = self.root.list(&self.rel)?;
+        let names: std::collections::HashSet<&str> =
+            files.iter().map(|(n, _)| n.as_str()).collect();
+        let mut out: Vec<u32> = files
+            .iter()
+            .filter_map(|(name, _)| {
+                name.strip_prefix("part-")
+                    .and_then(|r| r.strip_suffix(".stats.json"))
+                    .and_then(|n| n.parse::<u32>().ok())
+            })
+            .filter(|&i| names.contains(parquet_name(i).as_str()))
+            .collect();
         out.sort_unstable();
         Ok(out)
     }
 
-    /// Paths of the finished shards, ascending.
+    /// Paths of the finished shards, ascending (a local workdir's).
     pub fn finished_paths(&self) -> Result<Vec<PathBuf>> {
         Ok(self
             .finished()?
@@ -197,36 +222,112 @@ impl ShardSet {
             .collect())
     }
 
-    /// Writes shard `shard` (Parquet, then stats) atomically. A shard being rewritten stops
-    /// counting as finished first, so a kill between the two renames cannot pair new rows
-    /// with old stats.
+    /// Writes shard `shard`: the Parquet file, then its stats (recording the file's size),
+    /// created only if absent. A shard being rewritten stops counting as finished first, so a
+    /// kill in between cannot pair new rows with old stats; a stats file that appears in the
+    /// meantime means another worker claimed the shard, and is an error naming it.
     pub fn write<R: Record>(&self, shard: u32, rows: &[R], stats: &ShardStats) -> Result<()> {
-        fs::create_dir_all(&self.dir).at(&self.dir)?;
-        let stats_path = self.stats_path(shard);
-        match fs::remove_file(&stats_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&stats_path),
-            _ => {}
-        }
-        let parquet = self.parquet_path(shard);
-        write_parquet(&parquet, rows)?;
+        let stats_key = self.key(&stats_name(shard));
+        self.root.delete(&stats_key)?;
+        let bytes = match &self.root {
+            Root::Local(_) => {
+                std::fs::create_dir_all(&self.dir).at(&self.dir)?;
+                let parquet = self.parquet_path(shard);
+                write_parquet(&parquet, rows)?;
+                fs::metadata(&parquet).at(&parquet)?.len()
+            }
+            Root::Remote(store) => store.write_parquet(&self.key(&parquet_name(shard)), rows)?,
+        };
         let stats = ShardStats {
-            bytes: fs::metadata(&parquet).at(&parquet)?.len(),
+            bytes,
             ..stats.clone()
         };
         let json = serde_json::to_vec_pretty(&stats).map_err(|e| Error::BadFile {
             path: self.stats_path(shard),
             message: e.to_string(),
         })?;
-        write_atomic(&self.stats_path(shard), &json)
+        if !self.root.put_new(&stats_key, &json)? {
+            return Err(Error::Invalid(format!(
+                "{}: another process finished this shard while this one wrote it (two workers \
+                 with the same --worker-index?)",
+                self.root.display(&stats_key)
+            )));
+        }
+        Ok(())
+    }
+
+    /// A local file holding shard `shard`: its own path in a local workdir; from an object
+    /// store, a copy at that path, fetched unless one of the size its stats record is there.
+    /// Returns the path and whether it was fetched.
+    pub fn local_copy(&self, shard: u32) -> Result<(PathBuf, bool)> {
+        let path = self.parquet_path(shard);
+        let Root::Remote(_) = &self.root else {
+            return Ok((path, false));
+        };
+        let expected = self.read_stats(shard)?.bytes;
+        if fs::metadata(&path).is_ok_and(|m| expected > 0 && m.len() == expected) {
+            return Ok((path, false));
+        }
+        let key = self.key(&parquet_name(shard));
+        let bytes = self.root.read(&key)?.ok_or_else(|| Error::BadFile {
+            path: PathBuf::from(self.root.display(&key)),
+            message: "its stats are there but the shard is not".into(),
+        })?;
+        if expected > 0 && bytes.len() as u64 != expected {
+            return Err(Error::BadFile {
+                path: PathBuf::from(self.root.display(&key)),
+                message: format!("{} bytes, its stats say {expected}", bytes.len()),
+            });
+        }
+        fs::create_dir_all(&self.dir).at(&self.dir)?;
+        crate::io::write_atomic(&path, &bytes)?;
+        Ok((path, true))
+    }
+
+    /// Removes shard `shard` (stats first: without them it stops counting as finished at once).
+    pub fn remove(&self, shard: u32) -> Result<()> {
+        self.root.delete(&self.key(&stats_name(shard)))?;
+        self.root.delete(&self.key(&parquet_name(shard)))
     }
 
     pub fn read<R: Record>(&self, shard: u32) -> Result<Vec<R>> {
-        read_parquet(&self.parquet_path(shard))
+        match &self.root {
+            Root::Local(_) => read_parquet(&self.parquet_path(shard)),
+            Root::Remote(_) => {
+                let key = self.key(&parquet_name(shard));
+                let bytes = self.root.read(&key)?.ok_or_else(|| Error::BadFile {
+                    path: PathBuf::from(self.root.display(&key)),
+                    message: "no such object".into(),
+                })?;
+                let path = PathBuf::from(self.root.display(&key));
+                let perr = |source| Error::Parquet {
+                    path: path.clone(),
+                    source,
+                };
+                let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+                    .map_err(perr)?
+                    .build()
+                    .map_err(perr)?;
+                let mut rows = Vec::new();
+                for batch in reader {
+                    let batch = batch.map_err(|source| Error::Arrow {
+                        context: format!("reading {}", path.display()),
+                        source,
+                    })?;
+                    rows.extend(R::from_batch(&batch, &path)?);
+                }
+                Ok(rows)
+            }
+        }
     }
 
     pub fn read_stats(&self, shard: u32) -> Result<ShardStats> {
-        let path = self.stats_path(shard);
-        let bytes = fs::read(&path).at(&path)?;
+        let key = self.key(&stats_name(shard));
+        let path = PathBuf::from(self.root.display(&key));
+        let bytes = self.root.read(&key)?.ok_or_else(|| Error::BadFile {
+            path: path.clone(),
+            message: "no such file".into(),
+        })?;
         serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
             path,
             message: e.to_string(),
@@ -241,6 +342,14 @@ impl ShardSet {
         }
         Ok(rows)
     }
+}
+
+fn parquet_name(shard: u32) -> String {
+    format!("part-{shard:05}.parquet")
+}
+
+fn stats_name(shard: u32) -> String {
+    format!("part-{shard:05}.stats.json")
 }
 
 /// What an ingest shard holds: image–caption samples or story frames.

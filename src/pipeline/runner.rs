@@ -6,19 +6,22 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::data::store::Root;
 use crate::error::{Error, IoContext, Result};
 use crate::io::write_atomic;
 use crate::pipeline::plan::Plan;
 use crate::stages::context::new_run_id;
-use crate::stages::{stage, StageContext};
+use crate::stages::{stage, Registered, StageContext};
 
 /// Flags of `pipeline run` that are not configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     pub workdir: PathBuf,
     pub retry_failed: bool,
     /// CUDA device for model stages.
     pub gpu: Option<usize>,
+    /// Where the shared files live: `workdir`, or an object store (`--workdir s3://…`).
+    pub root: Root,
 }
 
 /// What happened to one step.
@@ -44,6 +47,31 @@ pub struct RunRecord {
     pub run_id: String,
     pub pipeline: String,
     pub steps: Vec<(String, StepOutcome)>,
+}
+
+/// The root stage `registered` runs on: the object store itself for stages that read and
+/// write through it; for the others a local copy, brought up to date first: every file of
+/// `data/` and `cache/` that the local directory lacks (or has at another size) is copied
+/// down, and the copy says so. Cache entries are verified by their sha256 when looked up.
+fn root_for(registered: &Registered, opts: &RunOptions) -> Result<Root> {
+    if !opts.root.is_remote() || registered.object_store {
+        return Ok(opts.root.clone());
+    }
+    let (mut files, mut bytes) = (0, 0);
+    for dir in ["data", "cache"] {
+        let (f, b) = opts.root.copy_down(dir, &opts.workdir)?;
+        files += f;
+        bytes += b;
+    }
+    eprintln!(
+        "[{}] works on a local copy of {}: copied {files} file(s) ({:.1} MB) of data/ and \
+         cache/ to {}",
+        registered.name,
+        opts.root.display(""),
+        bytes as f64 / 1e6,
+        opts.workdir.display()
+    );
+    Ok(Root::Local(opts.workdir.clone()))
 }
 
 /// Creates `runs/<run-id>/` for `plan` under `workdir` with its resolved config and pipeline
@@ -104,7 +132,11 @@ pub fn execute(plan: &Plan, opts: &RunOptions) -> Result<(PathBuf, RunRecord)> {
         ctx.retry_failed = opts.retry_failed;
         ctx.step = step.name().to_string();
         let section = step.section(plan.config.section(registered));
-        match (registered.run)(section.as_ref(), &ctx) {
+        let result = root_for(registered, opts).and_then(|root| {
+            ctx.root = root;
+            (registered.run)(section.as_ref(), &ctx)
+        });
+        match result {
             Ok(done) => {
                 let seconds = started.elapsed().as_secs_f64();
                 eprintln!(

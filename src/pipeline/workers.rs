@@ -8,7 +8,7 @@
 //! missing unit and the worker that owns it, or writes the stage's run record.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -18,10 +18,11 @@ use crate::data::partition::{
     DoneMarker, Ledger, MarkerKind, PlannedUnit, SetPlan, Sharding, WorkerRecord, Workers,
 };
 use crate::data::shard::ShardStats;
+use crate::data::store::Root;
 use crate::error::{Error, Result};
-use crate::io::{read_json, write_atomic};
 use crate::pipeline::plan::Plan;
-use crate::pipeline::runner::{save_record, start_run, RunOptions, RunRecord, StepOutcome};
+use crate::pipeline::runner::{RunOptions, RunRecord, StepOutcome};
+use crate::stages::context::new_run_id;
 use crate::stages::{stage, Registered, StageContext};
 
 /// The environment variables a job array gives each task its index in, in the order they
@@ -69,7 +70,7 @@ pub fn resolve_workers(
 /// The shard-parallel stage `plan` runs and the ledger of its job under `workdir`: the
 /// ledger's name carries a digest of the resolved configuration, so workers and merge meet
 /// only when they run the same one.
-pub fn job(plan: &Plan, workdir: &Path) -> Result<(&'static Registered, Ledger)> {
+pub fn job(plan: &Plan, root: &Root, workdir: &Path) -> Result<(&'static Registered, Ledger)> {
     let sharded: Vec<&str> = crate::stages::STAGES
         .iter()
         .filter(|s| s.sharded)
@@ -92,7 +93,10 @@ pub fn job(plan: &Plan, workdir: &Path) -> Result<(&'static Registered, Ledger)>
     hasher.update([0]);
     hasher.update(plan.config.to_toml()?.as_bytes());
     let digest = hex::encode(hasher.finalize());
-    Ok((registered, Ledger::new(workdir, registered.name, &digest)))
+    Ok((
+        registered,
+        Ledger::new(root, workdir, registered.name, &digest),
+    ))
 }
 
 /// Runs worker `workers.index` of `plan`'s stage: the shards it owns, its plan and outcome
@@ -102,19 +106,13 @@ pub fn run_worker(
     plan: &Plan,
     opts: &RunOptions,
     workers: Workers,
-) -> Result<(PathBuf, WorkerRecord)> {
-    let (registered, ledger) = job(plan, &opts.workdir)?;
-    std::fs::create_dir_all(ledger.dir()).map_err(|source| Error::Io {
-        path: ledger.dir().to_path_buf(),
-        source,
-    })?;
-    write_atomic(
-        &ledger.dir().join("config.toml"),
-        plan.config.to_toml()?.as_bytes(),
-    )?;
+) -> Result<(String, WorkerRecord)> {
+    let (registered, ledger) = job(plan, &opts.root, &opts.workdir)?;
+    ledger.record_config(&plan.config.to_toml()?)?;
     let run_id = format!("{}-worker-{:05}", registered.name, workers.index);
     let mut ctx = StageContext::new(&opts.workdir, &run_id, plan.config.shared.clone());
-    ctx.run_dir = ledger.dir().join(&run_id);
+    ctx.run_dir = opts.workdir.join(ledger.rel()).join(&run_id);
+    ctx.root = opts.root.clone();
     ctx.gpu = opts.gpu;
     ctx.retry_failed = opts.retry_failed;
     ctx.sharding = Sharding {
@@ -126,7 +124,7 @@ pub fn run_worker(
         workers.index,
         workers.count,
         registered.name,
-        ledger.dir().display()
+        ledger.location()
     );
     let step = &plan.steps[0];
     let started = Instant::now();
@@ -321,7 +319,7 @@ pub fn job_status(stage: &str, ledger: &Ledger, num_workers: u32) -> Result<JobS
     for plan in ledger.plans()? {
         let mut missing = Vec::new();
         for unit in &plan.units {
-            if let Some(reason) = unfinished(ledger.workdir(), &plan, unit) {
+            if let Some(reason) = unfinished(ledger, &plan, unit)? {
                 missing.push(MissingUnit {
                     shard: unit.shard,
                     worker: Workers::owner(workers.count, unit.shard),
@@ -338,7 +336,7 @@ pub fn job_status(stage: &str, ledger: &Ledger, num_workers: u32) -> Result<JobS
     }
     Ok(JobStatus {
         stage: stage.to_string(),
-        ledger: ledger.dir().display().to_string(),
+        ledger: ledger.location(),
         num_workers,
         sets,
         workers: ledger.workers()?,
@@ -346,49 +344,53 @@ pub fn job_status(stage: &str, ledger: &Ledger, num_workers: u32) -> Result<JobS
 }
 
 /// Why `unit` does not count as finished, or `None` when it does: its marker is there and
-/// the files it vouches for are there with the sizes it records.
-fn unfinished(workdir: &Path, plan: &SetPlan, unit: &PlannedUnit) -> Option<String> {
-    let marker = workdir.join(&unit.marker);
-    if !marker.is_file() {
-        return Some("not finished (no marker)".into());
-    }
-    let size_problem = |file: &str, expected: u64| -> Option<String> {
-        match std::fs::metadata(workdir.join(file)) {
-            Err(_) => Some(format!(
+/// the files it vouches for are there with the sizes it records, all in the ledger's root
+/// (maybe an object store, where embed workers copy their cache entries).
+fn unfinished(ledger: &Ledger, plan: &SetPlan, unit: &PlannedUnit) -> Result<Option<String>> {
+    let size_problem = |root: &Root, file: &str, expected: u64| -> Result<Option<String>> {
+        Ok(match root.size(file)? {
+            None => Some(format!(
                 "its marker {} exists but {file} is missing",
                 unit.marker
             )),
-            Ok(m) if expected > 0 && m.len() != expected => Some(format!(
-                "{file} has {} bytes, its marker {} says {expected}",
-                m.len(),
+            Some(len) if expected > 0 && len != expected => Some(format!(
+                "{file} has {len} bytes, its marker {} says {expected}",
                 unit.marker
             )),
-            Ok(_) => None,
-        }
+            Some(_) => None,
+        })
     };
+    let unreadable = |e: Error| Ok(Some(format!("unreadable marker: {}", e.report())));
     match unit.kind {
         MarkerKind::ShardStats => {
-            let stats: ShardStats = match read_json(&marker) {
-                Ok(s) => s,
-                Err(e) => return Some(format!("unreadable marker: {e}")),
+            let stats: ShardStats = match ledger.read(&unit.marker) {
+                Ok(Some(s)) => s,
+                Ok(None) => return Ok(Some("not finished (no marker)".into())),
+                Err(e @ Error::BadFile { .. }) => return unreadable(e),
+                Err(e) => return Err(e),
             };
             if !plan.source.is_empty() && stats.source != plan.source {
-                return Some(format!(
+                return Ok(Some(format!(
                     "written from another source (`{}`, the plan says `{}`)",
                     stats.source, plan.source
-                ));
+                )));
             }
             let parquet = unit.marker.replace(".stats.json", ".parquet");
-            size_problem(&parquet, stats.bytes)
+            size_problem(ledger.root(), &parquet, stats.bytes)
         }
         MarkerKind::Done => {
-            let done: DoneMarker = match read_json(&marker) {
-                Ok(d) => d,
-                Err(e) => return Some(format!("unreadable marker: {e}")),
+            let done: DoneMarker = match ledger.read(&unit.marker) {
+                Ok(Some(d)) => d,
+                Ok(None) => return Ok(Some("not finished (no marker)".into())),
+                Err(e @ Error::BadFile { .. }) => return unreadable(e),
+                Err(e) => return Err(e),
             };
-            done.files
-                .iter()
-                .find_map(|(file, bytes)| size_problem(file, (*bytes).max(1)))
+            for (file, bytes) in &done.files {
+                if let Some(problem) = size_problem(ledger.root(), file, (*bytes).max(1))? {
+                    return Ok(Some(problem));
+                }
+            }
+            Ok(None)
         }
     }
 }
@@ -396,13 +398,28 @@ fn unfinished(workdir: &Path, plan: &SetPlan, unit: &PlannedUnit) -> Option<Stri
 /// `pipeline merge`: when every planned unit of `plan`'s job is finished, records the stage
 /// as one run (`runs/<id>/run.json`, its config and pipeline); otherwise an error naming
 /// every missing unit and the worker to resubmit for it. Nothing the workers wrote changes.
-pub fn merge(plan: &Plan, workdir: &Path, num_workers: u32) -> Result<(PathBuf, RunRecord)> {
-    let (registered, ledger) = job(plan, workdir)?;
+pub fn merge(
+    plan: &Plan,
+    root: &Root,
+    workdir: &Path,
+    num_workers: u32,
+) -> Result<(String, RunRecord)> {
+    let (registered, ledger) = job(plan, root, workdir)?;
     let status = job_status(registered.name, &ledger, num_workers)?;
     if !status.is_complete() {
         return Err(Error::Invalid(status.problem()));
     }
-    let (run_dir, mut record) = start_run(plan, workdir)?;
+    let mut record = RunRecord {
+        run_id: new_run_id(&plan.name),
+        pipeline: plan.name.clone(),
+        steps: Vec::new(),
+    };
+    let run_dir = format!("runs/{}", record.run_id);
+    root.put(
+        &format!("{run_dir}/config.toml"),
+        plan.config.to_toml()?.as_bytes(),
+    )?;
+    root.put(&format!("{run_dir}/pipeline.toml"), plan.text.as_bytes())?;
     let units: usize = status.sets.iter().map(|s| s.units).sum();
     let seconds = status.workers.iter().map(|w| w.seconds).sum();
     let details = serde_json::to_value(&status).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -419,8 +436,10 @@ pub fn merge(plan: &Plan, workdir: &Path, num_workers: u32) -> Result<(PathBuf, 
             details,
         },
     ));
-    save_record(&run_dir, &record)?;
-    Ok((run_dir, record))
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Invalid(e.to_string()))?;
+    let path = format!("{run_dir}/run.json");
+    root.put(&path, &json)?;
+    Ok((root.display(&path), record))
 }
 
 #[cfg(test)]
@@ -472,13 +491,18 @@ mod tests {
     fn status_names_each_missing_or_damaged_shard_and_its_owner() {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path();
-        let ledger = Ledger::new(work, "ingest", "feedc0ffee00");
+        let ledger = Ledger::new(
+            &Root::Local(work.to_path_buf()),
+            work,
+            "ingest",
+            "feedc0ffee00",
+        );
         let sharding = Sharding {
             workers: Workers::new(3, 0, "--worker-index").unwrap(),
             ledger: Some(ledger.clone()),
         };
         let set = work.join("data/syn/train");
-        sharding.plan_shards(&set, "src", 5).unwrap();
+        sharding.plan_shards("data/syn/train", "src", 5).unwrap();
         std::fs::create_dir_all(&set).unwrap();
         let write = |shard: u32, bytes: &[u8], recorded: u64, source: &str| {
             std::fs::write(set.join(format!("part-{shard:05}.parquet")), bytes).unwrap();

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::features::{CacheDtype, FeatureEntry};
 use crate::data::hub::{HubClient, HubConfig};
 use crate::data::partition::Sharding;
+use crate::data::store::Root;
 use crate::datasets::embedding::EmbedOptions;
 use crate::datasets::features::{FeatureSettings, ModelIdentity, IMAGE_TOKENS};
 use crate::datasets::pairs::TruncationMode;
@@ -211,6 +212,10 @@ pub struct StageContext {
     pub retry_failed: bool,
     /// The pipeline step being run (empty: the stage runs under its own name).
     pub step: String,
+    /// Where the workdir's shared files (`data/`, the job ledger) live: `workdir` itself, or
+    /// an object store (`--workdir s3://…`), `workdir` then being the local directory beside it
+    /// for everything else. Only stages that write or read through it support a store.
+    pub root: Root,
     /// Which worker of a job array this is and the job's ledger (a single process: all the
     /// work, no ledger). Only stages with `Stage::SHARDED` look at it.
     pub sharding: Sharding,
@@ -239,6 +244,7 @@ impl StageContext {
             retry_failed: false,
             step: String::new(),
             sharding: Sharding::default(),
+            root: Root::Local(workdir.to_path_buf()),
             run,
             hub,
             clip,

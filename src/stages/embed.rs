@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::features::CacheDtype;
 use crate::data::features::{FeatureCache, FeatureKey};
 use crate::data::shard::{shard_captions, shard_images, ShardSet};
+use crate::data::store::Root;
 use crate::datasets::embedding::{
     embed_images_into, embed_texts_into, needs_work, EmbedSummary, ImageOutput, ImageUnits,
     KeyedImage,
@@ -66,14 +67,21 @@ impl Stage for Embed {
     const USES_GPU: bool = true;
     const SECTION: &'static str = "embed";
     const SHARDED: bool = true;
+    const OBJECT_STORE: bool = true;
     type Config = EmbedConfig;
     type Summary = EmbedSummary;
 
     /// Embeds the finished shards of the configured datasets under `[clip]`.
     fn run(cfg: &EmbedConfig, ctx: &StageContext) -> Result<EmbedSummary> {
         let workdir = &ctx.workdir;
-        let sets = input_shards(&cfg.datasets, workdir)?;
-        if sets.iter().all(|(_, shards)| shards.is_empty()) {
+        let sets = input_shards(&cfg.datasets, &ctx.root, workdir)?;
+        if sets
+            .iter()
+            .map(|set| set.finished().map(|f| f.is_empty()))
+            .collect::<Result<Vec<bool>>>()?
+            .into_iter()
+            .all(|empty| empty)
+        {
             return Err(Error::Config(format!(
                 "embed: no finished shards under {}/data/{{{}}}; run `pipeline run ingest` first",
                 workdir.display(),
@@ -90,13 +98,21 @@ impl Stage for Embed {
         let mut text_work = Vec::new();
         // The entries each owned shard needs, for its done marker in a job array's ledger.
         let mut units: Vec<(String, u32, Vec<FeatureKey>)> = Vec::new();
-        for (set, shards) in sets {
-            let indices: Vec<u32> = shards.iter().map(|(s, _)| *s).collect();
-            ctx.sharding.plan_units(&set, &indices)?;
-            for (shard, path) in shards {
+        let (mut fetched, mut fetched_bytes) = (0u64, 0u64);
+        for shards in sets {
+            let indices: Vec<u32> = shards.finished()?;
+            ctx.sharding.plan_units(shards.rel(), &indices)?;
+            for shard in indices {
                 if !ctx.sharding.owns(shard) {
                     continue;
                 }
+                // From an object store: a local copy, checked against the size its stats give.
+                let (path, copied) = shards.local_copy(shard)?;
+                if copied {
+                    fetched += 1;
+                    fetched_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+                }
+                let set = shards.rel().to_string();
                 let source = workdir_relative(workdir, &path);
                 let sha256 = sha256_file(&path)?;
                 let mut keys = vec![identity.key("image", &source, &sha256, "image")];
@@ -119,9 +135,20 @@ impl Stage for Embed {
                 units.push((set.clone(), shard, keys));
             }
         }
+        if fetched > 0 {
+            eprintln!(
+                "[embed] copied {fetched} shard(s) ({:.1} MB) from {} to {}",
+                fetched_bytes as f64 / 1e6,
+                ctx.root.display("data"),
+                workdir.join("data").display()
+            );
+        }
+        // Each owned shard's entries go up to an object store (data file, then manifest), then
+        // its done marker in a job array's ledger.
         let mark_done = || -> Result<()> {
             for (set, shard, keys) in &units {
                 let files: Vec<PathBuf> = keys.iter().flat_map(|k| cache.files(k)).collect();
+                ctx.root.copy_up(workdir, &files)?;
                 ctx.sharding.mark_done(set, *shard, &files)?;
             }
             Ok(())
@@ -199,31 +226,13 @@ fn shard_rows(path: &Path) -> Result<u64> {
     Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
 }
 
-/// The finished shards of every split of `datasets`, by set (`data/<dataset>/<split>`): each
-/// shard's index and path.
-type InputSets = Vec<(String, Vec<(u32, PathBuf)>)>;
-
-fn input_shards(datasets: &[String], workdir: &Path) -> Result<InputSets> {
+/// The shard sets of every split of `datasets` in the workdir (local or an object store),
+/// by dataset and split.
+fn input_shards(datasets: &[String], root: &Root, workdir: &Path) -> Result<Vec<ShardSet>> {
     let mut out = Vec::new();
     for dataset in datasets {
-        let dir = workdir.join("data").join(dataset);
-        let Ok(splits) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut splits: Vec<String> = splits
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        splits.sort();
-        for split in splits {
-            let set = ShardSet::new(workdir, dataset, &split);
-            let shards = set
-                .finished()?
-                .into_iter()
-                .map(|s| (s, set.parquet_path(s)))
-                .collect();
-            out.push((format!("data/{dataset}/{split}"), shards));
+        for split in root.subdirectories(&format!("data/{dataset}"))? {
+            out.push(ShardSet::in_root(root, workdir, dataset, &split));
         }
     }
     Ok(out)

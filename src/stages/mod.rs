@@ -46,6 +46,8 @@ pub trait Stage {
     /// (`--num-workers`, [`StageContext::sharding`]): it does only the shards its worker owns
     /// and records its plan in the job's ledger.
     const SHARDED: bool = false;
+    /// Whether it runs on an object-store workdir ([`StageContext::root`]).
+    const OBJECT_STORE: bool = false;
     /// The section, strictly typed (`deny_unknown_fields`); its defaults equal
     /// `configs/default.toml`.
     type Config: Serialize + DeserializeOwned + Default;
@@ -69,6 +71,7 @@ pub struct Registered {
     pub section: &'static str,
     pub runs_after_failure: bool,
     pub sharded: bool,
+    pub object_store: bool,
     /// Parses the stage's section (absent: the defaults) strictly and returns it with every
     /// default filled in, as the run directory's `config.toml` records it.
     pub resolve: fn(Option<&toml::Value>) -> Result<toml::Value>,
@@ -111,6 +114,7 @@ const fn register<S: Stage>() -> Registered {
         section: S::SECTION,
         runs_after_failure: S::RUNS_AFTER_FAILURE,
         sharded: S::SHARDED,
+        object_store: S::OBJECT_STORE,
         resolve: resolve::<S>,
         run: run::<S>,
     }

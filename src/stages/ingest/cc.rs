@@ -184,14 +184,14 @@ pub fn run(
     }
     let input = resolve(workdir, &cfg.input);
     let total = tsv::validate(&input, cfg.max_rows)?;
-    let set = ShardSet::new(workdir, "cc", &cfg.split);
+    let set = ShardSet::in_root(&opts.root, workdir, "cc", &cfg.split);
     set.prepare()?;
     let shard_size = cfg.shard_size as u64;
     let n_shards = u32::try_from(total.div_ceil(shard_size))
         .map_err(|_| Error::Config("too many shards: raise ingest.cc.shard_size".into()))?;
     let source = provenance(&input, cfg)?;
     let sharding = &opts.sharding;
-    sharding.plan_shards(set.dir(), &source, n_shards)?;
+    sharding.plan_shards(set.rel(), &source, n_shards)?;
     let finished: HashSet<u32> = set.finished()?.into_iter().collect();
     let mut plan = BTreeMap::new();
     let owned: Vec<u32> = (0..n_shards).filter(|&s| sharding.owns(s)).collect();

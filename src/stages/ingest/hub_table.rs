@@ -2,7 +2,6 @@
 //! and lists) and the resumable split writer shared by the hub sources.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
@@ -14,8 +13,8 @@ use sha2::{Digest, Sha256};
 
 use crate::data::hub::HubFile;
 use crate::data::records::Record;
-use crate::data::shard::{read_batches, ShardSet, ShardStats};
-use crate::error::{Error, IoContext, Result};
+use crate::data::shard::{read_batches, ShardStats};
+use crate::error::{Error, Result};
 use crate::stages::ingest::{Destination, SplitSummary};
 
 /// Calls `f(batch, index of the batch's first row in the file)` for each record batch of
@@ -237,7 +236,7 @@ pub fn write_split<R: Record>(
     units: Vec<Unit<R>>,
     started: Instant,
 ) -> Result<SplitSummary> {
-    let set = ShardSet::new(dest.workdir, dataset, split);
+    let set = dest.set(dataset, split);
     set.prepare()?;
     let planned = plan_shards(units, shard_size);
     let shards = u32::try_from(planned.len()).map_err(|_| {
@@ -245,7 +244,7 @@ pub fn write_split<R: Record>(
             "{dataset}/{split}: too many shards; raise shard_size"
         ))
     })?;
-    dest.sharding.plan_shards(set.dir(), source, shards)?;
+    dest.sharding.plan_shards(set.rel(), source, shards)?;
     let mut summary = SplitSummary {
         dataset: dataset.to_string(),
         split: split.to_string(),
@@ -285,10 +284,7 @@ pub fn write_split<R: Record>(
         .into_iter()
         .filter(|&s| s >= shards && dest.sharding.owns(s))
     {
-        // Stats first: a crash in between leaves an unfinished shard, never a dangling one.
-        for path in [set.stats_path(stale), set.parquet_path(stale)] {
-            fs::remove_file(&path).at(&path)?;
-        }
+        set.remove(stale)?;
     }
     Ok(summary)
 }

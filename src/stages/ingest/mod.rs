@@ -14,6 +14,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::data::partition::Sharding;
+use crate::data::shard::ShardSet;
+use crate::data::store::Root;
 use crate::error::{Error, Result};
 use crate::stages::{Stage, StageContext};
 
@@ -82,19 +84,30 @@ pub struct SplitSummary {
 }
 
 /// Options of one ingest invocation that are not configuration (CLI flags).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct IngestOptions {
     /// Re-download only the failed samples of finished CC shards.
     pub retry_failed: bool,
     /// Which shards this worker of a job array owns, and where it records its plan.
     pub sharding: Sharding,
+    /// Where the shards go (the workdir, or an object store).
+    pub root: Root,
 }
 
 /// Where a hub source writes: the workdir, and which of the shards this process owns.
 #[derive(Debug, Clone, Copy)]
 pub struct Destination<'a> {
     pub workdir: &'a Path,
+    /// Where the shards go: the workdir, or an object store.
+    pub root: &'a Root,
     pub sharding: &'a Sharding,
+}
+
+impl Destination<'_> {
+    /// The shard set `dataset/split` where this destination writes.
+    pub fn set(&self, dataset: &str, split: &str) -> ShardSet {
+        ShardSet::in_root(self.root, self.workdir, dataset, split)
+    }
 }
 
 /// What `ingest` wrote: one summary per source, in the order they ran.
@@ -130,6 +143,7 @@ impl Stage for Ingest {
     const USES_GPU: bool = false;
     const SECTION: &'static str = "ingest";
     const SHARDED: bool = true;
+    const OBJECT_STORE: bool = true;
     type Config = IngestConfig;
     type Summary = IngestSummary;
 
@@ -151,14 +165,19 @@ impl Stage for Ingest {
         let opts = IngestOptions {
             retry_failed: ctx.retry_failed,
             sharding: ctx.sharding.clone(),
+            root: ctx.root.clone(),
         };
         let (workdir, seed) = (ctx.workdir.as_path(), ctx.run.seed);
         let sharding = &ctx.sharding;
-        let out = Destination { workdir, sharding };
+        let out = Destination {
+            workdir,
+            root: &ctx.root,
+            sharding,
+        };
         let mut summary = IngestSummary::default();
         for source in &cfg.sources {
             summary.sources.push(match source {
-                Source::Synthetic => synthetic::run(&cfg.synthetic, seed, workdir, sharding)?,
+                Source::Synthetic => synthetic::run(&cfg.synthetic, seed, out)?,
                 Source::Cc => cc::run(&cfg.cc, &ctx.run, workdir, &opts)?,
                 Source::Ultrafeedback => ultrafeedback::run(&cfg.ultrafeedback, hub()?, out)?,
                 Source::Storyreasoning => story::run(&cfg.storyreasoning, seed, hub()?, out)?,

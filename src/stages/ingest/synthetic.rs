@@ -3,20 +3,17 @@
 //! through the one shard writer, resumably.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs;
-use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::partition::Sharding;
 use crate::data::records::{ImageTextSample, PreferencePair, Record, SampleStatus, StoryFrame};
-use crate::data::shard::{ShardSet, ShardStats};
-use crate::error::{Error, IoContext, Result};
+use crate::data::shard::ShardStats;
+use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::rng::SplitMix64;
-use crate::stages::ingest::{SourceSummary, SplitSummary};
+use crate::stages::ingest::{Destination, SourceSummary, SplitSummary};
 use crate::synthetic::{
     caption, draw_avoiding, pairs_for_image, random_layout, random_story, render_jpeg,
     story_caption, DrawnStory, Layout, IMAGES_DATASET, MIN_IMAGE_SIZE, PAIRS_DATASET,
@@ -156,8 +153,7 @@ fn plan_stories(
 /// the planned ones (left by a larger earlier config) are removed so `read_all` sees
 /// exactly this config's rows.
 struct SplitWriter<'a> {
-    workdir: &'a Path,
-    sharding: &'a Sharding,
+    out: Destination<'a>,
     shard_size: usize,
     source: String,
     progress: &'a Progress,
@@ -172,7 +168,7 @@ impl SplitWriter<'_> {
         counts_as_images: bool,
         build: impl Fn(&T) -> Result<R>,
     ) -> Result<SplitSummary> {
-        let set = ShardSet::new(self.workdir, dataset, split);
+        let set = self.out.set(dataset, split);
         set.prepare()?;
         let finished: BTreeSet<u32> = set.finished()?.into_iter().collect();
         let mut summary = SplitSummary {
@@ -186,8 +182,8 @@ impl SplitWriter<'_> {
                 u32::MAX
             ))
         })?;
-        self.sharding
-            .plan_shards(set.dir(), &self.source, planned)?;
+        let sharding = self.out.sharding;
+        sharding.plan_shards(set.rel(), &self.source, planned)?;
         for (i, chunk) in items.chunks(self.shard_size).enumerate() {
             let shard = u32::try_from(i).map_err(|_| {
                 Error::Config(format!(
@@ -195,7 +191,7 @@ impl SplitWriter<'_> {
                     u32::MAX
                 ))
             })?;
-            if !self.sharding.owns(shard) {
+            if !sharding.owns(shard) {
                 continue;
             }
             let count = chunk.len() as u64;
@@ -231,15 +227,8 @@ impl SplitWriter<'_> {
             }
             summary.rows += count;
         }
-        for &stale in finished
-            .range(planned..)
-            .filter(|&&s| self.sharding.owns(s))
-        {
-            // Stats first: without them the shard stops counting as finished at once.
-            let stats = set.stats_path(stale);
-            fs::remove_file(&stats).at(&stats)?;
-            let parquet = set.parquet_path(stale);
-            fs::remove_file(&parquet).at(&parquet)?;
+        for &stale in finished.range(planned..).filter(|&&s| sharding.owns(s)) {
+            set.remove(stale)?;
         }
         Ok(summary)
     }
@@ -264,12 +253,8 @@ fn source_of(cfg: &SyntheticConfig, seed: u64) -> String {
     format!("synthetic seed={seed} config-sha256={}", &digest[..16])
 }
 
-pub fn run(
-    cfg: &SyntheticConfig,
-    seed: u64,
-    workdir: &Path,
-    sharding: &Sharding,
-) -> Result<SourceSummary> {
+pub fn run(cfg: &SyntheticConfig, seed: u64, out: Destination) -> Result<SourceSummary> {
+    let sharding = out.sharding;
     validate(cfg)?;
     let size = cfg.image_size;
 
@@ -305,8 +290,7 @@ pub fn run(
         + owned(val_frames.len());
     let progress = Progress::new("synthetic", "images", Some(total));
     let writer = SplitWriter {
-        workdir,
-        sharding,
+        out,
         shard_size: cfg.shard_size,
         source: source_of(cfg, seed),
         progress: &progress,
@@ -369,13 +353,29 @@ fn image_row(img: &PlannedImage, split: &str, size: u32) -> Result<ImageTextSamp
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::path::PathBuf;
+    use std::fs;
+    use std::path::{Path, PathBuf};
 
     use super::*;
+    use crate::data::partition::Sharding;
+    use crate::data::shard::ShardSet;
+    use crate::data::store::Root;
     use crate::synthetic::tests::{assert_grounded, decode};
     use crate::synthetic::{
         parse_caption, parse_story_caption, Change, Corruption, Direction, STORY_STEP,
     };
+
+    /// The source run by one process into the local workdir `workdir`.
+    fn run_local(cfg: &SyntheticConfig, seed: u64, workdir: &Path) -> Result<SourceSummary> {
+        let root = Root::Local(workdir.to_path_buf());
+        let sharding = Sharding::default();
+        let out = Destination {
+            workdir,
+            root: &root,
+            sharding: &sharding,
+        };
+        run(cfg, seed, out)
+    }
 
     fn small_cfg() -> SyntheticConfig {
         SyntheticConfig {
@@ -412,7 +412,7 @@ mod tests {
     fn run_writes_the_documented_files_with_the_configured_counts() {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = small_cfg();
-        let summary = run(&cfg, 42, tmp.path(), &Sharding::default()).unwrap();
+        let summary = run_local(&cfg, 42, tmp.path()).unwrap();
         assert_eq!(summary.source, "synthetic");
         let rows: Vec<(&str, &str, u64)> = summary
             .splits
@@ -530,7 +530,7 @@ mod tests {
             frames_per_story: 8,
             ..small_cfg()
         };
-        run(&cfg, 9, tmp.path(), &Sharding::default()).unwrap();
+        run_local(&cfg, 9, tmp.path()).unwrap();
         let frames: Vec<StoryFrame> = ShardSet::new(tmp.path(), STORIES_DATASET, "train")
             .read_all()
             .unwrap();
@@ -603,9 +603,9 @@ mod tests {
             tempfile::tempdir().unwrap(),
         );
         let cfg = small_cfg();
-        run(&cfg, 7, a.path(), &Sharding::default()).unwrap();
-        run(&cfg, 7, b.path(), &Sharding::default()).unwrap();
-        run(&cfg, 8, c.path(), &Sharding::default()).unwrap();
+        run_local(&cfg, 7, a.path()).unwrap();
+        run_local(&cfg, 7, b.path()).unwrap();
+        run_local(&cfg, 8, c.path()).unwrap();
         let (fa, fb, fc) = (
             parquet_files(a.path()),
             parquet_files(b.path()),
@@ -631,9 +631,9 @@ mod tests {
     fn rerun_skips_finished_shards() {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = small_cfg();
-        let first = run(&cfg, 1, tmp.path(), &Sharding::default()).unwrap();
+        let first = run_local(&cfg, 1, tmp.path()).unwrap();
         let before = parquet_files(tmp.path());
-        let second = run(&cfg, 1, tmp.path(), &Sharding::default()).unwrap();
+        let second = run_local(&cfg, 1, tmp.path()).unwrap();
         for (a, b) in first.splits.iter().zip(&second.splits) {
             assert_eq!(b.shards_written, 0, "{b:?}");
             assert_eq!(b.shards_skipped, a.shards_written, "{b:?}");
@@ -644,7 +644,7 @@ mod tests {
         // A shard killed before its stats were written is redone, alone.
         let set = ShardSet::new(tmp.path(), IMAGES_DATASET, "val");
         fs::remove_file(set.stats_path(1)).unwrap();
-        let third = run(&cfg, 1, tmp.path(), &Sharding::default()).unwrap();
+        let third = run_local(&cfg, 1, tmp.path()).unwrap();
         let written: usize = third.splits.iter().map(|s| s.shards_written).sum();
         assert_eq!(written, 1);
         assert_eq!(parquet_files(tmp.path()), before);
@@ -655,20 +655,20 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let fresh = tempfile::tempdir().unwrap();
         let cfg = small_cfg();
-        run(&cfg, 1, tmp.path(), &Sharding::default()).unwrap();
-        let summary = run(&cfg, 2, tmp.path(), &Sharding::default()).unwrap();
+        run_local(&cfg, 1, tmp.path()).unwrap();
+        let summary = run_local(&cfg, 2, tmp.path()).unwrap();
         assert!(
             summary.splits.iter().all(|s| s.shards_skipped == 0),
             "{summary:?}"
         );
-        run(&cfg, 2, fresh.path(), &Sharding::default()).unwrap();
+        run_local(&cfg, 2, fresh.path()).unwrap();
         assert_eq!(parquet_files(tmp.path()), parquet_files(fresh.path()));
 
         let smaller = SyntheticConfig {
             train_images: 3,
             ..cfg
         };
-        let summary = run(&smaller, 2, tmp.path(), &Sharding::default()).unwrap();
+        let summary = run_local(&smaller, 2, tmp.path()).unwrap();
         assert_eq!(summary.splits[0].rows, 3);
         let set = ShardSet::new(tmp.path(), IMAGES_DATASET, "train");
         assert_eq!(set.finished().unwrap(), vec![0]);
@@ -679,12 +679,12 @@ mod tests {
             image_size: smaller.image_size * 2,
             ..smaller.clone()
         };
-        let summary = run(&larger_images, 2, tmp.path(), &Sharding::default()).unwrap();
+        let summary = run_local(&larger_images, 2, tmp.path()).unwrap();
         assert!(
             summary.splits.iter().all(|s| s.shards_skipped == 0),
             "{summary:?}"
         );
-        run(&larger_images, 2, fresh.path(), &Sharding::default()).unwrap();
+        run_local(&larger_images, 2, fresh.path()).unwrap();
         assert_eq!(parquet_files(tmp.path()), parquet_files(fresh.path()));
     }
 
@@ -737,9 +737,7 @@ mod tests {
                 "frames_per_story",
             ),
         ] {
-            let err = run(&cfg, 1, tmp.path(), &Sharding::default())
-                .unwrap_err()
-                .to_string();
+            let err = run_local(&cfg, 1, tmp.path()).unwrap_err().to_string();
             assert!(err.contains(&format!("ingest.synthetic.{key}")), "{err}");
         }
     }
