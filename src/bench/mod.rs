@@ -3,6 +3,7 @@
 //! a local venv (`.bench/venv`) on first use. Never run by CI.
 
 pub mod embed;
+pub mod ingest_s3;
 pub mod score;
 pub mod train_contrastive;
 pub mod train_dico;
@@ -73,6 +74,10 @@ pub struct BenchIngestArgs {
     /// Skip img2dataset (measure prefcap alone).
     #[arg(long)]
     pub no_peer: bool,
+    /// Skip the job-array row (--workers worker processes writing to a local S3 server,
+    /// moto's, installed into --venv).
+    #[arg(long)]
+    pub no_s3: bool,
     /// Scratch directory for inputs and outputs.
     #[arg(long, default_value = ".bench/ingest")]
     pub dir: PathBuf,
@@ -269,6 +274,10 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
         let big = run_prefcap(args, &dir, &server, n, &format!("x{}", args.scale))?;
         rows.push((format!("prefcap (x{})", args.scale), n, big));
     }
+    if !args.no_s3 {
+        let s3 = crate::bench::ingest_s3::run_workers(args, &dir, &server, args.images)?;
+        rows.push((format!("prefcap {}w -> S3", args.workers), args.images, s3));
+    }
     if !args.no_peer {
         let peer = run_img2dataset(args, &dir, &server)?;
         rows.push(("img2dataset".to_string(), args.images, peer));
@@ -294,6 +303,16 @@ fn bench_ingest(args: &BenchIngestArgs) -> anyhow::Result<()> {
             "\nper-core throughput ratio prefcap / img2dataset: {:.2}x (wall-clock ratio {:.2}x)",
             per_core(args.images, &ours) / per_core(*n, peer),
             (args.images as f64 / ours.wall) / (*n as f64 / peer.wall)
+        );
+    }
+    if let Some((_, _, s3)) = rows.iter().find(|(t, _, _)| t.ends_with("-> S3")) {
+        println!(
+            "aggregate images/s, {} worker processes -> S3 (moto) / 1 process -> local disk: \
+             {:.1} / {:.1} = {:.2}x",
+            args.workers,
+            args.images as f64 / s3.wall,
+            args.images as f64 / ours.wall,
+            ours.wall / s3.wall
         );
     }
     if let Some((_, _, big)) = rows.get(1).filter(|_| args.scale > 1) {
@@ -364,7 +383,12 @@ pub(crate) fn source_jpeg(seed: u64, w: u32, h: u32) -> Result<Vec<u8>, String> 
     encode_jpeg(&px, w, h, 90, true)
 }
 
-fn write_tsv(path: &Path, server: &LoopbackServer, n: usize, header: bool) -> anyhow::Result<()> {
+pub(crate) fn write_tsv(
+    path: &Path,
+    server: &LoopbackServer,
+    n: usize,
+    header: bool,
+) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     if header {
         writeln!(f, "caption\turl")?;
