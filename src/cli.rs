@@ -94,8 +94,8 @@ pub struct RunArgs {
     /// Re-download only the failed samples of finished shards.
     #[arg(long)]
     pub retry_failed: bool,
-    /// Split a shard-parallel stage (ingest, embed) across N workers of a job array: shard s
-    /// belongs to worker s mod N. Always give it explicitly.
+    /// Split a shard-parallel stage (ingest, embed, sample-pairs) across N workers of a job
+    /// array: shard s belongs to worker s mod N. Always give it explicitly.
     #[arg(long, value_name = "N")]
     pub num_workers: Option<u32>,
     /// This worker's index in 0..N [default: $SLURM_ARRAY_TASK_ID, else $JOB_COMPLETION_INDEX].

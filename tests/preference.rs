@@ -542,8 +542,20 @@ fn sample_pairs_ranks_sft_samples_by_clipscore_into_pair_shards_dpo_can_train_on
         "--set",
         "sample_pairs.max_images=24",
     ];
+    // As a job array of two workers first (worker 0 owns shards 0 and 2 of train, 0 of val),
+    // merged; then one process finds every shard done: the workers wrote its shards.
+    for i in ["0", "1"] {
+        let worker = [&args[..], &["--num-workers", "2", "--worker-index", i]].concat();
+        let (out, log) = pipeline(&worker, work);
+        assert!(out.status.success(), "{log}");
+    }
+    let merge = [&["merge", "sample-pairs", "--num-workers", "2"][..], &args[2..]].concat();
+    let (out, log) = pipeline(&merge, work);
+    assert!(out.status.success(), "{log}");
     let (out, log) = pipeline(&args, work);
     assert!(out.status.success(), "{log}");
+    assert!(log.contains("train: ") && log.contains("0 shard(s) written, 3 already done"), "{log}");
+    assert!(log.contains("0 shard(s) written, 2 already done"), "{log}");
     for split in ["train", "val"] {
         let set = ShardSet::new(work, "synthetic_sampled_prefs", split);
         let shards = set.finished().unwrap();

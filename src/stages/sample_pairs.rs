@@ -6,8 +6,9 @@
 //! for train-dpo and train-orpo.
 //!
 //! Shards are resumable: shard `i` holds the pairs of the split's images `i·shard_size..`,
-//! and a stamp (checkpoint, CLIP, settings, the image features' cache keys) beside them
-//! throws stale shards away. An image
+//! and a stamp (checkpoint, CLIP, settings, the image features' cache keys), beside them and
+//! in each shard's stats, throws stale shards away. The workers of a job array
+//! (`--num-workers`) each sample the shards they own. An image
 //! whose candidates are all the same text, or whose best and worst differ by less than
 //! `min_margin`, gives no pair and is counted in the shard's stats.
 
@@ -143,6 +144,7 @@ impl Stage for SamplePairs {
         "image-grounded pairs: SFT samples per image ranked by CLIPScore (best vs worst)";
     const USES_GPU: bool = true;
     const SECTION: &'static str = "sample_pairs";
+    const SHARDED: bool = true;
     type Config = SamplePairsConfig;
     type Summary = SamplePairsSummary;
 
@@ -202,13 +204,22 @@ fn sample_pairs(s: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairs
         let stamp = hex::encode(stamp.finalize());
         let set = ShardSet::new(&ctx.workdir, &out_dataset, split);
         let stamp_path = set.dir().join("prefcap-stamp.txt");
-        if set.dir().exists()
+        // One process clears a stale set; the workers of a job array leave that alone (one
+        // may be writing while another starts) and each reuses only shards with this stamp.
+        if ctx.sharding.workers.is_single()
+            && set.dir().exists()
             && std::fs::read_to_string(&stamp_path).ok().as_deref() != Some(stamp.as_str())
         {
             std::fs::remove_dir_all(set.dir()).at(set.dir())?;
         }
         set.prepare()?;
         write_atomic(&stamp_path, stamp.as_bytes())?;
+        let source = format!(
+            "{} best checkpoint, {}, stamp {}",
+            s.model,
+            clip_cfg.model,
+            &stamp[..16]
+        );
         let mut keys = Vec::new();
         let mut images = Vec::new();
         for e in features {
@@ -237,17 +248,32 @@ fn sample_pairs(s: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairs
         let inputs: &[f32] = inputs.as_deref().unwrap_or(&images);
         let shard_size = s.shard_size.max(1);
         let shards = keys.len().div_ceil(shard_size);
+        let planned = u32::try_from(shards)
+            .map_err(|_| Error::Config("sample_pairs.shard_size: too many shards".into()))?;
+        ctx.sharding.plan_shards(set.rel(), &source, planned)?;
+        // The images of the shards this process owns (all of them for a single process).
+        let owned: usize = (0..shards)
+            .filter(|&i| ctx.sharding.owns(i as u32))
+            .map(|i| (keys.len() - i * shard_size).min(shard_size))
+            .sum();
         let progress = Progress::new(
             &format!("sample-pairs {dataset}/{split}"),
             "images",
-            Some(keys.len() as u64),
+            Some(owned as u64),
         );
         let (mut written, mut skipped, mut pairs_total) = (0, 0, 0u64);
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();
         for shard in 0..shards {
+            if !ctx.sharding.owns(shard as u32) {
+                continue;
+            }
             let lo = shard * shard_size;
             let hi = (lo + shard_size).min(keys.len());
-            if set.is_finished(shard as u32) {
+            let reusable = set.is_finished(shard as u32)
+                && set
+                    .read_stats(shard as u32)
+                    .is_ok_and(|st| st.source == source);
+            if reusable {
                 let st = set.read_stats(shard as u32)?;
                 pairs_total += st.successes;
                 for (k, v) in st.failures {
@@ -261,7 +287,7 @@ fn sample_pairs(s: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairs
             let mut pairs = Vec::new();
             let mut stats = ShardStats {
                 shard: shard as u32,
-                source: format!("{} best checkpoint, {}", s.model, clip_cfg.model),
+                source: source.clone(),
                 ..ShardStats::default()
             };
             let batch = s.batch_size.max(1);
@@ -322,6 +348,12 @@ fn sample_pairs(s: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairs
             written += 1;
         }
         progress.finish("");
+        // Finished shards past the plan (an earlier run's, with more images) are removed.
+        for stale in set.finished()?.into_iter().filter(|&i| {
+            i >= planned && ctx.sharding.owns(i)
+        }) {
+            set.remove(stale)?;
+        }
         let failed = if failures.is_empty() {
             String::new()
         } else {
