@@ -211,7 +211,11 @@ pub fn sweep_temp_files(dir: &Path) -> Result<()> {
     for entry in entries {
         let path = entry.at(dir)?.path();
         if path.is_file() && is_abandoned_temp(&file_name(&path)) {
-            fs::remove_file(&path).at(&path)?;
+            // Another process sweeping the same directory may have removed it first.
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&path),
+                _ => {}
+            }
         }
     }
     Ok(())

@@ -10,11 +10,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
+use prefcap::testkit::s3::MotoServer;
 use sha2::{Digest, Sha256};
 
 const BUCKET: &str = "prefcap-test";
@@ -36,53 +36,6 @@ fn python() -> Option<PathBuf> {
             eprintln!("SKIPPED: no Python with moto[server] and pyarrow in PREFCAP_TEST_PYTHON (.ci/run installs them)");
             None
         }
-    }
-}
-
-/// moto's S3 server on a free port, killed on drop.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl S3Server {
-    fn start(python: &Path) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(python)
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            // Parts as small as prefcap's test part size (S3's own minimum is 5 MiB).
-            .env("S3_UPLOAD_PART_MIN_SIZE", "1024")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto's server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -129,12 +82,7 @@ fn run(work: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> (Output, Str
         };
     }
     let out = cmd.output().unwrap();
-    let text = format!(
-        "$ pipeline {}\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::transcript(args, &out);
     (out, text)
 }
 
@@ -145,9 +93,10 @@ fn sha256(path: &Path) -> String {
 #[test]
 fn workers_write_shards_to_s3_that_merge_checks_and_pyarrow_reads_back() {
     let Some(python) = python() else { return };
-    let server = S3Server::start(&python);
-    let endpoint = server.endpoint.as_str();
-    check(&python, endpoint, &["create-bucket", BUCKET]);
+    // Parts as small as prefcap's test part size (S3's own minimum is 5 MiB).
+    let server = MotoServer::start(&python, Some(1024)).unwrap();
+    let endpoint = server.endpoint();
+    server.create_bucket(BUCKET).unwrap();
     // The server honours create-if-absent, which the markers rely on.
     let twice = check(
         &python,
@@ -161,16 +110,14 @@ fn workers_write_shards_to_s3_that_merge_checks_and_pyarrow_reads_back() {
     let tmp = tempfile::tempdir().unwrap();
     let local = tmp.path().join("local");
     let local_dir = local.to_string_lossy().into_owned();
-    let env: Vec<(&str, Option<&str>)> = vec![
-        ("AWS_ACCESS_KEY_ID", Some("test")),
-        ("AWS_SECRET_ACCESS_KEY", Some("test")),
-        ("AWS_REGION", Some("us-east-1")),
-        ("AWS_ENDPOINT_URL", Some(endpoint)),
-        ("AWS_ALLOW_HTTP", Some("true")),
+    let client = server.client_env();
+    let mut env: Vec<(&str, Option<&str>)> =
+        client.iter().map(|(k, v)| (*k, Some(v.as_str()))).collect();
+    env.extend([
         // A 64-image shard (~110 KB) is larger than one part: a multipart upload.
         ("PREFCAP_UPLOAD_PART_BYTES", Some("65536")),
-        ("PREFCAP_LOCAL_DIR", Some(&local_dir)),
-    ];
+        ("PREFCAP_LOCAL_DIR", Some(local_dir.as_str())),
+    ]);
     let workdir = format!("s3://{BUCKET}/job");
     let cwd = tmp.path();
     let worker = |i: &str| {

@@ -549,12 +549,19 @@ fn sample_pairs_ranks_sft_samples_by_clipscore_into_pair_shards_dpo_can_train_on
         let (out, log) = pipeline(&worker, work);
         assert!(out.status.success(), "{log}");
     }
-    let merge = [&["merge", "sample-pairs", "--num-workers", "2"][..], &args[2..]].concat();
+    let merge = [
+        &["merge", "sample-pairs", "--num-workers", "2"][..],
+        &args[2..],
+    ]
+    .concat();
     let (out, log) = pipeline(&merge, work);
     assert!(out.status.success(), "{log}");
     let (out, log) = pipeline(&args, work);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("train: ") && log.contains("0 shard(s) written, 3 already done"), "{log}");
+    assert!(
+        log.contains("train: ") && log.contains("0 shard(s) written, 3 already done"),
+        "{log}"
+    );
     assert!(log.contains("0 shard(s) written, 2 already done"), "{log}");
     for split in ["train", "val"] {
         let set = ShardSet::new(work, "synthetic_sampled_prefs", split);

@@ -4,27 +4,17 @@
 //! first start to the last exit, then merged; beside it the bench's one process writing to
 //! local disk.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 
 use crate::bench::{ensure_venv, measure, write_tsv, BenchIngestArgs, Measured};
 use crate::testkit::loopback::LoopbackServer;
+use crate::testkit::s3::MotoServer;
 
 const BUCKET: &str = "prefcap-bench";
-
-/// moto's S3 server, killed on drop.
-struct Moto(Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The aggregate of `args.workers` ingest workers writing `n` images to S3.
 pub(crate) fn run_workers(
@@ -38,36 +28,8 @@ pub(crate) fn run_workers(
         &["moto[server]", "boto3"],
         "import moto.server, boto3",
     )?;
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let _moto = Moto(
-        Command::new(&python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start moto's S3 server")?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("moto's S3 server did not start");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let created = Command::new(&python)
-        .args([
-            "-c",
-            &format!(
-                "import boto3; boto3.client('s3', endpoint_url='{endpoint}', \
-                 aws_access_key_id='bench', aws_secret_access_key='bench', \
-                 region_name='us-east-1').create_bucket(Bucket='{BUCKET}')"
-            ),
-        ])
-        .status()?;
-    if !created.success() {
-        bail!("cannot create the bench bucket");
-    }
+    let moto = MotoServer::start(&python, None).context("cannot start moto's S3 server")?;
+    moto.create_bucket(BUCKET)?;
 
     let tsv = dir.join("input-s3.tsv");
     write_tsv(&tsv, server, n, false)?;
@@ -77,19 +39,18 @@ pub(crate) fn run_workers(
         let mut cmd = Command::new(std::env::current_exe().expect("the bench's own binary"));
         cmd.args(extra)
             .args(["--workdir", &workdir])
+            .envs(moto.client_env())
             .env("PREFCAP_QUIET", "1")
-            .env("AWS_ACCESS_KEY_ID", "bench")
-            .env("AWS_SECRET_ACCESS_KEY", "bench")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT_URL", &endpoint)
-            .env("AWS_ALLOW_HTTP", "true")
             .env("PREFCAP_LOCAL_DIR", dir.join("s3-local"));
         for set in [
             "ingest.sources=[\"cc\"]".to_string(),
             format!("ingest.cc.input={}", tsv.display()),
             "ingest.cc.shard_size=1000".into(),
             // The same downloads in flight and threads in all as the one local process.
-            format!("ingest.cc.concurrency={}", (args.concurrency / workers).max(1)),
+            format!(
+                "ingest.cc.concurrency={}",
+                (args.concurrency / workers).max(1)
+            ),
             "run.workers=1".into(),
             "ingest.cc.retries=0".into(),
         ] {
@@ -115,7 +76,10 @@ pub(crate) fn run_workers(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| bail!("a worker thread panicked")))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a worker thread panicked"))
+            })
             .collect()
     });
     let wall = start.elapsed().as_secs_f64();

@@ -501,9 +501,16 @@ impl Root {
                 for entry in entries {
                     let entry = entry.at(&path)?;
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    let meta = entry.metadata().at(&path)?;
-                    if meta.is_file() && !name.starts_with('.') {
-                        out.push((name, meta.len()));
+                    if name.starts_with('.') {
+                        continue; // a writer's temporary
+                    }
+                    // Another process may rename or remove a file between the listing and
+                    // this look at it (a shard being rewritten): gone is not an error.
+                    match entry.metadata() {
+                        Ok(meta) if meta.is_file() => out.push((name, meta.len())),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e).at(&path.join(&name)),
                     }
                 }
                 out.sort();

@@ -343,6 +343,20 @@ pub fn job_status(stage: &str, ledger: &Ledger, num_workers: u32) -> Result<JobS
     })
 }
 
+/// `unit`'s marker, or why there is none to go by (missing, unreadable); an error only when
+/// the root cannot be read at all.
+fn marker<T: serde::de::DeserializeOwned>(
+    ledger: &Ledger,
+    unit: &PlannedUnit,
+) -> Result<std::result::Result<T, String>> {
+    match ledger.read(&unit.marker) {
+        Ok(Some(m)) => Ok(Ok(m)),
+        Ok(None) => Ok(Err("not finished (no marker)".into())),
+        Err(e @ Error::BadFile { .. }) => Ok(Err(format!("unreadable marker: {}", e.report()))),
+        Err(e) => Err(e),
+    }
+}
+
 /// Why `unit` does not count as finished, or `None` when it does: its marker is there and
 /// the files it vouches for are there with the sizes it records, all in the ledger's root
 /// (maybe an object store, where embed workers copy their cache entries).
@@ -360,14 +374,11 @@ fn unfinished(ledger: &Ledger, plan: &SetPlan, unit: &PlannedUnit) -> Result<Opt
             Some(_) => None,
         })
     };
-    let unreadable = |e: Error| Ok(Some(format!("unreadable marker: {}", e.report())));
     match unit.kind {
         MarkerKind::ShardStats => {
-            let stats: ShardStats = match ledger.read(&unit.marker) {
-                Ok(Some(s)) => s,
-                Ok(None) => return Ok(Some("not finished (no marker)".into())),
-                Err(e @ Error::BadFile { .. }) => return unreadable(e),
-                Err(e) => return Err(e),
+            let stats: ShardStats = match marker(ledger, unit)? {
+                Ok(s) => s,
+                Err(why) => return Ok(Some(why)),
             };
             if !plan.source.is_empty() && stats.source != plan.source {
                 return Ok(Some(format!(
@@ -379,11 +390,9 @@ fn unfinished(ledger: &Ledger, plan: &SetPlan, unit: &PlannedUnit) -> Result<Opt
             size_problem(ledger.root(), &parquet, stats.bytes)
         }
         MarkerKind::Done => {
-            let done: DoneMarker = match ledger.read(&unit.marker) {
-                Ok(Some(d)) => d,
-                Ok(None) => return Ok(Some("not finished (no marker)".into())),
-                Err(e @ Error::BadFile { .. }) => return unreadable(e),
-                Err(e) => return Err(e),
+            let done: DoneMarker = match marker(ledger, unit)? {
+                Ok(d) => d,
+                Err(why) => return Ok(Some(why)),
             };
             for (file, bytes) in &done.files {
                 if let Some(problem) = size_problem(ledger.root(), file, (*bytes).max(1))? {

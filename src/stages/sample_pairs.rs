@@ -349,9 +349,11 @@ fn sample_pairs(s: &SamplePairsConfig, ctx: &StageContext) -> Result<SamplePairs
         }
         progress.finish("");
         // Finished shards past the plan (an earlier run's, with more images) are removed.
-        for stale in set.finished()?.into_iter().filter(|&i| {
-            i >= planned && ctx.sharding.owns(i)
-        }) {
+        for stale in set
+            .finished()?
+            .into_iter()
+            .filter(|&i| i >= planned && ctx.sharding.owns(i))
+        {
             set.remove(stale)?;
         }
         let failed = if failures.is_empty() {

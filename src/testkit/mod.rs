@@ -2,6 +2,7 @@
 
 pub mod loopback;
 pub mod npy;
+pub mod s3;
 
 use candle_core::Tensor;
 

@@ -16,13 +16,18 @@ pub fn pipeline(args: &[&str], cwd: &Path) -> (Output, String) {
         .env("PREFCAP_QUIET", "1")
         .output()
         .unwrap();
-    let text = format!(
+    let text = transcript(args, &out);
+    (out, text)
+}
+
+/// A printable transcript of `pipeline ARGS` and its output, for assertion messages.
+pub fn transcript(args: &[&str], out: &Output) -> String {
+    format!(
         "$ pipeline {}\n--- stdout\n{}\n--- stderr\n{}",
         args.join(" "),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    (out, text)
+    )
 }
 
 /// The newest run directory under `work/runs`: the one that started last (run ids begin

@@ -1,6 +1,5 @@
 """What tests/object_store.rs asks of the local S3 server, through clients other than prefcap's.
 
-    s3_check.py ENDPOINT create-bucket BUCKET
     s3_check.py ENDPOINT create-twice BUCKET KEY    -> {"first": "ok", "second": "<error code>"}
     s3_check.py ENDPOINT inspect BUCKET PREFIX      -> {key: {"etag", "rows", "sha256", "bytes"}}
     s3_check.py ENDPOINT list BUCKET PREFIX         -> [key, ...]
@@ -27,10 +26,7 @@ client = boto3.client(
     region_name="us-east-1",
 )
 
-if command == "create-bucket":
-    client.create_bucket(Bucket=bucket)
-    print(json.dumps({"created": bucket}))
-elif command == "create-twice":
+if command == "create-twice":
     key = sys.argv[4]
     out = {}
     for attempt in ("first", "second"):
