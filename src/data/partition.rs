@@ -431,7 +431,7 @@ mod tests {
         std::fs::create_dir_all(out.parent().unwrap()).unwrap();
         std::fs::write(&out, b"12345").unwrap();
         sharding
-            .mark_done("data/syn/val", 3, &[out.clone()])
+            .mark_done("data/syn/val", 3, std::slice::from_ref(&out))
             .unwrap();
         let marker_path = dir.path().join(ledger.done_marker("data/syn/val", 3));
         let marker: DoneMarker = crate::io::read_json(&marker_path).unwrap();

@@ -510,7 +510,7 @@ impl Root {
                         Ok(meta) if meta.is_file() => out.push((name, meta.len())),
                         Ok(_) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e).at(&path.join(&name)),
+                        Err(e) => return Err(e).at(path.join(&name)),
                     }
                 }
                 out.sort();
