@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::data::store::Root;
+use crate::data::store::{relative, Root};
 use crate::error::{Error, IoContext, Result};
 
 /// This process's place in a job array: worker `index` of `count`.
@@ -281,16 +281,6 @@ impl Ledger {
         out.sort_by_key(|r| r.index);
         Ok(out)
     }
-}
-
-/// `path` relative to `workdir`, with `/` separators (as plans and markers store paths).
-pub fn relative(workdir: &Path, path: &Path) -> String {
-    path.strip_prefix(workdir)
-        .unwrap_or(path)
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 /// What a stage needs to take part in a job array: which worker it is, and the ledger to

@@ -236,7 +236,11 @@ impl ShardSet {
                 write_parquet(&parquet, rows)?;
                 fs::metadata(&parquet).at(&parquet)?.len()
             }
-            Root::Remote(store) => store.write_parquet(&self.key(&parquet_name(shard)), rows)?,
+            Root::Remote(store) => store.write_parquet(
+                &self.key(&parquet_name(shard)),
+                &R::to_batch(rows)?,
+                writer_properties(),
+            )?,
         };
         let stats = ShardStats {
             bytes,

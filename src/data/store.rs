@@ -18,14 +18,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arrow::array::RecordBatch;
 use futures_util::StreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use parquet::arrow::async_writer::AsyncArrowWriter;
+use parquet::file::properties::WriterProperties;
 
-use crate::data::record::Record;
-use crate::data::shard::writer_properties;
 use crate::error::{Error, IoContext, Result};
 use crate::io::{write_atomic, write_new};
 
@@ -325,11 +325,16 @@ impl RemoteStore {
         }
     }
 
-    /// Writes `rows` as one Parquet object at `rel` (the same bytes as a local shard) through
-    /// parquet's async writer over the buffered writer: one put for a small shard, a multipart
-    /// upload for one larger than a part. Returns its size.
-    pub fn write_parquet<R: Record>(&self, rel: &str, rows: &[R]) -> Result<u64> {
-        let batch = R::to_batch(rows)?;
+    /// Writes `batch` as one Parquet object at `rel` with `props` (a shard written this way has
+    /// the same bytes as a local one) through parquet's async writer over the buffered writer:
+    /// one put for a small object, a multipart upload for one larger than a part. Returns its
+    /// size.
+    pub fn write_parquet(
+        &self,
+        rel: &str,
+        batch: &RecordBatch,
+        props: WriterProperties,
+    ) -> Result<u64> {
         let key = self.key(rel);
         let writer = BufWriter::with_capacity(self.store.clone(), key.clone(), self.part_bytes);
         let perr = |e: parquet::errors::ParquetError| {
@@ -339,9 +344,9 @@ impl RemoteStore {
             ))
         };
         self.runtime.block_on(async {
-            let mut w = AsyncArrowWriter::try_new(writer, R::schema(), Some(writer_properties()))
-                .map_err(perr)?;
-            w.write(&batch).await.map_err(perr)?;
+            let mut w =
+                AsyncArrowWriter::try_new(writer, batch.schema(), Some(props)).map_err(perr)?;
+            w.write(batch).await.map_err(perr)?;
             w.close().await.map_err(perr)?;
             Ok::<(), Error>(())
         })?;
@@ -420,7 +425,7 @@ impl Root {
             return Ok(());
         }
         for file in files {
-            let rel = crate::data::partition::relative(local, file);
+            let rel = relative(local, file);
             let data = std::fs::read(file).at(file)?;
             self.put_new(&rel, &data)?;
         }
@@ -587,6 +592,16 @@ pub fn open_workdir(workdir: &Path) -> Result<(Root, PathBuf)> {
     };
     std::fs::create_dir_all(&local).at(&local)?;
     Ok((root, local))
+}
+
+/// `path` relative to `workdir`, with `/` separators (as roots, plans and markers name files).
+pub fn relative(workdir: &Path, path: &Path) -> String {
+    path.strip_prefix(workdir)
+        .unwrap_or(path)
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn create_parent(path: &Path) -> Result<()> {
