@@ -556,6 +556,28 @@ pub(crate) struct StepFigures {
 }
 
 impl StepFigures {
+    /// Times `steps` training steps of `objective` on one fixed `batch` (after a first step,
+    /// whose loss is kept, and a warm-up step), as every training bench does.
+    pub fn measure<O: crate::train::Objective>(
+        objective: &mut O,
+        batch: &O::Batch,
+        steps: usize,
+        params: usize,
+    ) -> anyhow::Result<Self> {
+        let mut trainer = crate::train::Trainer::new(objective.groups())?;
+        let first_loss = trainer.step(objective, batch, 0, 1)?.losses[0];
+        trainer.step(objective, batch, 1, 1)?;
+        let start = Instant::now();
+        for step in 0..steps {
+            trainer.step(objective, batch, step, steps)?;
+        }
+        Ok(Self {
+            params,
+            steps_per_s: steps as f64 / start.elapsed().as_secs_f64(),
+            first_loss,
+        })
+    }
+
     pub fn read(path: &Path, who: &str) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("{who} wrote no result"))?;
         Ok(serde_json::from_slice(&bytes)?)

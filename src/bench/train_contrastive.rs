@@ -9,7 +9,6 @@
 use std::path::Path;
 
 use crate::bench::StepFigures;
-use std::time::Instant;
 
 use candle_nn::VarMap;
 use clap::Args;
@@ -20,7 +19,7 @@ use crate::models::contrastive::{ContrastiveModel, ContrastiveSpec};
 use crate::models::tiny::{ensure_random_gpt2, Gpt2Spec};
 use crate::rng::SplitMix64;
 use crate::stages::train_contrastive::{ContrastiveObjective, PairBatch};
-use crate::train::{Objective, OptimizerConfig, Schedule, Trainer};
+use crate::train::{OptimizerConfig, Schedule};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchTrainContrastiveArgs {
@@ -116,18 +115,7 @@ fn run_prefcap(args: &BenchTrainContrastiveArgs, ckpt: &Path) -> anyhow::Result<
         ..OptimizerConfig::default()
     };
     let mut objective = ContrastiveObjective::new(model, vars, optimizer, 0);
-    let mut trainer = Trainer::new(objective.groups())?;
-    let first_loss = trainer.step(&mut objective, &batch, 0, 1)?.losses[0];
-    trainer.step(&mut objective, &batch, 1, 1)?;
-    let start = Instant::now();
-    for step in 0..args.steps {
-        trainer.step(&mut objective, &batch, step, args.steps)?;
-    }
-    Ok(StepFigures {
-        params,
-        steps_per_s: args.steps as f64 / start.elapsed().as_secs_f64(),
-        first_loss,
-    })
+    StepFigures::measure(&mut objective, &batch, args.steps, params)
 }
 
 pub fn bench_train_contrastive(args: &BenchTrainContrastiveArgs) -> anyhow::Result<()> {

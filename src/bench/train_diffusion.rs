@@ -10,7 +10,6 @@
 //! embeddings N(0, 1) on both sides (DiffuSeq's), so the first losses agree in scale.
 
 use crate::bench::StepFigures;
-use std::time::Instant;
 
 use candle_nn::VarMap;
 use clap::Args;
@@ -20,7 +19,7 @@ use crate::device::device_for;
 use crate::models::diffusion::{build, DiffusionSpec, NoiseSchedule};
 use crate::rng::SplitMix64;
 use crate::stages::train_diffusion::{seed_model, DiffusionObjective};
-use crate::train::{Objective, OptimizerConfig, Schedule, Trainer};
+use crate::train::{OptimizerConfig, Schedule};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchTrainDiffusionArgs {
@@ -154,18 +153,7 @@ fn run_prefcap(args: &BenchTrainDiffusionArgs) -> anyhow::Result<StepFigures> {
         ..OptimizerConfig::default()
     };
     let mut objective = DiffusionObjective::new(model, vars, optimizer, 0, 0);
-    let mut trainer = Trainer::new(objective.groups())?;
-    let first_loss = trainer.step(&mut objective, &batch, 0, 1)?.losses[0];
-    trainer.step(&mut objective, &batch, 1, 1)?;
-    let start = Instant::now();
-    for step in 0..args.steps {
-        trainer.step(&mut objective, &batch, step, args.steps)?;
-    }
-    Ok(StepFigures {
-        params,
-        steps_per_s: args.steps as f64 / start.elapsed().as_secs_f64(),
-        first_loss,
-    })
+    StepFigures::measure(&mut objective, &batch, args.steps, params)
 }
 
 pub fn bench_train_diffusion(args: &BenchTrainDiffusionArgs) -> anyhow::Result<()> {

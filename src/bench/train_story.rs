@@ -11,7 +11,6 @@
 use std::path::Path;
 
 use crate::bench::StepFigures;
-use std::time::Instant;
 
 use candle_nn::VarMap;
 use clap::Args;
@@ -23,7 +22,7 @@ use crate::models::story::{seed_story_model, story_captioner, StoryModel};
 use crate::models::tiny::{ensure_random_gpt2, Gpt2Spec};
 use crate::rng::SplitMix64;
 use crate::stages::train_story::{StoryConfig, StoryObjective};
-use crate::train::{Objective, OptimizerConfig, Schedule, Trainer};
+use crate::train::{OptimizerConfig, Schedule};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchTrainStoryArgs {
@@ -166,18 +165,7 @@ fn run_prefcap(args: &BenchTrainStoryArgs, ckpt: &Path) -> anyhow::Result<StepFi
         ..OptimizerConfig::default()
     };
     let mut objective = StoryObjective::new(model, vars, optimizer, cfg, 0);
-    let mut trainer = Trainer::new(objective.groups())?;
-    let first_loss = trainer.step(&mut objective, &batch, 0, 1)?.losses[0];
-    trainer.step(&mut objective, &batch, 1, 1)?;
-    let start = Instant::now();
-    for step in 0..args.steps {
-        trainer.step(&mut objective, &batch, step, args.steps)?;
-    }
-    Ok(StepFigures {
-        params,
-        steps_per_s: args.steps as f64 / start.elapsed().as_secs_f64(),
-        first_loss,
-    })
+    StepFigures::measure(&mut objective, &batch, args.steps, params)
 }
 
 pub fn bench_train_story(args: &BenchTrainStoryArgs) -> anyhow::Result<()> {
