@@ -21,22 +21,16 @@ const BUCKET: &str = "prefcap-test";
 
 fn python() -> Option<PathBuf> {
     let python = std::env::var_os("PREFCAP_TEST_PYTHON").map(PathBuf::from);
-    let usable = python.as_ref().is_some_and(|p| {
+    let usable = python.filter(|p| {
         Command::new(p)
             .args(["-c", "import moto.server, boto3, pyarrow.fs"])
             .status()
             .is_ok_and(|s| s.success())
     });
-    match (usable, std::env::var_os("CI")) {
-        (true, _) => python,
-        (false, Some(_)) => panic!(
-            "Python with moto and pyarrow (PREFCAP_TEST_PYTHON) is missing; .ci/run installs it"
-        ),
-        (false, None) => {
-            eprintln!("SKIPPED: no Python with moto[server] and pyarrow in PREFCAP_TEST_PYTHON (.ci/run installs them)");
-            None
-        }
-    }
+    common::needed_tool(
+        "Python with moto[server] and pyarrow (PREFCAP_TEST_PYTHON)",
+        usable,
+    )
 }
 
 fn check(python: &Path, endpoint: &str, args: &[&str]) -> serde_json::Value {

@@ -39,19 +39,9 @@ stage = "report"
 inputs = ["score"]
 "#;
 
-/// A tool the test needs: its path, or `None` (skip) with the reason printed; under CI a
-/// missing tool fails the test.
+/// A tool the test needs: its path, or `None` (skip, or fail under CI).
 fn tool(what: &str, path: Option<PathBuf>) -> Option<PathBuf> {
-    match path.filter(|p| p.is_file()) {
-        Some(p) => Some(p),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("{what} is missing; .ci/run installs it")
-        }
-        None => {
-            eprintln!("skipped: {what} is not installed (.ci/run installs it)");
-            None
-        }
-    }
+    common::needed_tool(what, path.filter(|p| p.is_file()))
 }
 
 fn python() -> Option<PathBuf> {

@@ -9,7 +9,6 @@
 //! all its device memory (CUDA's pool keeps freed memory for the process) is released before
 //! PyTorch starts.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -41,24 +40,8 @@ pub struct BenchTrainSftArgs {
     /// Timed steps (after two untimed warm-up steps).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
-    /// CPU threads for both tools; 0 = all cores.
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Run both tools on this CUDA device (prefcap needs `--features cuda`).
-    #[arg(long)]
-    pub gpu: Option<usize>,
-    /// Skip PyTorch (measure prefcap alone).
-    #[arg(long)]
-    pub no_peer: bool,
-    /// Scratch directory (the random checkpoint).
-    #[arg(long, default_value = ".bench/train")]
-    pub dir: PathBuf,
-    /// Virtual environment for the Python peer (torch, transformers).
-    #[arg(long, default_value = ".bench/venv")]
-    pub venv: PathBuf,
-    /// Internal: run prefcap's side in this process and write its figures here.
-    #[arg(long, hide = true)]
-    pub worker_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: crate::bench::TrainBenchArgs,
 }
 
 /// prefcap's figures, from the worker process.
@@ -120,7 +103,7 @@ print(json.dumps({"steps_per_s": steps / (time.perf_counter() - t0), "first_loss
 
 /// prefcap's side: `steps` timed optimizer steps after two untimed ones.
 fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Result<Ours> {
-    let device = device_for(args.gpu, false)?;
+    let device = device_for(args.common.gpu, false)?;
     let vars = VarMap::new();
     let cfg = CaptionerConfig {
         prefix_length: args.prefix,
@@ -192,9 +175,9 @@ fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Resu
 }
 
 pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
-    let (dir, threads) = crate::bench::scratch_and_threads(&args.dir, args.threads)?;
+    let (dir, threads) = crate::bench::scratch_and_threads(&args.common.dir, args.common.threads)?;
     let ckpt = dir.join("gpt2-small-random");
-    if let Some(out) = &args.worker_out {
+    if let Some(out) = &args.common.worker_out {
         let ours = run_prefcap(args, &ckpt)?;
         std::fs::write(out, serde_json::to_vec(&ours)?)?;
         return Ok(());
@@ -213,9 +196,9 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         &dir,
         &out,
         threads,
-        args.gpu,
+        args.common.gpu,
     )?;
-    let gpu_peak = GpuPeak::start(args.gpu);
+    let gpu_peak = GpuPeak::start(args.common.gpu);
     if !cmd.status().context("running prefcap's side")?.success() {
         bail!("prefcap's side failed");
     }
@@ -227,11 +210,11 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         phases,
     } = serde_json::from_slice(&std::fs::read(&out).context("prefcap wrote no result")?)?;
 
-    let peer = if args.no_peer {
+    let peer = if args.common.no_peer {
         None
     } else {
         let python = crate::bench::ensure_venv(
-            &args.venv,
+            &args.common.venv,
             &["torch", "transformers", "safetensors"],
             "import torch, transformers",
         )?;
@@ -247,9 +230,11 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
             .env("OMP_NUM_THREADS", threads.to_string())
             .env(
                 "PEER_DEVICE",
-                args.gpu.map_or("cpu".into(), |g| format!("cuda:{g}")),
+                args.common
+                    .gpu
+                    .map_or("cpu".into(), |g| format!("cuda:{g}")),
             );
-        let gpu_peak = GpuPeak::start(args.gpu);
+        let gpu_peak = GpuPeak::start(args.common.gpu);
         let out = cmd.output().context("running the PyTorch peer")?;
         let their_gpu = gpu_peak.and_then(GpuPeak::finish);
         if !out.status.success() {
@@ -263,10 +248,7 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         ))
     };
 
-    let on = match args.gpu {
-        Some(g) => format!("CUDA device {g}, f32"),
-        None => format!("CPU, {threads} thread(s), f32"),
-    };
+    let on = args.common.on(threads);
     println!(
         "\ntrain-sft step, GPT-2-small-size decoder + MLP prefix mapper ({:.1}M parameters), {on}",
         params as f64 / 1e6
@@ -301,7 +283,7 @@ pub fn bench_train_sft(args: &BenchTrainSftArgs) -> anyhow::Result<()> {
         );
         println!("\nratio prefcap / PyTorch: {:.2}x", ours / theirs);
     }
-    if args.gpu.is_some() {
+    if args.common.gpu.is_some() {
         println!(
             "peak GPU memory above idle: prefcap {} MiB, PyTorch {} MiB",
             gpu_mib(ours_gpu),

@@ -54,3 +54,19 @@ pub fn strings(v: &serde_json::Value) -> Vec<&str> {
         .map(|t| t.as_str().unwrap())
         .collect()
 }
+
+/// A tool a test needs, as the caller found it: its path, or `None` (skip) with the reason
+/// printed; under CI (`CI` set) a missing tool fails the test, since `.ci/run` installs it.
+#[allow(dead_code)] // not every test file needs an outside tool
+pub fn needed_tool(what: &str, found: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    match found {
+        Some(p) => Some(p),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("{what} is missing; .ci/run installs it")
+        }
+        None => {
+            eprintln!("skipped: {what} is not installed (.ci/run installs it)");
+            None
+        }
+    }
+}
