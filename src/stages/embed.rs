@@ -75,13 +75,7 @@ impl Stage for Embed {
     fn run(cfg: &EmbedConfig, ctx: &StageContext) -> Result<EmbedSummary> {
         let workdir = &ctx.workdir;
         let sets = input_shards(&cfg.datasets, &ctx.root, workdir)?;
-        if sets
-            .iter()
-            .map(|set| set.finished().map(|f| f.is_empty()))
-            .collect::<Result<Vec<bool>>>()?
-            .into_iter()
-            .all(|empty| empty)
-        {
+        if sets.iter().all(|(_, finished)| finished.is_empty()) {
             return Err(Error::Config(format!(
                 "embed: no finished shards under {}/data/{{{}}}; run `pipeline run ingest` first",
                 workdir.display(),
@@ -99,8 +93,7 @@ impl Stage for Embed {
         // The entries each owned shard needs, for its done marker in a job array's ledger.
         let mut units: Vec<(String, u32, Vec<FeatureKey>)> = Vec::new();
         let (mut fetched, mut fetched_bytes) = (0u64, 0u64);
-        for shards in sets {
-            let indices: Vec<u32> = shards.finished()?;
+        for (shards, indices) in sets {
             ctx.sharding.plan_units(shards.rel(), &indices)?;
             for shard in indices {
                 if !ctx.sharding.owns(shard) {
@@ -112,7 +105,6 @@ impl Stage for Embed {
                     fetched += 1;
                     fetched_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
                 }
-                let set = shards.rel().to_string();
                 let source = workdir_relative(workdir, &path);
                 let sha256 = sha256_file(&path)?;
                 let mut keys = vec![identity.key("image", &source, &sha256, "image")];
@@ -132,7 +124,7 @@ impl Stage for Embed {
                         work.push((path.clone(), key.clone()));
                     }
                 }
-                units.push((set.clone(), shard, keys));
+                units.push((shards.rel().to_string(), shard, keys));
             }
         }
         if fetched > 0 {
@@ -213,7 +205,6 @@ impl Stage for Embed {
     }
 }
 
-/// Finished shards of the configured datasets, in a stable order.
 /// Rows of a finished shard, from its Parquet footer.
 fn shard_rows(path: &Path) -> Result<u64> {
     use parquet::file::reader::FileReader;
@@ -227,12 +218,18 @@ fn shard_rows(path: &Path) -> Result<u64> {
 }
 
 /// The shard sets of every split of `datasets` in the workdir (local or an object store),
-/// by dataset and split.
-fn input_shards(datasets: &[String], root: &Root, workdir: &Path) -> Result<Vec<ShardSet>> {
+/// by dataset and split, each with its finished shards (listed once).
+fn input_shards(
+    datasets: &[String],
+    root: &Root,
+    workdir: &Path,
+) -> Result<Vec<(ShardSet, Vec<u32>)>> {
     let mut out = Vec::new();
     for dataset in datasets {
         for split in root.subdirectories(&format!("data/{dataset}"))? {
-            out.push(ShardSet::in_root(root, workdir, dataset, &split));
+            let set = ShardSet::in_root(root, workdir, dataset, &split);
+            let finished = set.finished()?;
+            out.push((set, finished));
         }
     }
     Ok(out)
