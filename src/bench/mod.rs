@@ -513,6 +513,27 @@ pub(crate) fn ensure_venv(venv: &Path, packages: &[&str], probe: &str) -> anyhow
     Ok(python)
 }
 
+/// A caption batch of `rows` × `len` uniformly random token ids below `vocab`, all real,
+/// with random `clip_dim`-wide image features in [-1, 1) (seed 0): what the caption trainers'
+/// benches step on.
+pub(crate) fn random_caption_batch(
+    rows: usize,
+    len: usize,
+    vocab: u64,
+    clip_dim: usize,
+) -> crate::datasets::captions::CaptionBatch {
+    let mut rng = SplitMix64::new(0);
+    crate::datasets::captions::CaptionBatch {
+        rows,
+        len,
+        clip: (0..rows * clip_dim)
+            .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
+            .collect(),
+        ids: (0..rows * len).map(|_| rng.below(vocab) as u32).collect(),
+        mask: vec![1.0; rows * len],
+    }
+}
+
 /// The flags every training bench shares.
 #[derive(Debug, Clone, Args)]
 pub struct TrainBenchArgs {

@@ -14,10 +14,8 @@ use crate::bench::StepFigures;
 use candle_nn::VarMap;
 use clap::Args;
 
-use crate::datasets::captions::CaptionBatch;
 use crate::device::device_for;
 use crate::models::diffusion::{build, DiffusionSpec, NoiseSchedule};
-use crate::rng::SplitMix64;
 use crate::stages::train_diffusion::{seed_model, DiffusionObjective};
 use crate::train::{OptimizerConfig, Schedule};
 
@@ -135,18 +133,7 @@ fn run_prefcap(args: &BenchTrainDiffusionArgs) -> anyhow::Result<StepFigures> {
     let model = build(&spec(args), &vars, &device)?;
     seed_model(&vars, 0)?;
     let params: usize = vars.all_vars().iter().map(|v| v.elem_count()).sum();
-    let mut rng = SplitMix64::new(0);
-    let batch = CaptionBatch {
-        rows: args.batch,
-        len: args.tokens,
-        clip: (0..args.batch * CLIP_DIM)
-            .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
-            .collect(),
-        ids: (0..args.batch * args.tokens)
-            .map(|_| rng.below(VOCAB as u64) as u32)
-            .collect(),
-        mask: vec![1.0; args.batch * args.tokens],
-    };
+    let batch = crate::bench::random_caption_batch(args.batch, args.tokens, VOCAB as u64, CLIP_DIM);
     let optimizer = OptimizerConfig {
         lr: 1e-4,
         schedule: Schedule::Constant,

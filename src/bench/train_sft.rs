@@ -18,11 +18,9 @@ use candle_nn::VarMap;
 use clap::Args;
 
 use crate::bench::{gpu_mib, GpuPeak};
-use crate::datasets::captions::CaptionBatch;
 use crate::device::device_for;
 use crate::models::captioner::{seed_mapper, Captioner, CaptionerConfig, DecoderFiles};
 use crate::models::tiny::{ensure_random_gpt2, Gpt2Spec};
-use crate::rng::SplitMix64;
 use crate::stages::train_sft::SftObjective;
 use crate::train::{Objective, OptimizerConfig, Schedule, Trainer};
 
@@ -122,19 +120,8 @@ fn run_prefcap(args: &BenchTrainSftArgs, ckpt: &std::path::Path) -> anyhow::Resu
     // would change from run to run.
     seed_mapper(&vars, 0)?;
     let params: usize = vars.all_vars().iter().map(|v| v.elem_count()).sum();
-    let mut rng = SplitMix64::new(0);
     let vocab = Gpt2Spec::SMALL.vocab.unwrap_or(1) as u64;
-    let batch = CaptionBatch {
-        rows: args.batch,
-        len: args.tokens,
-        clip: (0..args.batch * CLIP_DIM)
-            .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
-            .collect(),
-        ids: (0..args.batch * args.tokens)
-            .map(|_| rng.below(vocab) as u32)
-            .collect(),
-        mask: vec![1.0; args.batch * args.tokens],
-    };
+    let batch = crate::bench::random_caption_batch(args.batch, args.tokens, vocab, CLIP_DIM);
     // train-sft's objective and the engine's step, at a constant learning rate.
     let mut objective = SftObjective {
         model,
